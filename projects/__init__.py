@@ -1,0 +1,1 @@
+"""Namespace for the OpenMMLab-style projects of this repository."""

@@ -1,0 +1,3 @@
+from .dat import DAT
+
+__all__ = ['DAT']

@@ -1,0 +1,611 @@
+"""DAT (CVPR 2022) and DAT++ backbones.
+
+Papers:
+    Xia et al., "Vision Transformer with Deformable Attention", CVPR 2022.
+    Xia et al., "DAT++: Spatially Dynamic Vision Transformer with Deformable Multi-Head
+    Attention", arXiv:2309.01430.
+
+The file reads top-down: normalisation and feed-forward layers, the four attention blocks
+(``L``/``S`` Swin windows, ``N`` neighbourhood, ``D`` deformable), the block and stage, the
+backbone with its variant table. The math of each attention lives in ``attention.py`` and
+the geometry in ``geometry.py``.
+"""
+import copy
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .attention import (deformable_attention_reference, neighborhood_attention_reference,
+                        window_attention)
+from .geometry import (key_reference_points, offset_conv_padding, pad_to_multiple, query_grid,
+                       relative_position_index, shift_size_for, shifted_window_mask,
+                       window_partition, window_reverse)
+
+VERSIONS = ('v1', 'pp')
+CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
+BLOCK_TYPES = 'LSND'
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an NCHW map (channels-last semantics)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class TokenMLP(nn.Module):
+    """v1 feed-forward: ``Linear(C, rC) -> GELU -> Linear(rC, C)`` on every position.
+
+    Args:
+        dim (int): Channels.
+        mlp_ratio (int): Hidden expansion.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+
+class ConvFFN(nn.Module):
+    """DAT++ feed-forward: ``y = fc1(x); y = GELU(y + DWConv3x3(y)); out = fc2(y)``.
+
+    Args:
+        dim (int): Channels.
+        mlp_ratio (int): Hidden expansion.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4):
+        super().__init__()
+        hidden = dim * mlp_ratio
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)
+        return self.fc2(self.act(x + self.dwconv(x)))
+
+
+class WindowAttention(nn.Module):
+    """Swin window attention, plain (``L``) or shifted (``S``), of DAT v1.
+
+    Maps that are not multiples of the window are zero-padded at the bottom/right and the
+    shift mask is built for the padded map at run time (as mmdet's Swin does); at the
+    construction size of the released models nothing is padded and the result equals the
+    original.
+
+    Args:
+        dim (int): Channels.
+        num_heads (int): Attention heads.
+        window_size (int): Window side.
+        shifted (bool): Roll the map by ``ceil(w / 2)`` before partitioning (the ``S`` block).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size_for(window_size) if shifted else 0
+        self.scale = (dim // num_heads) ** -0.5
+        self.proj_qkv = nn.Linear(dim, 3 * dim)
+        self.proj_out = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.01)
+        self.register_buffer('relative_position_index', relative_position_index(window_size), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, window={self.window_size}, shift={self.shift_size}'
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ws = self.window_size
+        x, _, _ = pad_to_multiple(x, ws)
+        hp, wp = x.shape[-2:]
+        x = x.permute(0, 2, 3, 1)
+        mask = None
+        if self.shift_size:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+            mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device).to(x.dtype)
+        windows = window_partition(x, ws)
+        n = ws * ws
+        qkv = self.proj_qkv(windows).reshape(-1, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(n, n, -1).permute(2, 0, 1)
+        out = window_attention(q * self.scale, k, v, bias, mask)
+        out = self.proj_out(out.transpose(1, 2).reshape(-1, n, c))
+        x = window_reverse(out, ws, hp, wp)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        return x[:, :h, :w].permute(0, 3, 1, 2)
+
+
+class NeighborhoodAttention(nn.Module):
+    """Neighbourhood attention (``N`` block of DAT++), NATTEN semantics in plain PyTorch.
+
+    A map smaller than the kernel is zero-padded at the bottom/right before ``qkv`` (the
+    padded positions are real keys carrying the ``qkv`` bias) and cropped afterwards.
+
+    Args:
+        dim (int): Channels.
+        num_heads (int): Attention heads.
+        kernel_size (int): Neighbourhood size. Defaults to 7.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7):
+        super().__init__()
+        self.num_heads = num_heads
+        self.kernel_size = kernel_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        trunc_normal_(self.rpb, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, kernel={self.kernel_size}'
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        x = x.permute(0, 2, 3, 1)
+        pad_b, pad_r = max(0, self.kernel_size - h), max(0, self.kernel_size - w)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = x.shape[1:3]
+        qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        out = neighborhood_attention_reference(q * self.scale, k, v, self.rpb, self.kernel_size)
+        out = out.permute(0, 2, 3, 1, 4).reshape(b, hp, wp, c)[:, :h, :w]
+        return self.proj(out).permute(0, 3, 1, 2)
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention (``D`` block), v1 or DAT++.
+
+    Queries attend to ``Hk x Wk`` keys sampled from the input at positions that an offset
+    network predicts from the queries, with a deformable relative position bias read from
+    ``rpe_table``. See ``docs`` of the spec (section 3) for the exact contract.
+
+    Args:
+        dim (int): Channels.
+        num_heads (int): Attention heads.
+        num_groups (int): Offset groups; each owns ``dim / groups`` channels and
+            ``heads / groups`` heads.
+        key_stride (int): Stride of the offset network, i.e. of the key grid.
+        offset_kernel (int): Kernel of the offset network's depth-wise conv.
+        table_size (tuple[int, int]): Map size ``(Hq0, Wq0)`` at the construction image size;
+            the bias table has shape ``(heads, 2 Hq0 - 1, 2 Wq0 - 1)``.
+        version (str): ``'v1'`` (tanh-bounded offsets, centred grids) or ``'pp'`` (clamped
+            positions, corner-aligned query grid).
+        offset_range_factor (float): v1 only: offsets are ``tanh(o) * factor / Hk``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_groups: int, key_stride: int, offset_kernel: int,
+                 table_size: Tuple[int, int], version: str, offset_range_factor: float = 2.0):
+        super().__init__()
+        group_dim = dim // num_groups
+        self.num_heads = num_heads
+        self.num_groups = num_groups
+        self.key_stride = key_stride
+        self.offset_kernel = offset_kernel
+        self.version = version
+        self.offset_range_factor = offset_range_factor
+        self.proj_q = nn.Conv2d(dim, dim, 1)
+        self.proj_k = nn.Conv2d(dim, dim, 1)
+        self.proj_v = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(group_dim, group_dim, offset_kernel, key_stride,
+                      offset_conv_padding(offset_kernel, key_stride), groups=group_dim),
+            LayerNorm2d(group_dim),
+            nn.GELU(),
+            nn.Conv2d(group_dim, 2, 1, bias=False))
+        self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
+        trunc_normal_(self.rpe_table, std=0.01)
+        # Set by DAT.record_sampling_points(); None costs nothing in the forward pass.
+        self.record = None
+
+    def extra_repr(self) -> str:
+        return (f'heads={self.num_heads}, groups={self.num_groups}, key_stride={self.key_stride}, '
+                f'offset_kernel={self.offset_kernel}, version={self.version}, '
+                f'table={tuple(self.rpe_table.shape[1:])}')
+
+    def sampling_positions(self, q: Tensor) -> Tuple[Tensor, Tensor]:
+        """Key positions predicted from the queries, and the key grid's reference points.
+
+        Args:
+            q (Tensor): ``(B, C, H, W)`` projected queries.
+
+        Returns:
+            tuple: ``pos`` ``(B * groups, Hk, Wk, 2)`` and ``ref`` ``(Hk, Wk, 2)``, both
+            normalised with the last axis ``(y, x)``.
+        """
+        b, c, h, w = q.shape
+        offset = self.conv_offset(q.reshape(b * self.num_groups, c // self.num_groups, h, w))
+        hk, wk = offset.shape[-2:]
+        ref = key_reference_points(hk, wk, self.version, q.dtype, q.device)
+        if self.version == 'v1':
+            offset_range = torch.tensor([1.0 / hk, 1.0 / wk], device=q.device).reshape(1, 2, 1, 1)
+            offset = offset.tanh().mul(offset_range).mul(self.offset_range_factor)
+            pos = offset.permute(0, 2, 3, 1) + ref
+        else:
+            pos = (offset.permute(0, 2, 3, 1) + ref).clamp(-1.0, 1.0)
+        return pos, ref
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q = self.proj_q(x)
+        pos, ref = self.sampling_positions(q)
+        hk, wk = pos.shape[1:3]
+        group_dim = c // self.num_groups
+        sampled = F.grid_sample(x.reshape(b * self.num_groups, group_dim, h, w), pos[..., (1, 0)],
+                                mode='bilinear', align_corners=True)
+        sampled = sampled.reshape(b, c, 1, hk * wk)
+        k = self.proj_k(sampled).reshape(b, c, hk * wk)
+        v = self.proj_v(sampled).reshape(b, c, hk * wk)
+        query_coords = query_grid(h, w, self.version, q.dtype, q.device).reshape(h * w, 2)
+        out = deformable_attention_reference(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords,
+                                             self.rpe_table, self.num_groups)
+        if self.record is not None:
+            self.record(dict(positions=pos.detach().reshape(b, self.num_groups, hk, wk, 2),
+                             references=ref.detach()))
+        return self.proj_out(out)
+
+
+class DATBlock(nn.Module):
+    """One transformer block: ``[x += LPU(x)]; x += DP(attn(LN(x))); x += DP(FFN(LN(x)))``.
+
+    Args:
+        attn (nn.Module): The block's attention (window, neighbourhood or deformable).
+        dim (int): Channels.
+        version (str): ``'v1'`` (token MLP, no LPU) or ``'pp'`` (ConvFFN and the local
+            perception unit, a depth-wise 3x3 conv).
+        mlp_ratio (int): FFN expansion.
+        drop_path (float): Stochastic depth rate of both residual branches.
+    """
+
+    def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0):
+        super().__init__()
+        self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if version == 'pp' else None
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = attn
+        self.norm2 = LayerNorm2d(dim)
+        self.mlp = ConvFFN(dim, mlp_ratio) if version == 'pp' else TokenMLP(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.lpu is not None:
+            x = x + self.lpu(x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Downsample(nn.Sequential):
+    """Stride-2 patch merging between stages: conv then LayerNorm.
+
+    v1 uses a 2x2 conv (odd maps are zero-padded at the bottom/right first, as Swin's patch
+    merging does); DAT++ a 3x3 conv with padding 1.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        version (str): ``'v1'`` or ``'pp'``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, version: str):
+        conv = (nn.Conv2d(in_channels, out_channels, 2, 2, bias=False) if version == 'v1'
+                else nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False))
+        super().__init__()
+        self.conv = conv
+        self.norm = LayerNorm2d(out_channels)
+        self.pad_to = 2 if version == 'v1' else 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(pad_to_multiple(x, self.pad_to)[0]))
+
+
+class Stem(nn.Module):
+    """Stride-4 stem: v1 a 4x4 patch conv + LN (inputs padded to a multiple of 4); DAT++
+    two stride-2 3x3 convs with LN and GELU between them.
+
+    Args:
+        out_channels (int): Stem width (``dims[0]``).
+        version (str): ``'v1'`` or ``'pp'``.
+        in_channels (int): Image channels. Defaults to 3.
+    """
+
+    def __init__(self, out_channels: int, version: str, in_channels: int = 3):
+        super().__init__()
+        self.version = version
+        if version == 'v1':
+            self.conv = nn.Conv2d(in_channels, out_channels, 4, 4)
+            self.norm = LayerNorm2d(out_channels)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, out_channels // 2, 3, 2, 1)
+            self.norm1 = LayerNorm2d(out_channels // 2)
+            self.act = nn.GELU()
+            self.conv2 = nn.Conv2d(out_channels // 2, out_channels, 3, 2, 1)
+            self.norm2 = LayerNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.version == 'v1':
+            return self.norm(self.conv(pad_to_multiple(x, 4)[0]))
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+class DATStage(nn.Module):
+    """A stage: the optional downsampling that enters it, then its blocks.
+
+    Args:
+        blocks (list[nn.Module]): The stage's blocks.
+        downsample (nn.Module, optional): Patch merging applied first (stages 1-3).
+        with_cp (bool): Recompute each block's activations in the backward pass.
+    """
+
+    def __init__(self, blocks: List[nn.Module], downsample: Optional[nn.Module] = None, with_cp: bool = False):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def _variant(version: str, dims: Sequence[int], heads: Sequence[int], groups: Sequence[int],
+             stage_spec: Sequence[str], drop_path_rate: float, window_size: int = 7) -> dict:
+    strides = (1, 1, 1, 1) if version == 'v1' else (8, 4, 2, 1)
+    return dict(version=version, dims=list(dims), heads=list(heads), groups=list(groups),
+                stage_spec=list(stage_spec), drop_path_rate=drop_path_rate, window_size=window_size,
+                key_strides=list(strides), offset_kernels=[9, 7, 5, 3],
+                offset_range_factor=2.0 if version == 'v1' else None, neighborhood_size=7, mlp_ratio=4)
+
+
+_V1_T = ['LS', 'LS', 'LD' * 3, 'LD']
+_V1_S = ['LS', 'LS', 'LD' * 9, 'LD']
+_PP = ['ND', 'ND' * 2, 'ND' * 9, 'DD']
+
+
+@MODELS.register_module()
+class DAT(BaseModule):
+    """DAT / DAT++ backbone for classification, detection and segmentation.
+
+    A stem (stride 4), then four stages of blocks with patch merging between them; each
+    requested stage output passes its own LayerNorm (``norm{i}``) and is returned as an NCHW
+    map (strides 4, 8, 16, 32). Block types per stage are given by ``stage_spec``: ``L``/``S``
+    Swin (shifted) windows, ``N`` neighbourhood attention, ``D`` deformable attention.
+
+    Args:
+        arch (str | dict): A name of :attr:`arch_zoo` (``'dat-t'``, ``'dat-s'``, ``'dat-b'``,
+            ``'dat-b-384'``, ``'datpp-t'``, ``'datpp-s'``, ``'datpp-b'``) or a dict with the
+            keys of a zoo entry (``version``, ``dims``, ``heads``, ``groups``, ``stage_spec``;
+            optional ``window_size``, ``key_strides``, ``offset_kernels``,
+            ``offset_range_factor``, ``neighborhood_size``, ``mlp_ratio``, ``drop_path_rate``).
+        out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to (0, 1, 2, 3).
+        drop_path_rate (float, optional): Stochastic depth, linearly increasing over blocks.
+            Defaults to the variant's rate (None).
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        frozen_stages (int): As mmdet's Swin: -1 freezes nothing, ``k >= 0`` freezes the stem
+            and stages ``0 .. k-1`` (with their output norms). Defaults to -1.
+        norm_eval (bool): Keep normalisation layers in eval mode during training (as mmdet's
+            backbones). DAT's norms are LayerNorms, which hold no running statistics.
+            Defaults to False.
+        img_size (int | tuple[int, int]): Construction image size; it fixes the shapes of the
+            deformable bias tables (224 for the released ImageNet weights, 384 for the 384
+            fine-tunes). Defaults to 224.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``
+            loads a converted checkpoint strictly, resizing bias tables of another size.
+    """
+
+    arch_zoo = {
+        **dict.fromkeys(['dat-t', 'dat-tiny'], _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_T, 0.2)),
+        **dict.fromkeys(['dat-s', 'dat-small'], _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_S, 0.3)),
+        **dict.fromkeys(['dat-b', 'dat-base'], _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5)),
+        **dict.fromkeys(['dat-b-384', 'dat-base-384'],
+                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5, window_size=12)),
+        **dict.fromkeys(['datpp-t', 'datpp-tiny'], _variant('pp', [64, 128, 256, 512], [2, 4, 8, 16], [1, 2, 4, 8], _PP, 0.2)),
+        **dict.fromkeys(['datpp-s', 'datpp-small'], _variant('pp', [96, 192, 384, 768], [3, 6, 12, 24], [1, 2, 3, 6], _PP, 0.4)),
+        **dict.fromkeys(['datpp-b', 'datpp-base'], _variant('pp', [128, 256, 512, 1024], [4, 8, 16, 32], [2, 4, 8, 16], _PP, 0.7)),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'datpp-t',
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: Optional[float] = None,
+                 with_cp: bool = False,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 img_size: Union[int, Tuple[int, int]] = 224,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = resolve_arch(arch)
+        s = self.arch_settings
+        self.version = s['version']
+        self.out_indices = tuple(_check_out_indices(out_indices))
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= 4:
+            raise ValueError(f'frozen_stages must be an int in -1..4, got {frozen_stages!r}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = (img_h, img_w)
+        drop_path_rate = s['drop_path_rate'] if drop_path_rate is None else drop_path_rate
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        self.drop_path_rate = drop_path_rate
+
+        dims = s['dims']
+        self.num_features = list(dims)
+        depths = [len(spec) for spec in s['stage_spec']]
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stem = Stem(dims[0], self.version)
+        self.stages = nn.ModuleList()
+        for i, spec in enumerate(s['stage_spec']):
+            table_size = (img_h // 4 // 2 ** i, img_w // 4 // 2 ** i)
+            blocks = []
+            for j, kind in enumerate(spec):
+                attn = self._make_attention(kind, i, table_size)
+                blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j]))
+            downsample = Downsample(dims[i - 1], dims[i], self.version) if i > 0 else None
+            self.stages.append(DATStage(blocks, downsample, with_cp))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', LayerNorm2d(dims[i]))
+        self._freeze_stages()
+
+    def _make_attention(self, kind: str, stage: int, table_size: Tuple[int, int]) -> nn.Module:
+        s = self.arch_settings
+        dim, heads = s['dims'][stage], s['heads'][stage]
+        if kind in 'LS':
+            return WindowAttention(dim, heads, s['window_size'], shifted=kind == 'S')
+        if kind == 'N':
+            return NeighborhoodAttention(dim, heads, s['neighborhood_size'])
+        return DeformableAttention(dim, heads, s['groups'][stage], s['key_strides'][stage],
+                                   s['offset_kernels'][stage], table_size, self.version,
+                                   s['offset_range_factor'])
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Return the normalised outputs of the stages in ``out_indices``.
+
+        Args:
+            x (Tensor): ``(B, 3, H, W)`` images, any size of at least 1x1.
+
+        Returns:
+            tuple[Tensor]: One ``(B, dims[i], H_i, W_i)`` map per index in ``out_indices``.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f'DAT expects images of shape (B, 3, H, W), got {tuple(x.shape)}')
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f'DAT expects non-empty images of at least 1x1 pixels, got {tuple(x.shape)}')
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x))
+        return tuple(outs)
+
+    @contextmanager
+    def record_sampling_points(self) -> Iterator[Dict[str, dict]]:
+        """Record the sampling positions and reference points of every deformable block.
+
+        Yields a dict filled by each forward pass run inside the context, keyed by module
+        name (e.g. ``'stages.2.blocks.1.attn'``), each value ``dict(positions=(B, g, Hk, Wk, 2),
+        references=(Hk, Wk, 2))`` normalised to ``[-1, 1]`` with the last axis ``(y, x)``.
+        Outside the context nothing is recorded.
+        """
+        records: Dict[str, dict] = {}
+        modules = {name: m for name, m in self.named_modules() if isinstance(m, DeformableAttention)}
+        for name, module in modules.items():
+            module.record = lambda value, name=name: records.__setitem__(name, value)
+        try:
+            yield records
+        finally:
+            for module in modules.values():
+                module.record = None
+
+    def init_weights(self) -> None:
+        """Load a ``Pretrained`` init_cfg strictly (see :func:`load_pretrained_backbone`)."""
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            from ..converter import load_pretrained_backbone
+            load_pretrained_backbone(self, self.init_cfg['checkpoint'], prefix=self.init_cfg.get('prefix'),
+                                     logger=MMLogger.get_current_instance())
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stem] + [self.stages[i] for i in range(self.frozen_stages)]
+        frozen += [getattr(self, f'norm{i}') for i in range(self.frozen_stages) if i in self.out_indices]
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'DAT':
+        """Set the training mode, keeping frozen stages (and norms, with norm_eval) in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                    module.eval()
+        return self
+
+
+def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
+    if isinstance(out_indices, int):
+        out_indices = [out_indices]
+    out_indices = list(out_indices)
+    if not out_indices or any(not isinstance(i, int) or not 0 <= i <= 3 for i in out_indices) \
+            or out_indices != sorted(set(out_indices)):
+        raise ValueError(f'out_indices must be increasing distinct ints in 0..3, got {out_indices}')
+    return out_indices
+
+
+_REQUIRED_ARCH_KEYS = ('version', 'dims', 'heads', 'groups', 'stage_spec')
+
+
+def resolve_arch(arch: Union[str, dict]) -> dict:
+    """Settings of a named variant, or a validated copy of a custom settings dict.
+
+    Raises:
+        ValueError: For an unknown name, missing keys or inconsistent settings.
+    """
+    if isinstance(arch, str):
+        key = arch.lower()
+        if key not in DAT.arch_zoo:
+            raise ValueError(f'Unknown DAT arch {arch!r}; expected one of {list(CANONICAL_ARCHS)} '
+                             '(or their long aliases such as dat-tiny) or a dict of settings')
+        return copy.deepcopy(DAT.arch_zoo[key])
+    if not isinstance(arch, dict):
+        raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+    missing = [k for k in _REQUIRED_ARCH_KEYS if k not in arch]
+    if missing:
+        raise ValueError(f'Custom DAT arch is missing keys {missing}; it needs {list(_REQUIRED_ARCH_KEYS)}')
+    if arch['version'] not in VERSIONS:
+        raise ValueError(f"arch['version'] must be one of {VERSIONS}, got {arch['version']!r}")
+    settings = _variant(arch['version'], arch['dims'], arch['heads'], arch['groups'], arch['stage_spec'],
+                        arch.get('drop_path_rate', 0.0))
+    unknown = set(arch) - set(settings)
+    if unknown:
+        raise ValueError(f'Unknown keys in custom DAT arch: {sorted(unknown)}; known: {sorted(settings)}')
+    settings.update(copy.deepcopy(arch))
+    for key in ('dims', 'heads', 'groups', 'stage_spec', 'key_strides', 'offset_kernels'):
+        if len(settings[key]) != 4:
+            raise ValueError(f"arch['{key}'] must have 4 entries (one per stage), got {settings[key]}")
+    for i, (dim, heads, groups, spec) in enumerate(zip(settings['dims'], settings['heads'],
+                                                       settings['groups'], settings['stage_spec'])):
+        if not spec or any(kind not in BLOCK_TYPES for kind in spec):
+            raise ValueError(f"stage_spec[{i}] must be a non-empty string of {list(BLOCK_TYPES)}, got {spec!r}")
+        if dim % heads:
+            raise ValueError(f'dims[{i}]={dim} must be divisible by heads[{i}]={heads}')
+        if 'D' in spec and (groups < 1 or heads % groups or dim % groups):
+            raise ValueError(f'groups[{i}]={groups} must be >= 1 and divide heads[{i}]={heads} and dims[{i}]={dim}')
+    return settings

@@ -1,0 +1,191 @@
+"""Pure geometry helpers of DAT and DAT++: reference points, query grids, windows, indices.
+
+Every function here is small, stateless and tested on its own. Coordinates follow the
+original implementation: normalised to ``[-1, 1]`` with the last axis ordered ``(y, x)``.
+"""
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def _normalised_centres(length: int, divisor: float, dtype: torch.dtype,
+                        device: torch.device) -> Tensor:
+    """``(i + 0.5) / divisor * 2 - 1`` for ``i in range(length)``, as the original computes it."""
+    centres = torch.linspace(0.5, length - 0.5, length, dtype=dtype, device=device)
+    return centres.div_(divisor).mul_(2.0).sub_(1.0)
+
+
+def key_reference_points(height: int, width: int, version: str, dtype: torch.dtype = torch.float32,
+                         device: torch.device = None) -> Tensor:
+    """Reference points of a deformable block's key grid.
+
+    v1 places key ``i`` at ``(i + 0.5) / Hk * 2 - 1`` (cell centres). DAT++ divides by
+    ``Hk - 1`` instead, so its last point lies beyond +1 (kept on purpose: the clamp of the
+    sampling positions takes care of it). A single-point axis has coordinate 0 in DAT++,
+    where the original divides by zero.
+
+    Args:
+        height (int): Key grid height ``Hk``.
+        width (int): Key grid width ``Wk``.
+        version (str): ``'v1'`` or ``'pp'``.
+        dtype (torch.dtype): Output dtype. Defaults to float32.
+        device (torch.device, optional): Output device.
+
+    Returns:
+        Tensor: ``(Hk, Wk, 2)`` points, last axis ``(y, x)``.
+    """
+    if version == 'v1':
+        ys = _normalised_centres(height, height, dtype, device)
+        xs = _normalised_centres(width, width, dtype, device)
+    else:
+        ys = (_normalised_centres(height, height - 1.0, dtype, device)
+              if height > 1 else torch.zeros(1, dtype=dtype, device=device))
+        xs = (_normalised_centres(width, width - 1.0, dtype, device)
+              if width > 1 else torch.zeros(1, dtype=dtype, device=device))
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+def query_grid(height: int, width: int, version: str, dtype: torch.dtype = torch.float32,
+               device: torch.device = None) -> Tensor:
+    """Normalised coordinates of every query position, used by the relative position bias.
+
+    v1 uses the cell centres of :func:`key_reference_points`; DAT++ uses the pixel corners
+    ``i / (H - 1) * 2 - 1`` (0 for a single row or column).
+
+    Args:
+        height (int): Feature map height ``H``.
+        width (int): Feature map width ``W``.
+        version (str): ``'v1'`` or ``'pp'``.
+        dtype (torch.dtype): Output dtype. Defaults to float32.
+        device (torch.device, optional): Output device.
+
+    Returns:
+        Tensor: ``(H, W, 2)`` coordinates, last axis ``(y, x)``.
+    """
+    if version == 'v1':
+        return key_reference_points(height, width, 'v1', dtype, device)
+
+    def corners(length: int) -> Tensor:
+        if length == 1:
+            return torch.zeros(1, dtype=dtype, device=device)
+        return torch.arange(length, dtype=dtype, device=device).div_(length - 1.0).mul_(2.0).sub_(1.0)
+
+    return torch.stack(torch.meshgrid(corners(height), corners(width), indexing='ij'), dim=-1)
+
+
+def offset_conv_padding(kernel_size: int, stride: int) -> int:
+    """Padding of the offset network's strided depth-wise conv (0 when kernel equals stride)."""
+    return 0 if kernel_size == stride else kernel_size // 2
+
+
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """Split a channels-last map into non-overlapping windows.
+
+    Args:
+        x (Tensor): ``(B, H, W, C)`` with H and W multiples of ``window_size``.
+        window_size (int): Window side.
+
+    Returns:
+        Tensor: ``(B * num_windows, window_size ** 2, C)``, windows in row-major order.
+    """
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
+
+
+def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, ws * ws, C)`` -> ``(B, H, W, C)``."""
+    c = windows.shape[-1]
+    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)
+
+
+def relative_position_index(window_size: int) -> Tensor:
+    """Swin's index into the ``((2w - 1) ** 2, heads)`` bias table for every query-key pair.
+
+    Returns:
+        Tensor: ``(w * w, w * w)`` long tensor.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                        indexing='ij')).flatten(1)  # 2, w*w
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
+
+
+def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
+                        device: torch.device = None) -> Tensor:
+    """Swin's attention mask for a map rolled by ``-shift_size``: -100 across regions, else 0.
+
+    Args:
+        height (int): Height of the (padded) map, a multiple of ``window_size``.
+        width (int): Width of the (padded) map, a multiple of ``window_size``.
+        window_size (int): Window side.
+        shift_size (int): Roll applied before partitioning.
+        device (torch.device, optional): Output device.
+
+    Returns:
+        Tensor: ``(num_windows, ws * ws, ws * ws)`` float mask.
+    """
+    region = torch.zeros(1, height, width, 1, device=device)
+    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    label = 0
+    for hs in slices:
+        for ws in slices:
+            region[:, hs, ws, :] = label
+            label += 1
+    labels = window_partition(region, window_size).squeeze(-1)  # nW, ws*ws
+    mask = labels.unsqueeze(1) - labels.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tuple[Tensor, int, int]:
+    """Zero-pad the bottom/right of an NCHW map so that H and W are multiples of ``multiple``.
+
+    Returns:
+        tuple: the padded map, and the bottom and right padding.
+    """
+    pad_b = (multiple - x.shape[-2] % multiple) % multiple
+    pad_r = (multiple - x.shape[-1] % multiple) % multiple
+    if pad_b or pad_r:
+        x = torch.nn.functional.pad(x, (0, pad_r, 0, pad_b))
+    return x, pad_b, pad_r
+
+
+def neighborhood_starts(length: int, kernel_size: int, device: torch.device = None) -> Tensor:
+    """First key index of each query's neighbourhood along one axis.
+
+    The window of query ``i`` starts at ``clamp(i - k // 2, 0, length - k)``: it shifts at the
+    border instead of being cut (NATTEN's semantics, dilation 1).
+
+    Args:
+        length (int): Axis length, at least ``kernel_size``.
+        kernel_size (int): Odd neighbourhood size.
+        device (torch.device, optional): Output device.
+
+    Returns:
+        Tensor: ``(length,)`` long tensor.
+    """
+    idx = torch.arange(length, device=device)
+    return (idx - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+def neighborhood_indices(length: int, kernel_size: int,
+                         device: torch.device = None) -> Tuple[Tensor, Tensor]:
+    """Key indices and bias-table indices of every query's neighbourhood along one axis.
+
+    Returns:
+        tuple: ``keys`` ``(length, k)``, the key index of each window slot, and ``bias``
+        ``(length, k)``, the row of the ``2k - 1`` bias table for that query-key pair
+        (``key - query + k - 1``).
+    """
+    starts = neighborhood_starts(length, kernel_size, device)
+    keys = starts[:, None] + torch.arange(kernel_size, device=device)
+    bias = keys - torch.arange(length, device=device)[:, None] + kernel_size - 1
+    return keys, bias
+
+
+def shift_size_for(window_size: int) -> int:
+    """Shift of the v1 'S' block: ``ceil(w / 2)`` as in the original (4 for 7, 6 for 12)."""
+    return math.ceil(window_size / 2)
