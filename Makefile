@@ -1,0 +1,25 @@
+# Every target sets up (or checks, in seconds) the environment in .venv first.
+# Usage: make demo | make test | make lint | make env
+#        make test PYTEST_ARGS='-k environment -x'
+
+VENV_PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env test demo lint format
+
+env:
+	bash tools/setup_env.sh
+
+test: env
+	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: env
+	$(VENV_PY) tools/demo.py
+
+lint: env
+	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m ruff format --check .
+
+format: env
+	$(VENV_PY) -m ruff format .
+	$(VENV_PY) -m ruff check --fix .

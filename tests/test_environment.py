@@ -1,0 +1,136 @@
+"""The installed environment: package importable from anywhere, pins, mim, idempotent installer.
+
+These run with the interpreter of ``.venv`` (``make test``) and take seconds each.
+"""
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP_ENV = REPO / 'tools' / 'setup_env.sh'
+
+
+def run_python(code: str, cwd: str = '/', timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter of this environment, outside the repository.
+
+    PYTHONPATH is dropped so that only the installed package can satisfy the imports.
+    """
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    return subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_import_from_root_directory():
+    """`mim train` runs the toolbox's own script: the package must not need the repo on sys.path."""
+    proc = run_python(
+        'import projects.dat, sys; print(projects.dat.__file__); '
+        f'print(any(p.rstrip("/") == {str(REPO)!r} for p in sys.path))'
+    )
+    assert proc.returncode == 0, proc.stderr
+    origin, repo_on_path = proc.stdout.split()[-2:]
+    assert Path(origin) == REPO / 'projects' / 'dat' / '__init__.py'
+    assert repo_on_path == 'False', 'the repository root must not be on sys.path for this test'
+
+
+def test_version_is_the_installed_distribution_version():
+    import projects.dat
+
+    assert isinstance(projects.dat.__version__, str)
+    assert re.fullmatch(r'\d+\.\d+\.\d+(\S*)', projects.dat.__version__)
+    assert importlib.metadata.version('projects-dat') == projects.dat.__version__
+
+
+def test_custom_imports_register_dat_from_any_directory(tmp_path):
+    """What a config's ``custom_imports`` does inside mmdet's train script."""
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(
+        "custom_imports = dict(imports=['projects.dat'], allow_failed_imports=False)\n"
+        "model = dict(type='DAT', arch='datpp-t')\n"
+    )
+    proc = run_python(
+        'from mmengine.config import Config\n'
+        'from mmengine.registry import MODELS\n'
+        f'cfg = Config.fromfile({str(cfg)!r})\n'
+        "print(MODELS.get('DAT').__module__)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith('projects.dat')
+
+
+def test_setuptools_within_bounds():
+    """openmim and mmcv still import pkg_resources, removed in setuptools 82."""
+    version = Version(importlib.metadata.version('setuptools'))
+    assert version in SpecifierSet('>=77.0.3,<82'), f'setuptools {version}'
+
+
+def test_pinned_versions_match_requirements():
+    sys.path.insert(0, str(REPO / 'tools'))
+    try:
+        import check_env
+    finally:
+        sys.path.remove(str(REPO / 'tools'))
+    assert check_env.check_versions().endswith('requirements satisfied')
+
+
+def test_mim_lists_the_openmmlab_stack():
+    proc = subprocess.run(
+        [sys.executable, '-m', 'mim', 'list'], cwd='/', capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[2:] if line}
+    assert listed.get('mmdet') == '3.3.0', proc.stdout
+    assert listed.get('mmcv') == '2.1.0', proc.stdout
+    assert listed.get('mmengine') == '0.10.7', proc.stdout
+
+
+def test_mim_finds_mmdet_train_script():
+    """`mim train mmdet CONFIG` runs this script with our config path."""
+    from mim.utils import get_installed_path
+
+    script = Path(get_installed_path('mmdet')) / '.mim' / 'tools' / 'train.py'
+    assert script.is_file(), script
+
+
+def test_installer_second_run_is_a_fast_no_op():
+    check = subprocess.run(
+        ['bash', str(SETUP_ENV), '--check'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    if check.returncode == 3:
+        pytest.fail(
+            'the environment is out of date with requirements/ or the installer: '
+            f'run `make env` first\n{check.stdout}{check.stderr}'
+        )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        ['bash', str(SETUP_ENV)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'is up to date' in proc.stdout, proc.stdout
+    assert 'step 1/6' not in proc.stdout, proc.stdout
+    assert elapsed < 60, f'second run took {elapsed:.1f}s'
+
+
+def test_installer_rejects_unknown_arguments():
+    proc = subprocess.run(
+        ['bash', str(SETUP_ENV), '--bogus'], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "unknown argument '--bogus'" in proc.stderr
