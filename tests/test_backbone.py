@@ -1,0 +1,293 @@
+"""Backbone tests: golden parity with the original code, conversion, training behaviour, errors."""
+import argparse
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from projects.dat import DAT
+from projects.dat.converter import (ConversionError, convert_original_state_dict, infer_original_arch,
+                                    load_pretrained_backbone)
+from projects.dat.models.dat import CANONICAL_ARCHS
+from projects.dat.models.geometry import relative_position_index, shift_size_for, shifted_window_mask
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+GOLDEN = SHARED / 'golden'
+OFFICIAL_KEYS = SHARED / 'reference' / 'official_keys'
+needs_shared = pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
+
+# Parameter counts of the spec (millions, 1000-class classifier).
+SPEC_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
+               'datpp-t': 23.96, 'datpp-s': 53.13, 'datpp-b': 93.69}
+KEY_FILES = {'dat_tiny': ('dat-t', 224), 'dat_small': ('dat-s', 224), 'dat_base': ('dat-b', 224),
+             'dat_base_384': ('dat-b-384', 384), 'dat_pp_tiny': ('datpp-t', 224),
+             'dat_pp_small': ('datpp-s', 224), 'dat_pp_base': ('datpp-b', 224),
+             'dat_pp_base_384': ('datpp-b', 224)}  # DAT++ 384 keeps the 224 tables
+
+TINY = {
+    'v1': dict(version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2],
+               stage_spec=['LS', 'L', 'LD', 'D']),
+    'pp': dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2],
+               stage_spec=['ND', 'N', 'ND', 'DD']),
+}
+
+
+def load_golden(name):
+    return torch.load(GOLDEN / f'{name}.pt', weights_only=True)
+
+
+def build_from_original(state_dict, out_indices=(3,)):
+    converted, info = convert_original_state_dict(state_dict)
+    model = DAT(arch=info['arch'], out_indices=out_indices, img_size=tuple(info['img_size']))
+    model.load_state_dict({k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')},
+                          strict=out_indices == (3,))
+    return model.eval(), converted, info
+
+
+@needs_shared
+@pytest.mark.parametrize('name', ['dat_v1_small', 'dat_pp_small'])
+def test_golden_parity(name):
+    golden = load_golden(name)
+    model, converted, _ = build_from_original(golden['state_dict'])
+    stage_outputs = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda module, args, out: stage_outputs.append(out))
+    for case_name, case in golden['cases'].items():
+        stage_outputs.clear()
+        with torch.no_grad(), model.record_sampling_points() as records:
+            pooled = model(case['input'])[0].mean((2, 3))
+        logits = pooled @ converted['head.fc.weight'].t() + converted['head.fc.bias']
+        torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4, msg=f'{case_name} logits')
+        for i, (ours, ref) in enumerate(zip(stage_outputs, case['stages'])):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, msg=f'{case_name} stage {i}')
+        assert len(records) == len(case['positions'])
+        for original_name, ref in case['positions'].items():
+            _, stage, _, block = original_name.split('.')
+            ours = records[f'stages.{stage}.blocks.{block}.attn']['positions']
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, msg=f'{case_name} {original_name}')
+
+
+def _official_shapes(path):
+    header, shapes = path.read_text().splitlines()[:2], {}
+    for line in path.read_text().splitlines():
+        if line.startswith('#') or not line.strip():
+            continue
+        m = re.match(r'(\S+) \(([\d, ]*)\)( \[buffer\])?', line)
+        shapes[m[1]] = (tuple(int(s) for s in m[2].split(',') if s.strip()), bool(m[3]))
+    total = int(re.search(r'(\d+) parameters', header[0])[1])
+    return shapes, total
+
+
+def _fake_original(shapes, window):
+    """Random tensors of the official shapes; derived buffers get their true values."""
+    state_dict = {}
+    for key, (shape, is_buffer) in shapes.items():
+        if key.endswith('relative_position_index'):
+            state_dict[key] = relative_position_index(window)
+        elif key.endswith('attn_mask'):
+            side = math.isqrt(shape[0]) * window
+            state_dict[key] = shifted_window_mask(side, side, window, shift_size_for(window))
+        else:
+            state_dict[key] = torch.randn(shape)
+    return state_dict
+
+
+@needs_shared
+@pytest.mark.parametrize('key_file', sorted(KEY_FILES))
+def test_convert_every_released_layout(key_file):
+    arch, img_size = KEY_FILES[key_file]
+    shapes, total = _official_shapes(OFFICIAL_KEYS / f'{key_file}.txt')
+    window = 12 if arch == 'dat-b-384' else 7
+    converted, info = convert_original_state_dict(_fake_original(shapes, window))
+    assert info['arch'] == arch and info['img_size'] == [img_size, img_size] and info['kind'] == 'classifier'
+    n_params = sum(v.numel() for v in converted.values())
+    assert n_params == total
+    assert round(n_params / 1e6, 2) == SPEC_PARAMS[arch]
+
+
+@needs_shared
+def test_convert_dense_checkpoint_and_strictness():
+    shapes, _ = _official_shapes(OFFICIAL_KEYS / 'dat_pp_tiny.txt')
+    original = {f'backbone.{k}': v for k, v in _fake_original(shapes, 7).items() if not k.startswith('cls_')}
+    for i, dim in enumerate([64, 128, 256, 512]):
+        original[f'backbone.norms.{i}.norm.weight'] = torch.ones(dim)
+        original[f'backbone.norms.{i}.norm.bias'] = torch.zeros(dim)
+    original['neck.lateral_convs.0.conv.weight'] = torch.randn(256, 64, 1, 1)
+    converted, info = convert_original_state_dict(original)
+    assert info['kind'] == 'dense' and info['arch'] == 'datpp-t'
+    assert 'backbone.norm2.weight' in converted and 'neck.lateral_convs.0.conv.weight' in converted
+    model = DAT('datpp-t')
+    model.load_state_dict({k[9:]: v for k, v in converted.items() if k.startswith('backbone.')}, strict=True)
+
+    broken = dict(original)
+    del broken['backbone.stages.2.attns.3.proj_q.bias']
+    broken['backbone.stages.0.attns.0.extra'] = torch.zeros(1)
+    with pytest.raises(ConversionError, match=r'(?s)unused source tensor stages\.0\.attns\.0\.extra.*'
+                                               r'stages\.2\.blocks\.3\.attn\.proj_q\.bias not filled'):
+        convert_original_state_dict(broken)
+
+
+@pytest.mark.parametrize('arch', CANONICAL_ARCHS)
+def test_variant_table(arch):
+    model = DAT(arch, out_indices=(3,), img_size=384 if arch == 'dat-b-384' else 224)
+    n_params = sum(p.numel() for p in model.parameters()) + (model.num_features[-1] + 1) * 1000
+    assert round(n_params / 1e6, 2) == SPEC_PARAMS[arch]
+    assert 'groups' in repr(model)
+
+
+@pytest.mark.parametrize('version', ['v1', 'pp'])
+@pytest.mark.parametrize('size', [(1, 1), (16, 16), (33, 47), (112, 137), (64, 64)])
+def test_any_input_size(version, size):
+    model = DAT(TINY[version]).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    h, w = size
+    for i, out in enumerate(outs):
+        h, w = math.ceil(h / (4 if i == 0 else 2)), math.ceil(w / (4 if i == 0 else 2))
+        assert out.shape == (1, model.num_features[i], h, w)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('version', ['v1', 'pp'])
+def test_gradients_reach_every_parameter_and_with_cp_matches(version):
+    torch.manual_seed(0)
+    model = DAT(TINY[version], drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 96)
+    loss = sum(o.square().mean() for o in model(x))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model_cp = DAT(TINY[version], drop_path_rate=0.0, with_cp=True)
+    model_cp.load_state_dict(model.state_dict())
+    loss_cp = sum(o.square().mean() for o in model_cp(x))
+    loss_cp.backward()
+    torch.testing.assert_close(loss_cp, loss)
+    for name, p in model_cp.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_frozen_stages_and_norm_eval():
+    model = DAT(TINY['pp'], frozen_stages=2, norm_eval=True)
+    model.train()
+    assert not model.stem.training and not model.stages[1].training and model.stages[2].training
+    assert not model.norm0.training and not model.norm1.training
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    frozen = [p for m in (model.stem, model.stages[0], model.stages[1], model.norm0, model.norm1) for p in m.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    assert all(p.grad is not None for p in model.stages[2].parameters())
+
+
+def test_recording_costs_nothing_outside_context():
+    model = DAT(TINY['pp']).eval()
+    with torch.no_grad(), model.record_sampling_points() as records:
+        model(torch.randn(1, 3, 64, 64))
+    assert set(records) == {'stages.0.blocks.1.attn', 'stages.2.blocks.1.attn', 'stages.3.blocks.0.attn',
+                            'stages.3.blocks.1.attn'}
+    assert records['stages.0.blocks.1.attn']['positions'].shape == (1, 1, 2, 2, 2)
+    assert all(m.record is None for m in model.modules() if hasattr(m, 'record'))
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
+def test_builds_through_toolbox_registries(scope):
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(dict(type='DAT', arch=TINY['pp'], out_indices=(1, 2, 3)))
+    assert isinstance(model, DAT) and len(model(torch.randn(1, 3, 64, 64))) == 3
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(arch='dat-x'), ValueError, r"Unknown DAT arch 'dat-x'; expected one of \['dat-t'"),
+    (dict(arch=dict(version='v1', dims=[8] * 4)), ValueError, r"missing keys \['heads', 'groups', 'stage_spec'\]"),
+    (dict(arch=dict(TINY['pp'], version='v3')), ValueError, r"arch\['version'\] must be one of"),
+    (dict(arch=dict(TINY['pp'], stage_spec=['NX', 'N', 'N', 'N'])), ValueError, r"stage_spec\[0\] must be"),
+    (dict(arch=dict(TINY['pp'], groups=[1, 1, 3, 2])), ValueError, r'groups\[2\]=3 must be >= 1 and divide'),
+    (dict(arch=dict(TINY['pp'], colour='red')), ValueError, r"Unknown keys in custom DAT arch: \['colour'\]"),
+    (dict(out_indices=(0, 4)), ValueError, r'out_indices must be increasing distinct ints in 0..3, got \[0, 4\]'),
+    (dict(out_indices=(2, 1)), ValueError, r'out_indices must be increasing'),
+    (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in -1..4, got 5'),
+    (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be in \[0, 1\), got 1.5'),
+])
+def test_construction_errors(kwargs, error, match):
+    kwargs.setdefault('arch', TINY['pp'])
+    with pytest.raises(error, match=match):
+        DAT(**kwargs)
+
+
+def test_input_errors():
+    model = DAT(TINY['v1'])
+    with pytest.raises(ValueError, match=r'expects images of shape \(B, 3, H, W\), got \(1, 4, 32, 32\)'):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(ValueError, match=r'expects images of shape \(B, 3, H, W\), got \(3, 32, 32\)'):
+        model(torch.randn(3, 32, 32))
+
+
+def _save_classifier(tmp_path, model, name='ckpt.pth'):
+    state = {f'backbone.{k}': v for k, v in model.state_dict().items()}
+    state['head.fc.weight'] = torch.zeros(10, model.num_features[-1])
+    state['head.fc.bias'] = torch.zeros(10)
+    path = tmp_path / name
+    torch.save(dict(state_dict=state, meta=dict()), path)
+    return path
+
+
+def test_pretrained_init_cfg_loads_strictly_and_resizes_tables(tmp_path, capsys):
+    source = DAT(TINY['pp'], out_indices=(3,))
+    path = _save_classifier(tmp_path, source)
+    model = DAT(TINY['pp'], img_size=320, init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    model.init_weights()
+    torch.testing.assert_close(model.stages[1].blocks[0].attn.qkv.weight, source.stages[1].blocks[0].attn.qkv.weight)
+    table = model.stages[0].blocks[1].attn.rpe_table
+    assert table.shape == (1, 159, 159)
+    torch.testing.assert_close(model.norm3.weight, source.norm3.weight)
+
+    other = DAT(dict(TINY['pp'], dims=[16, 32, 64, 256]), out_indices=(3,))
+    wrong = _save_classifier(tmp_path, other, 'wrong.pth')
+    model = DAT(TINY['pp'], init_cfg=dict(type='Pretrained', checkpoint=str(wrong), prefix='backbone.'))
+    with pytest.raises(ConversionError, match=r'does not fit .*\n.*shape \(256, 64, 3, 3\) != model \(128, 64, 3, 3\)'):
+        model.init_weights()
+
+
+@needs_shared
+def test_pretrained_refuses_unconverted_checkpoint(tmp_path):
+    path = tmp_path / 'orig.pth'
+    torch.save(dict(model=load_golden('dat_pp_small')['state_dict']), path)
+    model = DAT(TINY['pp'], init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    with pytest.raises(ConversionError, match='original DAT checkpoint; convert it first'):
+        model.init_weights()
+
+
+@needs_shared
+def test_converter_cli(tmp_path):
+    golden = load_golden('dat_pp_small')
+    src = tmp_path / 'original.pth'
+    torch.save(dict(model=golden['state_dict'], config=argparse.Namespace(name='dat_pp')), src)
+    dst = tmp_path / 'converted.pth'
+    cmd = [sys.executable, str(REPO / 'tools/model_converters/dat_official.py'), str(src), str(dst)]
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 1 and 'trust' in refused.stderr and not dst.exists()
+    done = subprocess.run(cmd + ['--trust-checkpoint'], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert 'detected DAT ++ (pp)' in done.stdout and 'construction size 224x224' in done.stdout
+    converted = torch.load(dst, weights_only=True)
+    assert converted['meta']['dat']['kind'] == 'classifier'
+    model = DAT(converted['meta']['dat']['arch'], out_indices=(3,),
+                init_cfg=dict(type='Pretrained', checkpoint=str(dst), prefix='backbone.'))
+    model.init_weights()
+    case = golden['cases']['x96']
+    with torch.no_grad():
+        logits = model.eval()(case['input'])[0].mean((2, 3)) @ converted['state_dict']['head.fc.weight'].t() \
+            + converted['state_dict']['head.fc.bias']
+    torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4)
+
+
+@needs_shared
+def test_infer_original_arch_of_golden():
+    arch, img_size = infer_original_arch(load_golden('dat_v1_small')['state_dict'])
+    assert arch['stage_spec'] == ['LS', 'LS', 'LD', 'LD'] and arch['groups'] == [0, 0, 2, 4] and img_size == (224, 224)
