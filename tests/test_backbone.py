@@ -291,3 +291,18 @@ def test_converter_cli(tmp_path):
 def test_infer_original_arch_of_golden():
     arch, img_size = infer_original_arch(load_golden('dat_v1_small')['state_dict'])
     assert arch['stage_spec'] == ['LS', 'LS', 'LD', 'LD'] and arch['groups'] == [0, 0, 2, 4] and img_size == (224, 224)
+
+
+def test_non_finite_values_are_reported_with_their_block(monkeypatch):
+    import projects.dat.models.dat as dat_module
+    messages = []
+    monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: messages.append(msg))
+    model = DAT(TINY['pp'])
+    with torch.no_grad():
+        model.stages[2].blocks[1].attn.proj_out.bias[0] = float('inf')
+    model.eval()(torch.randn(1, 3, 64, 64))
+    assert messages == []  # no check (and no cost) outside training
+    outs = model.train()(torch.randn(1, 3, 64, 64))
+    assert not torch.isfinite(outs[-1]).all()
+    assert messages == ['DAT: non-finite values in the backbone output, first produced by '
+                        'stages.2.blocks.1 (DeformableAttention)']

@@ -11,6 +11,7 @@ backbone with its variant table. The math of each attention lives in ``attention
 the geometry in ``geometry.py``.
 """
 import copy
+import logging
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
-from mmengine.logging import MMLogger
+from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
@@ -501,13 +502,44 @@ class DAT(BaseModule):
             raise ValueError(f'DAT expects images of shape (B, 3, H, W), got {tuple(x.shape)}')
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'DAT expects non-empty images of at least 1x1 pixels, got {tuple(x.shape)}')
+        images = x
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x))
+        # One synchronising check per training step; the search for the culprit runs only
+        # when it fails.
+        if self.training and not torch.stack([o.isfinite().all() for o in outs]).all():
+            print_log(f'DAT: non-finite values in the backbone output, first produced by '
+                      f'{self.locate_non_finite(images)}', logger='current', level=logging.WARNING)
         return tuple(outs)
+
+    @torch.no_grad()
+    def locate_non_finite(self, x: Tensor) -> str:
+        """Name the first module (stem, downsampling or block) whose output is not finite.
+
+        Re-runs the forward pass without gradients, checking after every module.
+
+        Args:
+            x (Tensor): The images of the failing forward pass.
+
+        Returns:
+            str: e.g. ``'stages.2.blocks.3 (DeformableAttention)'`` or ``'the input images'``.
+        """
+        if not x.isfinite().all():
+            return 'the input images'
+        steps = [('stem', self.stem)]
+        for i, stage in enumerate(self.stages):
+            if stage.downsample is not None:
+                steps.append((f'stages.{i}.downsample', stage.downsample))
+            steps += [(f'stages.{i}.blocks.{j} ({type(b.attn).__name__})', b) for j, b in enumerate(stage.blocks)]
+        for name, module in steps:
+            x = module(x)
+            if not x.isfinite().all():
+                return name
+        return 'no module when re-run (a non-deterministic overflow)'
 
     @contextmanager
     def record_sampling_points(self) -> Iterator[Dict[str, dict]]:
