@@ -1,0 +1,732 @@
+"""Tests of projects.dat.checkpoint: weights_only loading of mmengine checkpoints, crash-safe
+saving, and the loader of original DAT checkpoints.
+
+The file doubles as the training script of the kill-and-resume tests: run as
+``python tests/test_checkpoint.py WORK_DIR ...`` it trains the toy model in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import errno
+import json
+import os
+import os.path as osp
+import pickle
+import signal
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+import projects.dat  # noqa: F401  (registers the allow-list)
+from projects.dat import checkpoint as dat_ckpt
+from projects.dat.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    extract_state_dict,
+    install_atomic_checkpoint_save,
+    load_original_checkpoint,
+    uninstall_atomic_checkpoint_save,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / 'shared' / 'golden' / 'dat_v1_small.pt'
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny, deterministic mmengine training setup
+# ---------------------------------------------------------------------------------------------
+
+
+class ToyModel(BaseModel):
+    """Linear regression from 4 features; enough for optimizer and scheduler state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+        g = torch.Generator().manual_seed(1)  # the same start in every process
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(1, 4, generator=g))
+            self.linear.bias.zero_()
+
+    def forward(self, inputs, labels, mode='tensor'):
+        pred = self.linear(inputs).squeeze(1)
+        if mode == 'loss':
+            return {'loss': F.mse_loss(pred, labels)}
+        if mode == 'predict':
+            return [dict(pred=p, gt=g) for p, g in zip(pred, labels, strict=True)]
+        return pred
+
+
+class ToyDataset(Dataset):
+    metainfo = dict(classes=('a', 'b'), palette=[(1, 2, 3), (4, 5, 6)])
+
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(inputs=self.x[i], labels=self.y[i])
+
+
+class ToyMetric(BaseMetric):
+    """Returns numpy scalars, as real metrics do, so they land in the message hub."""
+
+    default_prefix = 'toy'
+
+    def process(self, data_batch, data_samples) -> None:
+        self.results.extend(float((d['pred'] - d['gt']) ** 2) for d in data_samples)
+
+    def compute_metrics(self, results) -> dict:
+        return dict(
+            mse=np.float64(np.mean(results)),
+            mse32=np.float32(np.mean(results)),
+            count=np.int64(len(results)),
+        )
+
+
+class RecordIterHook(Hook):
+    """Records the iteration index at which each training iteration starts."""
+
+    def __init__(self) -> None:
+        self.iters: list[int] = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self.iters.append(runner.iter)
+
+
+class KillHook(Hook):
+    """SIGKILLs its own process after iteration ``at`` (0-based), before it is checkpointed."""
+
+    priority = 'VERY_HIGH'  # runs before CheckpointHook (VERY_LOW)
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if runner.iter == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_runner(
+    work_dir,
+    max_iters=4,
+    interval=2,
+    resume=False,
+    load_from=None,
+    max_keep_ckpts=-1,
+    save_best=None,
+    val=False,
+    hooks=(),
+) -> Runner:
+    loader = dict(
+        dataset=ToyDataset(),
+        batch_size=4,
+        num_workers=0,
+        sampler=dict(type='DefaultSampler', shuffle=True),
+        collate_fn=dict(type='default_collate'),
+    )
+    val_kwargs = {}
+    if val:
+        val_kwargs = dict(
+            val_dataloader={**loader, 'sampler': dict(type='DefaultSampler', shuffle=False)},
+            val_evaluator=[ToyMetric()],
+            val_cfg=dict(),
+        )
+    checkpoint = dict(
+        type='CheckpointHook',
+        by_epoch=False,
+        interval=interval,
+        max_keep_ckpts=max_keep_ckpts,
+        save_best=save_best,
+        rule='less',
+    )
+    return Runner(
+        model=ToyModel(),
+        work_dir=str(work_dir),
+        experiment_name=f'toy_{uuid.uuid4().hex[:8]}',
+        train_dataloader=loader,
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        param_scheduler=[
+            dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=3),
+            dict(type='MultiStepLR', milestones=[5], gamma=0.5, by_epoch=False),
+        ],
+        train_cfg=dict(
+            by_epoch=False, max_iters=max_iters, val_interval=interval if val else max_iters + 1
+        ),
+        default_hooks=dict(checkpoint=checkpoint, logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=list(hooks),
+        resume=resume,
+        load_from=load_from,
+        randomness=dict(seed=0),
+        log_level='WARNING',
+        **val_kwargs,
+    )
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)  # keep torch's default weights_only=True
+    return env
+
+
+def run_python(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tmp_leftovers(directory) -> list[str]:
+    return [n for n in os.listdir(directory) if '.tmp-' in n]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 4-iteration run with validation, save_best and numpy metrics: its work_dir."""
+    work_dir = tmp_path_factory.mktemp('trained')
+    build_runner(work_dir, max_iters=4, interval=2, val=True, save_best='toy/mse').train()
+    return work_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# weights_only=True loading of mmengine checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_need_only_allow_listed_globals(trained):
+    paths = sorted(trained.glob('*.pth'))
+    assert {p.name for p in paths} >= {'iter_2.pth', 'iter_4.pth'}
+    assert any(p.name.startswith('best_toy_mse') for p in paths)
+    for path in paths:
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+        ckpt = torch.load(path)  # default weights_only=True
+        hub = ckpt['message_hub']
+        assert type(hub['log_scalars']['train/loss']).__name__ == 'HistoryBuffer'
+        assert np.isfinite(hub['log_scalars']['train/loss'].mean())
+        assert isinstance(hub['runtime_info']['best_score'], np.float64)
+        assert ckpt['meta']['dataset_meta']['classes'] == ('a', 'b')
+
+
+def test_load_fails_without_allow_list(trained):
+    """The same file is refused by a process that has not imported projects.dat."""
+    path = trained / 'iter_4.pth'
+    unsafe = set(
+        json.loads(
+            run_python(
+                '-c',
+                (
+                    'import json, sys, torch; print(json.dumps('
+                    'torch.serialization.get_unsafe_globals_in_checkpoint(sys.argv[1])))'
+                ),
+                str(path),
+            ).stdout
+        )
+    )
+    assert 'mmengine.logging.history_buffer.HistoryBuffer' in unsafe
+    assert {'builtins.getattr', 'numpy.ndarray', 'numpy._core.multiarray.scalar'} <= unsafe
+    result = run_python('-c', 'import sys, torch; torch.load(sys.argv[1])', str(path))
+    assert result.returncode != 0
+    assert 'Weights only load failed' in result.stderr
+
+
+def test_resume_restores_iteration_and_state(trained, tmp_path):
+    (tmp_path / 'iter_2.pth').write_bytes((trained / 'iter_2.pth').read_bytes())
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_2.pth'))
+    saved = torch.load(tmp_path / 'iter_2.pth')
+    record = RecordIterHook()
+    runner = build_runner(tmp_path, max_iters=4, interval=2, resume=True, hooks=[record])
+    runner.train()
+    assert record.iters == [2, 3]  # resumed after iteration 2, did not start again at 0
+    assert runner.iter == 4
+    resumed_lr = runner.optim_wrapper.get_lr()['lr'][0]
+    original = torch.load(trained / 'iter_4.pth')
+    assert resumed_lr == pytest.approx(original['optimizer']['param_groups'][0]['lr'])
+    assert saved['meta']['iter'] == 2
+    for key, value in runner.model.state_dict().items():
+        assert torch.equal(value, original['state_dict'][key]), key
+
+
+def test_resume_from_explicit_load_from(trained, tmp_path):
+    record = RecordIterHook()
+    runner = build_runner(
+        tmp_path, max_iters=3, resume=True, load_from=str(trained / 'iter_2.pth'), hooks=[record]
+    )
+    runner.train()
+    assert record.iters == [2]
+
+
+def test_runner_load_checkpoint_like_test_tools(trained, tmp_path):
+    """tools/test.py of mmdet/mmseg/mmpretrain: Runner.load_checkpoint / cfg.load_from."""
+    runner = build_runner(tmp_path, load_from=str(trained / 'iter_4.pth'))
+    runner.load_or_resume()
+    expected = torch.load(trained / 'iter_4.pth')['state_dict']
+    for key, value in runner.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    other = build_runner(tmp_path / 'other')
+    other.load_checkpoint(str(trained / 'iter_2.pth'))
+
+
+def test_guarded_getattr_refuses_other_attributes(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    class Sneaky:
+        def __reduce__(self):
+            return getattr, (HistoryBuffer, '__init__')
+
+    torch.save({'x': Sneaky()}, tmp_path / 'sneaky.pth')
+    with pytest.raises(pickle.UnpicklingError, match='is not allowed'):
+        torch.load(tmp_path / 'sneaky.pth')
+
+
+def test_numpy_1x_names_are_accepted(tmp_path):
+    """Checkpoints written under numpy 1.x name 'numpy.core.multiarray'."""
+    from mmengine.logging import HistoryBuffer
+
+    buf = HistoryBuffer([1.0, 2.0], [1, 1])
+    torch.save(
+        {'buf': buf, 's': np.float64(2.5)},
+        tmp_path / 'np2.pth',
+        _use_new_zipfile_serialization=False,
+    )
+    data = (tmp_path / 'np2.pth').read_bytes()
+    assert b'numpy._core.multiarray\n' in data
+    (tmp_path / 'np1.pth').write_bytes(
+        data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
+    )
+    loaded = torch.load(tmp_path / 'np1.pth')
+    assert loaded['buf'].mean() == 1.5 and loaded['s'] == 2.5
+
+
+def test_register_is_idempotent():
+    before = set(map(repr, torch.serialization.get_safe_globals()))
+    dat_ckpt.register_mmengine_safe_globals()
+    assert set(map(repr, torch.serialization.get_safe_globals())) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash-safe saving
+# ---------------------------------------------------------------------------------------------
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError('cannot pickle this')
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    atomic_save({'w': torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match='cannot pickle'):
+        atomic_save({'w': torch.zeros(3), 'bad': Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert tmp_leftovers(tmp_path) == []
+    atomic_save({'w': torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path)['w'], torch.zeros(3))
+    assert tmp_leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def atomic_installed():
+    """The protection on (``import projects.dat`` installs it; this makes it explicit)."""
+    install_atomic_checkpoint_save()
+    yield
+    install_atomic_checkpoint_save()
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """``fail(name)``: writes to files whose name contains ``name`` write half, then ENOSPC."""
+    real_open = builtins.open
+
+    class HalfWriter:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def fail(name):
+        def fake_open(file, mode='r', *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if name in osp.basename(os.fspath(file)) and ('w' in mode or 'x' in mode):
+                return HalfWriter(f)
+            return f
+
+        monkeypatch.setattr(builtins, 'open', fake_open)
+
+    return fail
+
+
+@pytest.mark.parametrize('atomic', [True, False])
+def test_mmengine_save_checkpoint_disk_full(tmp_path, atomic_installed, disk_full, atomic):
+    """Through mmengine's own save path (LocalBackend.put). Without the patch the previous
+    checkpoint is destroyed, which shows that this test can fail."""
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    path = str(tmp_path / 'latest.pth')
+    save_checkpoint({'state_dict': {'w': torch.ones(100)}}, path)
+    before = Path(path).read_bytes()
+    if not atomic:
+        uninstall_atomic_checkpoint_save()
+    try:
+        disk_full('latest.pth')
+        with pytest.raises(OSError, match='No space left'):
+            save_checkpoint({'state_dict': {'w': torch.zeros(100)}}, path)
+    finally:
+        install_atomic_checkpoint_save()
+    if atomic:
+        assert Path(path).read_bytes() == before
+        assert tmp_leftovers(tmp_path) == []
+    else:
+        assert Path(path).read_bytes() != before
+
+
+def test_last_checkpoint_written_atomically(tmp_path, atomic_installed, disk_full):
+    build_runner(tmp_path, max_iters=2, interval=2).train()
+    last = (tmp_path / 'last_checkpoint').read_text()
+    assert last.endswith('iter_2.pth')
+    disk_full('last_checkpoint')
+    with pytest.raises(OSError, match='No space left'):
+        build_runner(tmp_path, max_iters=4, interval=2, resume=True).train()
+    assert (tmp_path / 'last_checkpoint').read_text() == last
+    assert tmp_leftovers(tmp_path) == []
+
+
+def test_max_keep_ckpts_deletes_only_after_saving(tmp_path, atomic_installed, disk_full):
+    """max_keep_ckpts=1: mmengine deletes the old file before writing the new one."""
+    build_runner(tmp_path, max_iters=2, interval=1, max_keep_ckpts=1).train()
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_2.pth']  # still pruned
+    disk_full('iter_3.pth')
+    with pytest.raises(OSError, match='No space left'):
+        build_runner(tmp_path, max_iters=3, interval=1, max_keep_ckpts=1, resume=True).train()
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_2.pth']
+    assert tmp_leftovers(tmp_path) == []
+    torch.load(tmp_path / 'iter_2.pth')
+
+
+def test_save_best_keeps_one_best_file(tmp_path, atomic_installed):
+    build_runner(
+        tmp_path, max_iters=6, interval=2, val=True, save_best='toy/mse', max_keep_ckpts=2
+    ).train()
+    names = sorted(p.name for p in tmp_path.glob('*.pth'))
+    assert [n for n in names if n.startswith('iter_')] == ['iter_4.pth', 'iter_6.pth']
+    assert len([n for n in names if n.startswith('best_')]) == 1
+
+
+def test_install_is_idempotent_and_reversible():
+    from mmengine.fileio.backends import LocalBackend
+    from mmengine.hooks import CheckpointHook
+
+    install_atomic_checkpoint_save()
+    patched = (LocalBackend.put, CheckpointHook._save_checkpoint_with_step)
+    install_atomic_checkpoint_save()
+    assert (LocalBackend.put, CheckpointHook._save_checkpoint_with_step) == patched
+    uninstall_atomic_checkpoint_save()
+    try:
+        assert LocalBackend.put is not patched[0]
+        assert not hasattr(CheckpointHook._save_checkpoint_with_step, '__wrapped_by_projects_dat__')
+    finally:
+        install_atomic_checkpoint_save()
+
+
+def test_import_installs_atomic_save():
+    """``import projects.dat`` (what every config does) turns the protection on."""
+    result = run_python(
+        '-c',
+        (
+            'import projects.dat; from mmengine.fileio.backends import LocalBackend; '
+            'from projects.dat import checkpoint as c; '
+            'assert LocalBackend.put is c._atomic_local_put, LocalBackend.put'
+        ),
+    )
+    assert result.returncode == 0, (
+        'projects/dat/__init__.py must call install_atomic_checkpoint_save(): '
+        + result.stderr[-2000:]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Original DAT checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def namespace_ckpt(tmp_path):
+    path = tmp_path / 'dat_original.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'config': argparse.Namespace(lr=1e-3)}, path)
+    return path
+
+
+def test_original_with_config_object_needs_trust(namespace_ckpt):
+    with pytest.raises(CheckpointError, match=r'argparse\.Namespace.*trusted=True'):
+        load_original_checkpoint(namespace_ckpt)
+    ckpt = load_original_checkpoint(namespace_ckpt, trusted=True)
+    assert ckpt['config'].lr == 1e-3
+    assert list(extract_state_dict(ckpt)) == ['w']
+
+
+def test_original_legacy_format_needs_trust(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save(
+        {'model': {'w': torch.ones(2)}, 'config': argparse.Namespace(a=1)},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    with pytest.raises(CheckpointError, match=r'argparse\.Namespace.*--trust-checkpoint'):
+        load_original_checkpoint(path)
+    assert torch.equal(
+        extract_state_dict(load_original_checkpoint(path, trusted=True))['w'], torch.ones(2)
+    )
+
+
+def test_original_trusted_missing_module(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save({'config': argparse.Namespace(a=1)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes().replace(b'argparse\nNamespace', b'yacs_not_here\nCfgNode')
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="module 'yacs_not_here'.*not installed"):
+        load_original_checkpoint(path, trusted=True)
+
+
+def test_original_weights_only_file_needs_no_trust(tmp_path):
+    path = tmp_path / 'plain.pth'
+    torch.save({'model': {'a.weight': torch.ones(2, 2)}, 'epoch': 3}, path)
+    assert list(extract_state_dict(load_original_checkpoint(path))) == ['a.weight']
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason='shared golden file not available')
+def test_golden_file_loads_safely():
+    sd = extract_state_dict(load_original_checkpoint(GOLDEN))
+    assert sd and all(torch.is_tensor(v) for v in sd.values())
+
+
+def test_original_truncated(namespace_ckpt, tmp_path):
+    data = namespace_ckpt.read_bytes()
+    for size in (len(data) // 2, 10):
+        path = tmp_path / f'trunc_{size}.pth'
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match='truncated or corrupted'):
+            load_original_checkpoint(path, trusted=True)
+
+
+def test_original_truncated_legacy(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save({'model': {'w': torch.ones(1000)}}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match='truncated or corrupted'):
+        load_original_checkpoint(path)
+
+
+def test_original_empty_file(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='is empty'):
+        load_original_checkpoint(tmp_path / 'empty.pth')
+
+
+def test_original_text_file(tmp_path):
+    (tmp_path / 'notes.txt').write_text('model: dat_tiny\nthis is not a checkpoint\n')
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint.*starts with b'model: "):
+        load_original_checkpoint(tmp_path / 'notes.txt', trusted=True)
+
+
+def test_original_plain_pickle(tmp_path):
+    (tmp_path / 'x.pkl').write_bytes(pickle.dumps({'a': 1}, protocol=2))
+    with pytest.raises(CheckpointError, match='not one written by torch.save'):
+        load_original_checkpoint(tmp_path / 'x.pkl', trusted=True)
+
+
+def test_original_zip_that_is_not_a_checkpoint(tmp_path):
+    with zipfile.ZipFile(tmp_path / 'a.zip', 'w') as z:
+        z.writestr('readme.txt', 'hello')
+    with pytest.raises(CheckpointError, match='could not read .* as a PyTorch checkpoint'):
+        load_original_checkpoint(tmp_path / 'a.zip')
+
+
+def test_original_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match='not found'):
+        load_original_checkpoint(tmp_path / 'nope.pth')
+    with pytest.raises(CheckpointError, match='got a directory'):
+        load_original_checkpoint(tmp_path)
+
+
+def test_checkpoint_error_is_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_extract_state_dict_choices():
+    w = torch.ones(1)
+    assert extract_state_dict({'model': {'a': w}, 'state_dict': {'b': w}}) == {'a': w}
+    assert extract_state_dict({'state_dict': {'b': w}, 'meta': {}}) == {'b': w}
+    assert extract_state_dict({'c': w}) == {'c': w}
+    assert list(extract_state_dict({'model': nn.Linear(2, 1)})) == ['weight', 'bias']
+
+
+def test_extract_state_dict_errors():
+    with pytest.raises(CheckpointError, match="top-level keys 'epoch', 'optimizer'"):
+        extract_state_dict({'epoch': 3, 'optimizer': {}})
+    with pytest.raises(CheckpointError, match="checkpoint\\['model'\\] is empty"):
+        extract_state_dict({'model': {}})
+    with pytest.raises(CheckpointError, match="1 entries do not \\('config': str\\)"):
+        extract_state_dict({'state_dict': {'w': torch.ones(1), 'config': 'x'}})
+    with pytest.raises(CheckpointError, match='should be a state dict.*got list'):
+        extract_state_dict({'model': [torch.ones(1)]})
+    with pytest.raises(CheckpointError, match='got Tensor'):
+        extract_state_dict(torch.ones(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill -9 in the middle of training, resume, compare with an uninterrupted run
+# ---------------------------------------------------------------------------------------------
+
+MAX_ITERS = 10
+
+
+def train_in_child(work_dir, *extra: str) -> subprocess.CompletedProcess:
+    return run_python(str(Path(__file__).resolve()), str(work_dir), *extra)
+
+
+def final_weights(work_dir) -> dict:
+    return torch.load(Path(work_dir) / f'iter_{MAX_ITERS}.pth')['state_dict']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('uninterrupted')
+    build_runner(work_dir, max_iters=MAX_ITERS, interval=1, max_keep_ckpts=1).train()
+    return final_weights(work_dir)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigkill_twice_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+    """SIGKILL between two iterations, resume; SIGKILL half-way through writing a checkpoint
+    (max_keep_ckpts=1, so mmengine is about to delete the only other one), resume: the final
+    weights equal those of a run that was never interrupted."""
+    killed = train_in_child(tmp_path, '--kill-after-iter', '3')
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / 'last_checkpoint').read_text().endswith('iter_3.pth')
+
+    killed = train_in_child(tmp_path, '--resume', '--kill-while-writing', 'iter_7.pth')
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert 'Advance dataloader 3 steps' in killed.stdout + killed.stderr
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_6.pth']
+    assert (tmp_path / 'last_checkpoint').read_text().endswith('iter_6.pth')
+    assert len(tmp_leftovers(tmp_path)) == 1  # the half-written temporary file, nothing else
+
+    resumed = train_in_child(tmp_path, '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'Advance dataloader 6 steps' in resumed.stdout + resumed.stderr
+    assert_same_weights(final_weights(tmp_path), uninterrupted)
+
+
+def test_sigkill_while_writing_without_protection_loses_checkpoint(tmp_path):
+    """The same crash with mmengine's own saving: the old checkpoint was deleted before the
+    new one was written, so there is nothing to resume from (this is what the test above
+    guards against)."""
+    killed = train_in_child(tmp_path, '--kill-while-writing', 'iter_7.pth', '--no-atomic')
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / 'iter_6.pth').exists()
+    resumed = train_in_child(tmp_path, '--resume', '--no-atomic')
+    assert resumed.returncode != 0
+    assert 'iter_6.pth can not be found' in resumed.stderr
+
+
+def _child_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description='train the toy model (kill/resume tests)')
+    parser.add_argument('work_dir')
+    parser.add_argument('--resume', action='store_true')
+    parser.add_argument('--kill-after-iter', type=int, default=None)
+    parser.add_argument(
+        '--kill-while-writing',
+        default=None,
+        help='SIGKILL half-way through writing the file of this name',
+    )
+    parser.add_argument('--no-atomic', action='store_true')
+    args = parser.parse_args(argv)
+    if args.no_atomic:
+        uninstall_atomic_checkpoint_save()
+    else:
+        install_atomic_checkpoint_save()
+    if args.kill_while_writing:
+        real_open = builtins.open
+
+        class KillingWriter:
+            def __init__(self, f):
+                self._f = f
+
+            def write(self, data):
+                self._f.write(data[: len(data) // 2])
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._f.close()
+
+        def killing_open(file, mode='r', *a, **kw):
+            f = real_open(file, mode, *a, **kw)
+            if args.kill_while_writing in osp.basename(os.fspath(file)) and (
+                'w' in mode or 'x' in mode
+            ):
+                return KillingWriter(f)
+            return f
+
+        builtins.open = killing_open
+    hooks = [KillHook(args.kill_after_iter)] if args.kill_after_iter is not None else []
+    build_runner(
+        args.work_dir,
+        max_iters=MAX_ITERS,
+        interval=1,
+        max_keep_ckpts=1,
+        resume=args.resume,
+        hooks=hooks,
+    ).train()
+
+
+if __name__ == '__main__':
+    _child_main(sys.argv[1:])
