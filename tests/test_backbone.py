@@ -226,6 +226,10 @@ def test_input_errors():
         model(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match=r'expects images of shape \(B, 3, H, W\), got \(3, 32, 32\)'):
         model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"parameters' dtype torch.float32 \(or autocast\), got torch.uint8"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r'at least 1x1 pixels, got \(1, 3, 0, 32\)'):
+        model(torch.zeros(1, 3, 0, 32))
 
 
 def _save_classifier(tmp_path, model, name='ckpt.pth'):

@@ -502,6 +502,10 @@ class DAT(BaseModule):
             raise ValueError(f'DAT expects images of shape (B, 3, H, W), got {tuple(x.shape)}')
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'DAT expects non-empty images of at least 1x1 pixels, got {tuple(x.shape)}')
+        weight = self.stem.norm.weight if self.version == 'v1' else self.stem.norm1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'DAT expects images of the parameters\' dtype {weight.dtype} (or autocast), '
+                             f'got {x.dtype}')
         images = x
         x = self.stem(x)
         outs = []
