@@ -119,15 +119,34 @@ log "torch $TORCH"
 
 # ---------------------------------------------------------------------------------------------
 log "step 3/6: mmcv $MMCV_VERSION with compiled ops (FORCE_CUDA=$FORCE_CUDA)"
-mmcv_works() {
-  "$VPY" - "$MMCV_VERSION" "$FORCE_CUDA" <<'EOF' 2>/dev/null
+MMCV_ERR=""
+mmcv_works() {  # sets MMCV_ERR to the reason when it fails
+  MMCV_ERR="$("$VPY" - "$MMCV_VERSION" "$FORCE_CUDA" 2>&1 >/dev/null <<'EOF'
 import importlib.metadata as m, sys
-if m.version('mmcv') != sys.argv[1]:
-    sys.exit(1)
+try:
+    version = m.version('mmcv')
+except m.PackageNotFoundError:
+    sys.exit('mmcv is not installed')
+if version != sys.argv[1]:
+    sys.exit(f'mmcv {version} is installed, want {sys.argv[1]}')
 import mmcv._ext  # noqa: F401  (the compiled ops)
 from mmcv.ops import get_compiling_cuda_version
-sys.exit(sys.argv[2] == '1' and get_compiling_cuda_version() == 'not available')
+if sys.argv[2] == '1' and get_compiling_cuda_version() == 'not available':
+    sys.exit('FORCE_CUDA=1 but the installed mmcv has no CUDA ops')
 EOF
+)" && return 0
+  MMCV_ERR="$(printf '%s\n' "$MMCV_ERR" | grep -v '^\s*$' | tail -n 1)"
+  return 1
+}
+
+# Install mmcv from wheel folders only (--only-binary mmcv), its dependencies from the index.
+# A broken or wrong mmcv is removed first, so that no --force-reinstall touches its dependencies.
+install_mmcv_wheel() {
+  local links=() d
+  for d in "$@"; do links+=(--find-links "$d"); done
+  "$VPY" -m pip uninstall -y -q mmcv mmcv-lite >/dev/null 2>&1 || true
+  pip_install --no-build-isolation --only-binary mmcv "${links[@]}" \
+    -c "$REPO/requirements/runtime.txt" "mmcv==$MMCV_VERSION"
 }
 
 # Folders of prebuilt wheels. The shared default holds a CPU-only build, so FORCE_CUDA=1 ignores
@@ -135,7 +154,7 @@ EOF
 WHEEL_DIRS=()
 if [[ -n "${DAT_WHEELS_DIR:-}" ]]; then
   [[ -d "$DAT_WHEELS_DIR" ]] || die "DAT_WHEELS_DIR=$DAT_WHEELS_DIR is not a folder"
-  WHEEL_DIRS+=("$DAT_WHEELS_DIR")
+  WHEEL_DIRS+=("$(cd "$DAT_WHEELS_DIR" && pwd)")
 elif [[ -d "$REPO/../shared/wheels" && "$FORCE_CUDA" != 1 ]]; then
   WHEEL_DIRS+=("$(cd "$REPO/../shared/wheels" && pwd)")
 fi
@@ -143,56 +162,55 @@ CACHE="${DAT_WHEEL_CACHE:-$HOME/.cache/dat-wheels}/torch-$TORCH-cuda$FORCE_CUDA"
 [[ -d "$CACHE" ]] && WHEEL_DIRS+=("$CACHE")
 
 build_mmcv_from_source() {
-  local jobs="${MAX_JOBS:-$(nproc)}" tmp std
+  local jobs="${MAX_JOBS:-$(nproc)}" tmp std src
   log "building mmcv $MMCV_VERSION from source with MAX_JOBS=$jobs:" \
       "this takes 30-60 minutes on 2 cores (a prebuilt wheel in DAT_WHEELS_DIR skips it)"
   tmp="$(mktemp -d)"
+  src="$tmp/mmcv-$MMCV_VERSION"
   { "$VPY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
       "mmcv==$MMCV_VERSION" -d "$tmp"; } 2>&1 | { grep -v "^WARNING: Location 'file://" || true; }
-  [[ -f "$tmp/mmcv-$MMCV_VERSION.tar.gz" ]] || die "could not download the mmcv $MMCV_VERSION sdist"
-  tar xzf "$tmp/mmcv-$MMCV_VERSION.tar.gz" -C "$tmp"
-  # mmcv's setup.py asks for C++17; newer torch headers need the standard torch's own
-  # cpp_extension uses (C++20 for torch 2.14).
+  [[ -f "$src.tar.gz" ]] || die "could not download the mmcv $MMCV_VERSION source release"
+  tar xzf "$src.tar.gz" -C "$tmp" || die "could not unpack $src.tar.gz"
+  # mmcv's setup.py asks for C++17; newer torch headers need the standard that torch's own
+  # extension builder uses (C++20 for torch 2.14).
   std="$("$VPY" - <<'EOF'
 import inspect, re
 import torch.utils.cpp_extension as ext
 print(max(int(n) for n in re.findall(r"c\+\+(\d\d)'", inspect.getsource(ext))))
 EOF
-)"
-  grep -q "'-std=c++17'" "$tmp/mmcv-$MMCV_VERSION/setup.py" \
-    || die "mmcv's setup.py has no '-std=c++17' flag to raise; the sdist changed?"
+)" || die "could not read the C++ standard of torch's extension builder"
+  grep -q "'-std=c++17'" "$src/setup.py" \
+    || die "mmcv's setup.py has no '-std=c++17' flag to raise; the source release changed?"
   if (( std > 17 )); then
     log "torch $TORCH compiles extensions with C++$std: raising mmcv's -std=c++17"
-    sed -i "s/'-std=c++17'/'-std=c++$std'/g" "$tmp/mmcv-$MMCV_VERSION/setup.py"
+    sed -i "s/'-std=c++17'/'-std=c++$std'/g" "$src/setup.py"
   fi
   mkdir -p "$CACHE"
   { MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="$jobs" "$VPY" -m pip wheel \
-      --disable-pip-version-check --no-build-isolation --no-deps -w "$CACHE" \
-      "$tmp/mmcv-$MMCV_VERSION"; } 2>&1 | { grep -v "^WARNING: Location 'file://" || true; }
+      --disable-pip-version-check --no-build-isolation --no-deps -w "$CACHE" "$src"; } 2>&1 \
+    | { grep -v "^WARNING: Location 'file://" || true; } \
+    || die "building mmcv $MMCV_VERSION failed (see the compiler output above)"
   rm -rf "$tmp"
-  ls "$CACHE"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1 || die "building the mmcv wheel failed"
   log "built wheel kept in $CACHE for later environments"
-  pip_install --no-build-isolation --force-reinstall --no-deps --no-index \
-    --find-links "$CACHE" "mmcv==$MMCV_VERSION" || die "installing the built mmcv wheel failed"
+  install_mmcv_wheel "$CACHE" || die "installing the built mmcv wheel failed"
 }
 
 if mmcv_works; then
   log "mmcv $MMCV_VERSION with compiled ops is already installed"
 else
+  log "mmcv needs installing: $MMCV_ERR"
   installed=0
   if (( ${#WHEEL_DIRS[@]} )); then
     log "looking for a prebuilt mmcv wheel in: ${WHEEL_DIRS[*]}"
-    links=(); for d in "${WHEEL_DIRS[@]}"; do links+=(--find-links "$d"); done
-    if pip_install --no-build-isolation --only-binary mmcv --force-reinstall --no-deps \
-         "${links[@]}" "mmcv==$MMCV_VERSION" && mmcv_works; then
+    if install_mmcv_wheel "${WHEEL_DIRS[@]}" && mmcv_works; then
       installed=1
       log "installed the prebuilt mmcv wheel"
     else
-      log "no working prebuilt mmcv $MMCV_VERSION wheel there for torch $TORCH"
+      log "no working prebuilt mmcv $MMCV_VERSION wheel there for torch $TORCH${MMCV_ERR:+ ($MMCV_ERR)}"
     fi
   fi
   (( installed )) || build_mmcv_from_source
-  mmcv_works || die "mmcv $MMCV_VERSION is installed but its compiled ops (mmcv._ext) do not load"
+  mmcv_works || die "mmcv $MMCV_VERSION is installed but does not work: $MMCV_ERR"
 fi
 
 # ---------------------------------------------------------------------------------------------
