@@ -1,0 +1,185 @@
+"""Look inside a deformable attention block: sampling positions, reference points and the
+attention weights of chosen queries, for visualisation and debugging.
+
+Nothing here re-implements the block: :func:`deformable_attention_maps` runs the module's
+own forward pass and reads ``q`` and ``k`` from its projections, the positions from
+:meth:`DeformableAttention.sampling_positions`, and computes the logits with
+:func:`deformable_attention_logits`. That function is steps 6-7 of the spec (``q.k`` scaled,
+plus the deformable relative position bias) exactly as in
+:func:`~projects.dat.models.attention.deformable_attention_reference`, for any subset of the
+queries; the tests check that ``softmax(logits) @ v`` reproduces the block's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dat import DeformableAttention
+from .geometry import query_grid
+
+__all__ = ['DeformableAttentionMaps', 'deformable_attention_logits', 'deformable_attention_maps']
+
+
+def deformable_attention_logits(
+    q: Tensor, k: Tensor, pos: Tensor, query_coords: Tensor, rpe_table: Tensor, num_groups: int
+) -> Tensor:
+    """Attention logits of a deformable block (before the softmax) for a set of queries.
+
+    ``q.k * d ** -0.5`` plus the bias read bilinearly (``align_corners=True``, zero padding)
+    from each head's table at the displacement ``(query - key position) / 2``.
+
+    Args:
+        q (Tensor): ``(B, C, Nq)`` projected queries; heads are contiguous channel blocks.
+        k (Tensor): ``(B, C, Ns)`` projected keys of the sampled points.
+        pos (Tensor): ``(B * groups, Ns, 2)`` key positions, normalised, ``(y, x)``.
+        query_coords (Tensor): ``(Nq, 2)`` normalised coordinates of the queries, ``(y, x)``
+            (from :func:`~projects.dat.models.geometry.query_grid`).
+        rpe_table (Tensor): ``(heads, Th, Tw)`` bias table; group ``i`` owns heads
+            ``[i * heads / groups, (i + 1) * heads / groups)``.
+        num_groups (int): Number of offset groups.
+
+    Returns:
+        Tensor: ``(B, heads, Nq, Ns)`` logits.
+    """
+    b, c, num_queries = q.shape
+    heads = rpe_table.shape[0]
+    head_dim = c // heads
+    num_keys = k.shape[-1]
+    if query_coords.shape != (num_queries, 2):
+        raise ValueError(
+            f'query_coords must be ({num_queries}, 2) for {num_queries} queries, '
+            f'got {tuple(query_coords.shape)}'
+        )
+    logits = torch.einsum(
+        'bcm,bcn->bmn',
+        q.reshape(b * heads, head_dim, num_queries),
+        k.reshape(b * heads, head_dim, num_keys),
+    ).mul(head_dim**-0.5)
+    displacement = (
+        query_coords.reshape(1, num_queries, 1, 2) - pos.reshape(b * num_groups, 1, num_keys, 2)
+    ).mul(0.5)
+    table = (
+        rpe_table[None]
+        .expand(b, -1, -1, -1)
+        .reshape(b * num_groups, heads // num_groups, *rpe_table.shape[1:])
+    )
+    bias = F.grid_sample(table, displacement[..., (1, 0)], mode='bilinear', align_corners=True)
+    return (logits + bias.reshape(b * heads, num_queries, num_keys)).reshape(
+        b, heads, num_queries, num_keys
+    )
+
+
+@dataclass
+class DeformableAttentionMaps:
+    """What a deformable block did for one input.
+
+    Attributes:
+        positions (Tensor): ``(B, groups, Hk, Wk, 2)`` sampling positions, normalised to
+            ``[-1, 1]``, last axis ``(y, x)``.
+        references (Tensor): ``(Hk, Wk, 2)`` reference points (same convention).
+        attention (Tensor): ``(B, heads, Nq, Hk * Wk)`` softmax weights of the chosen queries
+            over their group's sampled keys (head ``h`` belongs to group
+            ``h // (heads / groups)``).
+        queries (Tensor): ``(Nq, 2)`` long ``(row, col)`` of the queries on the feature map.
+        feature_size (tuple[int, int]): ``(H, W)`` of the block's input map.
+        num_groups (int): Offset groups.
+    """
+
+    positions: Tensor
+    references: Tensor
+    attention: Tensor
+    queries: Tensor
+    feature_size: tuple[int, int]
+    num_groups: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.shape[1]
+
+    def group_attention(self) -> Tensor:
+        """Weights averaged over the heads of each group: ``(B, groups, Nq, Hk * Wk)``."""
+        b, heads, nq, ns = self.attention.shape
+        return self.attention.reshape(b, self.num_groups, heads // self.num_groups, nq, ns).mean(2)
+
+
+@torch.no_grad()
+def deformable_attention_maps(
+    module: DeformableAttention, x: Tensor, queries: Tensor | None = None
+) -> DeformableAttentionMaps:
+    """Run ``module`` on ``x`` and return its positions, references and attention weights.
+
+    Args:
+        module (DeformableAttention): The block's attention (e.g.
+            ``model.stages[2].blocks[1].attn``).
+        x (Tensor): ``(B, C, H, W)`` input of the attention (after the block's ``norm1``).
+        queries (Tensor, optional): ``(Nq, 2)`` integer ``(row, col)`` positions on the
+            ``H x W`` map whose attention weights to return. Defaults to all positions in
+            row-major order.
+
+    Returns:
+        DeformableAttentionMaps: See the class.
+
+    Raises:
+        TypeError: If ``module`` is not a :class:`DeformableAttention`.
+        ValueError: For a badly shaped input or queries outside the map.
+    """
+    if not isinstance(module, DeformableAttention):
+        raise TypeError(f'expected a DeformableAttention module, got {type(module).__name__}')
+    if x.dim() != 4 or x.shape[1] != module.proj_q.in_channels:
+        raise ValueError(f'x must be (B, {module.proj_q.in_channels}, H, W), got {tuple(x.shape)}')
+    b, c, h, w = x.shape
+    if queries is None:
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+        queries = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+    queries = torch.as_tensor(queries, dtype=torch.long).reshape(-1, 2).cpu()
+    if (
+        queries.numel() == 0
+        or (queries < 0).any()
+        or (queries[:, 0] >= h).any()
+        or (queries[:, 1] >= w).any()
+    ):
+        raise ValueError(
+            f'queries must be (row, col) pairs inside the {h}x{w} map, got {queries.tolist()}'
+        )
+
+    captured: dict[str, Tensor] = {}
+    hooks = [
+        module.proj_q.register_forward_hook(lambda m, i, o: captured.__setitem__('q', o)),
+        module.proj_k.register_forward_hook(lambda m, i, o: captured.__setitem__('k', o)),
+    ]
+    try:
+        module(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if 'q' not in captured or 'k' not in captured:
+        raise RuntimeError(
+            'the deformable block did not call proj_q and proj_k in its forward pass'
+        )
+    q, k = captured['q'], captured['k']
+    pos, ref = module.sampling_positions(q)
+    hk, wk = pos.shape[1:3]
+
+    index = (queries[:, 0] * w + queries[:, 1]).to(x.device)
+    q_sel = q.reshape(b, c, h * w)[:, :, index]
+    coords = query_grid(h, w, module.version, q.dtype, q.device).reshape(h * w, 2)[index]
+    logits = deformable_attention_logits(
+        q_sel,
+        k.reshape(b, c, hk * wk),
+        pos.reshape(-1, hk * wk, 2),
+        coords,
+        module.rpe_table,
+        module.num_groups,
+    )
+    return DeformableAttentionMaps(
+        positions=pos.reshape(b, module.num_groups, hk, wk, 2),
+        references=ref,
+        attention=logits.softmax(dim=-1),
+        queries=queries,
+        feature_size=(h, w),
+        num_groups=module.num_groups,
+    )
