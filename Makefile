@@ -18,8 +18,8 @@ demo: env
 
 lint: env
 	$(VENV_PY) -m ruff check .
-	$(VENV_PY) -m ruff format --check .
 
+# Rewrites files: ruff's formatter (settings in pyproject.toml), then the fixable lint findings.
 format: env
 	$(VENV_PY) -m ruff format .
 	$(VENV_PY) -m ruff check --fix .

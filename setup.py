@@ -48,8 +48,7 @@ setup(
     name='projects-dat',
     version=read_version(),
     description=(
-        'Deformable Attention Transformer (DAT, DAT++) backbones for '
-        'mmdetection 3, mmsegmentation 1 and mmpretrain 1'
+        'Deformable Attention Transformer (DAT, DAT++) backbones for mmdetection 3, mmsegmentation 1 and mmpretrain 1'
     ),
     long_description=(ROOT / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',

@@ -88,9 +88,7 @@ def test_pinned_versions_match_requirements():
 
 
 def test_mim_lists_the_openmmlab_stack():
-    proc = subprocess.run(
-        [sys.executable, '-m', 'mim', 'list'], cwd='/', capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, '-m', 'mim', 'list'], cwd='/', capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     listed = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[2:] if line}
     assert listed.get('mmdet') == '3.3.0', proc.stdout
@@ -107,9 +105,7 @@ def test_mim_finds_mmdet_train_script():
 
 
 def test_installer_second_run_is_a_fast_no_op():
-    check = subprocess.run(
-        ['bash', str(SETUP_ENV), '--check'], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    check = subprocess.run(['bash', str(SETUP_ENV), '--check'], cwd=REPO, capture_output=True, text=True, timeout=300)
     if check.returncode == 3:
         pytest.fail(
             'the environment is out of date with requirements/ or the installer: '
@@ -118,9 +114,7 @@ def test_installer_second_run_is_a_fast_no_op():
     assert check.returncode == 0, check.stdout + check.stderr
 
     start = time.monotonic()
-    proc = subprocess.run(
-        ['bash', str(SETUP_ENV)], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run(['bash', str(SETUP_ENV)], cwd=REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'is up to date' in proc.stdout, proc.stdout
@@ -129,8 +123,6 @@ def test_installer_second_run_is_a_fast_no_op():
 
 
 def test_installer_rejects_unknown_arguments():
-    proc = subprocess.run(
-        ['bash', str(SETUP_ENV), '--bogus'], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run(['bash', str(SETUP_ENV), '--bogus'], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown argument '--bogus'" in proc.stderr

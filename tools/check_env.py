@@ -109,14 +109,11 @@ def check_package_installed() -> str:
         ) from exc
     spec = importlib.util.find_spec('projects.dat')
     if spec is None or spec.origin is None:
-        raise CheckFailed(
-            f'{DIST_NAME} {version} is installed but projects.dat is not found from {os.getcwd()}'
-        )
+        raise CheckFailed(f'{DIST_NAME} {version} is installed but projects.dat is not found from {os.getcwd()}')
     origin = Path(spec.origin).resolve()
     if REPO not in origin.parents:
         raise CheckFailed(
-            f'projects.dat comes from {origin}, not from this checkout {REPO}; '
-            're-run the editable install here'
+            f'projects.dat comes from {origin}, not from this checkout {REPO}; re-run the editable install here'
         )
     return f'{DIST_NAME} {version} -> {origin.parent}'
 
@@ -136,8 +133,7 @@ def check_setuptools() -> str:
     version = importlib.metadata.version('setuptools')
     if Version(version) not in SpecifierSet('>=77.0.3,<82'):
         raise CheckFailed(
-            f'setuptools {version} installed, need >=77.0.3,<82 '
-            '(openmim and mmcv still import pkg_resources)'
+            f'setuptools {version} installed, need >=77.0.3,<82 (openmim and mmcv still import pkg_resources)'
         )
     return f'setuptools {version}'
 
@@ -157,8 +153,7 @@ def check_mmcv_ext() -> str:
         from mmcv.ops import get_compiler_version, get_compiling_cuda_version
     except ImportError as exc:
         raise CheckFailed(
-            f'mmcv compiled ops do not load ({exc}); reinstall mmcv with '
-            'MMCV_WITH_OPS=1 against the installed torch'
+            f'mmcv compiled ops do not load ({exc}); reinstall mmcv with MMCV_WITH_OPS=1 against the installed torch'
         ) from exc
     cuda = get_compiling_cuda_version()
     if os.environ.get('FORCE_CUDA') == '1' and cuda == 'not available':
@@ -215,9 +210,7 @@ def check_nms() -> str:
             raise CheckFailed(f'mmcv.ops.nms on {device}: {type(exc).__name__}: {exc}') from exc
         want = torchvision.ops.nms(boxes, scores, 0.5)
         if not torch.equal(keep.cpu().sort().values, want.cpu().sort().values):
-            raise CheckFailed(
-                f'mmcv.ops.nms on {device} kept {keep.tolist()}, torchvision kept {want.tolist()}'
-            )
+            raise CheckFailed(f'mmcv.ops.nms on {device} kept {keep.tolist()}, torchvision kept {want.tolist()}')
     return 'matches torchvision on ' + ', '.join(_devices())
 
 
@@ -241,17 +234,12 @@ def check_roi_align() -> str:
         try:
             out = RoIAlign((7, 7), spatial_scale=0.5, sampling_ratio=2, aligned=True)(feats, rois)
         except Exception as exc:
-            raise CheckFailed(
-                f'mmcv.ops.RoIAlign on {device}: {type(exc).__name__}: {exc}'
-            ) from exc
-        want = torchvision.ops.roi_align(
-            feats, rois, (7, 7), spatial_scale=0.5, sampling_ratio=2, aligned=True
-        )
+            raise CheckFailed(f'mmcv.ops.RoIAlign on {device}: {type(exc).__name__}: {exc}') from exc
+        want = torchvision.ops.roi_align(feats, rois, (7, 7), spatial_scale=0.5, sampling_ratio=2, aligned=True)
         if out.shape != (2, 3, 7, 7) or not torch.allclose(out, want, atol=1e-5):
             diff = (out - want).abs().max().item() if out.shape == want.shape else 'n/a'
             raise CheckFailed(
-                f'mmcv.ops.RoIAlign on {device} gives shape {tuple(out.shape)}, '
-                f'max difference to torchvision {diff}'
+                f'mmcv.ops.RoIAlign on {device} gives shape {tuple(out.shape)}, max difference to torchvision {diff}'
             )
     return 'matches torchvision on ' + ', '.join(_devices())
 
@@ -288,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         int: Exit status.
     """
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument(
-        '--quick', action='store_true', help='only versions, the package location and mmcv._ext'
-    )
+    parser.add_argument('--quick', action='store_true', help='only versions, the package location and mmcv._ext')
     args = parser.parse_args(argv)
     checks = [
         ('pinned versions', check_versions),
