@@ -1,0 +1,19 @@
+# Cascade Mask R-CNN, DAT-T++, 3x schedule with multi-scale training, COCO.
+# As the 1x config but 36 epochs = 3 x 12 with the lr divided by 10 after
+# epochs 27 and 33, and drop path 0.1 (spec §6).
+_base_ = './cascade-mask-rcnn_datpp-t_fpn_1x_coco.py'
+
+model = dict(backbone=dict(drop_path_rate=0.1))
+
+max_epochs = 36
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[27, 33],
+        gamma=0.1),
+]

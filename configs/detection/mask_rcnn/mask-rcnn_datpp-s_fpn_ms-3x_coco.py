@@ -1,0 +1,10 @@
+# Mask R-CNN, DAT-S++ (96..768 channels), 3x: the DAT-T++ 3x recipe with drop
+# path 0.5 (spec §6).
+_base_ = './mask-rcnn_datpp-t_fpn_ms-3x_coco.py'
+
+model = dict(
+    backbone=dict(
+        arch='datpp-s',
+        drop_path_rate=0.5,
+        init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))

@@ -1,0 +1,10 @@
+# RetinaNet, DAT-S++ (96..768 channels), 1x: the DAT-T++ recipe with drop path
+# 0.1 (spec §6). FPN inputs are backbone outputs 1-3: 192, 384, 768 channels.
+_base_ = './retinanet_datpp-t_fpn_1x_coco.py'
+
+model = dict(
+    backbone=dict(
+        arch='datpp-s',
+        drop_path_rate=0.1,
+        init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')),
+    neck=dict(in_channels=[192, 384, 768]))
