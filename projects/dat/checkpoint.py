@@ -451,7 +451,11 @@ def _check_file(path: str) -> bool:
             'copy was probably interrupted'
         )
     if head.startswith(_ZIP_MAGIC):
-        if not zipfile.is_zipfile(path):
+        try:
+            is_zip = zipfile.is_zipfile(path)
+        except (zipfile.BadZipFile, OSError, ValueError):
+            is_zip = False
+        if not is_zip:
             raise CheckpointError(
                 f'checkpoint file {path!r} is truncated or corrupted: it starts like a '
                 f'torch.save zip archive but its end is missing ({osp.getsize(path)} bytes); '
@@ -539,7 +543,7 @@ def load_original_checkpoint(
                 'or pass --trust-checkpoint to the converter.'
             ) from error
         reason = ', '.join(unsafe) if unsafe else str(error).splitlines()[0]
-    except (EOFError, RuntimeError, KeyError, ValueError) as error:
+    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
         raise _read_error(path, is_zip, error) from error
 
     _warn(
@@ -553,7 +557,7 @@ def load_original_checkpoint(
             f'{path!r} pickles an object of module {error.name!r}, which is not installed; '
             f'install it (e.g. `pip install {error.name}`) to load this file'
         ) from error
-    except (EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
+    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
         raise _read_error(path, is_zip, error) from error
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models.dat import CANONICAL_ARCHS, DAT
+from .models.dat import CANONICAL_ARCHS, DAT, resolve_arch
 from .models.geometry import relative_position_index, shift_size_for, shifted_window_mask
 
 
@@ -70,7 +70,23 @@ def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int,
 
     Returns:
         tuple: a custom-arch dict for :class:`DAT` and the construction image size (H, W).
+
+    Raises:
+        ConversionError: When a tensor that tells the layout is missing or badly shaped.
     """
+    try:
+        arch, img_size = _infer_original_arch(state_dict)
+        resolve_arch(arch)
+    except ConversionError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError) as error:
+        raise ConversionError(f'Cannot read the DAT layout from this checkpoint: {type(error).__name__}: '
+                              f'{error}') from error
+    return arch, img_size
+
+
+def _infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int, int]]:
+    """:func:`infer_original_arch` without the translation of lookup errors."""
     if 'patch_proj.0.weight' not in state_dict:
         raise ConversionError('Not an original DAT checkpoint: no patch_proj.0.weight '
                               f'(first keys: {list(state_dict)[:5]})')
@@ -226,11 +242,14 @@ def load_pretrained_backbone(model: DAT, checkpoint: str, prefix: Optional[str] 
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
+    from .checkpoint import extract_state_dict, load_original_checkpoint
+
     log = logger.info if logger is not None else print
-    ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    state_dict = ckpt.get('state_dict', ckpt.get('model', ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ConversionError(f'{checkpoint} holds no state dict (got {type(ckpt).__name__})')
+    if '://' in str(checkpoint):
+        ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    else:  # local files get the clear errors of the safe loader (weights_only stays on)
+        ckpt = load_original_checkpoint(checkpoint)
+    state_dict = extract_state_dict(ckpt)
     if is_original_state_dict(state_dict):
         raise ConversionError(f'{checkpoint} is an original DAT checkpoint; convert it first with '
                               'tools/model_converters/dat_official.py SRC DST')
