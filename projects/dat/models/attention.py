@@ -3,7 +3,7 @@
 Each attention has a straightforward *reference* implementation that follows the original
 code operation by operation; it is the ground truth for the faster paths.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +104,525 @@ def deformable_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
 
     out = torch.einsum('bmn,bcn->bcm', attn.softmax(dim=2), v)
     return out.reshape(b, c, h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths
+# --------------------------------------------------------------------------------------------
+#
+# Both fast attentions are custom operators (``torch.ops.dat.*``) with a hand-written backward
+# pass, so that autograd saves only what the backward really needs and ``torch.compile`` sees
+# one opaque node per attention instead of hundreds of small ones. They run anywhere plain
+# PyTorch runs (CPU, CUDA); ``attn_impl='auto'`` falls back to the reference functions only
+# where custom operators are not wanted (ONNX export).
+
+ATTN_IMPLS = ('auto', 'fast', 'reference')
+
+# Elements of one chunk of logits (queries x keys x heads) processed at a time by the fast
+# deformable attention; the forward pass keeps about 3 such buffers alive, the backward 6.
+DEFORMABLE_CHUNK_ELEMENTS = 1 << 20
+# Query positions x heads x batch processed at a time by the fast neighbourhood attention.
+NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 15
+
+
+def check_attn_impl(attn_impl: str) -> str:
+    """Validate an ``attn_impl`` switch (``'auto'``, ``'fast'`` or ``'reference'``)."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+    return attn_impl
+
+
+def use_fast_attention(attn_impl: str, x: Tensor) -> bool:
+    """Whether a block runs its fast attention for this input.
+
+    ``'reference'`` never does; ``'auto'`` does except during ONNX export (custom operators
+    have no ONNX symbolic) and on devices other than CPU and CUDA; ``'fast'`` always does and
+    raises where the fast path is not available.
+
+    Args:
+        attn_impl (str): The block's switch.
+        x (Tensor): The block's input.
+
+    Returns:
+        bool: True for the fast path.
+    """
+    if attn_impl == 'reference':
+        return False
+    supported = x.device.type in ('cpu', 'cuda') and not torch.onnx.is_in_onnx_export()
+    if attn_impl == 'fast' and not supported:
+        raise RuntimeError(f"attn_impl='fast' is not available on device {x.device.type!r} or during ONNX "
+                           "export; use attn_impl='auto' to fall back to the reference path")
+    return supported
+
+
+def _float_dtype(*tensors: Tensor) -> torch.dtype:
+    """Common dtype of the attention inputs; half types stay half, the rest float32/float64."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ----------------------------------------------------------------------- deformable attention
+#
+# Shapes inside the operator, with BG = batch * groups, hg = heads per group, M = HW:
+#   q (BG, hg, d, M), k and v (BG, hg, d, Ns), pos (BG, Ns, 2) float32, table (heads, Th, Tw).
+# The bias of query (r, c) and key n is the bilinear read (align_corners=True, zero padding) of
+# the head's table at pixel coordinates iy(r, n), ix(c, n): the y coordinate depends on the
+# query row only and the x coordinate on the query column only. Per chunk of query rows:
+#   1. R[b, h, r, t, n]: table column t interpolated in y at iy(r, n)       (rows x Tw x Ns)
+#   2. bias[b, h, r, c, n]: R interpolated in x at ix(c, n)                 (rows x W x Ns)
+# so no displacement tensor exists and the table is read with 2 + 2 gathers. The table is
+# zero-padded (1 before, 2 after) and coordinates are clamped to [-1, size] so that the taps
+# floor(i) and floor(i) + 1 always exist and out-of-table taps read zeros, as grid_sample's
+# zero padding does; the clamp carries no gradient, as grid_sample's out-of-range taps.
+
+
+def _table_coordinates(query: Tensor, key: Tensor, size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pixel coordinates in a padded table of the displacement ``(query - key) / 2``.
+
+    Args:
+        query (Tensor): ``(L,)`` normalised query coordinates along one axis.
+        key (Tensor): ``(BG, Ns)`` normalised key positions along the same axis.
+        size (int): Table size along the axis.
+
+    Returns:
+        tuple: ``index`` ``(BG, L, Ns)`` long, the padded index of the first tap;
+        ``frac`` ``(BG, L, Ns)``, the weight of the second tap; ``inside``
+        ``(BG, L, Ns)``, 1 where the coordinate is not clamped (gradient mask).
+    """
+    coord = ((query[None, :, None] - key[:, None, :]) * 0.5 + 1.0) * 0.5 * (size - 1)
+    clamped = coord.clamp(-1.0, float(size))
+    inside = (coord == clamped).to(coord.dtype)
+    floor = clamped.floor()
+    frac = clamped - floor
+    index = (floor.to(torch.long) + 1).clamp_(0, size + 1)  # padded index, 1 before the table
+    return index, frac, inside
+
+
+def _deformable_chunks(bg: int, heads_per_group: int, height: int, width: int, num_keys: int,
+                       budget: int) -> List[Tuple[int, int, int, int]]:
+    """Split ``(BG, rows)`` into chunks of at most ``budget`` logits (at least one row)."""
+    per_row = heads_per_group * width * num_keys
+    per_item = per_row * height
+    if per_item <= budget:
+        items = max(1, budget // per_item)
+        return [(b, min(b + items, bg), 0, height) for b in range(0, bg, items)]
+    rows = max(1, budget // per_row)
+    return [(b, b + 1, r, min(r + rows, height)) for b in range(bg) for r in range(0, height, rows)]
+
+
+class _DeformableBias:
+    """Builds the bias of one chunk from the padded table and keeps what its backward needs.
+
+    Args:
+        table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` padded tables, transposed (x major).
+        iy (Tensor): ``(nb, rows, Ns)`` padded row index of the first y tap.
+        fy (Tensor): ``(nb, rows, Ns)`` weight of the second y tap.
+        ix (Tensor): ``(nb, W, Ns)`` padded column index of the first x tap.
+        fx (Tensor): ``(nb, W, Ns)`` weight of the second x tap.
+    """
+
+    def __init__(self, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor):
+        nb, hg, tw3, th3 = table_t.shape
+        rows, ns = iy.shape[1:]
+        width = ix.shape[1]
+        self.fy = fy[:, None, None]
+        self.fx = fx[:, None, None]
+        # Rows interpolated in y, laid out (nb, hg, Tw + 3, rows, Ns).
+        self.y_index = iy[:, None, None].expand(nb, hg, tw3, rows, ns)
+        table_rows = table_t[:, :, :, None].expand(nb, hg, tw3, rows, th3)
+        top = torch.gather(table_rows, 4, self.y_index)
+        self.row_diff = torch.gather(table_rows[..., 1:], 4, self.y_index).sub_(top)
+        self.rows_interp = top.addcmul_(self.row_diff, self.fy)
+        self.x_index = ix[:, None, None].expand(nb, hg, rows, width, ns)
+
+    def bias_into(self, out: Tensor, diff: Tensor) -> None:
+        """Write the bias and ``bias(x1) - bias(x0)`` into ``out`` and ``diff``, ``(nb, hg, rows, W, Ns)``."""
+        source = self.rows_interp.transpose(2, 3)  # (nb, hg, rows, Tw + 3, Ns)
+        torch.gather(source, 3, self.x_index, out=out)
+        torch.gather(source[:, :, :, 1:], 3, self.x_index, out=diff)
+        diff.sub_(out)
+        out.addcmul_(diff, self.fx)
+
+    def backward(self, grad_bias: Tensor, diff: Tensor, grad_fx: Tensor, grad_fy: Tensor,
+                 grad_table_t: Tensor) -> None:
+        """Accumulate the gradients of the tap weights and of the tables from ``grad_bias``.
+
+        Args:
+            grad_bias (Tensor): ``(nb, hg, rows, W, Ns)`` gradient of the bias.
+            diff (Tensor): ``bias(x1) - bias(x0)`` as written by :meth:`bias_into`; overwritten.
+            grad_fx (Tensor): ``(nb, W, Ns)`` accumulator of the x weight gradient.
+            grad_fy (Tensor): ``(nb, rows, Ns)`` accumulator of the y weight gradient.
+            grad_table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` accumulator of the table gradient.
+        """
+        nb, hg, tw3, rows, ns = self.rows_interp.shape
+        grad_fx += diff.mul_(grad_bias).sum((1, 2))
+        grad_rows = torch.zeros_like(self.rows_interp)
+        grad_rows_x = grad_rows.transpose(2, 3)
+        torch.mul(grad_bias, self.fx, out=diff)
+        grad_rows_x[:, :, :, 1:].scatter_add_(3, self.x_index, diff)
+        torch.sub(grad_bias, diff, out=diff)
+        grad_rows_x.scatter_add_(3, self.x_index, diff)
+        # rows_interp = top + fy * (bottom - top)
+        grad_fy += (grad_rows * self.row_diff).sum((1, 2))
+        grad_bottom = grad_rows * self.fy
+        grad_top = grad_rows.sub_(grad_bottom)
+        index = self.y_index.reshape(nb, hg, tw3, rows * ns)
+        grad_table_t.scatter_add_(3, index, grad_top.view(nb, hg, tw3, rows * ns))
+        grad_table_t[..., 1:].scatter_add_(3, index, grad_bottom.view(nb, hg, tw3, rows * ns))
+
+
+def _deformable_setup(pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int):
+    th, tw = table.shape[-2:]
+    iy, fy, in_y = _table_coordinates(query_y, pos[..., 0], th)
+    ix, fx, in_x = _table_coordinates(query_x, pos[..., 1], tw)
+    table_t = F.pad(table, (1, 2, 1, 2)).transpose(-1, -2)  # heads, Tw + 3, Th + 3
+    table_t = table_t.reshape(num_groups, -1, tw + 3, th + 3)
+    return iy, fy, in_y, ix, fx, in_x, table_t
+
+
+def _group_tables(table_t: Tensor, b0: int, b1: int) -> Tensor:
+    num_groups = table_t.shape[0]
+    index = torch.arange(b0, b1, device=table_t.device) % num_groups
+    return table_t.index_select(0, index)
+
+
+@torch.library.custom_op('dat::deformable_attention', mutates_args=())
+def _deformable_attention_op(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor,
+                             table: Tensor, num_groups: int, chunk: int) -> Tuple[Tensor, Tensor]:
+    bg, hg, d, m = q.shape
+    height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
+    scale = d ** -0.5
+    iy, fy, _, ix, fx, _, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
+    out = torch.empty_like(q)
+    acc = table.dtype
+    lse = torch.empty(bg, hg, m, dtype=acc, device=q.device)
+    for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
+        nb, rows = b1 - b0, r1 - r0
+        c0, c1 = r0 * width, r1 * width
+        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1],
+                               ix[b0:b1], fx[b0:b1])
+        logits = torch.empty(nb, hg, rows, width, ns, dtype=acc, device=q.device)
+        scratch = torch.empty_like(logits)
+        bias.bias_into(logits, scratch)
+        del bias, scratch
+        logits = logits.view(nb * hg, rows * width, ns)
+        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width).transpose(1, 2)
+        k_c = k[b0:b1].reshape(nb * hg, d, ns)
+        if q.dtype == acc:
+            logits.baddbmm_(q_c, k_c, alpha=scale)
+        else:
+            logits.add_(torch.bmm(q_c, k_c), alpha=scale)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        weights = logits.sub_(row_max).exp_()  # unnormalised; the output is divided instead
+        row_sum = weights.sum(dim=-1)
+        out_c = torch.bmm(v[b0:b1].reshape(nb * hg, d, ns), weights.to(v.dtype).transpose(1, 2))
+        out[b0:b1, :, :, c0:c1] = out_c.div_(row_sum[:, None].to(out_c.dtype)).view(nb, hg, d, rows * width)
+        lse[b0:b1, :, c0:c1] = row_sum.log_().add_(row_max.view_as(row_sum)).view(nb, hg, rows * width)
+    return out, lse
+
+
+@_deformable_attention_op.register_fake
+def _(q, k, v, pos, query_y, query_x, table, num_groups, chunk):
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[1], q.shape[3], dtype=table.dtype)
+
+
+@torch.library.custom_op('dat::deformable_attention_backward', mutates_args=())
+def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
+                                      query_y: Tensor, query_x: Tensor, table: Tensor, out: Tensor, lse: Tensor,
+                                      num_groups: int, chunk: int
+                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    bg, hg, d, m = q.shape
+    height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
+    th, tw = table.shape[-2:]
+    scale = d ** -0.5
+    acc = table.dtype
+    iy, fy, in_y, ix, fx, in_x, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
+    grad_out = grad_out.contiguous()
+    # D = rowsum(dO * O): the softmax backward term, (BG, hg, M).
+    delta = (grad_out.to(acc) * out.to(acc)).sum(2)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+    grad_fx = torch.zeros_like(fx)
+    grad_fy = torch.zeros_like(fy)
+    grad_table_t = torch.zeros(bg, hg, tw + 3, th + 3, dtype=acc, device=q.device)
+    for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
+        nb, rows = b1 - b0, r1 - r0
+        c0, c1 = r0 * width, r1 * width
+        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1],
+                               ix[b0:b1], fx[b0:b1])
+        logits = torch.empty(nb, hg, rows, width, ns, dtype=acc, device=q.device)
+        diff = torch.empty_like(logits)
+        bias.bias_into(logits, diff)
+        flat = logits.view(nb * hg, rows * width, ns)
+        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
+        k_c = k[b0:b1].reshape(nb * hg, d, ns)
+        v_c = v[b0:b1].reshape(nb * hg, d, ns)
+        do_c = grad_out[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
+        if q.dtype == acc:
+            flat.baddbmm_(q_c.transpose(1, 2), k_c, alpha=scale)
+        else:
+            flat.add_(torch.bmm(q_c.transpose(1, 2), k_c), alpha=scale)
+        probs = flat.sub_(lse[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).exp_()
+        probs_v = probs.to(v.dtype)
+        grad_v[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(do_c.to(v.dtype), probs_v).to(acc))
+        grad_logits = torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c).to(acc)
+        grad_logits.sub_(delta[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).mul_(probs)
+        del probs, probs_v, logits, flat
+        grad_s = grad_logits.to(q.dtype)
+        grad_q[b0:b1, :, :, c0:c1] = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale).view(nb, hg, d, rows * width)
+        grad_k[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
+        del grad_s
+        bias.backward(grad_logits.view(nb, hg, rows, width, ns), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1],
+                      grad_table_t[b0:b1])
+    # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
+    grad_pos = torch.stack([(grad_fy * in_y).sum(1) * (-(th - 1) / 4.0),
+                            (grad_fx * in_x).sum(1) * (-(tw - 1) / 4.0)], dim=-1)
+    grad_table = grad_table_t.view(-1, num_groups, hg, tw + 3, th + 3).sum(0)
+    grad_table = grad_table.reshape(-1, tw + 3, th + 3).transpose(-1, -2)[:, 1:th + 1, 1:tw + 1].contiguous()
+    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_pos, grad_table
+
+
+@_deformable_attention_backward_op.register_fake
+def _(grad_out, q, k, v, pos, query_y, query_x, table, out, lse, num_groups, chunk):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(pos),
+            torch.empty_like(table))
+
+
+def _deformable_setup_context(ctx, inputs, output):
+    q, k, v, pos, query_y, query_x, table, num_groups, chunk = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, pos, query_y, query_x, table, out, lse)
+    ctx.num_groups, ctx.chunk = num_groups, chunk
+
+
+def _deformable_backward(ctx, grad_out, grad_lse):
+    q, k, v, pos, query_y, query_x, table, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_pos, grad_table = _deformable_attention_backward_op(
+        grad_out, q, k, v, pos, query_y, query_x, table, out, lse, ctx.num_groups, ctx.chunk)
+    return grad_q, grad_k, grad_v, grad_pos, None, None, grad_table, None, None
+
+
+_deformable_attention_op.register_autograd(_deformable_backward, setup_context=_deformable_setup_context)
+
+
+def deformable_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor,
+                         rpe_table: Tensor, num_groups: int, chunk_elements: Optional[int] = None) -> Tensor:
+    """Fast deformable multi-head attention; same result as :func:`deformable_attention_reference`.
+
+    The bias is a 4-tap bilinear read of the table at coordinates separable in y and x,
+    computed chunk by chunk of query rows together with the logits; the forward pass saves
+    only ``q, k, v``, the positions, the output and the log-sum-exp of each query (no
+    ``HW x Ns`` tensor), and the backward pass recomputes each chunk. Positions, bias and
+    softmax are computed in float32; the products with q, k and v run in their dtype (half
+    under AMP).
+
+    Args:
+        q (Tensor): ``(B, C, H, W)`` projected queries; heads are contiguous channel blocks.
+        k (Tensor): ``(B, C, Ns)`` projected keys of the sampled points.
+        v (Tensor): ``(B, C, Ns)`` projected values of the sampled points.
+        pos (Tensor): ``(B * groups, Ns, 2)`` key positions, normalised, ``(y, x)``.
+        query_y (Tensor): ``(H,)`` normalised query row coordinates.
+        query_x (Tensor): ``(W,)`` normalised query column coordinates.
+        rpe_table (Tensor): ``(heads, Th, Tw)`` bias table; group ``i`` owns heads
+            ``[i * heads / groups, (i + 1) * heads / groups)``.
+        num_groups (int): Number of offset groups.
+        chunk_elements (int, optional): Logits per chunk. Defaults to
+            :data:`DEFORMABLE_CHUNK_ELEMENTS`.
+
+    Returns:
+        Tensor: ``(B, C, H, W)`` attention output before the output projection, in the
+        dtype of ``q``, ``k`` and ``v``.
+    """
+    b, c, h, w = q.shape
+    heads = rpe_table.shape[0]
+    num_keys = k.shape[-1]
+    if (k.shape != (b, c, num_keys) or v.shape != k.shape or pos.shape != (b * num_groups, num_keys, 2)
+            or query_y.shape != (h,) or query_x.shape != (w,) or c % heads or heads % num_groups):
+        raise ValueError('deformable_attention expects q (B, C, H, W), k and v (B, C, Ns), pos (B * groups, Ns, 2), '
+                         'query_y (H,), query_x (W,) and a table (heads, Th, Tw) with heads dividing C and groups '
+                         f'dividing heads; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+                         f'pos {tuple(pos.shape)}, query_y {tuple(query_y.shape)}, query_x {tuple(query_x.shape)}, '
+                         f'table {tuple(rpe_table.shape)}, groups {num_groups}')
+    dtype = _float_dtype(q, k, v)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # positions, bias and softmax
+    hg, d = heads // num_groups, c // heads
+    out, _ = _deformable_attention_op(
+        q.to(dtype).reshape(b * num_groups, hg, d, h * w).contiguous(),
+        k.to(dtype).reshape(b * num_groups, hg, d, num_keys).contiguous(),
+        v.to(dtype).reshape(b * num_groups, hg, d, num_keys).contiguous(),
+        pos.to(acc).contiguous(), query_y.to(acc).contiguous(), query_x.to(acc).contiguous(),
+        rpe_table.to(acc).contiguous(), num_groups, chunk_elements or DEFORMABLE_CHUNK_ELEMENTS)
+    return out.view(b, c, h, w)
+
+
+# -------------------------------------------------------------------- neighbourhood attention
+#
+# Slot by slot: window slot (a, b) of query (i, j) is key (c(i) + a, c(j) + b) with
+# c(i) = clamp(i, k // 2, H - 1 - k // 2) - k // 2. The forward pass gathers the keys and values
+# of one slot at a time (a transient copy the size of k), so it stores the (k * k, B, heads, HW)
+# logits and probabilities but never the (HW, k * k, d) windows. In the backward pass the
+# scatter to keys and values is a fold of the border rows and columns onto the first and last
+# interior ones followed by a shifted slice addition: no scatter kernel.
+
+
+def _clamped_window_rows(length: int, kernel_size: int, device: torch.device) -> Tensor:
+    """``c(i) = clamp(i, k // 2, L - 1 - k // 2) - k // 2``: the first key of each query's window."""
+    half = kernel_size // 2
+    return torch.arange(length, device=device).clamp_(half, length - 1 - half) - half
+
+
+def _fold_borders(x: Tensor, dim: int, kernel_size: int) -> Tensor:
+    """Add the border entries of ``dim`` onto the first/last interior one; return the interior.
+
+    The queries before ``k // 2`` use the same window as query ``k // 2`` (and likewise at the
+    end), so their contributions to keys land where that query's do.
+    """
+    half = kernel_size // 2
+    length = x.shape[dim]
+    if half:
+        x.narrow(dim, half, 1).add_(x.narrow(dim, 0, half).sum(dim, keepdim=True))
+        x.narrow(dim, length - 1 - half, 1).add_(x.narrow(dim, length - half, half).sum(dim, keepdim=True))
+    return x.narrow(dim, half, length - 2 * half)
+
+
+def _scatter_to_keys(grad_keys: Tensor, src: Tensor, a: int, b: int, kernel_size: int) -> None:
+    """``grad_keys[c(i) + a, c(j) + b] += src[i, j]`` for every query; both ``(BH, H, W, d)``."""
+    height, width = src.shape[1:3]
+    inner_h, inner_w = height - kernel_size + 1, width - kernel_size + 1
+    src = _fold_borders(_fold_borders(src, 1, kernel_size), 2, kernel_size)
+    grad_keys[:, a:a + inner_h, b:b + inner_w].add_(src)
+
+
+@torch.library.custom_op('dat::neighborhood_attention', mutates_args=())
+def _neighborhood_attention_op(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor]:
+    b, heads, height, width, d = q.shape
+    ks = kernel_size
+    rows = _clamped_window_rows(height, ks, q.device)
+    cols = _clamped_window_rows(width, ks, q.device)
+    qf = q.reshape(b * heads, height * width, d)
+    kf = k.reshape(b * heads, height * width, d)
+    vf = v.reshape(b * heads, height * width, d)
+    arange_h = torch.arange(height, device=q.device)
+    arange_w = torch.arange(width, device=q.device)
+    rpb_flat = rpb.reshape(heads, -1)
+    probs = torch.empty(ks * ks, b, heads, height * width, dtype=q.dtype, device=q.device)
+    product = torch.empty_like(qf)
+    for a in range(ks):
+        for c in range(ks):
+            s = a * ks + c
+            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
+            bias_index = ((rows + a - arange_h + ks - 1)[:, None] * (2 * ks - 1)
+                          + (cols + c - arange_w + ks - 1)[None, :]).reshape(-1)
+            torch.mul(qf, kf.index_select(1, key), out=product)
+            torch.sum(product.view(b, heads, height * width, d), -1, out=probs[s])
+            probs[s].add_(rpb_flat.index_select(1, bias_index))
+    probs = probs.view(ks * ks, b * heads, height * width, 1)
+    probs.sub_(probs.amax(0)).exp_()
+    probs.div_(probs.sum(0))
+    out = torch.zeros_like(qf)
+    for a in range(ks):
+        for c in range(ks):
+            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
+            out.addcmul_(probs[a * ks + c], vf.index_select(1, key))
+    return out.view(q.shape), probs.view(ks * ks, b, heads, height * width)
+
+
+@_neighborhood_attention_op.register_fake
+def _(q, k, v, rpb, kernel_size):
+    b, heads, height, width, _ = q.shape
+    return torch.empty_like(q), q.new_empty(kernel_size * kernel_size, b, heads, height * width)
+
+
+@torch.library.custom_op('dat::neighborhood_attention_backward', mutates_args=())
+def _neighborhood_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor,
+                                        out: Tensor, probs: Tensor, kernel_size: int
+                                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, heads, height, width, d = q.shape
+    ks = kernel_size
+    rows = _clamped_window_rows(height, ks, q.device)
+    cols = _clamped_window_rows(width, ks, q.device)
+    arange_h = torch.arange(height, device=q.device)
+    arange_w = torch.arange(width, device=q.device)
+    bh, m = b * heads, height * width
+    qf, kf, vf = q.reshape(bh, m, d), k.reshape(bh, m, d), v.reshape(bh, m, d)
+    grad_out = grad_out.reshape(bh, m, d)
+    probs = probs.reshape(ks * ks, bh, m, 1)
+    delta = (grad_out * out.reshape(bh, m, d)).sum(-1, keepdim=True)  # rowsum(dO * O)
+    grad_q = torch.zeros_like(qf)
+    grad_k = torch.zeros_like(k).view(bh, height, width, d)
+    grad_v = torch.zeros_like(v).view(bh, height, width, d)
+    grad_rpb = torch.zeros_like(rpb).view(heads, -1)
+    product = torch.empty_like(qf)
+    grad_logit = torch.empty(bh, m, 1, dtype=q.dtype, device=q.device)
+    for a in range(ks):
+        for c in range(ks):
+            s = a * ks + c
+            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
+            bias_index = ((rows + a - arange_h + ks - 1)[:, None] * (2 * ks - 1)
+                          + (cols + c - arange_w + ks - 1)[None, :]).reshape(-1)
+            # dS = P * (dP - delta), dP = dO . v_key
+            torch.mul(grad_out, vf.index_select(1, key), out=product)
+            torch.sum(product, -1, keepdim=True, out=grad_logit)
+            grad_logit.sub_(delta).mul_(probs[s])
+            grad_q.addcmul_(grad_logit, kf.index_select(1, key))
+            _scatter_to_keys(grad_k, torch.mul(qf, grad_logit, out=product).view(bh, height, width, d), a, c, ks)
+            _scatter_to_keys(grad_v, torch.mul(grad_out, probs[s], out=product).view(bh, height, width, d), a, c, ks)
+            grad_rpb.index_add_(1, bias_index, grad_logit.view(b, heads, m).sum(0))
+    return grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_rpb.view(rpb.shape)
+
+
+@_neighborhood_attention_backward_op.register_fake
+def _(grad_out, q, k, v, rpb, out, probs, kernel_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rpb)
+
+
+def _neighborhood_setup_context(ctx, inputs, output):
+    q, k, v, rpb, kernel_size = inputs
+    out, probs = output
+    ctx.save_for_backward(q, k, v, rpb, out, probs)
+    ctx.kernel_size = kernel_size
+
+
+def _neighborhood_backward(ctx, grad_out, grad_probs):
+    q, k, v, rpb, out, probs = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_rpb = _neighborhood_attention_backward_op(
+        grad_out.contiguous(), q, k, v, rpb, out, probs, ctx.kernel_size)
+    return grad_q, grad_k, grad_v, grad_rpb, None
+
+
+_neighborhood_attention_op.register_autograd(_neighborhood_backward, setup_context=_neighborhood_setup_context)
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int) -> Tensor:
+    """Fast neighbourhood attention; same result as :func:`neighborhood_attention_reference`.
+
+    Works window slot by window slot, so its memory grows with ``HW * k * k`` (logits and
+    probabilities) and not with the ``HW * k * k * d`` gathered windows; the backward pass is
+    hand-written (gathers for queries, border folds and shifted slice additions for keys and
+    values). Computes in float32 (float64 for float64 inputs) and returns the input dtype.
+
+    Args:
+        q (Tensor): ``(B, heads, H, W, d)`` queries, already scaled by ``d ** -0.5``.
+        k (Tensor): ``(B, heads, H, W, d)`` keys.
+        v (Tensor): ``(B, heads, H, W, d)`` values.
+        rpb (Tensor): ``(heads, 2k - 1, 2k - 1)`` relative position bias table.
+        kernel_size (int): Neighbourhood size ``k`` (odd); H and W must be at least ``k``.
+
+    Returns:
+        Tensor: ``(B, heads, H, W, d)``.
+    """
+    b, heads, h, w, d = q.shape
+    if (k.shape != q.shape or v.shape != q.shape or kernel_size % 2 == 0 or h < kernel_size or w < kernel_size
+            or rpb.shape != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1)):
+        raise ValueError('neighborhood_attention expects q, k, v (B, heads, H, W, d) with H, W >= kernel_size, an odd '
+                         'kernel_size and rpb (heads, 2k - 1, 2k - 1); got q '
+                         f'{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, '
+                         f'kernel_size {kernel_size}')
+    dtype = _float_dtype(q, k, v)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out, _ = _neighborhood_attention_op(q.to(acc).contiguous(), k.to(acc).contiguous(), v.to(acc).contiguous(),
+                                        rpb.to(acc).contiguous(), kernel_size)
+    return out.to(dtype)

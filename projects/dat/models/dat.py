@@ -26,7 +26,8 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import (deformable_attention_reference, neighborhood_attention_reference,
+from .attention import (check_attn_impl, deformable_attention, deformable_attention_reference,
+                        neighborhood_attention, neighborhood_attention_reference, use_fast_attention,
                         window_attention)
 from .geometry import (key_reference_points, offset_conv_padding, pad_to_multiple, query_grid,
                        relative_position_index, shift_size_for, shifted_window_mask,
@@ -149,10 +150,13 @@ class NeighborhoodAttention(nn.Module):
         dim (int): Channels.
         num_heads (int): Attention heads.
         kernel_size (int): Neighbourhood size. Defaults to 7.
+        attn_impl (str): ``'auto'`` (the fast attention where available), ``'fast'`` or
+            ``'reference'``. Defaults to ``'auto'``.
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, attn_impl: str = 'auto'):
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.scale = (dim // num_heads) ** -0.5
@@ -173,7 +177,8 @@ class NeighborhoodAttention(nn.Module):
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)
-        out = neighborhood_attention_reference(q * self.scale, k, v, self.rpb, self.kernel_size)
+        attend = neighborhood_attention if use_fast_attention(self.attn_impl, x) else neighborhood_attention_reference
+        out = attend(q * self.scale, k, v, self.rpb, self.kernel_size)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, hp, wp, c)[:, :h, :w]
         return self.proj(out).permute(0, 3, 1, 2)
 
@@ -197,11 +202,15 @@ class DeformableAttention(nn.Module):
         version (str): ``'v1'`` (tanh-bounded offsets, centred grids) or ``'pp'`` (clamped
             positions, corner-aligned query grid).
         offset_range_factor (float): v1 only: offsets are ``tanh(o) * factor / Hk``.
+        attn_impl (str): ``'auto'`` (the fast attention where available), ``'fast'`` or
+            ``'reference'``. Defaults to ``'auto'``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, key_stride: int, offset_kernel: int,
-                 table_size: Tuple[int, int], version: str, offset_range_factor: float = 2.0):
+                 table_size: Tuple[int, int], version: str, offset_range_factor: float = 2.0,
+                 attn_impl: str = 'auto'):
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         group_dim = dim // num_groups
         self.num_heads = num_heads
         self.num_groups = num_groups
@@ -254,17 +263,25 @@ class DeformableAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q = self.proj_q(x)
-        pos, ref = self.sampling_positions(q)
+        if torch.is_autocast_enabled(x.device.type):  # positions and bias coordinates stay float32
+            with torch.autocast(x.device.type, enabled=False):
+                pos, ref = self.sampling_positions(q.float())
+        else:
+            pos, ref = self.sampling_positions(q)
         hk, wk = pos.shape[1:3]
         group_dim = c // self.num_groups
-        sampled = F.grid_sample(x.reshape(b * self.num_groups, group_dim, h, w), pos[..., (1, 0)],
+        sampled = F.grid_sample(x.reshape(b * self.num_groups, group_dim, h, w).to(pos.dtype), pos[..., (1, 0)],
                                 mode='bilinear', align_corners=True)
         sampled = sampled.reshape(b, c, 1, hk * wk)
         k = self.proj_k(sampled).reshape(b, c, hk * wk)
         v = self.proj_v(sampled).reshape(b, c, hk * wk)
-        query_coords = query_grid(h, w, self.version, q.dtype, q.device).reshape(h * w, 2)
-        out = deformable_attention_reference(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords,
-                                             self.rpe_table, self.num_groups)
+        query_coords = query_grid(h, w, self.version, pos.dtype, q.device)
+        if use_fast_attention(self.attn_impl, x):
+            out = deformable_attention(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords[:, 0, 0],
+                                       query_coords[0, :, 1], self.rpe_table, self.num_groups)
+        else:
+            out = deformable_attention_reference(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords.reshape(h * w, 2),
+                                                 self.rpe_table, self.num_groups)
         if self.record is not None:
             self.record(dict(positions=pos.detach().reshape(b, self.num_groups, hk, wk, 2),
                              references=ref.detach()))
@@ -421,6 +438,10 @@ class DAT(BaseModule):
             fine-tunes). Defaults to 224.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``
             loads a converted checkpoint strictly, resizing bias tables of another size.
+        attn_impl (str): Attention implementation of the ``N`` and ``D`` blocks: ``'auto'``
+            (the fast, memory-lean one wherever it is available, else the reference), ``'fast'``
+            or ``'reference'`` (the straightforward one). Both compute the same function.
+            Defaults to ``'auto'``.
     """
 
     arch_zoo = {
@@ -442,8 +463,10 @@ class DAT(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  img_size: Union[int, Tuple[int, int]] = 224,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 attn_impl: str = 'auto'):
         super().__init__(init_cfg=init_cfg)
+        self.attn_impl = check_attn_impl(attn_impl)
         self.arch_settings = resolve_arch(arch)
         s = self.arch_settings
         self.version = s['version']
@@ -453,7 +476,7 @@ class DAT(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
-        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_h, img_w = _check_img_size(img_size)
         self.img_size = (img_h, img_w)
         drop_path_rate = s['drop_path_rate'] if drop_path_rate is None else drop_path_rate
         if not 0.0 <= drop_path_rate < 1.0:
@@ -484,10 +507,10 @@ class DAT(BaseModule):
         if kind in 'LS':
             return WindowAttention(dim, heads, s['window_size'], shifted=kind == 'S')
         if kind == 'N':
-            return NeighborhoodAttention(dim, heads, s['neighborhood_size'])
+            return NeighborhoodAttention(dim, heads, s['neighborhood_size'], self.attn_impl)
         return DeformableAttention(dim, heads, s['groups'][stage], s['key_strides'][stage],
                                    s['offset_kernels'][stage], table_size, self.version,
-                                   s['offset_range_factor'])
+                                   s['offset_range_factor'], self.attn_impl)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Return the normalised outputs of the stages in ``out_indices``.
@@ -595,6 +618,15 @@ class DAT(BaseModule):
         return self
 
 
+def _check_img_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    pair = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 \
+            or any(not isinstance(v, int) or isinstance(v, bool) or v < 32 for v in pair):
+        raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= 32 (one pixel per '
+                         f'stage-3 bias-table cell), got {img_size!r}')
+    return tuple(pair)
+
+
 def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
     if isinstance(out_indices, int):
         out_indices = [out_indices]
@@ -634,8 +666,16 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         raise ValueError(f'Unknown keys in custom DAT arch: {sorted(unknown)}; known: {sorted(settings)}')
     settings.update(copy.deepcopy(arch))
     for key in ('dims', 'heads', 'groups', 'stage_spec', 'key_strides', 'offset_kernels'):
-        if len(settings[key]) != 4:
-            raise ValueError(f"arch['{key}'] must have 4 entries (one per stage), got {settings[key]}")
+        if not isinstance(settings[key], (list, tuple)) or len(settings[key]) != 4:
+            raise ValueError(f"arch['{key}'] must have 4 entries (one per stage), got {settings[key]!r}")
+    positive = {k: settings[k] for k in ('dims', 'heads', 'key_strides', 'offset_kernels')}
+    positive.update({k: [settings[k]] for k in ('window_size', 'neighborhood_size', 'mlp_ratio')})
+    for key, values in positive.items():
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+            raise ValueError(f"arch['{key}'] must hold positive ints, got {settings[key]!r}")
+    if any(not isinstance(g, int) or g < 0 for g in settings['groups']):
+        raise ValueError(f"arch['groups'] must hold ints >= 0 (0 for stages without D blocks), "
+                         f"got {settings['groups']!r}")
     for i, (dim, heads, groups, spec) in enumerate(zip(settings['dims'], settings['heads'],
                                                        settings['groups'], settings['stage_spec'])):
         if not spec or any(kind not in BLOCK_TYPES for kind in spec):

@@ -1,0 +1,284 @@
+"""Fast deformable and neighbourhood attention against their reference paths.
+
+Agreement is checked in float32 as a relative error against the largest reference value
+(``max|fast - ref| <= 1e-5 * max|ref|``) on outputs and on every gradient, on odd and tiny
+maps, several groups, both DAT versions, and through whole backbones (including the golden
+tensors of the original code). Memory: the fast paths must not save any tensor of the size
+of the attention matrix (deformable) or of the gathered windows (neighbourhood).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from projects.dat import DAT
+from projects.dat.converter import convert_original_state_dict
+from projects.dat.models import attention as attn_ops
+from projects.dat.models.attention import (
+    deformable_attention,
+    deformable_attention_reference,
+    neighborhood_attention,
+    neighborhood_attention_reference,
+    use_fast_attention,
+)
+from projects.dat.models.dat import DeformableAttention, NeighborhoodAttention
+from projects.dat.models.geometry import query_grid
+
+GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+TINY = {
+    'v1': dict(
+        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
+    ),
+    'pp': dict(
+        version='pp',
+        dims=[16, 32, 64, 128],
+        heads=[1, 2, 4, 4],
+        groups=[1, 1, 2, 2],
+        stage_spec=['ND', 'N', 'ND', 'DD'],
+    ),
+}
+
+
+def assert_rel_close(actual, expected, tol=1e-5, name='', floor=1e-6):
+    """``max|actual - expected| <= tol * max(max|expected|, floor)``."""
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(scale, floor), f'{name}: max error {err:.3e} vs max value {scale:.3e}'
+
+
+def set_impl(model, impl):
+    for module in model.modules():
+        if hasattr(module, 'attn_impl'):
+            module.attn_impl = impl
+
+
+def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread, dtype=torch.float32):
+    g = torch.Generator().manual_seed(h * 100 + w * 10 + groups)
+    q = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    k = torch.randn(b, c, hk * wk, generator=g, dtype=dtype)
+    v = torch.randn(b, c, hk * wk, generator=g, dtype=dtype)
+    pos = (torch.rand(b * groups, hk * wk, 2, generator=g, dtype=dtype) * 2 - 1) * spread
+    rpe = torch.randn(heads, *table, generator=g, dtype=dtype)
+    coords = query_grid(h, w, version, dtype)
+    return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
+
+
+@pytest.mark.parametrize(
+    'b, c, h, w, heads, groups, hk, wk, table, version, chunk',
+    [
+        (2, 8, 7, 9, 2, 1, 2, 3, (13, 13), 'pp', None),
+        (2, 8, 7, 9, 2, 1, 2, 3, (13, 13), 'pp', 40),  # several chunks of rows
+        (3, 16, 13, 11, 4, 2, 4, 3, (9, 7), 'v1', 2000),  # several images per chunk
+        (1, 16, 13, 11, 4, 4, 7, 6, (25, 21), 'pp', 300),
+        (3, 16, 1, 1, 4, 2, 1, 1, (5, 5), 'pp', None),  # 1x1 map, one key
+        (2, 12, 3, 3, 6, 3, 2, 2, (5, 7), 'v1', 10),
+        (1, 8, 5, 16, 2, 2, 3, 4, (3, 3), 'pp', None),  # table smaller than the map
+    ],
+)
+def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, version, chunk):
+    # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
+    (q, k, v, pos, rpe), coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
+    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, groups, chunk_elements=chunk)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    assert_rel_close(fast, ref, name='output')
+    grad_out = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v, pos, rpe), grad_out)
+    grads_fast = torch.autograd.grad(fast, (q, k, v, pos, rpe), grad_out)
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=False):
+        assert_rel_close(a, e, name=f'grad {name}')
+
+
+def test_deformable_float64_is_exact_and_passes_gradcheck():
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 4, 3, 4, 2, 2, 2, 2, (5, 5), 'pp', 0.9, torch.float64)
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 2)
+    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 2, chunk_elements=8)
+    assert_rel_close(fast, ref, tol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *t: deformable_attention(*t[:4], coords[:, 0, 0], coords[0, :, 1], t[4], 2, chunk_elements=8),
+        (q, k, v, pos, rpe),
+    )
+
+
+@pytest.mark.parametrize(
+    'b, heads, h, w, d, kernel',
+    [
+        (2, 2, 7, 9, 4, 7),
+        (1, 3, 13, 11, 8, 7),
+        (2, 1, 7, 7, 4, 7),
+        (1, 2, 5, 6, 4, 3),
+        (1, 2, 20, 17, 8, 5),
+    ],
+)
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel):
+    g = torch.Generator().manual_seed(h * w)
+    q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
+    ref = neighborhood_attention_reference(q, k, v, rpb, kernel)
+    fast = neighborhood_attention(q, k, v, rpb, kernel)
+    assert_rel_close(fast, ref, name='output')
+    grad_out = torch.randn_like(ref)
+    for name, a, e in zip(
+        'qkvb',
+        torch.autograd.grad(fast, (q, k, v, rpb), grad_out),
+        torch.autograd.grad(ref, (q, k, v, rpb), grad_out),
+        strict=False,
+    ):
+        assert_rel_close(a, e, name=f'grad {name}')
+
+
+@pytest.mark.parametrize('version', ['v1', 'pp'])
+@pytest.mark.parametrize('size', [(1, 1), (33, 47), (64, 96), (112, 137)])
+def test_backbone_fast_equals_reference(version, size):
+    torch.manual_seed(0)
+    model = DAT(TINY[version], drop_path_rate=0.0, attn_impl='reference')
+    x = torch.randn(2, 3, *size)
+    weights = [torch.randn_like(o) for o in model(x)]
+
+    def run(impl):
+        set_impl(model, impl)
+        model.zero_grad()
+        outs = model(x)
+        sum((o * wgt).sum() for o, wgt in zip(outs, weights, strict=False)).backward()
+        return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    outs_ref, grads_ref = run('reference')
+    outs_fast, grads_fast = run('fast')
+    for i, (a, e) in enumerate(zip(outs_fast, outs_ref, strict=False)):
+        assert_rel_close(a, e, name=f'output {i}')
+    # Gradients that are zero in exact math (proj_k biases: softmax ignores them; everything
+    # of attention over a single key on 1x1 maps) are compared at 1e-3 of the largest one.
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())
+    for name, grad in grads_ref.items():
+        assert_rel_close(grads_fast[name], grad, name=name, floor=floor)
+
+
+@pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
+@pytest.mark.parametrize('impl', ['reference', 'fast'])
+@pytest.mark.parametrize('name', ['dat_v1_small', 'dat_pp_small'])
+def test_golden_parity_with_each_impl(name, impl):
+    golden = torch.load(GOLDEN / f'{name}.pt', weights_only=True)
+    converted, info = convert_original_state_dict(golden['state_dict'])
+    model = DAT(info['arch'], out_indices=(3,), img_size=tuple(info['img_size']), attn_impl=impl).eval()
+    model.load_state_dict({k[len('backbone.') :]: v for k, v in converted.items() if k.startswith('backbone.')})
+    for case_name, case in golden['cases'].items():
+        with torch.no_grad():
+            pooled = model(case['input'])[0].mean((2, 3))
+        logits = pooled @ converted['head.fc.weight'].t() + converted['head.fc.bias']
+        torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4, msg=f'{case_name} logits ({impl})')
+
+
+def _largest_saved(module, x):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return max(sizes)
+
+
+def test_fast_paths_save_no_attention_matrix():
+    torch.manual_seed(0)
+    b, c, h, w = 2, 32, 28, 36
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    deform = DeformableAttention(c, 4, 2, key_stride=1, offset_kernel=3, table_size=(14, 14), version='pp')
+    num_keys = h * w
+    deform.attn_impl = 'reference'
+    assert _largest_saved(deform, x) >= b * 4 * h * w * num_keys  # the attention matrix
+    deform.attn_impl = 'fast'
+    assert _largest_saved(deform, x) <= b * c * h * w  # nothing bigger than a feature map
+
+    neigh = NeighborhoodAttention(c, 4, 7)
+    neigh.attn_impl = 'reference'
+    assert _largest_saved(neigh, x) >= b * h * w * 49 * c  # gathered windows (all heads)
+    neigh.attn_impl = 'fast'
+    assert _largest_saved(neigh, x) <= b * 4 * h * w * 49  # logits of every head and slot
+
+
+def test_amp_bfloat16_keeps_positions_float32_and_agrees():
+    torch.manual_seed(0)
+    model = DAT(TINY['pp'], drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 96)
+    results = {}
+    for impl in ('reference', 'fast'):
+        set_impl(model, impl)
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16), model.record_sampling_points() as records:
+            outs = model(x)
+        sum(o.float().square().mean() for o in outs).backward()
+        assert all(r['positions'].dtype == torch.float32 for r in records.values())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        results[impl] = [o.float() for o in outs]
+    with torch.no_grad():
+        full = model(x)
+    for fast, ref, f32 in zip(results['fast'], results['reference'], full, strict=False):
+        assert (fast - ref).norm() <= 0.03 * ref.norm()
+        assert (fast - f32).norm() <= 0.03 * f32.norm()
+
+
+def test_with_cp_matches_on_fast_path():
+    torch.manual_seed(0)
+    model = DAT(TINY['pp'], drop_path_rate=0.0)
+    model_cp = DAT(TINY['pp'], drop_path_rate=0.0, with_cp=True)
+    model_cp.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    for m in (model, model_cp):
+        sum(o.square().mean() for o in m(x)).backward()
+    for (name, p), p_cp in zip(model.named_parameters(), model_cp.parameters(), strict=False):
+        torch.testing.assert_close(p_cp.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_compile_traces_fast_ops_without_graph_breaks():
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward through
+    # the custom operators and their fake implementations without a C++ compiler.
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 5, 6, 2, 1, 2, 2, (7, 7), 'pp', 0.9)
+    qy, qx = coords[:, 0, 0], coords[0, :, 1]
+
+    def both(q, k, v, pos, rpe):
+        out = deformable_attention(q, k, v, pos, qy, qx, rpe, 1)
+        heads_view = out.reshape(1, 2, 4, 5, 6).permute(0, 1, 3, 4, 2)
+        return neighborhood_attention(heads_view, heads_view, heads_view, rpe[:, :5, :5], 3)
+
+    compiled = torch.compile(both, backend='aot_eager', fullgraph=True)
+    eager = both(q, k, v, pos, rpe)
+    result = compiled(q, k, v, pos, rpe)
+    assert_rel_close(result, eager, tol=1e-6)
+    grads = torch.autograd.grad(result.square().sum(), (q, k, v, pos, rpe))
+    grads_eager = torch.autograd.grad(eager.square().sum(), (q, k, v, pos, rpe))
+    for a, e in zip(grads, grads_eager, strict=False):
+        assert_rel_close(a, e, tol=1e-6)
+
+
+def test_chunk_budget_is_respected():
+    chunks = attn_ops._deformable_chunks(bg=3, heads_per_group=2, height=10, width=7, num_keys=5, budget=150)
+    assert chunks[0] == (0, 1, 0, 2) and all(r1 - r0 <= 2 for _, _, r0, r1 in chunks)
+    covered = {(b, r) for b0, b1, r0, r1 in chunks for b in range(b0, b1) for r in range(r0, r1)}
+    assert covered == {(b, r) for b in range(3) for r in range(10)}
+    assert attn_ops._deformable_chunks(3, 2, 10, 7, 5, 10**6) == [(0, 3, 0, 10)]
+
+
+def test_switch_errors():
+    with pytest.raises(ValueError, match=r"attn_impl must be one of \('auto', 'fast', 'reference'\), got 'flash'"):
+        DAT(TINY['pp'], attn_impl='flash')
+    with pytest.raises(RuntimeError, match=r"attn_impl='fast' is not available on device 'meta'"):
+        use_fast_attention('fast', torch.empty(1, device='meta'))
+    assert not use_fast_attention('auto', torch.empty(1, device='meta'))
+    assert use_fast_attention('auto', torch.empty(1)) and not use_fast_attention('reference', torch.empty(1))
+    with pytest.raises(ValueError, match=r'deformable_attention expects q \(B, C, H, W\).*got q \(1, 8, 3, 3\)'):
+        deformable_attention(
+            torch.randn(1, 8, 3, 3),
+            torch.randn(1, 8, 4),
+            torch.randn(1, 8, 4),
+            torch.randn(1, 5, 2),
+            torch.zeros(3),
+            torch.zeros(3),
+            torch.randn(2, 5, 5),
+            1,
+        )
+    with pytest.raises(ValueError, match=r'H, W >= kernel_size.*kernel_size 7'):
+        x = torch.randn(1, 1, 5, 9, 4)
+        neighborhood_attention(x, x, x, torch.randn(1, 13, 13), 7)
