@@ -236,6 +236,17 @@ def _fused_deformable_counter(count_bias: bool) -> Handle:
     return handle
 
 
+def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
+    """Handle of the fast path's op ``dat::neighborhood_attention``.
+
+    Its inputs are ``q``, ``k``, ``v`` ``(B, heads, H, W, d)``, ``rpb`` and ``kernel_size``;
+    counted as the reference's two einsums (``q.k`` and ``attn.v`` over ``k * k`` keys).
+    """
+    b, heads, h, w, d = get_shape(inputs[0])
+    kernel_size = inputs[4].toIValue()
+    return Counter({'einsum': 2 * b * heads * h * w * kernel_size**2 * d})
+
+
 def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
     """The complete table of op handlers of a convention.
 
@@ -261,6 +272,7 @@ def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
         'aten::einsum': _einsum_flop_jit,
         'aten::scaled_dot_product_attention': _sdpa_flop_jit,
         'dat::deformable_attention': _fused_deformable_counter(count_bias=convention == 'paper'),
+        'dat::neighborhood_attention': _fused_neighborhood_flop_jit,
     }
     if convention == 'paper':
         handles.update(

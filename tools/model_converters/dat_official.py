@@ -16,8 +16,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from projects.dat.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_original_checkpoint
 from projects.dat.converter import ConversionError, convert_original_state_dict
 

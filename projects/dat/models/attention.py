@@ -65,6 +65,43 @@ def neighborhood_attention_reference(q: Tensor, k: Tensor, v: Tensor, rpb: Tenso
     return out.reshape(b, heads, h, w, d)
 
 
+def deformable_attention_logits(q: Tensor, k: Tensor, pos: Tensor, query_coords: Tensor,
+                                rpe_table: Tensor, num_groups: int) -> Tensor:
+    """Logits of deformable attention (before the softmax) for any set of queries.
+
+    ``q.k * d ** -0.5`` plus the bias read bilinearly (``align_corners=True``, zero padding)
+    from each head's table at the displacement ``(query - key position) / 2``, operation by
+    operation as the original. It stores the displacement ``(Nq, Ns, 2)`` per group and the
+    bias ``(Nq, Ns)`` per head.
+
+    Args:
+        q (Tensor): ``(B, C, Nq)`` projected queries; heads are contiguous channel blocks.
+        k (Tensor): ``(B, C, Ns)`` projected keys of the sampled points.
+        pos (Tensor): ``(B * groups, Ns, 2)`` key positions, normalised, ``(y, x)``.
+        query_coords (Tensor): ``(Nq, 2)`` normalised query coordinates, ``(y, x)``.
+        rpe_table (Tensor): ``(heads, Th, Tw)`` bias table; group ``i`` owns heads
+            ``[i * heads / groups, (i + 1) * heads / groups)``.
+        num_groups (int): Number of offset groups.
+
+    Returns:
+        Tensor: ``(B, heads, Nq, Ns)`` logits.
+    """
+    b, c, num_queries = q.shape
+    heads = rpe_table.shape[0]
+    head_dim = c // heads
+    num_keys = k.shape[-1]
+    if query_coords.shape != (num_queries, 2):
+        raise ValueError(f'query_coords must be ({num_queries}, 2) for {num_queries} queries, '
+                         f'got {tuple(query_coords.shape)}')
+    logits = torch.einsum('bcm,bcn->bmn', q.reshape(b * heads, head_dim, num_queries),
+                          k.reshape(b * heads, head_dim, num_keys)).mul(head_dim ** -0.5)
+    displacement = (query_coords.reshape(1, num_queries, 1, 2)
+                    - pos.reshape(b * num_groups, 1, num_keys, 2)).mul(0.5)
+    table = rpe_table[None].expand(b, -1, -1, -1).reshape(b * num_groups, heads // num_groups, *rpe_table.shape[1:])
+    bias = F.grid_sample(table, displacement[..., (1, 0)], mode='bilinear', align_corners=True)
+    return (logits + bias.reshape(b * heads, num_queries, num_keys)).reshape(b, heads, num_queries, num_keys)
+
+
 def deformable_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
                                    query_coords: Tensor, rpe_table: Tensor,
                                    num_groups: int) -> Tensor:
@@ -72,8 +109,9 @@ def deformable_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
 
     Follows the original operation by operation: logits ``q.k * d ** -0.5``; the bias is a
     bilinear read (``align_corners=True``, zero padding) of each head's table at the
-    displacement ``(query - key position) / 2``; softmax over keys. It stores the
-    displacement ``(HW, Ns, 2)`` per group and the bias and attention ``(HW, Ns)`` per head.
+    displacement ``(query - key position) / 2`` (:func:`deformable_attention_logits`); softmax
+    over keys. It stores the displacement ``(HW, Ns, 2)`` per group and the bias and attention
+    ``(HW, Ns)`` per head.
 
     Args:
         q (Tensor): ``(B, C, H, W)`` projected queries; heads are contiguous channel blocks.
@@ -90,19 +128,9 @@ def deformable_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
     """
     b, c, h, w = q.shape
     heads = rpe_table.shape[0]
-    head_dim = c // heads
-    num_keys = k.shape[-1]
-    q = q.reshape(b * heads, head_dim, h * w)
-    k = k.reshape(b * heads, head_dim, num_keys)
-    v = v.reshape(b * heads, head_dim, num_keys)
-    attn = torch.einsum('bcm,bcn->bmn', q, k).mul(head_dim ** -0.5)
-
-    displacement = (query_coords.reshape(1, h * w, 1, 2) - pos.reshape(b * num_groups, 1, num_keys, 2)).mul(0.5)
-    table = rpe_table[None].expand(b, -1, -1, -1).reshape(b * num_groups, heads // num_groups, *rpe_table.shape[1:])
-    bias = F.grid_sample(table, displacement[..., (1, 0)], mode='bilinear', align_corners=True)
-    attn = attn + bias.reshape(b * heads, h * w, num_keys)
-
-    out = torch.einsum('bmn,bcn->bcm', attn.softmax(dim=2), v)
+    logits = deformable_attention_logits(q.reshape(b, c, h * w), k, pos, query_coords, rpe_table, num_groups)
+    v = v.reshape(b * heads, c // heads, -1)
+    out = torch.einsum('bmn,bcn->bcm', logits.reshape(b * heads, h * w, -1).softmax(dim=2), v)
     return out.reshape(b, c, h, w)
 
 

@@ -26,12 +26,26 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import (check_attn_impl, deformable_attention, deformable_attention_reference,
-                        neighborhood_attention, neighborhood_attention_reference, use_fast_attention,
-                        window_attention)
-from .geometry import (key_reference_points, offset_conv_padding, pad_to_multiple, query_grid,
-                       relative_position_index, shift_size_for, shifted_window_mask,
-                       window_partition, window_reverse)
+from .attention import (
+    check_attn_impl,
+    deformable_attention,
+    deformable_attention_reference,
+    neighborhood_attention,
+    neighborhood_attention_reference,
+    use_fast_attention,
+    window_attention,
+)
+from .geometry import (
+    key_reference_points,
+    offset_conv_padding,
+    pad_to_multiple,
+    query_grid,
+    relative_position_index,
+    shift_size_for,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 
 VERSIONS = ('v1', 'pp')
 CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
@@ -445,14 +459,21 @@ class DAT(BaseModule):
     """
 
     arch_zoo = {
-        **dict.fromkeys(['dat-t', 'dat-tiny'], _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_T, 0.2)),
-        **dict.fromkeys(['dat-s', 'dat-small'], _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_S, 0.3)),
-        **dict.fromkeys(['dat-b', 'dat-base'], _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5)),
+        **dict.fromkeys(['dat-t', 'dat-tiny'],
+                        _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_T, 0.2)),
+        **dict.fromkeys(['dat-s', 'dat-small'],
+                        _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_S, 0.3)),
+        **dict.fromkeys(['dat-b', 'dat-base'],
+                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5)),
         **dict.fromkeys(['dat-b-384', 'dat-base-384'],
-                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5, window_size=12)),
-        **dict.fromkeys(['datpp-t', 'datpp-tiny'], _variant('pp', [64, 128, 256, 512], [2, 4, 8, 16], [1, 2, 4, 8], _PP, 0.2)),
-        **dict.fromkeys(['datpp-s', 'datpp-small'], _variant('pp', [96, 192, 384, 768], [3, 6, 12, 24], [1, 2, 3, 6], _PP, 0.4)),
-        **dict.fromkeys(['datpp-b', 'datpp-base'], _variant('pp', [128, 256, 512, 1024], [4, 8, 16, 32], [2, 4, 8, 16], _PP, 0.7)),
+                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5,
+                                 window_size=12)),
+        **dict.fromkeys(['datpp-t', 'datpp-tiny'],
+                        _variant('pp', [64, 128, 256, 512], [2, 4, 8, 16], [1, 2, 4, 8], _PP, 0.2)),
+        **dict.fromkeys(['datpp-s', 'datpp-small'],
+                        _variant('pp', [96, 192, 384, 768], [3, 6, 12, 24], [1, 2, 3, 6], _PP, 0.4)),
+        **dict.fromkeys(['datpp-b', 'datpp-base'],
+                        _variant('pp', [128, 256, 512, 1024], [4, 8, 16, 32], [2, 4, 8, 16], _PP, 0.7)),
     }
 
     def __init__(self,
@@ -677,7 +698,7 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         raise ValueError(f"arch['groups'] must hold ints >= 0 (0 for stages without D blocks), "
                          f"got {settings['groups']!r}")
     for i, (dim, heads, groups, spec) in enumerate(zip(settings['dims'], settings['heads'],
-                                                       settings['groups'], settings['stage_spec'])):
+                                                       settings['groups'], settings['stage_spec'], strict=True)):
         if not spec or any(kind not in BLOCK_TYPES for kind in spec):
             raise ValueError(f"stage_spec[{i}] must be a non-empty string of {list(BLOCK_TYPES)}, got {spec!r}")
         if dim % heads:

@@ -3,11 +3,10 @@ attention weights of chosen queries, for visualisation and debugging.
 
 Nothing here re-implements the block: :func:`deformable_attention_maps` runs the module's
 own forward pass and reads ``q`` and ``k`` from its projections, the positions from
-:meth:`DeformableAttention.sampling_positions`, and computes the logits with
-:func:`deformable_attention_logits`. That function is steps 6-7 of the spec (``q.k`` scaled,
-plus the deformable relative position bias) exactly as in
-:func:`~projects.dat.models.attention.deformable_attention_reference`, for any subset of the
-queries; the tests check that ``softmax(logits) @ v`` reproduces the block's output.
+:meth:`DeformableAttention.sampling_positions`, and computes the logits of the chosen queries
+with :func:`~projects.dat.models.attention.deformable_attention_logits`, the function the
+reference attention itself uses; the tests check that ``softmax(logits) @ v`` reproduces the
+block's output.
 """
 
 from __future__ import annotations
@@ -15,62 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import deformable_attention_logits
 from .dat import DeformableAttention
 from .geometry import query_grid
 
-__all__ = ['DeformableAttentionMaps', 'deformable_attention_logits', 'deformable_attention_maps']
-
-
-def deformable_attention_logits(
-    q: Tensor, k: Tensor, pos: Tensor, query_coords: Tensor, rpe_table: Tensor, num_groups: int
-) -> Tensor:
-    """Attention logits of a deformable block (before the softmax) for a set of queries.
-
-    ``q.k * d ** -0.5`` plus the bias read bilinearly (``align_corners=True``, zero padding)
-    from each head's table at the displacement ``(query - key position) / 2``.
-
-    Args:
-        q (Tensor): ``(B, C, Nq)`` projected queries; heads are contiguous channel blocks.
-        k (Tensor): ``(B, C, Ns)`` projected keys of the sampled points.
-        pos (Tensor): ``(B * groups, Ns, 2)`` key positions, normalised, ``(y, x)``.
-        query_coords (Tensor): ``(Nq, 2)`` normalised coordinates of the queries, ``(y, x)``
-            (from :func:`~projects.dat.models.geometry.query_grid`).
-        rpe_table (Tensor): ``(heads, Th, Tw)`` bias table; group ``i`` owns heads
-            ``[i * heads / groups, (i + 1) * heads / groups)``.
-        num_groups (int): Number of offset groups.
-
-    Returns:
-        Tensor: ``(B, heads, Nq, Ns)`` logits.
-    """
-    b, c, num_queries = q.shape
-    heads = rpe_table.shape[0]
-    head_dim = c // heads
-    num_keys = k.shape[-1]
-    if query_coords.shape != (num_queries, 2):
-        raise ValueError(
-            f'query_coords must be ({num_queries}, 2) for {num_queries} queries, '
-            f'got {tuple(query_coords.shape)}'
-        )
-    logits = torch.einsum(
-        'bcm,bcn->bmn',
-        q.reshape(b * heads, head_dim, num_queries),
-        k.reshape(b * heads, head_dim, num_keys),
-    ).mul(head_dim**-0.5)
-    displacement = (
-        query_coords.reshape(1, num_queries, 1, 2) - pos.reshape(b * num_groups, 1, num_keys, 2)
-    ).mul(0.5)
-    table = (
-        rpe_table[None]
-        .expand(b, -1, -1, -1)
-        .reshape(b * num_groups, heads // num_groups, *rpe_table.shape[1:])
-    )
-    bias = F.grid_sample(table, displacement[..., (1, 0)], mode='bilinear', align_corners=True)
-    return (logits + bias.reshape(b * heads, num_queries, num_keys)).reshape(
-        b, heads, num_queries, num_keys
-    )
+__all__ = ['DeformableAttentionMaps', 'deformable_attention_maps']
 
 
 @dataclass
