@@ -147,11 +147,14 @@ def test_backbone_fast_equals_reference(version, size):
     outs_fast, grads_fast = run('fast')
     for i, (a, e) in enumerate(zip(outs_fast, outs_ref, strict=False)):
         assert_rel_close(a, e, name=f'output {i}')
-    # Gradients that are zero in exact math (proj_k biases: softmax ignores them; everything
-    # of attention over a single key on 1x1 maps) are compared at 1e-3 of the largest one.
-    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())
+    # Gradients that are zero in exact math (proj_k biases: softmax ignores them; attention over a
+    # single key on 1x1 maps) are round-off on both paths: they must stay tiny against the largest.
+    largest = max(g.abs().max().item() for g in grads_ref.values())
     for name, grad in grads_ref.items():
-        assert_rel_close(grads_fast[name], grad, name=name, floor=floor)
+        if grad.abs().max() <= 1e-6 * largest:
+            assert grads_fast[name].abs().max() <= 1e-5 * largest, name
+        else:
+            assert_rel_close(grads_fast[name], grad, name=name)
 
 
 @pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')

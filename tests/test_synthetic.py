@@ -12,6 +12,7 @@
 """
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,20 @@ def test_rerun_overwrites_same_files(tmp_path):
     first = _digest(tmp_path)
     make_coco(str(tmp_path), **kwargs)
     assert _digest(tmp_path) == first
+
+
+def test_noise_changes_pixels_not_annotations(tmp_path):
+    for noise in (0, 12):
+        make_coco(str(tmp_path / str(noise)), num_train=2, num_val=1, size=(48, 48), noise=noise, progress=False)
+    for split in ('train', 'val'):
+        a, b = (
+            json.loads((tmp_path / n / 'annotations' / f'instances_{split}2017.json').read_text())
+            for n in '0 12'.split()
+        )
+        assert a['annotations'] == b['annotations'] and a['images'] == b['images']
+    flat = np.asarray(Image.open(tmp_path / '0' / 'train2017' / '000000000000.jpg'), dtype=np.float32)
+    noisy = np.asarray(Image.open(tmp_path / '12' / 'train2017' / '000000000000.jpg'), dtype=np.float32)
+    assert np.abs(noisy - flat).mean() > 3
 
 
 def test_image_does_not_depend_on_count(tmp_path):
@@ -284,6 +299,7 @@ def test_loads_as_mmpretrain_imagenet(imagenet_root):
         (lambda d: make_ade20k(d, num_classes=1), 'num_classes must be in 2..8, got 1'),
         (lambda d: make_imagenet(d, classes=('triangle', 'circle')), 'classes must be sorted'),
         (lambda d: make_dataset('voc', d), "dataset kind must be one of .* got 'voc'"),
+        (lambda d: make_imagenet(d, noise=-1), r'noise must be a number in \[0, 100\]'),
     ],
 )
 def test_bad_arguments(call, match, tmp_path):

@@ -267,6 +267,24 @@ def test_short_classification_training_lowers_loss(tmp_path):
     assert accuracy > 25.0  # 4 balanced classes: chance is 25 %
 
 
+def test_roi_features_do_not_depend_on_memory_layout():
+    """The detector's RoI features are those of its neck maps, whatever their memory layout."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    cfg = Config.fromfile(str(DET_CONFIG))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    rois = torch.tensor([[0, 4.0, 6.0, 40.0, 50.0], [1, 10.0, 0.0, 60.0, 30.0]])
+    with torch.no_grad():
+        feats = model.neck(model.backbone(torch.randn(2, 3, 64, 64)))
+        extractor = model.roi_head.bbox_roi_extractor
+        as_given = extractor(feats[: extractor.num_inputs], rois)
+        contiguous = extractor(tuple(f.contiguous() for f in feats[: extractor.num_inputs]), rois)
+    torch.testing.assert_close(as_given, contiguous)
+
+
 # ---------------------------------------------------------------------------------------------
 # The glue, in process
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
 
 
+def _check_noise(noise: float) -> None:
+    if not isinstance(noise, (int, float)) or not 0 <= noise <= 100:
+        raise ValueError(f'noise must be a number in [0, 100] (grey levels), got {noise!r}')
+
+
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
     if len(size) != 2 or any(not isinstance(s, (int, np.integer)) or s < 32 for s in size):
         raise ValueError(f'size must be (height, width) with both >= 32, got {tuple(size)}')
@@ -111,7 +116,7 @@ def _progress(total: int, enabled: bool) -> Callable[[], None]:
     return bar.update
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int, noise: float) -> np.ndarray:
     """A low-saturation, linearly shaded background with pixel noise, float32 HxWx3."""
     base = rng.uniform(60, 190)
     tint = rng.uniform(-20, 20, size=3)
@@ -119,7 +124,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None, None]
     xs = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :, None]
     img = base + tint[None, None, :] + gy * ys + gx * xs
-    img = img + rng.normal(0, 12, size=(height, width, 3))
+    img = img + rng.normal(0, noise, size=(height, width, 3))
     return img.astype(np.float32)
 
 
@@ -165,12 +170,12 @@ def _rasterize(polygon: Sequence[tuple[float, float]], height: int, width: int) 
     return np.asarray(canvas, dtype=bool)
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, colour: Sequence[float], rng: np.random.Generator) -> None:
+def _paint(img: np.ndarray, mask: np.ndarray, colour: Sequence[float], rng: np.random.Generator, noise: float) -> None:
     """Fill ``mask`` of ``img`` with ``colour`` jittered per object plus mild pixel noise."""
     jitter = rng.uniform(-25, 25, size=3)
     col = np.clip(np.asarray(colour, dtype=np.float32) + jitter, 0, 255)
-    noise = rng.normal(0, 6, size=(int(mask.sum()), 3))
-    img[mask] = col[None, :] + noise
+    pixel_noise = rng.normal(0, noise, size=(int(mask.sum()), 3))
+    img[mask] = col[None, :] + pixel_noise
 
 
 def _place_objects(
@@ -195,9 +200,14 @@ def _save_image(img: np.ndarray, path: str) -> None:
 
 
 def _coco_image(
-    rng: np.random.Generator, height: int, width: int, classes: Sequence[str], max_objects: int
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    classes: Sequence[str],
+    max_objects: int,
+    noise: float,
 ) -> tuple[np.ndarray, list[dict]]:
-    img = _background(rng, height, width)
+    img = _background(rng, height, width, noise)
     num = int(rng.integers(1, max_objects + 1))
     objects = []
     for cx, cy, r in _place_objects(rng, height, width, num, 0.18, 0.55):
@@ -207,7 +217,7 @@ def _coco_image(
         mask = _rasterize(polygon, height, width)
         if mask.sum() < 16:
             continue
-        _paint(img, mask, SHAPES[kind], rng)
+        _paint(img, mask, SHAPES[kind], rng, noise / 2)
         ys, xs = np.nonzero(mask)
         x0, y0 = float(xs.min()), float(ys.min())
         x1, y1 = float(xs.max() + 1), float(ys.max() + 1)
@@ -232,6 +242,7 @@ def make_coco(
     seed: int = 0,
     classes: Sequence[str] = COCO_CLASSES,
     max_objects: int = 4,
+    noise: float = 12.0,
     progress: bool = True,
 ) -> dict[str, str]:
     """Write a COCO-instances dataset of shapes (boxes and polygon masks).
@@ -245,12 +256,15 @@ def make_coco(
         classes (Sequence[str]): shape kinds used as categories (ids 1..K in this order),
             each from ``SHAPES``. Defaults to ``COCO_CLASSES``.
         max_objects (int): at most this many objects per image (at least 1). Defaults to 4.
+        noise (float): standard deviation of the background's pixel noise (grey levels); objects
+            get half of it. Defaults to 12.0.
         progress (bool): show a progress bar. Defaults to True.
 
     Returns:
         dict[str, str]: paths of the written annotation files, keys 'train' and 'val'.
     """
     _check_positive('num_train', num_train)
+    _check_noise(noise)
     _check_positive('num_val', num_val)
     _check_positive('max_objects', max_objects)
     height, width = _check_size(size)
@@ -267,7 +281,7 @@ def make_coco(
         images, annotations = [], []
         for idx in range(count):
             rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
-            img, objects = _coco_image(rng, height, width, classes, max_objects)
+            img, objects = _coco_image(rng, height, width, classes, max_objects, noise)
             file_name = f'{idx:012d}.jpg'
             _save_image(img, osp.join(img_dir, file_name))
             images.append(dict(id=idx, file_name=file_name, height=height, width=width))
@@ -290,16 +304,18 @@ def make_coco(
     return written
 
 
-def _ade_image(rng: np.random.Generator, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _ade_image(
+    rng: np.random.Generator, height: int, width: int, num_classes: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A scene: class 1 above a random horizon, class 2 below, shapes of classes 3..K,
     and a few grey 'other' (label 0) blobs."""
-    img = _background(rng, height, width)
+    img = _background(rng, height, width, noise)
     label = np.zeros((height, width), dtype=np.uint8)
     horizon = int(rng.uniform(0.3, 0.7) * height)
     for ade_id, rows in ((1, slice(0, horizon)), (2, slice(horizon, height))):
         region = np.zeros((height, width), dtype=bool)
         region[rows] = True
-        _paint(img, region, _ADE_COLOURS[ade_id - 1], rng)
+        _paint(img, region, _ADE_COLOURS[ade_id - 1], rng, noise / 2)
         label[region] = ade_id
     kinds = list(SHAPES)
     num = int(rng.integers(1, 5))
@@ -317,7 +333,7 @@ def _ade_image(rng: np.random.Generator, height: int, width: int, num_classes: i
             height,
             width,
         )
-        _paint(img, mask, colour, rng)
+        _paint(img, mask, colour, rng, noise / 2)
         label[mask] = ade_id
     return img, label
 
@@ -329,6 +345,7 @@ def make_ade20k(
     size: Sequence[int] = (128, 128),
     seed: int = 0,
     num_classes: int = 5,
+    noise: float = 12.0,
     progress: bool = True,
 ) -> dict[str, str]:
     """Write an ADE20K-style semantic segmentation dataset.
@@ -344,12 +361,15 @@ def make_ade20k(
         size (Sequence[int]): image (height, width). Defaults to (128, 128).
         seed (int): base random seed. Defaults to 0.
         num_classes (int): K, between 2 and ``len(ADE20K_CLASSES)``. Defaults to 5.
+        noise (float): standard deviation of the background's pixel noise (grey levels); objects
+            get half of it. Defaults to 12.0.
         progress (bool): show a progress bar. Defaults to True.
 
     Returns:
         dict[str, str]: image folders written, keys 'train' and 'val'.
     """
     _check_positive('num_train', num_train)
+    _check_noise(noise)
     _check_positive('num_val', num_val)
     height, width = _check_size(size)
     if not 2 <= num_classes <= len(ADE20K_CLASSES):
@@ -363,7 +383,7 @@ def make_ade20k(
         os.makedirs(ann_dir, exist_ok=True)
         for idx in range(count):
             rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
-            img, label = _ade_image(rng, height, width, num_classes)
+            img, label = _ade_image(rng, height, width, num_classes, noise)
             name = f'ADE_{folder[0:5]}_{idx:08d}'
             _save_image(img, osp.join(img_dir, name + '.jpg'))
             Image.fromarray(label).save(osp.join(ann_dir, name + '.png'))
@@ -379,6 +399,7 @@ def make_imagenet(
     size: Sequence[int] = (64, 64),
     seed: int = 0,
     classes: Sequence[str] = IMAGENET_CLASSES,
+    noise: float = 12.0,
     progress: bool = True,
 ) -> dict[str, str]:
     """Write an ImageNet-style classification dataset (one shape per image).
@@ -391,12 +412,15 @@ def make_imagenet(
         seed (int): base random seed. Defaults to 0.
         classes (Sequence[str]): shape kinds used as classes (label = position), each from
             ``SHAPES``. Defaults to ``IMAGENET_CLASSES``.
+        noise (float): standard deviation of the background's pixel noise (grey levels); objects
+            get half of it. Defaults to 12.0.
         progress (bool): show a progress bar. Defaults to True.
 
     Returns:
         dict[str, str]: paths of the annotation lists, keys 'train' and 'val'.
     """
     _check_positive('num_train', num_train)
+    _check_noise(noise)
     _check_positive('num_val', num_val)
     height, width = _check_size(size)
     unknown = [c for c in classes if c not in SHAPES]
@@ -415,13 +439,13 @@ def make_imagenet(
             os.makedirs(osp.join(out_dir, split, kind), exist_ok=True)
             for idx in range(per_class):
                 rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, idx])
-                img = _background(rng, height, width)
+                img = _background(rng, height, width, noise)
                 side = min(height, width)
                 r = rng.uniform(0.25, 0.45) * side
                 cx = rng.uniform(r, width - r)
                 cy = rng.uniform(r, height - r)
                 polygon = render_shape_polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi), rng.uniform(0.7, 1.4))
-                _paint(img, _rasterize(polygon, height, width), SHAPES[kind], rng)
+                _paint(img, _rasterize(polygon, height, width), SHAPES[kind], rng, noise / 2)
                 rel = f'{kind}/{split}_{idx:06d}.JPEG'
                 _save_image(img, osp.join(out_dir, split, rel))
                 lines.append(f'{rel} {label}')

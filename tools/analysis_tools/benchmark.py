@@ -1,9 +1,11 @@
 """Throughput, latency and peak memory of DAT backbones and whole models, side by side.
 
-Every measurement (one model, one input, forward or forward+backward) runs in a fresh
-subprocess by default, so that models measured in one run do not share allocator state and
-peak memory can be read for each on its own. Models are measured one after the other for
-each input and mode, so the ratios of the table come from one run on one machine state.
+Each model of a run gets its own worker process (so that models do not share allocator
+state and peak memory is read for each alone). The workers warm up one after the other;
+then the timed iterations alternate between them (round i times iteration i of every
+model), so that a change of machine load during the run (a shared machine) affects all
+models alike and the ratios of the table compare like with like. Only one worker computes
+at a time.
 
 Model specs (``--models``):
 
@@ -21,7 +23,8 @@ height, as mmdet writes image scales).
 
 Protocol (the original DAT code's): ``--warmup`` untimed iterations (default 50), then
 ``--repeats`` timed ones (default 30), each timed on its own (CUDA synchronised); the table
-shows the median latency per iteration and images/s = batch / median. ``--quick`` runs 2 +
+shows the median latency per iteration and images/s = batch / median; the JSON output keeps
+every iteration's time. ``--quick`` runs 2 +
 5 for a small CPU. Forward runs in eval mode under ``torch.no_grad()``; forward+backward in
 train mode with the gradients of all parameters.
 
@@ -215,6 +218,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so that idle workers hold little."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_rss_mib() -> float:
     with open('/proc/self/status') as f:
         for line in f:
@@ -223,110 +237,214 @@ def _peak_rss_mib() -> float:
     raise RuntimeError('VmHWM not found in /proc/self/status')
 
 
+class Session:
+    """A model, its input and the state of one measurement, in the current process.
+
+    Args:
+        job (Job): What to measure.
+    """
+
+    def __init__(self, job: Job):
+        torch.set_num_threads(job.threads)
+        t0 = time.perf_counter()
+        self.job = job
+        self.device = torch.device(job.device)
+        torch.manual_seed(0)
+        self.model, run = build_model(job.model, job.height, job.width)
+        self.model.to(self.device)
+        self.backward = job.mode == 'fwd+bwd'
+        self.model.train(self.backward)
+        self.inputs = torch.randn(job.batch, 3, job.height, job.width, device=self.device)
+        self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        self.compile_s = self.graph_breaks = None
+        if job.compile:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+            run = torch.compile(run)
+        self.run = run
+        self.times: list[float] = []
+        gc.collect()
+        self.setup_s = time.perf_counter() - t0
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mem = torch.cuda.memory_allocated(self.device) / 2**20
+            self.memory_method = 'torch.cuda.max_memory_allocated - allocated before the first iteration'
+        else:
+            self.base_mem = _rss_mib()
+            self.memory_method = (
+                'peak RSS (VmHWM after /proc/self/clear_refs) - RSS before the first iteration'
+                if _reset_peak_rss()
+                else 'ru_maxrss - RSS before the first iteration (peak could not be reset)'
+            )
+
+    def step(self) -> float:
+        """Run one iteration and return its wall time in seconds (CUDA synchronised)."""
+        t0 = time.perf_counter()
+        with (
+            torch.set_grad_enabled(self.backward),
+            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.job.amp),
+        ):
+            outputs = self.run(self.inputs)
+        if self.backward:
+            loss = sum(t.float().mean() for t in _tensor_leaves(outputs))
+            loss.backward()
+            for p in self.model.parameters():
+                p.grad = None
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def warmup(self) -> None:
+        """The compiling iteration (with ``--compile``) and the untimed warm-up iterations."""
+        if self.job.compile and self.compile_s is None:
+            from torch._dynamo.utils import counters
+
+            self.compile_s = self.step()
+            self.graph_breaks = sum(counters['graph_break'].values())
+        for _ in range(self.job.warmup):
+            self.step()
+        _release_memory()
+
+    def timed_step(self) -> float:
+        seconds = self.step()
+        self.times.append(seconds)
+        _release_memory()  # not timed
+        return seconds
+
+    def result(self) -> dict[str, Any]:
+        """Latency statistics, images/s and peak memory of the timed iterations."""
+        if self.device.type == 'cuda':
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mem
+        elif self.memory_method.startswith('peak RSS'):
+            peak = _peak_rss_mib() - self.base_mem
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.base_mem
+        times = self.times
+        median = statistics.median(times)
+        return dict(
+            job=asdict(self.job),
+            setup_s=self.setup_s,
+            compile_s=self.compile_s,
+            graph_breaks=self.graph_breaks,
+            latency_ms=dict(
+                median=median * 1e3,
+                mean=statistics.fmean(times) * 1e3,
+                min=min(times) * 1e3,
+                max=max(times) * 1e3,
+                std=statistics.pstdev(times) * 1e3,
+                all=[t * 1e3 for t in times],
+            ),
+            images_per_s=self.job.batch / median,
+            peak_mem_mib=peak,
+            memory_method=self.memory_method,
+        )
+
+
 def measure(job: Job) -> dict[str, Any]:
-    """Run one measurement in this process and return its numbers.
+    """Run one measurement in this process: warm-up, then ``job.repeats`` timed iterations.
 
     Returns:
-        dict: ``latency_ms`` (median, mean, min, max, std), ``images_per_s``,
+        dict: ``latency_ms`` (median, mean, min, max, std, all), ``images_per_s``,
         ``peak_mem_mib``, ``memory_method``, ``compile_s`` and ``graph_breaks`` (with
         ``--compile``), ``setup_s``.
     """
-    torch.set_num_threads(job.threads)
-    device = torch.device(job.device)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model, run = build_model(job.model, job.height, job.width)
-    model.to(device)
-    backward = job.mode == 'fwd+bwd'
-    model.train(backward)
-    inputs = torch.randn(job.batch, 3, job.height, job.width, device=device)
-    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-    compile_s = graph_breaks = None
-    if job.compile:
-        from torch._dynamo.utils import counters
-
-        counters.clear()
-        run = torch.compile(run)
-
-    def step() -> None:
-        with torch.set_grad_enabled(backward), torch.autocast(device.type, dtype=amp_dtype, enabled=job.amp):
-            outputs = run(inputs)
-        if backward:
-            loss = sum(t.float().mean() for t in _tensor_leaves(outputs))
-            loss.backward()
-            for p in model.parameters():
-                p.grad = None
-
-    def sync() -> None:
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-
-    gc.collect()
-    setup_s = time.perf_counter() - t0
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mem = torch.cuda.memory_allocated(device) / 2**20
-        method = 'torch.cuda.max_memory_allocated - allocated before the first iteration'
-    else:
-        base_mem = _rss_mib()
-        method = (
-            'peak RSS (VmHWM after /proc/self/clear_refs) - RSS before the first iteration'
-            if _reset_peak_rss()
-            else 'ru_maxrss - RSS before the first iteration (peak could not be reset)'
-        )
-    if job.compile:
-        t_c = time.perf_counter()
-        step()
-        sync()
-        compile_s = time.perf_counter() - t_c
-        graph_breaks = sum(counters['graph_break'].values())
-    for _ in range(job.warmup):
-        step()
-    sync()
-    times = []
+    session = Session(job)
+    session.warmup()
     for _ in range(job.repeats):
-        t_s = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t_s)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 - base_mem
-    elif method.startswith('peak RSS'):
-        peak = _peak_rss_mib() - base_mem
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mem
-    median = statistics.median(times)
-    return dict(
-        job=asdict(job),
-        setup_s=setup_s,
-        compile_s=compile_s,
-        graph_breaks=graph_breaks,
-        latency_ms=dict(
-            median=median * 1e3,
-            mean=statistics.fmean(times) * 1e3,
-            min=min(times) * 1e3,
-            max=max(times) * 1e3,
-            std=statistics.pstdev(times) * 1e3,
-        ),
-        images_per_s=job.batch / median,
-        peak_mem_mib=peak,
-        memory_method=method,
-    )
+        session.timed_step()
+    return session.result()
 
 
-def run_isolated(job: Job, timeout: float | None) -> dict[str, Any]:
-    """Run :func:`measure` in a fresh Python process and return its result."""
-    cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(asdict(job))]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    tail = '\n'.join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    raise RuntimeError(f'benchmark worker for {job.model} failed (exit {proc.returncode}):\n{tail}')
+def serve(job: Job) -> None:
+    """Worker loop: build a :class:`Session`, then obey ``warmup`` / ``time`` / ``finish`` on stdin."""
+    session = Session(job)
+    print(RESULT_MARKER + json.dumps(dict(ready=True)), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == 'warmup':
+            session.warmup()
+            reply: dict[str, Any] = dict(ok=True)
+        elif command == 'time':
+            reply = dict(seconds=session.timed_step())
+        elif command == 'finish':
+            print(RESULT_MARKER + json.dumps(session.result()), flush=True)
+            return
+        else:
+            raise ValueError(f'unknown worker command {command!r}')
+        print(RESULT_MARKER + json.dumps(reply), flush=True)
+
+
+class Worker:
+    """A :func:`serve` subprocess for one job (its own allocator state and peak memory)."""
+
+    def __init__(self, job: Job):
+        import tempfile
+
+        self.job = job
+        self.stderr = tempfile.TemporaryFile(mode='w+')
+        cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(asdict(job))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
+        )
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_MARKER):
+                return json.loads(line[len(RESULT_MARKER) :])
+        self.proc.wait()
+        self.stderr.seek(0)
+        tail = '\n'.join(self.stderr.read().strip().splitlines()[-15:])
+        raise RuntimeError(f'benchmark worker for {self.job.model} failed (exit {self.proc.returncode}):\n{tail}')
+
+    def call(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + '\n')
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any]]:
+    """Measure several jobs in their own worker processes, alternating their timed iterations.
+
+    Each worker warms up in turn; then round ``i`` times iteration ``i`` of every job, one
+    after the other, so that a change of machine load during the run affects all of them
+    alike and their ratios stay meaningful. Only one worker computes at a time.
+
+    Args:
+        jobs (list[Job]): Jobs with the same ``repeats``.
+        log (callable): Progress printer.
+
+    Returns:
+        list[dict]: One result per job, as :func:`measure`.
+    """
+    workers: list[Worker] = []
+    try:
+        for job in jobs:
+            log(f'  starting {job.model} (build + {job.warmup} warm-up iterations) ...')
+            t0 = time.perf_counter()
+            worker = Worker(job)
+            workers.append(worker)
+            worker.call('warmup')
+            log(f'  {job.model} ready in {time.perf_counter() - t0:.0f} s')
+        repeats = jobs[0].repeats
+        for i in range(repeats):
+            timings = [f'{w.job.model} {w.call("time")["seconds"] * 1e3:.0f} ms' for w in workers]
+            log(f'  round {i + 1}/{repeats}: ' + ', '.join(timings))
+        return [w.call('finish') for w in workers]
+    finally:
+        for w in workers:
+            w.close()
 
 
 def machine_description(device: str, threads: int) -> dict[str, Any]:
@@ -401,7 +519,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     parser.add_argument('--compile', action='store_true', help='time torch.compile(model); reports graph breaks')
     parser.add_argument('--no-isolate', action='store_true', help='measure in this process (memory less meaningful)')
-    parser.add_argument('--timeout', type=float, default=None, help='seconds per measurement (isolated only)')
     parser.add_argument('--json', help='write all results and the machine description to this file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -422,31 +539,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.worker:
-        result = measure(Job(**json.loads(args.worker)))
-        print(RESULT_MARKER + json.dumps(result), flush=True)
-        return [result]
-    jobs = [
-        Job(model, w, h, b, mode, args.device, args.amp, args.warmup, args.repeats, args.threads, args.compile)
+        serve(Job(**json.loads(args.worker)))
+        return []
+    groups = [
+        [
+            Job(model, w, h, b, mode, args.device, args.amp, args.warmup, args.repeats, args.threads, args.compile)
+            for model in args.models
+        ]
         for (w, h, b) in args.parsed_inputs
         for mode in args.modes
-        for model in args.models
     ]
     machine = machine_description(args.device, args.threads)
     print(f'Machine: {json.dumps(machine)}', flush=True)
-    print(f'{len(jobs)} measurements, {args.warmup} warm-up + {args.repeats} timed iterations each', flush=True)
+    print(
+        f'{sum(map(len, groups))} measurements in {len(groups)} groups, {args.warmup} warm-up + {args.repeats} timed '
+        f'iterations each ({"in this process" if args.no_isolate else "one worker process per model, interleaved"})',
+        flush=True,
+    )
     results = []
-    for i, job in enumerate(jobs, 1):
-        label = f'[{i}/{len(jobs)}] {job.model} {job.width}x{job.height}@{job.batch} {job.mode}'
-        print(f'{label} ...', flush=True)
+    for i, group in enumerate(groups, 1):
+        job = group[0]
+        label = f'[{i}/{len(groups)}] {job.width}x{job.height}@{job.batch} {job.mode}'
+        print(f'{label}: {", ".join(j.model for j in group)}', flush=True)
         t0 = time.perf_counter()
-        result = measure(job) if args.no_isolate else run_isolated(job, args.timeout)
-        results.append(result)
-        extra = f', compile {result["compile_s"]:.1f} s, {result["graph_breaks"]} graph breaks' if job.compile else ''
-        print(
-            f'{label}: {result["latency_ms"]["median"]:.1f} ms/iter, {result["images_per_s"]:.2f} images/s, '
-            f'peak {result["peak_mem_mib"]:.0f} MiB{extra} ({time.perf_counter() - t0:.0f} s)',
-            flush=True,
-        )
+        if args.no_isolate:
+            group_results = [measure(j) for j in group]
+        else:
+            group_results = measure_interleaved(group, log=lambda msg: print(msg, flush=True))
+        for r in group_results:
+            extra = f', compile {r["compile_s"]:.1f} s, {r["graph_breaks"]} graph breaks' if job.compile else ''
+            print(
+                f'  {r["job"]["model"]}: {r["latency_ms"]["median"]:.1f} ms/iter (median), '
+                f'{r["images_per_s"]:.2f} images/s, peak {r["peak_mem_mib"]:.0f} MiB{extra}',
+                flush=True,
+            )
+        print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
+        results += group_results
     machine['load_average_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
     print()
     print(format_table(results))

@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='image size; defaults: coco 160 160, ade20k 128 128, imagenet 64 64',
     )
     parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    parser.add_argument(
+        '--noise', type=float, default=12.0, help='std of the background pixel noise in grey levels (default 12)'
+    )
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     return parser.parse_args(argv)
 
@@ -59,6 +62,7 @@ def main(argv=None) -> None:
         num_val=num_val if args.num_val is None else args.num_val,
         size=size if args.size is None else tuple(args.size),
         seed=args.seed,
+        noise=args.noise,
         progress=not args.no_progress,
     )
     print(f'\nwrote {args.kind} dataset to {args.out_dir}:')

@@ -3,6 +3,7 @@
 Each attention has a straightforward *reference* implementation that follows the original
 code operation by operation; it is the ground truth for the faster paths.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -240,6 +241,22 @@ def _deformable_chunks(bg: int, heads_per_group: int, height: int, width: int, n
     return [(b, b + 1, r, min(r + rows, height)) for b in range(bg) for r in range(0, height, rows)]
 
 
+class _Workspace:
+    """Buffers reused from chunk to chunk, so that a chunk allocates (and page-faults) nothing."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers = {}
+
+    def __call__(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        out = buffer[:numel].view(shape)
+        return out.zero_() if zero else out
+
+
 class _DeformableBias:
     """Builds the bias of one chunk from the padded table and keeps what its backward needs.
 
@@ -249,19 +266,23 @@ class _DeformableBias:
         fy (Tensor): ``(nb, rows, Ns)`` weight of the second y tap.
         ix (Tensor): ``(nb, W, Ns)`` padded column index of the first x tap.
         fx (Tensor): ``(nb, W, Ns)`` weight of the second x tap.
+        ws (_Workspace): Buffers to reuse.
     """
 
-    def __init__(self, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor):
+    def __init__(self, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace):
         nb, hg, tw3, th3 = table_t.shape
         rows, ns = iy.shape[1:]
         width = ix.shape[1]
+        self.ws = ws
         self.fy = fy[:, None, None]
         self.fx = fx[:, None, None]
         # Rows interpolated in y, laid out (nb, hg, Tw + 3, rows, Ns).
-        self.y_index = iy[:, None, None].expand(nb, hg, tw3, rows, ns)
+        shape = (nb, hg, tw3, rows, ns)
+        self.y_index = iy[:, None, None].expand(shape)
         table_rows = table_t[:, :, :, None].expand(nb, hg, tw3, rows, th3)
-        top = torch.gather(table_rows, 4, self.y_index)
-        self.row_diff = torch.gather(table_rows[..., 1:], 4, self.y_index).sub_(top)
+        top = torch.gather(table_rows, 4, self.y_index, out=ws('top', shape, table_t.dtype))
+        self.row_diff = torch.gather(table_rows[..., 1:], 4, self.y_index, out=ws('row_diff', shape, table_t.dtype))
+        self.row_diff.sub_(top)
         self.rows_interp = top.addcmul_(self.row_diff, self.fy)
         self.x_index = ix[:, None, None].expand(nb, hg, rows, width, ns)
 
@@ -273,8 +294,9 @@ class _DeformableBias:
         diff.sub_(out)
         out.addcmul_(diff, self.fx)
 
-    def backward(self, grad_bias: Tensor, diff: Tensor, grad_fx: Tensor, grad_fy: Tensor,
-                 grad_table_t: Tensor) -> None:
+    def backward(
+        self, grad_bias: Tensor, diff: Tensor, grad_fx: Tensor, grad_fy: Tensor, grad_table_t: Tensor
+    ) -> None:
         """Accumulate the gradients of the tap weights and of the tables from ``grad_bias``.
 
         Args:
@@ -284,17 +306,18 @@ class _DeformableBias:
             grad_fy (Tensor): ``(nb, rows, Ns)`` accumulator of the y weight gradient.
             grad_table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` accumulator of the table gradient.
         """
-        nb, hg, tw3, rows, ns = self.rows_interp.shape
+        nb, hg, tw3, rows, ns = shape = self.rows_interp.shape
+        dtype = grad_bias.dtype
         grad_fx += diff.mul_(grad_bias).sum((1, 2))
-        grad_rows = torch.zeros_like(self.rows_interp)
+        grad_rows = self.ws('grad_rows', shape, dtype, zero=True)
         grad_rows_x = grad_rows.transpose(2, 3)
         torch.mul(grad_bias, self.fx, out=diff)
         grad_rows_x[:, :, :, 1:].scatter_add_(3, self.x_index, diff)
         torch.sub(grad_bias, diff, out=diff)
         grad_rows_x.scatter_add_(3, self.x_index, diff)
         # rows_interp = top + fy * (bottom - top)
-        grad_fy += (grad_rows * self.row_diff).sum((1, 2))
-        grad_bottom = grad_rows * self.fy
+        grad_fy += self.row_diff.mul_(grad_rows).sum((1, 2))
+        grad_bottom = torch.mul(grad_rows, self.fy, out=self.ws('grad_bottom', shape, dtype))
         grad_top = grad_rows.sub_(grad_bottom)
         index = self.y_index.reshape(nb, hg, tw3, rows * ns)
         grad_table_t.scatter_add_(3, index, grad_top.view(nb, hg, tw3, rows * ns))
@@ -317,24 +340,34 @@ def _group_tables(table_t: Tensor, b0: int, b1: int) -> Tensor:
 
 
 @torch.library.custom_op('dat::deformable_attention', mutates_args=())
-def _deformable_attention_op(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor,
-                             table: Tensor, num_groups: int, chunk: int) -> Tuple[Tensor, Tensor]:
+def _deformable_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    query_y: Tensor,
+    query_x: Tensor,
+    table: Tensor,
+    num_groups: int,
+    chunk: int,
+) -> Tuple[Tensor, Tensor]:
     bg, hg, d, m = q.shape
     height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
-    scale = d ** -0.5
+    scale = d**-0.5
+    acc = table.dtype
     iy, fy, _, ix, fx, _, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
     out = torch.empty_like(q)
-    acc = table.dtype
     lse = torch.empty(bg, hg, m, dtype=acc, device=q.device)
+    ws = _Workspace(q.device)
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1],
-                               ix[b0:b1], fx[b0:b1])
-        logits = torch.empty(nb, hg, rows, width, ns, dtype=acc, device=q.device)
-        scratch = torch.empty_like(logits)
-        bias.bias_into(logits, scratch)
-        del bias, scratch
+        bias = _DeformableBias(
+            _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
+        )
+        shape = (nb, hg, rows, width, ns)
+        logits = ws('logits', shape, acc)
+        bias.bias_into(logits, ws('diff', shape, acc))
         logits = logits.view(nb * hg, rows * width, ns)
         q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width).transpose(1, 2)
         k_c = k[b0:b1].reshape(nb * hg, d, ns)
@@ -376,13 +409,16 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
     grad_fx = torch.zeros_like(fx)
     grad_fy = torch.zeros_like(fy)
     grad_table_t = torch.zeros(bg, hg, tw + 3, th + 3, dtype=acc, device=q.device)
+    ws = _Workspace(q.device)
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1],
-                               ix[b0:b1], fx[b0:b1])
-        logits = torch.empty(nb, hg, rows, width, ns, dtype=acc, device=q.device)
-        diff = torch.empty_like(logits)
+        bias = _DeformableBias(
+            _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
+        )
+        shape = (nb, hg, rows, width, ns)
+        logits = ws('logits', shape, acc)
+        diff = ws('diff', shape, acc)
         bias.bias_into(logits, diff)
         flat = logits.view(nb * hg, rows * width, ns)
         q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
@@ -396,15 +432,22 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
         probs = flat.sub_(lse[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).exp_()
         probs_v = probs.to(v.dtype)
         grad_v[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(do_c.to(v.dtype), probs_v).to(acc))
-        grad_logits = torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c).to(acc)
+        grad_logits = ws('grad_logits', (nb * hg, rows * width, ns), acc)
+        if v.dtype == acc:
+            torch.bmm(do_c.transpose(1, 2), v_c, out=grad_logits)
+        else:
+            grad_logits.copy_(torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c))
+        # dS = P * (dP - D)
         grad_logits.sub_(delta[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).mul_(probs)
         del probs, probs_v, logits, flat
         grad_s = grad_logits.to(q.dtype)
-        grad_q[b0:b1, :, :, c0:c1] = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale).view(nb, hg, d, rows * width)
+        grad_q_c = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale)
+        grad_q[b0:b1, :, :, c0:c1] = grad_q_c.view(nb, hg, d, rows * width)
         grad_k[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
         del grad_s
-        bias.backward(grad_logits.view(nb, hg, rows, width, ns), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1],
-                      grad_table_t[b0:b1])
+        bias.backward(
+            grad_logits.view(shape), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1], grad_table_t[b0:b1]
+        )
     # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
     grad_pos = torch.stack([(grad_fy * in_y).sum(1) * (-(th - 1) / 4.0),
                             (grad_fx * in_x).sum(1) * (-(tw - 1) / 4.0)], dim=-1)
@@ -488,18 +531,34 @@ def deformable_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: 
 
 # -------------------------------------------------------------------- neighbourhood attention
 #
-# Slot by slot: window slot (a, b) of query (i, j) is key (c(i) + a, c(j) + b) with
-# c(i) = clamp(i, k // 2, H - 1 - k // 2) - k // 2. The forward pass gathers the keys and values
-# of one slot at a time (a transient copy the size of k), so it stores the (k * k, B, heads, HW)
-# logits and probabilities but never the (HW, k * k, d) windows. In the backward pass the
-# scatter to keys and values is a fold of the border rows and columns onto the first and last
-# interior ones followed by a shifted slice addition: no scatter kernel.
+# Inside the operator q, k and v are laid out (H, W, B * heads, d) (token-major, as the qkv
+# projection produces them). Slot by slot: window slot (a, b) of query (i, j) is key
+# (c(i) + a, c(j) + b) with c(i) = clamp(i, k // 2, H - 1 - k // 2) - k // 2. The forward pass
+# gathers the keys and values of one slot at a time into a reused buffer the size of k, so it
+# stores the (k * k, HW, B * heads) logits and probabilities but never the (HW, k * k, d)
+# windows. In the backward pass the scatter to keys and values is a fold of the border rows
+# and columns onto the first and last interior ones followed by a shifted slice addition.
 
 
 def _clamped_window_rows(length: int, kernel_size: int, device: torch.device) -> Tensor:
     """``c(i) = clamp(i, k // 2, L - 1 - k // 2) - k // 2``: the first key of each query's window."""
     half = kernel_size // 2
     return torch.arange(length, device=device).clamp_(half, length - 1 - half) - half
+
+
+def _neighborhood_slots(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Flat key index ``(k * k, HW)`` and flat bias-table index ``(k * k, HW)`` of every slot."""
+    ks = kernel_size
+    rows = _clamped_window_rows(height, ks, device)
+    cols = _clamped_window_rows(width, ks, device)
+    slot = torch.arange(ks, device=device)
+    key_rows = rows[None, :] + slot[:, None]  # (k, H)
+    key_cols = cols[None, :] + slot[:, None]  # (k, W)
+    keys = key_rows[:, None, :, None] * width + key_cols[None, :, None, :]  # (k, k, H, W)
+    bias_rows = key_rows - torch.arange(height, device=device) + ks - 1
+    bias_cols = key_cols - torch.arange(width, device=device) + ks - 1
+    bias = bias_rows[:, None, :, None] * (2 * ks - 1) + bias_cols[None, :, None, :]
+    return keys.reshape(ks * ks, height * width), bias.reshape(ks * ks, height * width)
 
 
 def _fold_borders(x: Tensor, dim: int, kernel_size: int) -> Tensor:
@@ -517,89 +576,78 @@ def _fold_borders(x: Tensor, dim: int, kernel_size: int) -> Tensor:
 
 
 def _scatter_to_keys(grad_keys: Tensor, src: Tensor, a: int, b: int, kernel_size: int) -> None:
-    """``grad_keys[c(i) + a, c(j) + b] += src[i, j]`` for every query; both ``(BH, H, W, d)``."""
-    height, width = src.shape[1:3]
+    """``grad_keys[c(i) + a, c(j) + b] += src[i, j]`` for every query; both ``(H, W, BH, d)``."""
+    height, width = src.shape[:2]
     inner_h, inner_w = height - kernel_size + 1, width - kernel_size + 1
-    src = _fold_borders(_fold_borders(src, 1, kernel_size), 2, kernel_size)
-    grad_keys[:, a:a + inner_h, b:b + inner_w].add_(src)
+    src = _fold_borders(_fold_borders(src, 0, kernel_size), 1, kernel_size)
+    grad_keys[a : a + inner_h, b : b + inner_w].add_(src)
 
 
 @torch.library.custom_op('dat::neighborhood_attention', mutates_args=())
-def _neighborhood_attention_op(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int) -> Tuple[Tensor, Tensor]:
-    b, heads, height, width, d = q.shape
-    ks = kernel_size
-    rows = _clamped_window_rows(height, ks, q.device)
-    cols = _clamped_window_rows(width, ks, q.device)
-    qf = q.reshape(b * heads, height * width, d)
-    kf = k.reshape(b * heads, height * width, d)
-    vf = v.reshape(b * heads, height * width, d)
-    arange_h = torch.arange(height, device=q.device)
-    arange_w = torch.arange(width, device=q.device)
-    rpb_flat = rpb.reshape(heads, -1)
-    probs = torch.empty(ks * ks, b, heads, height * width, dtype=q.dtype, device=q.device)
-    product = torch.empty_like(qf)
-    for a in range(ks):
-        for c in range(ks):
-            s = a * ks + c
-            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
-            bias_index = ((rows + a - arange_h + ks - 1)[:, None] * (2 * ks - 1)
-                          + (cols + c - arange_w + ks - 1)[None, :]).reshape(-1)
-            torch.mul(qf, kf.index_select(1, key), out=product)
-            torch.sum(product.view(b, heads, height * width, d), -1, out=probs[s])
-            probs[s].add_(rpb_flat.index_select(1, bias_index))
-    probs = probs.view(ks * ks, b * heads, height * width, 1)
+def _neighborhood_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int
+) -> Tuple[Tensor, Tensor]:
+    height, width, bh, d = q.shape
+    heads = rpb.shape[0]
+    m, ks = height * width, kernel_size
+    keys, bias_index = _neighborhood_slots(height, width, ks, q.device)
+    qf, kf, vf = q.view(m, bh, d), k.view(m, bh, d), v.view(m, bh, d)
+    bias = rpb.reshape(heads, -1).t()[bias_index]  # (k * k, HW, heads)
+    probs = torch.empty(ks * ks, m, bh, dtype=q.dtype, device=q.device)
+    gathered = torch.empty_like(qf)
+    for s in range(ks * ks):
+        torch.index_select(kf, 0, keys[s], out=gathered)
+        torch.sum(gathered.mul_(qf), -1, out=probs[s])
+        probs[s].view(m, -1, heads).add_(bias[s][:, None])
     probs.sub_(probs.amax(0)).exp_()
     probs.div_(probs.sum(0))
     out = torch.zeros_like(qf)
-    for a in range(ks):
-        for c in range(ks):
-            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
-            out.addcmul_(probs[a * ks + c], vf.index_select(1, key))
-    return out.view(q.shape), probs.view(ks * ks, b, heads, height * width)
+    for s in range(ks * ks):
+        torch.index_select(vf, 0, keys[s], out=gathered)
+        out.addcmul_(gathered, probs[s][..., None])
+    return out.view(q.shape), probs
 
 
 @_neighborhood_attention_op.register_fake
 def _(q, k, v, rpb, kernel_size):
-    b, heads, height, width, _ = q.shape
-    return torch.empty_like(q), q.new_empty(kernel_size * kernel_size, b, heads, height * width)
+    height, width, bh, _ = q.shape
+    return torch.empty_like(q), q.new_empty(kernel_size * kernel_size, height * width, bh)
 
 
 @torch.library.custom_op('dat::neighborhood_attention_backward', mutates_args=())
-def _neighborhood_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor,
-                                        out: Tensor, probs: Tensor, kernel_size: int
-                                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    b, heads, height, width, d = q.shape
-    ks = kernel_size
-    rows = _clamped_window_rows(height, ks, q.device)
-    cols = _clamped_window_rows(width, ks, q.device)
-    arange_h = torch.arange(height, device=q.device)
-    arange_w = torch.arange(width, device=q.device)
-    bh, m = b * heads, height * width
-    qf, kf, vf = q.reshape(bh, m, d), k.reshape(bh, m, d), v.reshape(bh, m, d)
-    grad_out = grad_out.reshape(bh, m, d)
-    probs = probs.reshape(ks * ks, bh, m, 1)
-    delta = (grad_out * out.reshape(bh, m, d)).sum(-1, keepdim=True)  # rowsum(dO * O)
+def _neighborhood_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, probs: Tensor, kernel_size: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    height, width, bh, d = q.shape
+    heads = rpb.shape[0]
+    m, ks = height * width, kernel_size
+    keys, bias_index = _neighborhood_slots(height, width, ks, q.device)
+    qf, kf, vf = q.view(m, bh, d), k.view(m, bh, d), v.view(m, bh, d)
+    grad_out = grad_out.reshape(m, bh, d)
+    delta = (grad_out * out.view(m, bh, d)).sum(-1)  # rowsum(dO * O), (HW, BH)
+    # dS = P * (dP - delta) with dP = dO . v_key, slot by slot.
+    grad_logits = torch.empty_like(probs)
+    gathered = torch.empty_like(qf)
+    for s in range(ks * ks):
+        torch.index_select(vf, 0, keys[s], out=gathered)
+        torch.sum(gathered.mul_(grad_out), -1, out=grad_logits[s])
+    grad_logits.sub_(delta).mul_(probs)
     grad_q = torch.zeros_like(qf)
-    grad_k = torch.zeros_like(k).view(bh, height, width, d)
-    grad_v = torch.zeros_like(v).view(bh, height, width, d)
-    grad_rpb = torch.zeros_like(rpb).view(heads, -1)
-    product = torch.empty_like(qf)
-    grad_logit = torch.empty(bh, m, 1, dtype=q.dtype, device=q.device)
-    for a in range(ks):
-        for c in range(ks):
-            s = a * ks + c
-            key = ((rows + a)[:, None] * width + (cols + c)[None, :]).reshape(-1)
-            bias_index = ((rows + a - arange_h + ks - 1)[:, None] * (2 * ks - 1)
-                          + (cols + c - arange_w + ks - 1)[None, :]).reshape(-1)
-            # dS = P * (dP - delta), dP = dO . v_key
-            torch.mul(grad_out, vf.index_select(1, key), out=product)
-            torch.sum(product, -1, keepdim=True, out=grad_logit)
-            grad_logit.sub_(delta).mul_(probs[s])
-            grad_q.addcmul_(grad_logit, kf.index_select(1, key))
-            _scatter_to_keys(grad_k, torch.mul(qf, grad_logit, out=product).view(bh, height, width, d), a, c, ks)
-            _scatter_to_keys(grad_v, torch.mul(grad_out, probs[s], out=product).view(bh, height, width, d), a, c, ks)
-            grad_rpb.index_add_(1, bias_index, grad_logit.view(b, heads, m).sum(0))
-    return grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_rpb.view(rpb.shape)
+    grad_k = torch.zeros_like(k)
+    grad_v = torch.zeros_like(v)
+    product = torch.empty_like(q)
+    for s in range(ks * ks):
+        a, b = divmod(s, ks)
+        grad_s = grad_logits[s][..., None]
+        torch.index_select(kf, 0, keys[s], out=gathered)
+        grad_q.addcmul_(gathered, grad_s)
+        _scatter_to_keys(grad_k, torch.mul(q, grad_s.view(height, width, bh, 1), out=product), a, b, ks)
+        _scatter_to_keys(grad_v, torch.mul(grad_out.view(q.shape), probs[s].view(height, width, bh, 1), out=product),
+                         a, b, ks)
+    grad_bias = grad_logits.view(ks * ks * m, -1, heads).sum(1)  # summed over the batch
+    grad_rpb = torch.zeros(heads, rpb[0].numel(), dtype=rpb.dtype, device=rpb.device)
+    grad_rpb.index_add_(1, bias_index.reshape(-1), grad_bias.t())
+    return grad_q.view(q.shape), grad_k, grad_v, grad_rpb.view(rpb.shape)
 
 
 @_neighborhood_attention_backward_op.register_fake
@@ -617,7 +665,8 @@ def _neighborhood_setup_context(ctx, inputs, output):
 def _neighborhood_backward(ctx, grad_out, grad_probs):
     q, k, v, rpb, out, probs = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_rpb = _neighborhood_attention_backward_op(
-        grad_out.contiguous(), q, k, v, rpb, out, probs, ctx.kernel_size)
+        grad_out.contiguous(), q, k, v, rpb, out, probs, ctx.kernel_size
+    )
     return grad_q, grad_k, grad_v, grad_rpb, None
 
 
@@ -640,17 +689,29 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
         kernel_size (int): Neighbourhood size ``k`` (odd); H and W must be at least ``k``.
 
     Returns:
-        Tensor: ``(B, heads, H, W, d)``.
+        Tensor: ``(B, heads, H, W, d)``, a view of a token-major ``(H, W, B, heads, d)`` tensor
+        (so that the output projection needs no copy for a single image).
     """
     b, heads, h, w, d = q.shape
-    if (k.shape != q.shape or v.shape != q.shape or kernel_size % 2 == 0 or h < kernel_size or w < kernel_size
-            or rpb.shape != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1)):
-        raise ValueError('neighborhood_attention expects q, k, v (B, heads, H, W, d) with H, W >= kernel_size, an odd '
-                         'kernel_size and rpb (heads, 2k - 1, 2k - 1); got q '
-                         f'{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, '
-                         f'kernel_size {kernel_size}')
+    if (
+        k.shape != q.shape
+        or v.shape != q.shape
+        or kernel_size % 2 == 0
+        or h < kernel_size
+        or w < kernel_size
+        or rpb.shape != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+    ):
+        raise ValueError(
+            'neighborhood_attention expects q, k, v (B, heads, H, W, d) with H, W >= kernel_size, an odd '
+            f'kernel_size and rpb (heads, 2k - 1, 2k - 1); got q {tuple(q.shape)}, k {tuple(k.shape)}, '
+            f'v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, kernel_size {kernel_size}'
+        )
     dtype = _float_dtype(q, k, v)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    out, _ = _neighborhood_attention_op(q.to(acc).contiguous(), k.to(acc).contiguous(), v.to(acc).contiguous(),
-                                        rpb.to(acc).contiguous(), kernel_size)
-    return out.to(dtype)
+
+    def token_major(t: Tensor) -> Tensor:
+        return t.to(acc).permute(2, 3, 0, 1, 4).reshape(h, w, b * heads, d).contiguous()
+
+    out, _ = _neighborhood_attention_op(token_major(q), token_major(k), token_major(v), rpb.to(acc).contiguous(),
+                                        kernel_size)
+    return out.view(h, w, b, heads, d).permute(2, 3, 0, 1, 4).to(dtype)

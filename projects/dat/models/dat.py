@@ -540,7 +540,8 @@ class DAT(BaseModule):
             x (Tensor): ``(B, 3, H, W)`` images, any size of at least 1x1.
 
         Returns:
-            tuple[Tensor]: One ``(B, dims[i], H_i, W_i)`` map per index in ``out_indices``.
+            tuple[Tensor]: One contiguous ``(B, dims[i], H_i, W_i)`` map per index in
+            ``out_indices``.
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'DAT expects images of shape (B, 3, H, W), got {tuple(x.shape)}')
@@ -556,7 +557,9 @@ class DAT(BaseModule):
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x))
+                # Contiguous NCHW: ops such as mmcv's CPU RoIAlign read raw memory as NCHW and
+                # would scramble the channels-last views the norms return.
+                outs.append(getattr(self, f'norm{i}')(x).contiguous())
         # One synchronising check per training step; the search for the culprit runs only
         # when it fails.
         if self.training and not torch.stack([o.isfinite().all() for o in outs]).all():
