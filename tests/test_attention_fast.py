@@ -202,7 +202,8 @@ def test_fast_paths_save_no_attention_matrix():
     assert _largest_saved(neigh, x) <= b * 4 * h * w * 49  # logits of every head and slot
 
 
-def test_amp_bfloat16_keeps_positions_float32_and_agrees():
+@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])
+def test_amp_keeps_positions_float32_and_agrees(amp_dtype):
     torch.manual_seed(0)
     model = DAT(TINY['pp'], drop_path_rate=0.0)
     x = torch.randn(2, 3, 64, 96)
@@ -210,7 +211,7 @@ def test_amp_bfloat16_keeps_positions_float32_and_agrees():
     for impl in ('reference', 'fast'):
         set_impl(model, impl)
         model.zero_grad()
-        with torch.autocast('cpu', dtype=torch.bfloat16), model.record_sampling_points() as records:
+        with torch.autocast('cpu', dtype=amp_dtype), model.record_sampling_points() as records:
             outs = model(x)
         sum(o.float().square().mean() for o in outs).backward()
         assert all(r['positions'].dtype == torch.float32 for r in records.values())

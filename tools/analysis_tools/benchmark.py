@@ -9,14 +9,15 @@ at a time.
 
 Model specs (``--models``):
 
-- ``ARCH[:IMPL]``: a DAT backbone of ``DAT.arch_zoo`` (``datpp-t``, ``dat-t``, ...) with its
-  four outputs and norms, and ``attn_impl`` IMPL (``auto``, ``fast`` or ``reference``;
-  default ``auto``);
+- ``ARCH[:IMPL][:cp]``: a DAT backbone of ``DAT.arch_zoo`` (``datpp-t``, ``dat-t``, ...) with
+  its four outputs and norms, and ``attn_impl`` IMPL (``auto``, ``fast`` or ``reference``;
+  default ``auto``); ``:cp`` turns activation checkpointing on (``with_cp=True``);
 - ``swin-t``: mmdet's ``SwinTransformer`` with the settings of mmdet's
   ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison);
-- ``CONFIG.py[:IMPL]``: the whole model of an mmdet / mmseg / mmpretrain config, run in
-  ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing); the
-  backward pass starts from the sum of the means of its outputs.
+- ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
+  run in ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing); the
+  backward pass starts from the sum of the means of its outputs. ``:cp`` / ``:nocp`` override
+  the config's ``model.backbone.with_cp``.
 
 Input specs (``--inputs``): ``S@B`` or ``WxH@B``, e.g. ``224@32`` or ``1344x800@1`` (width x
 height, as mmdet writes image scales).
@@ -69,6 +70,7 @@ if REPO not in sys.path:
 
 MODES = ('fwd', 'fwd+bwd')
 IMPLS = ('auto', 'fast', 'reference')
+CHECKPOINTING = {'cp': True, 'nocp': False}
 RESULT_MARKER = 'BENCHMARK_RESULT '
 
 # mmdet configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, without the pretrained init.
@@ -108,21 +110,33 @@ class Job:
     compile: bool
 
 
-def parse_model_spec(spec: str) -> tuple[str, str | None]:
-    """``'datpp-t:fast'`` -> ``('datpp-t', 'fast')``; ``'swin-t'`` -> ``('swin-t', None)``.
+def parse_model_spec(spec: str) -> tuple[str, str | None, bool | None]:
+    """``'datpp-t:fast'`` -> ``('datpp-t', 'fast', None)``; ``'datpp-t:reference:cp'`` ->
+    ``('datpp-t', 'reference', True)``; ``'swin-t'`` -> ``('swin-t', None, None)``.
+
+    The optional third field is ``cp`` (activation checkpointing on) or ``nocp`` (off); without
+    it a DAT backbone runs without checkpointing and a config keeps its own ``with_cp``.
 
     Raises:
-        ValueError: For an unknown model or implementation.
+        ValueError: For an unknown model, implementation or checkpointing field.
     """
     from projects.dat.models.dat import DAT
 
-    name, _, impl = spec.partition(':')
-    impl = impl or None
+    name, *fields = spec.split(':')
+    if len(fields) > 2:
+        raise ValueError(f'Model spec {spec!r} has more than three fields; expected NAME[:IMPL][:cp|nocp]')
+    impl = fields[0] if fields and fields[0] else None
+    checkpointing = fields[1] if len(fields) == 2 else None
     if impl is not None and impl not in IMPLS:
         raise ValueError(f'Unknown attention implementation {impl!r} in model spec {spec!r}; expected one of {IMPLS}')
+    if checkpointing is not None and checkpointing not in CHECKPOINTING:
+        raise ValueError(
+            f'Unknown checkpointing field {checkpointing!r} in model spec {spec!r}; expected one of '
+            f'{tuple(CHECKPOINTING)}'
+        )
     if name == 'swin-t':
-        if impl is not None:
-            raise ValueError(f'swin-t has no attention implementations to choose, got {spec!r}')
+        if fields:
+            raise ValueError(f'swin-t takes no attention implementation or checkpointing field, got {spec!r}')
     elif name.endswith('.py'):
         if not osp.isfile(name):
             raise ValueError(f'Config file {name!r} of model spec {spec!r} does not exist')
@@ -131,7 +145,7 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
             f'Unknown model {name!r} in spec {spec!r}; expected a DAT arch '
             f'({", ".join(sorted(DAT.arch_zoo))}), swin-t or a config file (.py)'
         )
-    return name, impl
+    return name, impl, None if checkpointing is None else CHECKPOINTING[checkpointing]
 
 
 def parse_input_spec(spec: str) -> tuple[int, int, int]:
@@ -174,7 +188,7 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
     """
     from projects.dat.models.dat import DAT
 
-    name, impl = parse_model_spec(spec)
+    name, impl, with_cp = parse_model_spec(spec)
     if name == 'swin-t':
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
@@ -183,13 +197,13 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
         model = MODELS.build(SWIN_T)
         return model, model
     if not name.endswith('.py'):
-        model = DAT(name, attn_impl=impl or 'auto')
+        model = DAT(name, attn_impl=impl or 'auto', with_cp=bool(with_cp))
         return model, model
 
     sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
     from get_flops import _data_sample, build_config_model
 
-    model, scope, _ = build_config_model(name)
+    model, scope, _ = build_config_model(name, None if with_cp is None else {'model.backbone.with_cp': with_cp})
     if impl is not None:
         for module in model.modules():
             if hasattr(module, 'attn_impl'):
@@ -507,7 +521,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         '--models',
         nargs='+',
         default=['datpp-t:reference', 'datpp-t:fast', 'swin-t'],
-        help='model specs: ARCH[:IMPL], swin-t or CONFIG.py[:IMPL]',
+        help='model specs: ARCH[:IMPL][:cp], swin-t or CONFIG.py[:IMPL][:cp|nocp]',
     )
     parser.add_argument('--inputs', nargs='+', default=['224@32', '1344x800@1'], help='S@B or WxH@B')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)

@@ -1,0 +1,109 @@
+"""tools/analysis_tools/benchmark.py: spec parsing, the table, and short real runs.
+
+The runs measure tiny inputs with one timed iteration: they check that the tool measures
+what it says (every model, the interleaved worker protocol, the JSON file), not any speed.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools' / 'analysis_tools'))
+
+import benchmark  # noqa: E402
+
+DET_CONFIG = str(ROOT / 'configs' / 'detection' / 'mask_rcnn' / 'mask-rcnn_datpp-t_fpn_1x_coco.py')
+
+
+@pytest.mark.parametrize(
+    'spec, expected',
+    [
+        ('datpp-t', ('datpp-t', None, None)),
+        ('datpp-t:fast', ('datpp-t', 'fast', None)),
+        ('dat-t:reference:cp', ('dat-t', 'reference', True)),
+        ('datpp-t::cp', ('datpp-t', None, True)),
+        ('swin-t', ('swin-t', None, None)),
+        (f'{DET_CONFIG}:reference:nocp', (DET_CONFIG, 'reference', False)),
+    ],
+)
+def test_model_specs(spec, expected):
+    assert benchmark.parse_model_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    'spec, match',
+    [
+        ('datpp-x', "Unknown model 'datpp-x'"),
+        ('datpp-t:slow', "Unknown attention implementation 'slow'"),
+        ('datpp-t:fast:yes', "Unknown checkpointing field 'yes'"),
+        ('datpp-t:fast:cp:more', 'more than three fields'),
+        ('swin-t:fast', 'swin-t takes no attention implementation'),
+        ('missing.py', "Config file 'missing.py'"),
+    ],
+)
+def test_bad_model_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        benchmark.parse_model_spec(spec)
+
+
+def test_input_specs():
+    assert benchmark.parse_input_spec('224@32') == (224, 224, 32)
+    assert benchmark.parse_input_spec('1344x800@1') == (1344, 800, 1)
+    assert benchmark.parse_input_spec('96') == (96, 96, 1)  # batch 1 when omitted
+    for bad in ('0@1', '224@0', 'axb@1'):
+        with pytest.raises(ValueError):
+            benchmark.parse_input_spec(bad)
+
+
+def test_with_cp_reaches_the_backbone():
+    model, _ = benchmark.build_model('datpp-t:fast:cp', 64, 64)
+    assert all(stage.with_cp for stage in model.stages)
+    model, _ = benchmark.build_model('datpp-t:fast', 64, 64)
+    assert not any(stage.with_cp for stage in model.stages)
+
+
+def test_table_ratios_compare_with_the_first_model():
+    def result(model, ms, mib):
+        job = dict(model=model, width=64, height=64, batch=2, mode='fwd')
+        return dict(job=job, latency_ms=dict(median=ms, min=ms, max=ms), images_per_s=2e3 / ms, peak_mem_mib=mib)
+
+    table = benchmark.format_table([result('a', 100.0, 50.0), result('b', 25.0, 100.0)]).splitlines()
+    assert table[2].endswith('| 1.00 | 1.00 |')
+    assert table[3].endswith('| 0.25 | 2.00 |')
+
+
+def test_interleaved_run_writes_every_measurement(tmp_path):
+    out = tmp_path / 'bench.json'
+    cmd = [
+        sys.executable, str(ROOT / 'tools' / 'analysis_tools' / 'benchmark.py'),
+        '--models', 'datpp-t:reference', 'datpp-t:fast', '--inputs', '64x48@2', '--modes', 'fwd', 'fwd+bwd',
+        '--warmup', '0', '--repeats', '2', '--threads', '1', '--json', str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'round 2/2' in proc.stdout and '| datpp-t:fast | 64x48@2 | fwd+bwd |' in proc.stdout
+    data = json.loads(out.read_text())
+    assert data['machine']['threads'] == 1
+    results = data['results']
+    assert [(r['job']['model'], r['job']['mode']) for r in results] == [
+        ('datpp-t:reference', 'fwd'), ('datpp-t:fast', 'fwd'),
+        ('datpp-t:reference', 'fwd+bwd'), ('datpp-t:fast', 'fwd+bwd'),
+    ]  # fmt: skip
+    for r in results:
+        assert len(r['latency_ms']['all']) == 2 and r['latency_ms']['median'] > 0
+        assert r['images_per_s'] == pytest.approx(2e3 / r['latency_ms']['median'])
+        assert r['peak_mem_mib'] >= 0 and r['memory_method']
+    # Training keeps activations for the backward pass: it must need more memory than inference.
+    assert results[2]['peak_mem_mib'] > results[0]['peak_mem_mib']
+
+
+def test_bad_arguments_exit_with_a_message():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'analysis_tools' / 'benchmark.py'), '--models', 'datpp-t:slow'],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Unknown attention implementation 'slow'" in proc.stderr
