@@ -173,6 +173,35 @@ def test_gradients_reach_every_parameter_and_with_cp_matches(version):
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_recompute_ffn_same_results_less_stored():
+    torch.manual_seed(0)
+    lean = DAT(TINY['pp'], drop_path_rate=0.0)
+    assert all(block.mlp.recompute_hidden for stage in lean.stages for block in stage.blocks)
+    plain = DAT(TINY['pp'], drop_path_rate=0.0, recompute_ffn=False)
+    plain.load_state_dict(lean.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    for model in (lean, plain):
+        sum(o.square().mean() for o in model(x)).backward()
+    for (name, p), q in zip(lean.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-6, msg=name)
+    # What the backward pass keeps of one ConvFFN: y alone (1 hidden tensor) instead of y,
+    # the GELU input and the GELU output (3).
+    ffn, ffn_plain = lean.stages[0].blocks[0].mlp, plain.stages[0].blocks[0].mlp
+    h = torch.randn(2, ffn.fc1.in_channels, 16, 24, requires_grad=True)
+    hidden = 2 * ffn.fc1.out_channels * 16 * 24
+
+    def stored(module):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            module(h)
+        return sum(n for n in sizes if n >= hidden)
+
+    assert stored(ffn) == hidden and stored(ffn_plain) == 3 * hidden
+    # Off where it would be redundant: whole blocks are recomputed with with_cp.
+    cp_model = DAT(TINY['pp'], with_cp=True)
+    assert not any(block.mlp.recompute_hidden for stage in cp_model.stages for block in stage.blocks)
+
+
 def test_frozen_stages_and_norm_eval():
     model = DAT(TINY['pp'], frozen_stages=2, norm_eval=True)
     model.train()

@@ -82,22 +82,36 @@ class TokenMLP(nn.Module):
 class ConvFFN(nn.Module):
     """DAT++ feed-forward: ``y = fc1(x); y = GELU(y + DWConv3x3(y)); out = fc2(y)``.
 
+    Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
+    largest activations of a DAT++ block. With ``recompute_hidden`` only ``y`` is kept for the
+    backward pass; the depth-wise conv and the GELU are recomputed from it (non-reentrant
+    checkpointing stops the recomputation before ``fc2``, whose output is not needed). The
+    result and the gradients are the same.
+
     Args:
         dim (int): Channels.
         mlp_ratio (int): Hidden expansion.
+        recompute_hidden (bool): Recompute the hidden activations in the backward pass instead
+            of storing them. Defaults to False.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False):
         super().__init__()
         hidden = dim * mlp_ratio
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.recompute_hidden = recompute_hidden
+
+    def _after_fc1(self, y: Tensor) -> Tensor:
+        return self.fc2(self.act(y + self.dwconv(y)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.fc1(x)
-        return self.fc2(self.act(x + self.dwconv(x)))
+        y = self.fc1(x)
+        if self.recompute_hidden and y.requires_grad:
+            return cp.checkpoint(self._after_fc1, y, use_reentrant=False)
+        return self._after_fc1(y)
 
 
 class WindowAttention(nn.Module):
@@ -312,15 +326,17 @@ class DATBlock(nn.Module):
             perception unit, a depth-wise 3x3 conv).
         mlp_ratio (int): FFN expansion.
         drop_path (float): Stochastic depth rate of both residual branches.
+        recompute_ffn (bool): DAT++ only: see ``ConvFFN``'s ``recompute_hidden``.
     """
 
-    def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0):
+    def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0,
+                 recompute_ffn: bool = False):
         super().__init__()
         self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if version == 'pp' else None
         self.norm1 = LayerNorm2d(dim)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim)
-        self.mlp = ConvFFN(dim, mlp_ratio) if version == 'pp' else TokenMLP(dim, mlp_ratio)
+        self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn) if version == 'pp' else TokenMLP(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -442,6 +458,11 @@ class DAT(BaseModule):
         drop_path_rate (float, optional): Stochastic depth, linearly increasing over blocks.
             Defaults to the variant's rate (None).
         with_cp (bool): Activation checkpointing per block. Defaults to False.
+        recompute_ffn (bool): DAT++: keep only the first hidden tensor of each ConvFFN for the
+            backward pass and recompute its depth-wise conv and GELU (about 23 % less training
+            memory at 1344x800 for about 2 % more time; see ``docs/benchmarks.md``). Has no
+            effect with ``with_cp`` (whole blocks are recomputed then), in v1, or without
+            gradients. Defaults to True.
         frozen_stages (int): As mmdet's Swin: -1 freezes nothing, ``k >= 0`` freezes the stem
             and stages ``0 .. k-1`` (with their output norms). Defaults to -1.
         norm_eval (bool): Keep normalisation layers in eval mode during training (as mmdet's
@@ -481,6 +502,7 @@ class DAT(BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  drop_path_rate: Optional[float] = None,
                  with_cp: bool = False,
+                 recompute_ffn: bool = True,
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  img_size: Union[int, Tuple[int, int]] = 224,
@@ -497,6 +519,7 @@ class DAT(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        self.recompute_ffn = recompute_ffn
         img_h, img_w = _check_img_size(img_size)
         self.img_size = (img_h, img_w)
         drop_path_rate = s['drop_path_rate'] if drop_path_rate is None else drop_path_rate
@@ -515,7 +538,8 @@ class DAT(BaseModule):
             blocks = []
             for j, kind in enumerate(spec):
                 attn = self._make_attention(kind, i, table_size)
-                blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j]))
+                blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j],
+                                       recompute_ffn=recompute_ffn and not with_cp))
             downsample = Downsample(dims[i - 1], dims[i], self.version) if i > 0 else None
             self.stages.append(DATStage(blocks, downsample, with_cp))
         for i in self.out_indices:
