@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from projects.dat import DAT
-from projects.dat.converter import (ConversionError, convert_original_state_dict, infer_original_arch,
-                                    load_pretrained_backbone)
+from projects.dat.converter import (
+    ConversionError,
+    convert_original_state_dict,
+    infer_original_arch,
+)
 from projects.dat.models.dat import CANONICAL_ARCHS
 from projects.dat.models.geometry import relative_position_index, shift_size_for, shifted_window_mask
 
@@ -63,7 +66,7 @@ def test_golden_parity(name):
             pooled = model(case['input'])[0].mean((2, 3))
         logits = pooled @ converted['head.fc.weight'].t() + converted['head.fc.bias']
         torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4, msg=f'{case_name} logits')
-        for i, (ours, ref) in enumerate(zip(stage_outputs, case['stages'])):
+        for i, (ours, ref) in enumerate(zip(stage_outputs, case['stages'], strict=True)):
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, msg=f'{case_name} stage {i}')
         assert len(records) == len(case['positions'])
         for original_name, ref in case['positions'].items():
@@ -86,7 +89,7 @@ def _official_shapes(path):
 def _fake_original(shapes, window):
     """Random tensors of the official shapes; derived buffers get their true values."""
     state_dict = {}
-    for key, (shape, is_buffer) in shapes.items():
+    for key, (shape, _is_buffer) in shapes.items():
         if key.endswith('relative_position_index'):
             state_dict[key] = relative_position_index(window)
         elif key.endswith('attn_mask'):
@@ -209,7 +212,8 @@ def test_frozen_stages_and_norm_eval():
     assert not model.norm0.training and not model.norm1.training
     assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
-    frozen = [p for m in (model.stem, model.stages[0], model.stages[1], model.norm0, model.norm1) for p in m.parameters()]
+    frozen_modules = (model.stem, model.stages[0], model.stages[1], model.norm0, model.norm1)
+    frozen = [p for m in frozen_modules for p in m.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     assert all(p.grad is not None for p in model.stages[2].parameters())
 

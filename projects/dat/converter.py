@@ -10,7 +10,7 @@ filling every target tensor, or stops with a list of what is wrong.
 """
 import math
 import re
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ _COMMON_RENAMES = [
     (r'^down_projs\.(\d+)\.1\.norm\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.norm.'),
     (r'^stages\.(\d+)\.layer_norms\.(\d+)\.norm\.',
      lambda m: f'stages.{m[1]}.blocks.{int(m[2]) // 2}.norm{int(m[2]) % 2 + 1}.'),
-    (r'^stages\.(\d+)\.attns\.(\d+)\.conv_offset\.1\.norm\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.conv_offset.1.'),
+    (r'^stages\.(\d+)\.attns\.(\d+)\.conv_offset\.1\.norm\.',
+     lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.conv_offset.1.'),
     (r'^stages\.(\d+)\.attns\.(\d+)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.'),
     (r'^stages\.(\d+)\.local_perception_units\.(\d+)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.lpu.'),
     (r'^stages\.(\d+)\.mlps\.(\d+)\.chunk\.linear(\d)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.mlp.fc{m[3]}.'),
@@ -168,7 +169,8 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
     arch, img_size = infer_original_arch(backbone_src)
     name = match_arch_name(arch)
     if dense:
-        out_indices = tuple(sorted(int(m[1]) for k in backbone_src if (m := re.match(r'norms\.(\d+)\.norm\.weight', k))))
+        norm_keys = (re.match(r'norms\.(\d+)\.norm\.weight', k) for k in backbone_src)
+        out_indices = tuple(sorted(int(m[1]) for m in norm_keys if m))
     else:
         out_indices = (3,)
     model = DAT(arch=name or arch, out_indices=out_indices or (0, 1, 2, 3), img_size=img_size)
@@ -278,4 +280,5 @@ def load_pretrained_backbone(model: DAT, checkpoint: str, prefix: Optional[str] 
                               f'dims={model.num_features}):\n  ' + '\n  '.join(problems))
     model.load_state_dict(loaded, strict=False)
     log(f'Loaded {len(loaded)} tensors from {checkpoint}'
-        + (f'; newly initialised output norms: {sorted({k.split(".")[0] for k in fresh_norms})}' if fresh_norms else ''))
+        + (f'; newly initialised output norms: {sorted({k.split(".")[0] for k in fresh_norms})}'
+           if fresh_norms else ''))

@@ -239,12 +239,13 @@ def _fused_deformable_counter(count_bias: bool) -> Handle:
 def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
     """Handle of the fast path's op ``dat::neighborhood_attention``.
 
-    Its inputs are ``q``, ``k``, ``v`` ``(B, heads, H, W, d)``, ``rpb`` and ``kernel_size``;
-    counted as the reference's two einsums (``q.k`` and ``attn.v`` over ``k * k`` keys).
+    Its inputs are ``q``, ``k``, ``v`` laid out token-major ``(H, W, B * heads, d)``, ``rpb``
+    and ``kernel_size``; counted as the reference's two einsums (``q.k`` and ``attn.v`` over
+    ``k * k`` keys).
     """
-    b, heads, h, w, d = get_shape(inputs[0])
+    h, w, batch_heads, d = get_shape(inputs[0])
     kernel_size = inputs[4].toIValue()
-    return Counter({'einsum': 2 * b * heads * h * w * kernel_size**2 * d})
+    return Counter({'einsum': 2 * batch_heads * h * w * kernel_size**2 * d})
 
 
 def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
