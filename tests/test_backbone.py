@@ -176,22 +176,24 @@ def test_gradients_reach_every_parameter_and_with_cp_matches(version):
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_recompute_ffn_same_results_less_stored():
+@pytest.mark.parametrize('version, stored_without', [('pp', 3), ('v1', 2)])
+def test_recompute_ffn_same_results_less_stored(version, stored_without):
     torch.manual_seed(0)
-    lean = DAT(TINY['pp'], drop_path_rate=0.0)
+    lean = DAT(TINY[version], drop_path_rate=0.0)
     assert all(block.mlp.recompute_hidden for stage in lean.stages for block in stage.blocks)
-    plain = DAT(TINY['pp'], drop_path_rate=0.0, recompute_ffn=False)
+    plain = DAT(TINY[version], drop_path_rate=0.0, recompute_ffn=False)
     plain.load_state_dict(lean.state_dict())
     x = torch.randn(2, 3, 64, 96)
     for model in (lean, plain):
         sum(o.square().mean() for o in model(x)).backward()
     for (name, p), q in zip(lean.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-6, msg=name)
-    # What the backward pass keeps of one ConvFFN: y alone (1 hidden tensor) instead of y,
-    # the GELU input and the GELU output (3).
+    # What the backward pass keeps of one FFN: fc1's output alone instead of it and the hidden
+    # tensors after it (DAT++: GELU input and output; v1: GELU output).
     ffn, ffn_plain = lean.stages[0].blocks[0].mlp, plain.stages[0].blocks[0].mlp
-    h = torch.randn(2, ffn.fc1.in_channels, 16, 24, requires_grad=True)
-    hidden = 2 * ffn.fc1.out_channels * 16 * 24
+    dim, hidden_dim = ffn.fc2.weight.shape[:2]
+    h = torch.randn(2, dim, 16, 24, requires_grad=True)
+    hidden = 2 * hidden_dim * 16 * 24
 
     def stored(module):
         sizes = []
@@ -199,9 +201,9 @@ def test_recompute_ffn_same_results_less_stored():
             module(h)
         return sum(n for n in sizes if n >= hidden)
 
-    assert stored(ffn) == hidden and stored(ffn_plain) == 3 * hidden
+    assert stored(ffn) == hidden and stored(ffn_plain) == stored_without * hidden
     # Off where it would be redundant: whole blocks are recomputed with with_cp.
-    cp_model = DAT(TINY['pp'], with_cp=True)
+    cp_model = DAT(TINY[version], with_cp=True)
     assert not any(block.mlp.recompute_hidden for stage in cp_model.stages for block in stage.blocks)
 
 

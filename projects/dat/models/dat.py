@@ -61,22 +61,42 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+def _run_hidden(fn, y: Tensor, recompute: bool) -> Tensor:
+    """``fn(y)``; with ``recompute`` (and gradients) only ``y`` is stored for the backward pass.
+
+    Non-reentrant checkpointing recomputes ``fn``'s ops in the backward pass and stops as soon
+    as the tensors that backward needs are back, i.e. before ``fn``'s last layer.
+    """
+    if recompute and y.requires_grad:
+        return cp.checkpoint(fn, y, use_reentrant=False)
+    return fn(y)
+
+
 class TokenMLP(nn.Module):
     """v1 feed-forward: ``Linear(C, rC) -> GELU -> Linear(rC, C)`` on every position.
+
+    With ``recompute_hidden`` the GELU output is recomputed in the backward pass instead of
+    stored (one of the two ``rC``-channel tensors); the results are the same.
 
     Args:
         dim (int): Channels.
         mlp_ratio (int): Hidden expansion.
+        recompute_hidden (bool): Recompute the GELU in the backward pass. Defaults to False.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim * mlp_ratio)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+        self.recompute_hidden = recompute_hidden
+
+    def _after_fc1(self, y: Tensor) -> Tensor:
+        return self.fc2(self.act(y))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        y = self.fc1(x.permute(0, 2, 3, 1))
+        return _run_hidden(self._after_fc1, y, self.recompute_hidden).permute(0, 3, 1, 2)
 
 
 class ConvFFN(nn.Module):
@@ -84,9 +104,8 @@ class ConvFFN(nn.Module):
 
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. With ``recompute_hidden`` only ``y`` is kept for the
-    backward pass; the depth-wise conv and the GELU are recomputed from it (non-reentrant
-    checkpointing stops the recomputation before ``fc2``, whose output is not needed). The
-    result and the gradients are the same.
+    backward pass and the depth-wise conv and the GELU are recomputed from it (not ``fc2``);
+    the results are the same.
 
     Args:
         dim (int): Channels.
@@ -108,10 +127,7 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(y + self.dwconv(y)))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.fc1(x)
-        if self.recompute_hidden and y.requires_grad:
-            return cp.checkpoint(self._after_fc1, y, use_reentrant=False)
-        return self._after_fc1(y)
+        return _run_hidden(self._after_fc1, self.fc1(x), self.recompute_hidden)
 
 
 class WindowAttention(nn.Module):
@@ -326,7 +342,7 @@ class DATBlock(nn.Module):
             perception unit, a depth-wise 3x3 conv).
         mlp_ratio (int): FFN expansion.
         drop_path (float): Stochastic depth rate of both residual branches.
-        recompute_ffn (bool): DAT++ only: see ``ConvFFN``'s ``recompute_hidden``.
+        recompute_ffn (bool): The FFN's ``recompute_hidden``.
     """
 
     def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0,
@@ -336,7 +352,8 @@ class DATBlock(nn.Module):
         self.norm1 = LayerNorm2d(dim)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim)
-        self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn) if version == 'pp' else TokenMLP(dim, mlp_ratio)
+        ffn = ConvFFN if version == 'pp' else TokenMLP
+        self.mlp = ffn(dim, mlp_ratio, recompute_ffn)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -458,11 +475,11 @@ class DAT(BaseModule):
         drop_path_rate (float, optional): Stochastic depth, linearly increasing over blocks.
             Defaults to the variant's rate (None).
         with_cp (bool): Activation checkpointing per block. Defaults to False.
-        recompute_ffn (bool): DAT++: keep only the first hidden tensor of each ConvFFN for the
-            backward pass and recompute its depth-wise conv and GELU (about 23 % less training
-            memory at 1344x800 for about 2 % more time; see ``docs/benchmarks.md``). Has no
-            effect with ``with_cp`` (whole blocks are recomputed then), in v1, or without
-            gradients. Defaults to True.
+        recompute_ffn (bool): Keep only the first hidden tensor of each FFN for the backward
+            pass and recompute the rest but the last layer (DAT++: depth-wise conv and GELU,
+            about 23 % less training memory at 1344x800 for about 2 % more time, see
+            ``docs/benchmarks.md``; v1: the GELU). Has no effect with ``with_cp`` (whole
+            blocks are recomputed then) or without gradients. Defaults to True.
         frozen_stages (int): As mmdet's Swin: -1 freezes nothing, ``k >= 0`` freezes the stem
             and stages ``0 .. k-1`` (with their output norms). Defaults to -1.
         norm_eval (bool): Keep normalisation layers in eval mode during training (as mmdet's
