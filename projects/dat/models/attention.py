@@ -339,6 +339,37 @@ def _group_tables(table_t: Tensor, b0: int, b1: int) -> Tensor:
     return table_t.index_select(0, index)
 
 
+def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor,
+                  ws: _Workspace, b0: int, b1: int, r0: int, r1: int, width: int, scale: float):
+    """Logits ``scale * q.k + bias`` of one chunk (query rows ``r0:r1`` of batch-groups
+    ``b0:b1``), written into the workspace; shared by the forward and the backward operator.
+
+    Returns:
+        tuple: ``logits`` ``(nb * hg, rows * W, Ns)``, the chunk's :class:`_DeformableBias` and
+        its scratch buffer (what the bias backward needs), and the chunk's ``q`` ``(nb * hg, d,
+        rows * W)`` and ``k`` ``(nb * hg, d, Ns)``.
+    """
+    nb, rows = b1 - b0, r1 - r0
+    hg, d = q.shape[1:3]
+    ns = k.shape[-1]
+    acc = table_t.dtype
+    bias = _DeformableBias(
+        _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
+    )
+    shape = (nb, hg, rows, width, ns)
+    logits = ws('logits', shape, acc)
+    diff = ws('diff', shape, acc)
+    bias.bias_into(logits, diff)
+    logits = logits.view(nb * hg, rows * width, ns)
+    q_c = q[b0:b1, :, :, r0 * width:r1 * width].reshape(nb * hg, d, rows * width)
+    k_c = k[b0:b1].reshape(nb * hg, d, ns)
+    if q.dtype == acc:
+        logits.baddbmm_(q_c.transpose(1, 2), k_c, alpha=scale)
+    else:
+        logits.add_(torch.bmm(q_c.transpose(1, 2), k_c), alpha=scale)
+    return logits, bias, diff, q_c, k_c
+
+
 @torch.library.custom_op('dat::deformable_attention', mutates_args=())
 def _deformable_attention_op(
     q: Tensor,
@@ -362,19 +393,7 @@ def _deformable_attention_op(
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        bias = _DeformableBias(
-            _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
-        )
-        shape = (nb, hg, rows, width, ns)
-        logits = ws('logits', shape, acc)
-        bias.bias_into(logits, ws('diff', shape, acc))
-        logits = logits.view(nb * hg, rows * width, ns)
-        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width).transpose(1, 2)
-        k_c = k[b0:b1].reshape(nb * hg, d, ns)
-        if q.dtype == acc:
-            logits.baddbmm_(q_c, k_c, alpha=scale)
-        else:
-            logits.add_(torch.bmm(q_c, k_c), alpha=scale)
+        logits, *_ = _chunk_logits(q, k, table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1, width, scale)
         row_max = logits.amax(dim=-1, keepdim=True)
         weights = logits.sub_(row_max).exp_()  # unnormalised; the output is divided instead
         row_sum = weights.sum(dim=-1)
@@ -413,22 +432,9 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        bias = _DeformableBias(
-            _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
-        )
-        shape = (nb, hg, rows, width, ns)
-        logits = ws('logits', shape, acc)
-        diff = ws('diff', shape, acc)
-        bias.bias_into(logits, diff)
-        flat = logits.view(nb * hg, rows * width, ns)
-        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
-        k_c = k[b0:b1].reshape(nb * hg, d, ns)
+        flat, bias, diff, q_c, k_c = _chunk_logits(q, k, table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1, width, scale)
         v_c = v[b0:b1].reshape(nb * hg, d, ns)
         do_c = grad_out[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
-        if q.dtype == acc:
-            flat.baddbmm_(q_c.transpose(1, 2), k_c, alpha=scale)
-        else:
-            flat.add_(torch.bmm(q_c.transpose(1, 2), k_c), alpha=scale)
         probs = flat.sub_(lse[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).exp_()
         probs_v = probs.to(v.dtype)
         grad_v[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(do_c.to(v.dtype), probs_v).to(acc))
@@ -439,14 +445,15 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
             grad_logits.copy_(torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c))
         # dS = P * (dP - D)
         grad_logits.sub_(delta[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).mul_(probs)
-        del probs, probs_v, logits, flat
+        del probs, probs_v, flat
         grad_s = grad_logits.to(q.dtype)
         grad_q_c = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale)
         grad_q[b0:b1, :, :, c0:c1] = grad_q_c.view(nb, hg, d, rows * width)
         grad_k[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
         del grad_s
         bias.backward(
-            grad_logits.view(shape), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1], grad_table_t[b0:b1]
+            grad_logits.view(nb, hg, rows, width, ns), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1],
+            grad_table_t[b0:b1]
         )
     # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
     grad_pos = torch.stack([(grad_fy * in_y).sum(1) * (-(th - 1) / 4.0),
