@@ -345,3 +345,21 @@ def test_non_finite_values_are_reported_with_their_block(monkeypatch):
     assert not torch.isfinite(outs[-1]).all()
     assert messages == ['DAT: non-finite values in the backbone output, first produced by '
                         'stages.2.blocks.1 (DeformableAttention)']
+
+
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
+    from projects.dat.models.dat import depthwise_conv_plus_identity
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6)
+    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    weight_before = conv.weight.detach().clone()
+    folded = depthwise_conv_plus_identity(x, conv)
+    grads = torch.autograd.grad(folded.square().sum(), (x, conv.weight, conv.bias))
+    plain = x + conv(x)
+    plain_grads = torch.autograd.grad(plain.square().sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
+    for a, e in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv.weight, weight_before)  # the identity is added to a copy

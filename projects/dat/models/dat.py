@@ -61,6 +61,28 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+def depthwise_conv_plus_identity(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``x + conv(x)`` for a depth-wise, odd-kernel, stride-1 ``'same'`` conv, as one conv.
+
+    Adding 1 to the centre tap of every filter folds the residual into the conv: the sum is
+    the same up to float32 round-off, and neither the forward nor the backward pass makes a
+    separate pass over ``x`` for the addition.
+
+    Args:
+        x (Tensor): ``(B, C, H, W)`` input.
+        conv (nn.Conv2d): Depth-wise conv with ``C`` groups, an odd kernel, stride 1 and
+            padding ``kernel // 2``.
+
+    Returns:
+        Tensor: ``x + conv(x)``.
+    """
+    weight = conv.weight
+    kh, kw = weight.shape[-2:]
+    identity = torch.zeros(kh * kw, dtype=weight.dtype, device=weight.device)
+    identity[kh * kw // 2] = 1.0
+    return F.conv2d(x, weight + identity.view(kh, kw), conv.bias, padding=conv.padding, groups=conv.groups)
+
+
 def _run_hidden(fn, y: Tensor, recompute: bool) -> Tensor:
     """``fn(y)``; with ``recompute`` (and gradients) only ``y`` is stored for the backward pass.
 
@@ -124,7 +146,7 @@ class ConvFFN(nn.Module):
         self.recompute_hidden = recompute_hidden
 
     def _after_fc1(self, y: Tensor) -> Tensor:
-        return self.fc2(self.act(y + self.dwconv(y)))
+        return self.fc2(self.act(depthwise_conv_plus_identity(y, self.dwconv)))
 
     def forward(self, x: Tensor) -> Tensor:
         return _run_hidden(self._after_fc1, self.fc1(x), self.recompute_hidden)
@@ -358,7 +380,7 @@ class DATBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = depthwise_conv_plus_identity(x, self.lpu)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
