@@ -4,7 +4,7 @@ Agreement is checked in float32 as a relative error against the largest referenc
 (``max|fast - ref| <= 1e-5 * max|ref|``) on outputs and on every gradient, on odd and tiny
 maps, several groups, both DAT versions, and through whole backbones (including the golden
 tensors of the original code). Memory: the fast paths must not save any tensor of the size
-of the attention matrix (deformable) or of the gathered windows (neighbourhood).
+of the attention matrix (deformable) or of the windows' logits (neighbourhood).
 """
 
 from pathlib import Path
@@ -23,7 +23,7 @@ from projects.dat.models.attention import (
     use_fast_attention,
 )
 from projects.dat.models.dat import DeformableAttention, NeighborhoodAttention
-from projects.dat.models.geometry import query_grid
+from projects.dat.models.geometry import neighborhood_indices, neighborhood_tiles, query_grid
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
 TINY = {
@@ -109,14 +109,16 @@ def test_deformable_float64_is_exact_and_passes_gradcheck():
         (2, 1, 7, 7, 4, 7),
         (1, 2, 5, 6, 4, 3),
         (1, 2, 20, 17, 8, 5),
+        (2, 2, 23, 30, 4, 7),  # several tiles per axis, the last one overlapping
     ],
 )
-def test_neighborhood_matches_reference(b, heads, h, w, d, kernel):
+@pytest.mark.parametrize('chunk', [None, 1])  # one chunk, or one tile row per chunk
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, chunk):
     g = torch.Generator().manual_seed(h * w)
     q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
     ref = neighborhood_attention_reference(q, k, v, rpb, kernel)
-    fast = neighborhood_attention(q, k, v, rpb, kernel)
+    fast = neighborhood_attention(q, k, v, rpb, kernel, chunk_elements=chunk)
     assert_rel_close(fast, ref, name='output')
     grad_out = torch.randn_like(ref)
     for name, a, e in zip(
@@ -126,6 +128,25 @@ def test_neighborhood_matches_reference(b, heads, h, w, d, kernel):
         strict=False,
     ):
         assert_rel_close(a, e, name=f'grad {name}')
+
+
+@pytest.mark.parametrize('length, kernel, tile', [(7, 7, 7), (13, 7, 7), (14, 7, 7), (23, 7, 7), (56, 7, 7),
+                                                  (20, 5, 8), (9, 3, 4), (30, 7, 30)])
+def test_neighborhood_tiles_hold_every_window(length, kernel, tile):
+    queries, keys, bias, slot = neighborhood_tiles(length, kernel, tile)
+    size = min(tile, length)
+    num_tiles = -(-length // size)
+    assert queries.shape == (num_tiles, size) and keys.shape == (num_tiles, min(size + kernel - 1, length))
+    assert bool((queries >= 0).all() and (queries < length).all() and (keys >= 0).all() and (keys < length).all())
+    assert torch.equal(queries.reshape(-1)[slot], torch.arange(length))  # every query has its slot
+    assert set(queries.reshape(-1).tolist()) == set(range(length))
+    window_keys, window_bias = neighborhood_indices(length, kernel)
+    for t in range(num_tiles):
+        for i, query in enumerate(queries[t].tolist()):
+            inside = bias[t, i] >= 0
+            # The keys of the query's window, each once, with the reference's bias rows.
+            assert keys[t][inside].tolist() == window_keys[query].tolist()
+            assert bias[t, i][inside].tolist() == window_bias[query].tolist()
 
 
 @pytest.mark.parametrize('version', ['v1', 'pp'])
@@ -199,7 +220,7 @@ def test_fast_paths_save_no_attention_matrix():
     neigh.attn_impl = 'reference'
     assert _largest_saved(neigh, x) >= b * h * w * 49 * c  # gathered windows (all heads)
     neigh.attn_impl = 'fast'
-    assert _largest_saved(neigh, x) <= b * 4 * h * w * 49  # logits of every head and slot
+    assert _largest_saved(neigh, x) <= b * c * h * w  # q, k, v and the output, no logits
 
 
 @pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])

@@ -239,11 +239,11 @@ def _fused_deformable_counter(count_bias: bool) -> Handle:
 def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
     """Handle of the fast path's op ``dat::neighborhood_attention``.
 
-    Its inputs are ``q``, ``k``, ``v`` laid out token-major ``(H, W, B * heads, d)``, ``rpb``
-    and ``kernel_size``; counted as the reference's two einsums (``q.k`` and ``attn.v`` over
-    ``k * k`` keys).
+    Its inputs are ``q``, ``k``, ``v`` laid out ``(B * heads, H, W, d)``, ``rpb``,
+    ``kernel_size`` and the chunk size; counted as the reference's two einsums (``q.k`` and
+    ``attn.v`` over ``k * k`` keys), not the products the tiles really compute.
     """
-    h, w, batch_heads, d = get_shape(inputs[0])
+    batch_heads, h, w, d = get_shape(inputs[0])
     kernel_size = inputs[4].toIValue()
     return Counter({'einsum': 2 * batch_heads * h * w * kernel_size**2 * d})
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import neighborhood_indices
+from .geometry import neighborhood_indices, neighborhood_tiles
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
@@ -150,8 +150,9 @@ ATTN_IMPLS = ('auto', 'fast', 'reference')
 # Elements of one chunk of logits (queries x keys x heads) processed at a time by the fast
 # deformable attention; the forward pass keeps about 3 such buffers alive, the backward 6.
 DEFORMABLE_CHUNK_ELEMENTS = 1 << 20
-# Query positions x heads x batch processed at a time by the fast neighbourhood attention.
-NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 15
+# Logits (batch x heads x tile queries x region keys) of one chunk of the fast neighbourhood
+# attention; the backward pass keeps about 3 such buffers alive.
+NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 22
 
 
 def check_attn_impl(attn_impl: str) -> str:
@@ -538,155 +539,205 @@ def deformable_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: 
 
 # -------------------------------------------------------------------- neighbourhood attention
 #
-# Inside the operator q, k and v are laid out (H, W, B * heads, d) (token-major, as the qkv
-# projection produces them). Slot by slot: window slot (a, b) of query (i, j) is key
-# (c(i) + a, c(j) + b) with c(i) = clamp(i, k // 2, H - 1 - k // 2) - k // 2. The forward pass
-# gathers the keys and values of one slot at a time into a reused buffer the size of k, so it
-# stores the (k * k, HW, B * heads) logits and probabilities but never the (HW, k * k, d)
-# windows. In the backward pass the scatter to keys and values is a fold of the border rows
-# and columns onto the first and last interior ones followed by a shifted slice addition.
+# Tiled: the queries are cut into Ty x Tx tiles (geometry.neighborhood_tiles); the windows of a
+# tile's queries lie inside an Sy x Sx key region (S = T + k - 1), so each tile is one dense
+# (Ty Tx) x (Sy Sx) attention, two matrix products, in which the keys outside a query's window
+# get the bias -inf. Tiles are k queries wide (regions of 2k - 1 keys: about 3.4x the products of
+# the k * k windows, at matrix-product speed); an axis no longer than 2k is a single tile. Inside the operator q, k and v
+# are (B * heads, H, W, d); tile slots are numbered tile by tile, row-major in each tile.
+# The forward pass keeps only q, k, v, the output and the log-sum-exp of each query; the
+# backward pass recomputes each chunk's probabilities from them. Neither pass ever holds the
+# (HW, k * k, d) windows, and the logits exist one chunk of tile rows at a time.
 
+class _NeighborhoodPlan:
+    """The tiling of an ``H x W`` map for a ``k x k`` neighbourhood, as flat indices.
 
-def _clamped_window_rows(length: int, kernel_size: int, device: torch.device) -> Tensor:
-    """``c(i) = clamp(i, k // 2, L - 1 - k // 2) - k // 2``: the first key of each query's window."""
-    half = kernel_size // 2
-    return torch.arange(length, device=device).clamp_(half, length - 1 - half) - half
-
-
-def _neighborhood_slots(height: int, width: int, kernel_size: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Flat key index ``(k * k, HW)`` and flat bias-table index ``(k * k, HW)`` of every slot."""
-    ks = kernel_size
-    rows = _clamped_window_rows(height, ks, device)
-    cols = _clamped_window_rows(width, ks, device)
-    slot = torch.arange(ks, device=device)
-    key_rows = rows[None, :] + slot[:, None]  # (k, H)
-    key_cols = cols[None, :] + slot[:, None]  # (k, W)
-    keys = key_rows[:, None, :, None] * width + key_cols[None, :, None, :]  # (k, k, H, W)
-    bias_rows = key_rows - torch.arange(height, device=device) + ks - 1
-    bias_cols = key_cols - torch.arange(width, device=device) + ks - 1
-    bias = bias_rows[:, None, :, None] * (2 * ks - 1) + bias_cols[None, :, None, :]
-    return keys.reshape(ks * ks, height * width), bias.reshape(ks * ks, height * width)
-
-
-def _fold_borders(x: Tensor, dim: int, kernel_size: int) -> Tensor:
-    """Add the border entries of ``dim`` onto the first/last interior one; return the interior.
-
-    The queries before ``k // 2`` use the same window as query ``k // 2`` (and likewise at the
-    end), so their contributions to keys land where that query's do.
+    Args:
+        height (int): Map height, at least ``kernel_size``.
+        width (int): Map width, at least ``kernel_size``.
+        kernel_size (int): Odd neighbourhood size ``k``.
+        device (torch.device): Where the indices live.
     """
-    half = kernel_size // 2
-    length = x.shape[dim]
-    if half:
-        x.narrow(dim, half, 1).add_(x.narrow(dim, 0, half).sum(dim, keepdim=True))
-        x.narrow(dim, length - 1 - half, 1).add_(x.narrow(dim, length - half, half).sum(dim, keepdim=True))
-    return x.narrow(dim, half, length - 2 * half)
+
+    def __init__(self, height: int, width: int, kernel_size: int, device: torch.device):
+        def axis(length: int):
+            tile = length if length <= 2 * kernel_size else kernel_size
+            return neighborhood_tiles(length, kernel_size, tile, device)
+
+        qy, ky, self.bias_y, slot_y = axis(height)
+        qx, kx, self.bias_x, slot_x = axis(width)
+        self.tiles_y, ty = qy.shape
+        self.tiles_x, tx = qx.shape
+        self.tile_queries, self.region_keys = ty * tx, ky.shape[1] * kx.shape[1]
+        self.num_slots = self.tiles_y * self.tiles_x * self.tile_queries
+        self.queries = (qy[:, None, :, None] * width + qx[None, :, None, :]).reshape(-1)
+        self.keys = (ky[:, None, :, None] * width + kx[None, :, None, :]).reshape(-1)
+        tile = (slot_y // ty)[:, None] * self.tiles_x + (slot_x // tx)[None, :]
+        self.slot = (tile * self.tile_queries + (slot_y % ty)[:, None] * tx + (slot_x % tx)[None, :]).reshape(-1)
+        self.table_width = 2 * kernel_size - 1
+
+    def chunks(self, batch_heads: int, budget: int) -> List[Tuple[int, int]]:
+        """Ranges of tile rows holding at most ``budget`` logits (at least one row)."""
+        per_row = batch_heads * self.tiles_x * self.tile_queries * self.region_keys
+        rows = max(1, budget // per_row)
+        return [(y0, min(y0 + rows, self.tiles_y)) for y0 in range(0, self.tiles_y, rows)]
+
+    def slot_range(self, y0: int, y1: int) -> Tuple[int, int]:
+        per_row = self.tiles_x * self.tile_queries
+        return y0 * per_row, y1 * per_row
+
+    def key_range(self, y0: int, y1: int) -> Tuple[int, int]:
+        per_row = self.tiles_x * self.region_keys
+        return y0 * per_row, y1 * per_row
+
+    def bias_index(self, y0: int, y1: int) -> Tensor:
+        """``(tiles, Ty Tx, Sy Sx)`` flat index into the padded table of tile rows ``y0:y1``;
+        pairs outside a window index the table's last entry, -inf."""
+        by = self.bias_y[y0:y1, None, :, None, :, None]
+        bx = self.bias_x[None, :, None, :, None, :]
+        index = by * self.table_width + bx
+        index.masked_fill_((by < 0) | (bx < 0), self.table_width**2)
+        return index.view(-1, self.tile_queries, self.region_keys)
 
 
-def _scatter_to_keys(grad_keys: Tensor, src: Tensor, a: int, b: int, kernel_size: int) -> None:
-    """``grad_keys[c(i) + a, c(j) + b] += src[i, j]`` for every query; both ``(H, W, BH, d)``."""
-    height, width = src.shape[:2]
-    inner_h, inner_w = height - kernel_size + 1, width - kernel_size + 1
-    src = _fold_borders(_fold_borders(src, 0, kernel_size), 1, kernel_size)
-    grad_keys[a : a + inner_h, b : b + inner_w].add_(src)
+def _neighborhood_chunk_logits(q: Tensor, k: Tensor, table: Tensor, plan: _NeighborhoodPlan, y0: int, y1: int):
+    """Logits ``q.k + bias`` of tile rows ``y0:y1``; shared by the forward and backward operator.
+
+    Args:
+        q (Tensor): ``(BH, HW, d)`` queries (scaled).
+        k (Tensor): ``(BH, HW, d)`` keys.
+        table (Tensor): ``(heads, (2k - 1) ** 2 + 1)`` flat bias table with -inf appended.
+        plan (_NeighborhoodPlan): The tiling.
+        y0 (int): First tile row.
+        y1 (int): End tile row.
+
+    Returns:
+        tuple: ``logits`` ``(BH * tiles, Ty Tx, Sy Sx)``, the chunk's ``q`` ``(BH * tiles, Ty Tx, d)``,
+        ``k`` ``(BH * tiles, Sy Sx, d)``, query and key indices and the bias index.
+    """
+    bh, _, d = q.shape
+    heads = table.shape[0]
+    s0, s1 = plan.slot_range(y0, y1)
+    k0, k1 = plan.key_range(y0, y1)
+    query_index, key_index = plan.queries[s0:s1], plan.keys[k0:k1]
+    bias_index = plan.bias_index(y0, y1)
+    tiles = bias_index.shape[0]
+    q_c = q.index_select(1, query_index).view(bh * tiles, plan.tile_queries, d)
+    k_c = k.index_select(1, key_index).view(bh * tiles, plan.region_keys, d)
+    logits = torch.bmm(q_c, k_c.transpose(1, 2))
+    logits.view(-1, heads, bias_index.numel()).add_(table[:, bias_index.view(-1)])
+    return logits, q_c, k_c, query_index, key_index, bias_index
+
+
+def _padded_bias_table(rpb: Tensor) -> Tensor:
+    heads = rpb.shape[0]
+    return torch.cat([rpb.reshape(heads, -1), rpb.new_full((heads, 1), float('-inf'))], dim=1)
 
 
 @torch.library.custom_op('dat::neighborhood_attention', mutates_args=())
 def _neighborhood_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int
 ) -> Tuple[Tensor, Tensor]:
-    height, width, bh, d = q.shape
-    heads = rpb.shape[0]
-    m, ks = height * width, kernel_size
-    keys, bias_index = _neighborhood_slots(height, width, ks, q.device)
-    qf, kf, vf = q.view(m, bh, d), k.view(m, bh, d), v.view(m, bh, d)
-    bias = rpb.reshape(heads, -1).t()[bias_index]  # (k * k, HW, heads)
-    probs = torch.empty(ks * ks, m, bh, dtype=q.dtype, device=q.device)
-    gathered = torch.empty_like(qf)
-    for s in range(ks * ks):
-        torch.index_select(kf, 0, keys[s], out=gathered)
-        torch.sum(gathered.mul_(qf), -1, out=probs[s])
-        probs[s].view(m, -1, heads).add_(bias[s][:, None])
-    probs.sub_(probs.amax(0)).exp_()
-    probs.div_(probs.sum(0))
-    out = torch.zeros_like(qf)
-    for s in range(ks * ks):
-        torch.index_select(vf, 0, keys[s], out=gathered)
-        out.addcmul_(gathered, probs[s][..., None])
-    return out.view(q.shape), probs
+    bh, height, width, d = q.shape
+    plan = _NeighborhoodPlan(height, width, kernel_size, q.device)
+    qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
+    table = _padded_bias_table(rpb)
+    out_slots = q.new_empty(bh, plan.num_slots, d)
+    lse_slots = q.new_empty(bh, plan.num_slots)
+    for y0, y1 in plan.chunks(bh, chunk):
+        logits, _, _, _, key_index, _ = _neighborhood_chunk_logits(qf, kf, table, plan, y0, y1)
+        v_c = vf.index_select(1, key_index).view(logits.shape[0], plan.region_keys, d)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        weights = logits.sub_(row_max).exp_()  # unnormalised; the output is divided instead
+        row_sum = weights.sum(dim=-1, keepdim=True)
+        s0, s1 = plan.slot_range(y0, y1)
+        out_c = torch.bmm(weights, v_c).div_(row_sum)
+        out_slots[:, s0:s1] = out_c.view(bh, s1 - s0, d)
+        lse_slots[:, s0:s1] = row_sum.log_().add_(row_max).view(bh, s1 - s0)
+    out = out_slots.index_select(1, plan.slot).view(q.shape)
+    return out, lse_slots.index_select(1, plan.slot)
 
 
 @_neighborhood_attention_op.register_fake
-def _(q, k, v, rpb, kernel_size):
-    height, width, bh, _ = q.shape
-    return torch.empty_like(q), q.new_empty(kernel_size * kernel_size, height * width, bh)
+def _(q, k, v, rpb, kernel_size, chunk):
+    bh, height, width, _ = q.shape
+    return torch.empty_like(q), q.new_empty(bh, height * width)
 
 
 @torch.library.custom_op('dat::neighborhood_attention_backward', mutates_args=())
 def _neighborhood_attention_backward_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, probs: Tensor, kernel_size: int
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
+    chunk: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    height, width, bh, d = q.shape
+    bh, height, width, d = q.shape
     heads = rpb.shape[0]
-    m, ks = height * width, kernel_size
-    keys, bias_index = _neighborhood_slots(height, width, ks, q.device)
-    qf, kf, vf = q.view(m, bh, d), k.view(m, bh, d), v.view(m, bh, d)
-    grad_out = grad_out.reshape(m, bh, d)
-    delta = (grad_out * out.view(m, bh, d)).sum(-1)  # rowsum(dO * O), (HW, BH)
-    # dS = P * (dP - delta) with dP = dO . v_key, slot by slot.
-    grad_logits = torch.empty_like(probs)
-    gathered = torch.empty_like(qf)
-    for s in range(ks * ks):
-        torch.index_select(vf, 0, keys[s], out=gathered)
-        torch.sum(gathered.mul_(grad_out), -1, out=grad_logits[s])
-    grad_logits.sub_(delta).mul_(probs)
-    grad_q = torch.zeros_like(qf)
-    grad_k = torch.zeros_like(k)
-    grad_v = torch.zeros_like(v)
-    product = torch.empty_like(q)
-    for s in range(ks * ks):
-        a, b = divmod(s, ks)
-        grad_s = grad_logits[s][..., None]
-        torch.index_select(kf, 0, keys[s], out=gathered)
-        grad_q.addcmul_(gathered, grad_s)
-        _scatter_to_keys(grad_k, torch.mul(q, grad_s.view(height, width, bh, 1), out=product), a, b, ks)
-        _scatter_to_keys(grad_v, torch.mul(grad_out.view(q.shape), probs[s].view(height, width, bh, 1), out=product),
-                         a, b, ks)
-    grad_bias = grad_logits.view(ks * ks * m, -1, heads).sum(1)  # summed over the batch
-    grad_rpb = torch.zeros(heads, rpb[0].numel(), dtype=rpb.dtype, device=rpb.device)
-    grad_rpb.index_add_(1, bias_index.reshape(-1), grad_bias.t())
-    return grad_q.view(q.shape), grad_k, grad_v, grad_rpb.view(rpb.shape)
+    plan = _NeighborhoodPlan(height, width, kernel_size, q.device)
+    qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
+    grad_out = grad_out.reshape(bh, height * width, d)
+    table = _padded_bias_table(rpb)
+    # A query that two tiles hold gets its gradient through the tile of its slot only: in the
+    # other tile its dO and D are zero, so its dS is zero.
+    owned = torch.zeros(plan.num_slots, dtype=q.dtype, device=q.device).index_fill_(0, plan.slot, 1.0)
+    delta = (grad_out * out.view(bh, height * width, d)).sum(-1)  # D = rowsum(dO * O), (BH, HW)
+    grad_q_slots = q.new_empty(bh, plan.num_slots, d)
+    grad_k = torch.zeros_like(kf)
+    grad_v = torch.zeros_like(vf)
+    grad_table = torch.zeros_like(table)
+    for y0, y1 in plan.chunks(bh, chunk):
+        logits, q_c, k_c, query_index, key_index, bias_index = _neighborhood_chunk_logits(
+            qf, kf, table, plan, y0, y1)
+        s0, s1 = plan.slot_range(y0, y1)
+        n = logits.shape[0]
+        owned_c = owned[s0:s1]
+        v_c = vf.index_select(1, key_index).view(n, plan.region_keys, d)
+        do_c = grad_out.index_select(1, query_index).mul_(owned_c[:, None]).view(n, plan.tile_queries, d)
+        delta_c = delta.index_select(1, query_index).mul_(owned_c).view(n, plan.tile_queries, 1)
+        probs = logits.sub_(lse.index_select(1, query_index).view(n, plan.tile_queries, 1)).exp_()
+        grad_v.index_add_(1, key_index, torch.bmm(probs.transpose(1, 2), do_c).view(bh, -1, d))
+        # dS = P * (dP - D), dP = dO v^T
+        grad_logits = torch.bmm(do_c, v_c.transpose(1, 2)).sub_(delta_c).mul_(probs)
+        del probs, logits
+        grad_q_slots[:, s0:s1] = torch.bmm(grad_logits, k_c).view(bh, s1 - s0, d)
+        grad_k.index_add_(1, key_index, torch.bmm(grad_logits.transpose(1, 2), q_c).view(bh, -1, d))
+        grad_bias = grad_logits.view(-1, heads, bias_index.numel()).sum(0)  # summed over the batch
+        grad_table.index_add_(1, bias_index.view(-1), grad_bias)
+    grad_q = grad_q_slots.index_select(1, plan.slot).view(q.shape)
+    grad_rpb = grad_table[:, :-1].reshape(rpb.shape)
+    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_rpb
 
 
 @_neighborhood_attention_backward_op.register_fake
-def _(grad_out, q, k, v, rpb, out, probs, kernel_size):
+def _(grad_out, q, k, v, rpb, out, lse, kernel_size, chunk):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rpb)
 
 
 def _neighborhood_setup_context(ctx, inputs, output):
-    q, k, v, rpb, kernel_size = inputs
-    out, probs = output
-    ctx.save_for_backward(q, k, v, rpb, out, probs)
-    ctx.kernel_size = kernel_size
+    q, k, v, rpb, kernel_size, chunk = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, out, lse)
+    ctx.kernel_size, ctx.chunk = kernel_size, chunk
 
 
-def _neighborhood_backward(ctx, grad_out, grad_probs):
-    q, k, v, rpb, out, probs = ctx.saved_tensors
+def _neighborhood_backward(ctx, grad_out, grad_lse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_rpb = _neighborhood_attention_backward_op(
-        grad_out.contiguous(), q, k, v, rpb, out, probs, ctx.kernel_size
+        grad_out.contiguous(), q, k, v, rpb, out, lse, ctx.kernel_size, ctx.chunk
     )
-    return grad_q, grad_k, grad_v, grad_rpb, None
+    return grad_q, grad_k, grad_v, grad_rpb, None, None
 
 
 _neighborhood_attention_op.register_autograd(_neighborhood_backward, setup_context=_neighborhood_setup_context)
 
 
-def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int) -> Tensor:
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int,
+                           chunk_elements: Optional[int] = None) -> Tensor:
     """Fast neighbourhood attention; same result as :func:`neighborhood_attention_reference`.
 
-    Works window slot by window slot, so its memory grows with ``HW * k * k`` (logits and
-    probabilities) and not with the ``HW * k * k * d`` gathered windows; the backward pass is
-    hand-written (gathers for queries, border folds and shifted slice additions for keys and
-    values). Computes in float32 (float64 for float64 inputs) and returns the input dtype.
+    Tile by tile as dense attentions over the tiles' key regions (matrix products), with the
+    keys outside each query's window masked; the forward pass saves only ``q, k, v``, the
+    output and each query's log-sum-exp, and the backward pass recomputes the probabilities,
+    so its memory never grows with ``HW * k * k * d`` (nor stores ``HW * k * k``). Computes in
+    float32 (float64 for float64 inputs) and returns the input dtype.
 
     Args:
         q (Tensor): ``(B, heads, H, W, d)`` queries, already scaled by ``d ** -0.5``.
@@ -694,10 +745,11 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
         v (Tensor): ``(B, heads, H, W, d)`` values.
         rpb (Tensor): ``(heads, 2k - 1, 2k - 1)`` relative position bias table.
         kernel_size (int): Neighbourhood size ``k`` (odd); H and W must be at least ``k``.
+        chunk_elements (int, optional): Logits per chunk. Defaults to
+            :data:`NEIGHBORHOOD_CHUNK_ELEMENTS`.
 
     Returns:
-        Tensor: ``(B, heads, H, W, d)``, a view of a token-major ``(H, W, B, heads, d)`` tensor
-        (so that the output projection needs no copy for a single image).
+        Tensor: ``(B, heads, H, W, d)``.
     """
     b, heads, h, w, d = q.shape
     if (
@@ -716,9 +768,9 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
     dtype = _float_dtype(q, k, v)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
 
-    def token_major(t: Tensor) -> Tensor:
-        return t.to(acc).permute(2, 3, 0, 1, 4).reshape(h, w, b * heads, d).contiguous()
+    def batch_heads(t: Tensor) -> Tensor:
+        return t.to(acc).reshape(b * heads, h, w, d).contiguous()
 
-    out, _ = _neighborhood_attention_op(token_major(q), token_major(k), token_major(v), rpb.to(acc).contiguous(),
-                                        kernel_size)
-    return out.view(h, w, b, heads, d).permute(2, 3, 0, 1, 4).to(dtype)
+    out, _ = _neighborhood_attention_op(batch_heads(q), batch_heads(k), batch_heads(v), rpb.to(acc).contiguous(),
+                                        kernel_size, chunk_elements or NEIGHBORHOOD_CHUNK_ELEMENTS)
+    return out.view(b, heads, h, w, d).to(dtype)

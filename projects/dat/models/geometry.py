@@ -186,6 +186,46 @@ def neighborhood_indices(length: int, kernel_size: int,
     return keys, bias
 
 
+def neighborhood_tiles(length: int, kernel_size: int, tile: int,
+                       device: torch.device = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cut one axis of neighbourhood attention into query tiles with dense key regions.
+
+    Tiles hold ``T = min(tile, length)`` consecutive queries and are all full: when ``T`` does
+    not divide the axis, the last tile starts at ``length - T`` and overlaps the one before it.
+    The windows of a tile's queries lie inside ``S = min(T + k - 1, length)`` consecutive keys
+    (its key region), clamped border windows included, because window starts grow by at most
+    one per query.
+
+    Args:
+        length (int): Axis length, at least ``kernel_size``.
+        kernel_size (int): Odd neighbourhood size ``k``.
+        tile (int): Queries per tile (at most).
+        device (torch.device, optional): Output device.
+
+    Returns:
+        tuple: ``queries`` ``(nt, T)``, the query index of each tile slot; ``keys`` ``(nt, S)``,
+        the key index of each region slot; ``bias`` ``(nt, T, S)``, the row of the ``2k - 1``
+        bias table of each (query, key) pair, or -1 where the key is outside the query's window;
+        ``slot`` ``(length,)``, the flat slot ``tile * T + offset`` that holds each query (its
+        first tile).
+    """
+    size = min(tile, length)
+    num_tiles = -(-length // size)
+    tile_starts = torch.arange(num_tiles, device=device).mul_(size).clamp_(max=length - size)
+    queries = tile_starts[:, None] + torch.arange(size, device=device)
+    window_starts = neighborhood_starts(length, kernel_size, device)[queries]
+    region = min(size + kernel_size - 1, length)
+    region_starts = window_starts[:, 0].clamp(max=length - region)
+    keys = region_starts[:, None] + torch.arange(region, device=device)
+    offset = keys[:, None, :] - window_starts[:, :, None]
+    bias = keys[:, None, :] - queries[:, :, None] + kernel_size - 1
+    bias = bias.masked_fill_((offset < 0) | (offset >= kernel_size), -1)
+    index = torch.arange(length, device=device)
+    first_tile = (index // size).clamp_(max=num_tiles - 1)
+    slot = first_tile * size + index - tile_starts[first_tile]
+    return queries, keys, bias, slot
+
+
 def shift_size_for(window_size: int) -> int:
     """Shift of the v1 'S' block: ``ceil(w / 2)`` as in the original (4 for 7, 6 for 12)."""
     return math.ceil(window_size / 2)
