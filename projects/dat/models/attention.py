@@ -543,8 +543,9 @@ def deformable_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: 
 # tile's queries lie inside an Sy x Sx key region (S = T + k - 1), so each tile is one dense
 # (Ty Tx) x (Sy Sx) attention, two matrix products, in which the keys outside a query's window
 # get the bias -inf. Tiles are k queries wide (regions of 2k - 1 keys: about 3.4x the products of
-# the k * k windows, at matrix-product speed); an axis no longer than 2k is a single tile. Inside the operator q, k and v
-# are (B * heads, H, W, d); tile slots are numbered tile by tile, row-major in each tile.
+# the k * k windows, at matrix-product speed); an axis no longer than 2k is a single tile.
+# Inside the operator q, k and v are (B * heads, H, W, d); tile slots are numbered tile by
+# tile, row-major in each tile.
 # The forward pass keeps only q, k, v, the output and the log-sum-exp of each query; the
 # backward pass recomputes each chunk's probabilities from them. Neither pass ever holds the
 # (HW, k * k, d) windows, and the logits exist one chunk of tile rows at a time.
