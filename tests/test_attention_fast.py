@@ -7,6 +7,8 @@ tensors of the original code). Memory: the fast paths must not save any tensor o
 of the attention matrix (deformable) or of the windows' logits (neighbourhood).
 """
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from projects.dat import DAT
 from projects.dat.converter import convert_original_state_dict
 from projects.dat.models import attention as attn_ops
+from projects.dat.models import cpu_kernels
 from projects.dat.models.attention import (
     deformable_attention,
     deformable_attention_reference,
@@ -64,6 +67,13 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
     return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
+def _require_cpu_kernels():
+    if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
+        pytest.skip(f'{cpu_kernels.ENV_SWITCH}=0')
+    # The project's environment has a compiler: unavailable kernels are a failure, not a skip.
+    assert cpu_kernels.deformable_bias_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
+
+
 @pytest.mark.parametrize(
     'b, c, h, w, heads, groups, hk, wk, table, version, chunk',
     [
@@ -76,7 +86,13 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
         (1, 8, 5, 16, 2, 2, 3, 4, (3, 3), 'pp', None),  # table smaller than the map
     ],
 )
-def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, version, chunk):
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
+def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl,
+                                      monkeypatch):
+    if bias_impl == 'pytorch':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    else:
+        _require_cpu_kernels()
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
     (q, k, v, pos, rpe), coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
@@ -88,6 +104,41 @@ def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, 
     grads_fast = torch.autograd.grad(fast, (q, k, v, pos, rpe), grad_out)
     for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=False):
         assert_rel_close(a, e, name=f'grad {name}')
+
+
+@pytest.mark.parametrize('chunk', [None, 40])
+def test_deformable_cpu_kernels_equal_pytorch_path(chunk, monkeypatch):
+    _require_cpu_kernels()
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 16, 9, 11, 4, 2, 3, 4, (13, 15), 'v1', spread=1.2)
+    qy, qx = coords[:, 0, 0], coords[0, :, 1]
+    grad_out = torch.randn(2, 16, 9, 11)
+    results = {}
+    for impl in ('cpu_kernels', 'pytorch'):
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1' if impl == 'cpu_kernels' else '0')
+        out = deformable_attention(q, k, v, pos, qy, qx, rpe, 2, chunk_elements=chunk)
+        results[impl] = (out, torch.autograd.grad(out, (q, k, v, pos, rpe), grad_out))
+    (out, grads), (out_pt, grads_pt) = results['cpu_kernels'], results['pytorch']
+    assert_rel_close(out, out_pt, tol=1e-6, name="output")
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads, grads_pt, strict=True):
+        assert_rel_close(a, e, tol=1e-6, name=f'grad {name}')
+
+
+def test_unbuildable_cpu_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch):
+    def no_compiler(verbose=False):
+        raise OSError('g++: not found')
+
+    monkeypatch.setattr(cpu_kernels, '_loaded', {})
+    monkeypatch.setattr(cpu_kernels, 'build', no_compiler)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    messages = []
+    monkeypatch.setattr(cpu_kernels, 'print_log', lambda msg, **kwargs: messages.append((msg, kwargs['level'])))
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 5, 6, 2, 1, 2, 2, (7, 7), 'pp', 0.9)
+    out = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 1)
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 1)
+    assert_rel_close(out, ref)
+    assert cpu_kernels.deformable_bias_kernels() is None
+    assert len(messages) == 1 and messages[0][1] == logging.WARNING
+    assert 'g++: not found' in messages[0][0] and 'runs in PyTorch' in messages[0][0]
 
 
 def test_deformable_float64_is_exact_and_passes_gradcheck():

@@ -8,7 +8,9 @@ Checks, each reported on its own line and naming the broken part on failure:
 * mmcv's compiled ops load (``mmcv._ext``);
 * full mode only: ``mmdet.models``, ``mmseg.models`` and ``mmpretrain.models`` import, and
   ``mmcv.ops.nms`` / ``mmcv.ops.RoIAlign`` agree with torchvision's implementations on a small
-  CPU tensor (and on the GPU when one is visible; with ``FORCE_CUDA=1`` mmcv must have CUDA ops).
+  CPU tensor (and on the GPU when one is visible; with ``FORCE_CUDA=1`` mmcv must have CUDA ops);
+  the C++ CPU kernels of the fast attention (``projects/dat/csrc``) compile (once per torch
+  version, cached) and agree with the PyTorch path.
 
 Usage::
 
@@ -29,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIREMENT_FILES = ('build.txt', 'mminstall.txt', 'runtime.txt', 'tests.txt')
@@ -244,6 +247,41 @@ def check_roi_align() -> str:
     return 'matches torchvision on ' + ', '.join(_devices())
 
 
+def check_cpu_kernels() -> str:
+    """Build (or load from the cache) DAT's C++ CPU kernels and compare them with PyTorch.
+
+    Returns:
+        str: Where the kernels are cached.
+
+    Raises:
+        CheckFailed: If they do not build, or disagree with the PyTorch path.
+    """
+    import torch
+
+    from projects.dat.models import cpu_kernels
+    from projects.dat.models.attention import deformable_attention
+
+    try:
+        cpu_kernels.build()
+    except Exception as exc:
+        raise CheckFailed(f'the C++ CPU kernels do not build ({type(exc).__name__}: {str(exc)[-800:]}); a C++ '
+                          'compiler (g++) and ninja are needed, or set DAT_CPU_KERNELS=0 to run without them') from exc
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 5, 6, generator=gen)
+    k, v = torch.randn(2, 2, 8, 12, generator=gen).unbind(0)
+    pos = torch.rand(4, 12, 2, generator=gen) * 2 - 1
+    table = torch.randn(2, 9, 11, generator=gen)
+    outs = {}
+    for switch in ('1', '0'):
+        with mock.patch.dict(os.environ, {cpu_kernels.ENV_SWITCH: switch}):
+            outs[switch] = deformable_attention(q, k, v, pos, torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 6),
+                                                table, 2)
+    if not torch.allclose(outs['1'], outs['0'], rtol=1e-5, atol=1e-6):
+        diff = (outs['1'] - outs['0']).abs().max().item()
+        raise CheckFailed(f'the C++ CPU kernels disagree with the PyTorch path (max difference {diff:.3e})')
+    return f'built, agree with the PyTorch path (cached in {cpu_kernels.build_directory()})'
+
+
 def run_checks(checks: list[tuple[str, Callable[[], str]]]) -> bool:
     """Run checks in order, printing one line each.
 
@@ -289,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             ('toolbox imports', check_toolbox_imports),
             ('mmcv.ops.nms', check_nms),
             ('mmcv.ops.RoIAlign', check_roi_align),
+            ('DAT C++ CPU kernels', check_cpu_kernels),
         ]
     if not run_checks(checks):
         print('[check_env] environment is broken: see the FAIL lines above', flush=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
 from .geometry import neighborhood_indices, neighborhood_tiles
 
 
@@ -325,6 +326,48 @@ class _DeformableBias:
         grad_table_t[..., 1:].scatter_add_(3, index, grad_bottom.view(nb, hg, tw3, rows * ns))
 
 
+class _DeformableBiasKernel:
+    """:class:`_DeformableBias` computed by the C++ kernels (float32 on CPU): one pass each way,
+    no intermediate buffers; same arguments and methods.
+
+    Args:
+        kernels (module): :func:`cpu_kernels.deformable_bias_kernels`.
+        table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` padded tables, transposed (x major).
+        iy (Tensor): ``(nb, rows, Ns)`` padded row index of the first y tap.
+        fy (Tensor): ``(nb, rows, Ns)`` weight of the second y tap.
+        ix (Tensor): ``(nb, W, Ns)`` padded column index of the first x tap.
+        fx (Tensor): ``(nb, W, Ns)`` weight of the second x tap.
+        ws (_Workspace): Buffers to reuse.
+    """
+
+    def __init__(self, kernels, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace):
+        self.kernels = kernels
+        self.args = tuple(t.contiguous() for t in (table_t, iy, fy, ix, fx))
+        self.ws = ws
+
+    def bias_into(self, out: Tensor, diff: Optional[Tensor]) -> None:
+        """Write the bias into ``out`` ``(nb, hg, rows, W, Ns)``; ``diff`` is not needed."""
+        self.kernels.deformable_bias(out, *self.args)
+
+    def backward(
+        self, grad_bias: Tensor, diff: Optional[Tensor], grad_fx: Tensor, grad_fy: Tensor, grad_table_t: Tensor
+    ) -> None:
+        """Accumulate the gradients as :meth:`_DeformableBias.backward` does."""
+        nb, hg, rows, width, ns = grad_bias.shape
+        grad_fy_heads = self.ws('grad_fy_heads', (nb, hg, rows, ns), grad_bias.dtype, zero=True)
+        grad_fx_heads = self.ws('grad_fx_heads', (nb, hg, width, ns), grad_bias.dtype, zero=True)
+        self.kernels.deformable_bias_backward(grad_bias, *self.args, grad_table_t, grad_fy_heads, grad_fx_heads)
+        grad_fy += grad_fy_heads.sum(1)
+        grad_fx += grad_fx_heads.sum(1)
+
+
+def _bias_kernels(table: Tensor):
+    """The C++ kernels where they apply (float32 on CPU) and are available, else None."""
+    if table.device.type != 'cpu' or table.dtype != torch.float32:
+        return None
+    return cpu_kernels.deformable_bias_kernels()
+
+
 def _deformable_setup(pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int):
     th, tw = table.shape[-2:]
     iy, fy, in_y = _table_coordinates(query_y, pos[..., 0], th)
@@ -354,12 +397,12 @@ def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor,
     hg, d = q.shape[1:3]
     ns = k.shape[-1]
     acc = table_t.dtype
-    bias = _DeformableBias(
-        _group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws
-    )
+    args = (_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws)
+    kernels = _bias_kernels(table_t)
+    bias = _DeformableBias(*args) if kernels is None else _DeformableBiasKernel(kernels, *args)
     shape = (nb, hg, rows, width, ns)
     logits = ws('logits', shape, acc)
-    diff = ws('diff', shape, acc)
+    diff = ws('diff', shape, acc) if kernels is None else None
     bias.bias_into(logits, diff)
     logits = logits.view(nb * hg, rows * width, ns)
     q_c = q[b0:b1, :, :, r0 * width:r1 * width].reshape(nb * hg, d, rows * width)
