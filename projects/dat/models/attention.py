@@ -669,7 +669,7 @@ def _neighborhood_chunk_logits(q: Tensor, k: Tensor, table: Tensor, plan: _Neigh
     q_c = q.index_select(1, query_index).view(bh * tiles, plan.tile_queries, d)
     k_c = k.index_select(1, key_index).view(bh * tiles, plan.region_keys, d)
     logits = torch.bmm(q_c, k_c.transpose(1, 2))
-    logits.view(-1, heads, bias_index.numel()).add_(table[:, bias_index.view(-1)])
+    logits.view(-1, heads, bias_index.numel()).add_(table.index_select(1, bias_index.view(-1)))
     return logits, q_c, k_c, query_index, key_index, bias_index
 
 
