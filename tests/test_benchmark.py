@@ -26,6 +26,7 @@ DET_CONFIG = str(ROOT / 'configs' / 'detection' / 'mask_rcnn' / 'mask-rcnn_datpp
         ('datpp-t:fast', ('datpp-t', 'fast', None)),
         ('dat-t:reference:cp', ('dat-t', 'reference', True)),
         ('datpp-t::cp', ('datpp-t', None, True)),
+        ('datpp-t:fast-pytorch', ('datpp-t', 'fast-pytorch', None)),
         ('swin-t', ('swin-t', None, None)),
         (f'{DET_CONFIG}:reference:nocp', (DET_CONFIG, 'reference', False)),
     ],
@@ -64,6 +65,19 @@ def test_with_cp_reaches_the_backbone():
     assert all(stage.with_cp for stage in model.stages)
     model, _ = benchmark.build_model('datpp-t:fast', 64, 64)
     assert not any(stage.with_cp for stage in model.stages)
+
+
+def test_fast_pytorch_turns_the_cpu_kernels_off_in_its_worker(monkeypatch):
+    import os
+
+    from projects.dat.models import cpu_kernels
+
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)  # restored after the test
+    model, _ = benchmark.build_model('datpp-t:fast-pytorch', 64, 64)
+    assert os.environ[cpu_kernels.ENV_SWITCH] == '0' and cpu_kernels.deformable_bias_kernels() is None
+    assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {'fast'}
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', '--no-isolate'])
 
 
 def test_table_ratios_compare_with_the_first_model():

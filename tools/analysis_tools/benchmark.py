@@ -11,7 +11,9 @@ Model specs (``--models``):
 
 - ``ARCH[:IMPL][:cp]``: a DAT backbone of ``DAT.arch_zoo`` (``datpp-t``, ``dat-t``, ...) with
   its four outputs and norms, and ``attn_impl`` IMPL (``auto``, ``fast`` or ``reference``;
-  default ``auto``); ``:cp`` turns activation checkpointing on (``with_cp=True``);
+  default ``auto``; ``fast-pytorch`` is ``fast`` with the C++ CPU kernels turned off,
+  ``DAT_CPU_KERNELS=0`` in that model's worker); ``:cp`` turns activation checkpointing on
+  (``with_cp=True``);
 - ``swin-t``: mmdet's ``SwinTransformer`` with the settings of mmdet's
   ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison);
 - ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
@@ -69,7 +71,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 MODES = ('fwd', 'fwd+bwd')
-IMPLS = ('auto', 'fast', 'reference')
+IMPLS = ('auto', 'fast', 'fast-pytorch', 'reference')
 CHECKPOINTING = {'cp': True, 'nocp': False}
 RESULT_MARKER = 'BENCHMARK_RESULT '
 
@@ -189,6 +191,11 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
     from projects.dat.models.dat import DAT
 
     name, impl, with_cp = parse_model_spec(spec)
+    if impl == 'fast-pytorch':  # read at every call: this process runs this model only
+        from projects.dat.models import cpu_kernels
+
+        os.environ[cpu_kernels.ENV_SWITCH] = '0'
+        impl = 'fast'
     if name == 'swin-t':
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
@@ -547,6 +554,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.parsed_inputs = [parse_input_spec(s) for s in args.inputs]
     except ValueError as exc:
         parser.error(str(exc))
+    if args.no_isolate and any(impl == 'fast-pytorch' for _, impl, _ in args.parsed_models):
+        parser.error('fast-pytorch turns the C++ kernels off for its whole process: it needs a worker of its own '
+                     '(drop --no-isolate)')
     return args
 
 
