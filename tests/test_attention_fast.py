@@ -329,6 +329,28 @@ def test_compile_traces_fast_ops_without_graph_breaks():
         assert_rel_close(a, e, tol=1e-6)
 
 
+def test_custom_ops_pass_opcheck():
+    # Fake implementations must match the real ones to the strides (inductor checks them); the
+    # backward operators are checked on their own, with real forward outputs.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 9, 10, 8, generator=g, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, generator=g, requires_grad=True)
+    n_args = (q, k, v, rpb, 7, 1 << 22)
+    torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
+    out, lse = torch.ops.dat.neighborhood_attention(*n_args)
+    detached = [t.detach() for t in (q, k, v, rpb, out, lse)]
+    torch.library.opcheck(torch.ops.dat.neighborhood_attention_backward.default,
+                          (torch.randn_like(out), *detached, 7, 1 << 22))
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
+    d_args = (q.reshape(4, 1, 4, 30), k.reshape(4, 1, 4, 6), v.reshape(4, 1, 4, 6), pos, coords[:, 0, 0],
+              coords[0, :, 1], rpe, 2, 40)
+    torch.library.opcheck(torch.ops.dat.deformable_attention.default, d_args)
+    out, lse = torch.ops.dat.deformable_attention(*d_args)
+    detached = [t.detach() for t in d_args[:7]]
+    torch.library.opcheck(torch.ops.dat.deformable_attention_backward.default,
+                          (torch.randn_like(out), *detached, out.detach(), lse.detach(), 2, 40))
+
+
 def test_chunk_budget_is_respected():
     chunks = attn_ops._deformable_chunks(bg=3, heads_per_group=2, height=10, width=7, num_keys=5, budget=150)
     assert chunks[0] == (0, 1, 0, 2) and all(r1 - r0 <= 2 for _, _, r0, r1 in chunks)

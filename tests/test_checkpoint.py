@@ -17,6 +17,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -347,6 +348,21 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
     atomic_save({'w': torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)['w'], torch.zeros(3))
     assert tmp_leftovers(tmp_path) == []
+
+
+def test_next_write_removes_abandoned_tmp_files_only(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    abandoned = tmp_path / '.ckpt.pth.tmp-4242-0badc0de'  # as a killed writer leaves it
+    in_progress = tmp_path / '.ckpt.pth.tmp-4343-00c0ffee'  # another writer, still active
+    other_target = tmp_path / '.other.pth.tmp-4242-0badc0de'
+    for leftover in (abandoned, in_progress, other_target):
+        leftover.write_bytes(b'partial')
+    old = time.time() - dat_ckpt.STALE_TMP_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    os.utime(other_target, (old, old))
+    atomic_save({'w': torch.ones(3)}, path)
+    assert torch.equal(torch.load(path)['w'], torch.ones(3))
+    assert sorted(tmp_leftovers(tmp_path)) == sorted([in_progress.name, other_target.name])
 
 
 @pytest.fixture

@@ -519,7 +519,7 @@ def test_datpp_t_checkpoint_into_datpp_s(tmp_path):
     with pytest.raises(
         ConversionError,
         match=(
-            r'(?s)does not fit DAT\(arch=pp, dims=\[96, 192, 384, 768\]\):\n'
+            r'(?s)does not fit DAT\(arch=\'datpp-s\', dims=\[96, 192, 384, 768\]\):\n'
             r'  stem\.conv1\.weight: shape \(32, 3, 3, 3\) != model \(48, 3, 3, 3\)\n.*'
             r'norm3\.weight: shape \(512,\) != model \(768,\)'
         ),
@@ -534,7 +534,7 @@ def test_converted_v1_checkpoint_into_datpp_config(tmp_path):
     with pytest.raises(
         ConversionError,
         match=(
-            r'(?s)does not fit DAT\(arch=pp, dims=\[64, 128, 256, 512\]\).*'
+            r'(?s)does not fit DAT\(arch=\'datpp-t\', dims=\[64, 128, 256, 512\]\).*'
             r'unexpected key stem\.conv\.weight.*'
             r'unexpected key stages\.0\.blocks\.0\.attn\.relative_position_bias_table.*'
             r'missing key stem\.conv1\.weight.*missing key stages\.0\.blocks\.0\.lpu\.weight'

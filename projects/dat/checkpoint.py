@@ -53,7 +53,9 @@ crash or a full disk in between leaves a truncated file where the previous check
 A custom hook or runner would need every config to opt in (and mmdet/mmseg/mmpretrain
 configs name ``CheckpointHook`` in their bases), so patching the three spots above is the
 least invasive way to protect every run that imports ``projects.dat``. A process killed while
-writing leaves a hidden ``.<name>.tmp-*`` file next to the target; the target is untouched.
+writing leaves a hidden ``.<name>.tmp-*`` file next to the target (the target is untouched);
+the next successful write of the same target removes such files once they are older than
+:data:`STALE_TMP_SECONDS` (a younger one may still be written by another process).
 
 **Original DAT checkpoints.** The released files hold extra pickled objects (a config
 object). :func:`load_original_checkpoint` tries ``weights_only=True`` first and refuses to run
@@ -73,6 +75,7 @@ import pickle
 import re
 import secrets
 import stat
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
@@ -218,6 +221,26 @@ def register_mmengine_safe_globals() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Age after which a leftover temporary file of a target counts as abandoned: a write in
+# progress keeps its file's modification time fresh.
+STALE_TMP_SECONDS = 3600
+
+
+def _remove_stale_tmp_files(directory: str, name: str) -> None:
+    """Delete ``.<name>.tmp-*`` files in ``directory`` older than :data:`STALE_TMP_SECONDS`."""
+    prefix = f'.{name}.tmp-'
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                os.unlink(entry.path)
+                logger.warning(f'removed {entry.path}, an abandoned temporary file of an interrupted write')
+
+
 def _fsync_directory(directory: str) -> None:
     """Flush a directory entry change (the rename) to disk where the OS supports it."""
     try:
@@ -279,6 +302,7 @@ def atomic_open(
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+    _remove_stale_tmp_files(directory, name)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:

@@ -276,7 +276,7 @@ def load_pretrained_backbone(model: DAT, checkpoint: str, prefix: Optional[str] 
     fresh_norms = [k for k in missing if re.match(r'norm\d\.', k)]
     problems += [f'missing key {k}' for k in missing if k not in fresh_norms]
     if problems:
-        raise ConversionError(f'Checkpoint {checkpoint} does not fit DAT(arch={model.arch_settings["version"]}, '
+        raise ConversionError(f'Checkpoint {checkpoint} does not fit DAT(arch={model.arch_name!r}, '
                               f'dims={model.num_features}):\n  ' + '\n  '.join(problems))
     model.load_state_dict(loaded, strict=False)
     log(f'Loaded {len(loaded)} tensors from {checkpoint}'

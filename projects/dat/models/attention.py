@@ -328,16 +328,11 @@ class _DeformableBias:
 
 class _DeformableBiasKernel:
     """:class:`_DeformableBias` computed by the C++ kernels (float32 on CPU): one pass each way,
-    no intermediate buffers; same arguments and methods.
+    no intermediate buffers; the same methods.
 
     Args:
         kernels (module): :func:`cpu_kernels.deformable_bias_kernels`.
-        table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` padded tables, transposed (x major).
-        iy (Tensor): ``(nb, rows, Ns)`` padded row index of the first y tap.
-        fy (Tensor): ``(nb, rows, Ns)`` weight of the second y tap.
-        ix (Tensor): ``(nb, W, Ns)`` padded column index of the first x tap.
-        fx (Tensor): ``(nb, W, Ns)`` weight of the second x tap.
-        ws (_Workspace): Buffers to reuse.
+        *args: ``table_t, iy, fy, ix, fx, ws`` as for :class:`_DeformableBias`.
     """
 
     def __init__(self, kernels, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace):
@@ -627,10 +622,12 @@ class _NeighborhoodPlan:
         return [(y0, min(y0 + rows, self.tiles_y)) for y0 in range(0, self.tiles_y, rows)]
 
     def slot_range(self, y0: int, y1: int) -> Tuple[int, int]:
+        """Range of the query slots (in :attr:`queries`) of tile rows ``y0:y1``."""
         per_row = self.tiles_x * self.tile_queries
         return y0 * per_row, y1 * per_row
 
     def key_range(self, y0: int, y1: int) -> Tuple[int, int]:
+        """Range of the region slots (in :attr:`keys`) of tile rows ``y0:y1``."""
         per_row = self.tiles_x * self.region_keys
         return y0 * per_row, y1 * per_row
 
@@ -674,6 +671,7 @@ def _neighborhood_chunk_logits(q: Tensor, k: Tensor, table: Tensor, plan: _Neigh
 
 
 def _padded_bias_table(rpb: Tensor) -> Tensor:
+    """``(heads, (2k - 1) ** 2 + 1)``: the flat table with -inf appended (for masked pairs)."""
     heads = rpb.shape[0]
     return torch.cat([rpb.reshape(heads, -1), rpb.new_full((heads, 1), float('-inf'))], dim=1)
 
@@ -746,7 +744,7 @@ def _neighborhood_attention_backward_op(
         grad_bias = grad_logits.view(-1, heads, bias_index.numel()).sum(0)  # summed over the batch
         grad_table.index_add_(1, bias_index.view(-1), grad_bias)
     grad_q = grad_q_slots.index_select(1, plan.slot).view(q.shape)
-    grad_rpb = grad_table[:, :-1].reshape(rpb.shape)
+    grad_rpb = grad_table[:, :-1].reshape(rpb.shape).contiguous()  # strides as the fake's
     return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_rpb
 
 

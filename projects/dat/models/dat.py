@@ -550,6 +550,8 @@ class DAT(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.attn_impl = check_attn_impl(attn_impl)
         self.arch_settings = resolve_arch(arch)
+        # What messages call the variant: its name, or the custom settings' version.
+        self.arch_name = arch.lower() if isinstance(arch, str) else f"custom {arch['version']}"
         s = self.arch_settings
         self.version = s['version']
         self.out_indices = tuple(_check_out_indices(out_indices))
