@@ -7,10 +7,12 @@ same order, so results and gradients agree with the PyTorch path to float32 roun
 (``tests/test_attention_fast.py``).
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
-torch version and cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``);
-``make env`` builds it (``tools/check_env.py``). Where it cannot be built, the fast path runs in
-PyTorch and one warning says why. ``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
+torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); ``make env`` builds it (``tools/check_env.py``). Where it
+cannot be built, the fast path runs in PyTorch and one warning says why.
+``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
 """
+import hashlib
 import logging
 import os
 import re
@@ -34,9 +36,11 @@ def extension_name() -> str:
 
 
 def build_directory() -> Path:
-    """Where the module is compiled and cached."""
+    """Where the module is compiled and cached: one folder per checkout (its build file names
+    the source's path, so two checkouts sharing a folder would rebuild each other's module)."""
     root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'torch_extensions'
-    return Path(root) / extension_name()
+    checkout = hashlib.sha1(str(SOURCE).encode()).hexdigest()[:8]
+    return Path(root) / f'{extension_name()}-{checkout}'
 
 
 def build(verbose: bool = False):
