@@ -87,6 +87,18 @@ def test_pinned_versions_match_requirements():
     assert check_env.check_versions().endswith('requirements satisfied')
 
 
+def test_check_env_builds_the_cpu_kernels_unless_turned_off(monkeypatch):
+    sys.path.insert(0, str(REPO / 'tools'))
+    try:
+        import check_env
+    finally:
+        sys.path.remove(str(REPO / 'tools'))
+    monkeypatch.setenv('DAT_CPU_KERNELS', '0')
+    assert check_env.check_cpu_kernels().startswith('turned off (DAT_CPU_KERNELS=0)')
+    monkeypatch.delenv('DAT_CPU_KERNELS')
+    assert check_env.check_cpu_kernels().startswith('built, agree with the PyTorch path')
+
+
 def test_mim_lists_the_openmmlab_stack():
     proc = subprocess.run([sys.executable, '-m', 'mim', 'list'], cwd='/', capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

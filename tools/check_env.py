@@ -10,7 +10,8 @@ Checks, each reported on its own line and naming the broken part on failure:
   ``mmcv.ops.nms`` / ``mmcv.ops.RoIAlign`` agree with torchvision's implementations on a small
   CPU tensor (and on the GPU when one is visible; with ``FORCE_CUDA=1`` mmcv must have CUDA ops);
   the C++ CPU kernels of the fast attention (``projects/dat/csrc``) compile (once per torch
-  version, cached) and agree with the PyTorch path.
+  version and checkout, cached) and agree with the PyTorch path (skipped with
+  ``DAT_CPU_KERNELS=0``).
 
 Usage::
 
@@ -261,6 +262,8 @@ def check_cpu_kernels() -> str:
     from projects.dat.models import cpu_kernels
     from projects.dat.models.attention import deformable_attention
 
+    if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
+        return f'turned off ({cpu_kernels.ENV_SWITCH}=0): the fast attention runs in PyTorch'
     try:
         cpu_kernels.build()
     except Exception as exc:
