@@ -78,21 +78,22 @@ def test_setuptools_within_bounds():
     assert version in SpecifierSet('>=77.0.3,<82'), f'setuptools {version}'
 
 
-def test_pinned_versions_match_requirements():
+def _import_check_env():
     sys.path.insert(0, str(REPO / 'tools'))
     try:
         import check_env
     finally:
         sys.path.remove(str(REPO / 'tools'))
+    return check_env
+
+
+def test_pinned_versions_match_requirements():
+    check_env = _import_check_env()
     assert check_env.check_versions().endswith('requirements satisfied')
 
 
 def test_check_env_builds_the_cpu_kernels_unless_turned_off(monkeypatch):
-    sys.path.insert(0, str(REPO / 'tools'))
-    try:
-        import check_env
-    finally:
-        sys.path.remove(str(REPO / 'tools'))
+    check_env = _import_check_env()
     monkeypatch.setenv('DAT_CPU_KERNELS', '0')
     assert check_env.check_cpu_kernels().startswith('turned off (DAT_CPU_KERNELS=0)')
     monkeypatch.delenv('DAT_CPU_KERNELS')

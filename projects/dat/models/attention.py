@@ -384,9 +384,10 @@ def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor,
     ``b0:b1``), written into the workspace; shared by the forward and the backward operator.
 
     Returns:
-        tuple: ``logits`` ``(nb * hg, rows * W, Ns)``, the chunk's :class:`_DeformableBias` and
-        its scratch buffer (what the bias backward needs), and the chunk's ``q`` ``(nb * hg, d,
-        rows * W)`` and ``k`` ``(nb * hg, d, Ns)``.
+        tuple: ``logits`` ``(nb * hg, rows * W, Ns)``, the chunk's bias (a :class:`_DeformableBias`,
+        or a :class:`_DeformableBiasKernel` where the C++ kernels run) and its scratch buffer
+        (None for the kernels), what the bias backward needs, and the chunk's ``q`` ``(nb * hg,
+        d, rows * W)`` and ``k`` ``(nb * hg, d, Ns)``.
     """
     nb, rows = b1 - b0, r1 - r0
     hg, d = q.shape[1:3]
