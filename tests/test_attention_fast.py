@@ -71,7 +71,7 @@ def _require_cpu_kernels():
     if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
         pytest.skip(f'{cpu_kernels.ENV_SWITCH}=0')
     # The project's environment has a compiler: unavailable kernels are a failure, not a skip.
-    assert cpu_kernels.deformable_bias_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
+    assert cpu_kernels.load_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_unbuildable_cpu_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch
     out = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 1)
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 1)
     assert_rel_close(out, ref)
-    assert cpu_kernels.deformable_bias_kernels() is None
+    assert cpu_kernels.load_kernels() is None
     assert len(messages) == 1 and messages[0][1] == logging.WARNING
     assert 'g++: not found' in messages[0][0] and 'runs in PyTorch' in messages[0][0]
 
@@ -161,10 +161,16 @@ def test_deformable_float64_is_exact_and_passes_gradcheck():
         (1, 2, 5, 6, 4, 3),
         (1, 2, 20, 17, 8, 5),
         (2, 2, 23, 30, 4, 7),  # several tiles per axis, the last one overlapping
+        (1, 2, 9, 8, 13, 7),  # d not a multiple of the kernels' 8 lanes
     ],
 )
-@pytest.mark.parametrize('chunk', [None, 1])  # one chunk, or one tile row per chunk
-def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, chunk):
+# The C++ kernel (window by window), or the tiled PyTorch path in one chunk or one tile row per chunk.
+@pytest.mark.parametrize('impl, chunk', [('cpu_kernels', None), ('pytorch', None), ('pytorch', 1)])
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, monkeypatch):
+    if impl == 'pytorch':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    else:
+        _require_cpu_kernels()
     g = torch.Generator().manual_seed(h * w)
     q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
@@ -179,6 +185,22 @@ def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, chunk):
         strict=False,
     ):
         assert_rel_close(a, e, name=f'grad {name}')
+
+
+def test_neighborhood_cpu_kernel_equals_tiled_path(monkeypatch):
+    _require_cpu_kernels()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 16, 19, 32, generator=g).requires_grad_() for _ in range(3))
+    rpb = torch.randn(4, 13, 13, generator=g).requires_grad_()
+    grad_out = torch.randn(3, 4, 16, 19, 32, generator=g)
+    results = {}
+    for impl in ('cpu_kernels', 'pytorch'):
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1' if impl == 'cpu_kernels' else '0')
+        out = neighborhood_attention(q, k, v, rpb, 7)
+        results[impl] = (out, *torch.autograd.grad(out, (q, k, v, rpb), grad_out))
+    for name, a, e in zip(('output', 'grad q', 'grad k', 'grad v', 'grad rpb'), results['cpu_kernels'],
+                          results['pytorch'], strict=True):
+        assert_rel_close(a, e, tol=2e-6, name=name)
 
 
 @pytest.mark.parametrize('length, kernel, tile', [(7, 7, 7), (13, 7, 7), (14, 7, 7), (23, 7, 7), (56, 7, 7),

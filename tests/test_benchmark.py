@@ -74,7 +74,7 @@ def test_fast_pytorch_turns_the_cpu_kernels_off_in_its_worker(monkeypatch):
 
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)  # restored after the test
     model, _ = benchmark.build_model('datpp-t:fast-pytorch', 64, 64)
-    assert os.environ[cpu_kernels.ENV_SWITCH] == '0' and cpu_kernels.deformable_bias_kernels() is None
+    assert os.environ[cpu_kernels.ENV_SWITCH] == '0' and cpu_kernels.load_kernels() is None
     assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {'fast'}
     with pytest.raises(SystemExit):
         benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', '--no-isolate'])

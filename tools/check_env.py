@@ -260,7 +260,7 @@ def check_cpu_kernels() -> str:
     import torch
 
     from projects.dat.models import cpu_kernels
-    from projects.dat.models.attention import deformable_attention
+    from projects.dat.models.attention import deformable_attention, neighborhood_attention
 
     if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
         return f'turned off ({cpu_kernels.ENV_SWITCH}=0): the fast attention runs in PyTorch'
@@ -274,14 +274,19 @@ def check_cpu_kernels() -> str:
     k, v = torch.randn(2, 2, 8, 12, generator=gen).unbind(0)
     pos = torch.rand(4, 12, 2, generator=gen) * 2 - 1
     table = torch.randn(2, 9, 11, generator=gen)
+    nq, nk, nv = torch.randn(3, 1, 2, 9, 8, 5, generator=gen).unbind(0)
+    rpb = torch.randn(2, 5, 5, generator=gen)
     outs = {}
     for switch in ('1', '0'):
         with mock.patch.dict(os.environ, {cpu_kernels.ENV_SWITCH: switch}):
-            outs[switch] = deformable_attention(q, k, v, pos, torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 6),
-                                                table, 2)
-    if not torch.allclose(outs['1'], outs['0'], rtol=1e-5, atol=1e-6):
-        diff = (outs['1'] - outs['0']).abs().max().item()
-        raise CheckFailed(f'the C++ CPU kernels disagree with the PyTorch path (max difference {diff:.3e})')
+            outs[switch] = (
+                deformable_attention(q, k, v, pos, torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 6), table, 2),
+                neighborhood_attention(nq, nk, nv, rpb, 3))
+    for name, kernel_out, pytorch_out in zip(('deformable', 'neighbourhood'), outs['1'], outs['0'], strict=True):
+        if not torch.allclose(kernel_out, pytorch_out, rtol=1e-5, atol=1e-6):
+            diff = (kernel_out - pytorch_out).abs().max().item()
+            raise CheckFailed(f'the C++ CPU kernels disagree with the PyTorch path ({name} attention, '
+                              f'max difference {diff:.3e})')
     return f'built, agree with the PyTorch path (cached in {cpu_kernels.build_directory()})'
 
 

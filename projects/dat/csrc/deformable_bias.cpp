@@ -127,8 +127,3 @@ void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table_t, to
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("deformable_bias", &deformable_bias, "Deformable relative position bias (float32, CPU)");
-  m.def("deformable_bias_backward", &deformable_bias_backward, "Gradient of deformable_bias");
-}

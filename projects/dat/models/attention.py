@@ -331,7 +331,7 @@ class _DeformableBiasKernel:
     no intermediate buffers; the same methods.
 
     Args:
-        kernels (module): :func:`cpu_kernels.deformable_bias_kernels`.
+        kernels (module): :func:`cpu_kernels.load_kernels`.
         *args: ``table_t, iy, fy, ix, fx, ws`` as for :class:`_DeformableBias`.
     """
 
@@ -356,11 +356,11 @@ class _DeformableBiasKernel:
         grad_fx += grad_fx_heads.sum(1)
 
 
-def _bias_kernels(table: Tensor):
-    """The C++ kernels where they apply (float32 on CPU) and are available, else None."""
-    if table.device.type != 'cpu' or table.dtype != torch.float32:
+def _cpu_kernels(t: Tensor):
+    """The C++ kernels where they apply (``t`` float32 on CPU) and are available, else None."""
+    if t.device.type != 'cpu' or t.dtype != torch.float32:
         return None
-    return cpu_kernels.deformable_bias_kernels()
+    return cpu_kernels.load_kernels()
 
 
 def _deformable_setup(pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int):
@@ -394,7 +394,7 @@ def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor,
     ns = k.shape[-1]
     acc = table_t.dtype
     args = (_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws)
-    kernels = _bias_kernels(table_t)
+    kernels = _cpu_kernels(table_t)
     bias = _DeformableBias(*args) if kernels is None else _DeformableBiasKernel(kernels, *args)
     shape = (nb, hg, rows, width, ns)
     logits = ws('logits', shape, acc)
@@ -578,6 +578,9 @@ def deformable_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: 
 
 # -------------------------------------------------------------------- neighbourhood attention
 #
+# float32 on CPU: the C++ kernels (csrc/neighborhood_attention.cpp) visit each query's k * k
+# window exactly, forward and backward, and keep the same q, k, v, output and log-sum-exp.
+# Elsewhere (CUDA, float64, or without the kernels) the PyTorch path below runs.
 # Tiled: the queries are cut into Ty x Tx tiles (geometry.neighborhood_tiles); the windows of a
 # tile's queries lie inside an Sy x Sx key region (S = T + k - 1), so each tile is one dense
 # (Ty Tx) x (Sy Sx) attention, two matrix products, in which the keys outside a query's window
@@ -681,6 +684,10 @@ def _padded_bias_table(rpb: Tensor) -> Tensor:
 def _neighborhood_attention_op(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int
 ) -> Tuple[Tensor, Tensor]:
+    kernels = _cpu_kernels(q)
+    if kernels is not None:
+        out, lse = kernels.neighborhood_attention_forward(q, k, v, rpb, kernel_size)
+        return out, lse
     bh, height, width, d = q.shape
     plan = _NeighborhoodPlan(height, width, kernel_size, q.device)
     qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
@@ -712,8 +719,13 @@ def _neighborhood_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
     chunk: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    bh, height, width, d = q.shape
     heads = rpb.shape[0]
+    kernels = _cpu_kernels(q)
+    if kernels is not None:
+        grad_q, grad_k, grad_v, grad_rpb_per_bh = kernels.neighborhood_attention_backward(
+            grad_out, q, k, v, rpb, out, lse, kernel_size)
+        return grad_q, grad_k, grad_v, grad_rpb_per_bh.view(-1, *rpb.shape).sum(0)
+    bh, height, width, d = q.shape
     plan = _NeighborhoodPlan(height, width, kernel_size, q.device)
     qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
     grad_out = grad_out.reshape(bh, height * width, d)
@@ -776,11 +788,12 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
                            chunk_elements: Optional[int] = None) -> Tensor:
     """Fast neighbourhood attention; same result as :func:`neighborhood_attention_reference`.
 
-    Tile by tile as dense attentions over the tiles' key regions (matrix products), with the
-    keys outside each query's window masked; the forward pass saves only ``q, k, v``, the
-    output and each query's log-sum-exp, and the backward pass recomputes the probabilities,
-    so its memory never grows with ``HW * k * k * d`` (nor stores ``HW * k * k``). Computes in
-    float32 (float64 for float64 inputs) and returns the input dtype.
+    In float32 on CPU the C++ kernels compute it window by window (exactly ``k * k`` keys per
+    query); elsewhere, or without the kernels, tile by tile as dense attentions over the tiles'
+    key regions (matrix products), with the keys outside each query's window masked. Both save
+    only ``q, k, v``, the output and each query's log-sum-exp, and the backward pass recomputes
+    the probabilities, so memory never grows with ``HW * k * k * d`` (nor stores
+    ``HW * k * k``). Computes in float32 (float64 for float64 inputs) and returns the input dtype.
 
     Args:
         q (Tensor): ``(B, heads, H, W, d)`` queries, already scaled by ``d ** -0.5``.

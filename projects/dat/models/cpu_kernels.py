@@ -3,8 +3,10 @@
 ``csrc/deformable_bias.cpp`` computes the deformable relative position bias (a 4-tap bilinear
 read of the bias table for every query-key pair) and its gradient in one pass each, where the
 PyTorch path needs gathers, scatter-adds and intermediate buffers; the same arithmetic in the
-same order, so results and gradients agree with the PyTorch path to float32 round-off
-(``tests/test_attention_fast.py``).
+same order. ``csrc/neighborhood_attention.cpp`` computes neighbourhood attention and its
+gradient window by window (exactly the ``k x k`` keys of each query, where the PyTorch path
+computes whole tile regions and masks them). Both agree with the PyTorch paths to float32
+round-off (``tests/test_attention_fast.py``).
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
 torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
@@ -19,27 +21,39 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
 
-SOURCE = Path(__file__).resolve().parents[1] / 'csrc' / 'deformable_bias.cpp'
+SOURCE_DIR = Path(__file__).resolve().parents[1] / 'csrc'
 ENV_SWITCH = 'DAT_CPU_KERNELS'
 
 _loaded = {}
 
 
+def simd_flags() -> Tuple[str, List[str]]:
+    """The instruction set the kernels are compiled for, and its compiler flags: AVX2 with FMA
+    where torch's own CPU kernels run with AVX2 or better (``ATEN_CPU_CAPABILITY`` lowers
+    both), else the compiler's baseline. Not ``-march=native``: a cache folder may be shared by
+    machines of several CPU types, and each capability gets its own module name."""
+    if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
+        return 'avx2', ['-mavx2', '-mfma']
+    return 'baseline', []
+
+
 def extension_name() -> str:
-    """Module name, per torch version (a build for another torch must never be loaded)."""
-    return 'dat_cpu_kernels_torch_' + re.sub(r'\W', '_', torch.__version__)
+    """Module name, per torch version and instruction set (a build for another torch or CPU
+    must never be loaded)."""
+    torch_version = re.sub(r'\W', '_', torch.__version__)
+    return f'dat_cpu_kernels_torch_{torch_version}_{simd_flags()[0]}'
 
 
 def build_directory() -> Path:
     """Where the module is compiled and cached: one folder per checkout (its build file names
-    the source's path, so two checkouts sharing a folder would rebuild each other's module)."""
+    the sources' paths, so two checkouts sharing a folder would rebuild each other's module)."""
     root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'torch_extensions'
-    checkout = hashlib.sha1(str(SOURCE).encode()).hexdigest()[:8]
+    checkout = hashlib.sha1(str(SOURCE_DIR).encode()).hexdigest()[:8]
     return Path(root) / f'{extension_name()}-{checkout}'
 
 
@@ -72,11 +86,12 @@ def build(verbose: bool = False):
         print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 30 s)',
                   logger='current')
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
-    return load(extension_name(), [str(SOURCE)], extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'],
+    sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
+    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', *simd_flags()[1]], extra_ldflags=['-fopenmp'],
                 build_directory=str(directory), verbose=verbose)
 
 
-def deformable_bias_kernels() -> Optional[object]:
+def load_kernels() -> Optional[object]:
     """The compiled kernels, or None when turned off (``DAT_CPU_KERNELS=0``) or not buildable."""
     if os.environ.get(ENV_SWITCH, '1') == '0':
         return None
