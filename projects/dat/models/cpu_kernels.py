@@ -87,8 +87,8 @@ def build(verbose: bool = False):
                   logger='current')
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
     sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
-    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', *simd_flags()[1]], extra_ldflags=['-fopenmp'],
-                build_directory=str(directory), verbose=verbose)
+    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', *simd_flags()[1]],
+                extra_ldflags=['-fopenmp'], build_directory=str(directory), verbose=verbose)
 
 
 def load_kernels() -> Optional[object]:
