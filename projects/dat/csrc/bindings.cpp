@@ -3,10 +3,10 @@
 
 #include <vector>
 
-void deformable_bias(torch::Tensor bias, torch::Tensor table_t, torch::Tensor iy, torch::Tensor fy,
-                     torch::Tensor ix, torch::Tensor fx);
-void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table_t, torch::Tensor iy, torch::Tensor fy,
-                              torch::Tensor ix, torch::Tensor fx, torch::Tensor grad_table_t,
+void deformable_bias(torch::Tensor bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy, torch::Tensor ix,
+                     torch::Tensor fx, torch::Tensor x_taps);
+void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
+                              torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor grad_table,
                               torch::Tensor grad_fy_heads, torch::Tensor grad_fx_heads);
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor rpb, int64_t kernel_size);

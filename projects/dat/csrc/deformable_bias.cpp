@@ -1,127 +1,169 @@
 // The deformable relative position bias of DAT / DAT++ and its gradient, for float32 on CPU.
 //
 // Same contract and arithmetic as projects/dat/models/attention.py (_DeformableBias): the bias
-// of query (r, c) and key n is the bilinear read of a padded, transposed (x-major) table at the
-// padded pixel coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and
-// floor + 1 always exist in the padded table. Rows are interpolated in y first, then in x, as
-// the PyTorch path does (which may fuse multiply-adds: equal to float32 round-off).
+// of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
+// coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and floor + 1 always
+// exist in the padded table. Rows are interpolated in y first, then in x, as the PyTorch path
+// does (which may fuse multiply-adds: equal to float32 round-off).
+//
+// Separably: for one query row r, key n's table row interpolated in y,
+//   R[n][t] = T[iy][t] + fy * (T[iy + 1][t] - T[iy][t]),
+// is needed only at the columns t that key's x taps reach (ix is monotonic in the query column
+// c, so from ix[0, n] to ix[W - 1, n] + 1); it is computed once per row (contiguous in t) and
+// then read with two adjacent loads per query column, instead of four table reads per pair.
+// The gradient runs the same way backwards: the pairs' gradients are gathered into R's
+// gradient, which is then spread over the two table rows once per query row.
+// The kernels take the table y-major (rows of Tw + 3 contiguous).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <limits>
+#include <vector>
+
 namespace {
 
-void check_inputs(const torch::Tensor& bias, const torch::Tensor& table_t, const torch::Tensor& iy,
-                  const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx) {
-  TORCH_CHECK(bias.dim() == 5 && table_t.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
-              "expected bias (nb, hg, rows, W, Ns), table (nb, hg, Tw + 3, Th + 3), iy/fy (nb, rows, Ns), "
+void check_inputs(const torch::Tensor& bias, const torch::Tensor& table, const torch::Tensor& iy,
+                  const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
+                  const torch::Tensor& x_taps) {
+  TORCH_CHECK(bias.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
+              "expected bias (nb, hg, rows, W, Ns), table (nb, hg, Th + 3, Tw + 3), iy/fy (nb, rows, Ns), "
               "ix/fx (nb, W, Ns)");
   const int64_t nb = bias.size(0), hg = bias.size(1), rows = bias.size(2), width = bias.size(3), ns = bias.size(4);
-  TORCH_CHECK(table_t.size(0) == nb && table_t.size(1) == hg, "table does not match the bias's (nb, hg)");
+  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "table does not match the bias's (nb, hg)");
   TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "iy/fy shape mismatch");
   TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "ix/fx shape mismatch");
-  for (const auto* t : {&bias, &table_t, &fy, &fx}) {
+  for (const auto* t : {&bias, &table, &fy, &fx}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
                 "expected contiguous float32 CPU tensors");
   }
-  for (const auto* t : {&iy, &ix}) {
+  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "x_taps must be (nb, Ns, 2)");
+  for (const auto* t : {&iy, &ix, &x_taps}) {
     TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->device().is_cpu(),
                 "expected contiguous int64 CPU index tensors");
   }
 }
 
+
+// R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
+inline void interpolate_rows(const float* head_table, int64_t row_length, const int64_t* row_iy, const float* row_fy,
+                             const int64_t* taps, int64_t ns, float* rows) {
+  for (int64_t n = 0; n < ns; ++n) {
+    const float* top = head_table + row_iy[n] * row_length;
+    const float* bottom = top + row_length;
+    const float w = row_fy[n];
+    float* out = rows + n * row_length;
+    for (int64_t t = taps[2 * n]; t <= taps[2 * n + 1]; ++t) out[t] = top[t] + (bottom[t] - top[t]) * w;
+  }
+}
+
 }  // namespace
 
-// bias (nb, hg, rows, W, Ns) = the bilinear reads; overwritten.
-void deformable_bias(torch::Tensor bias, torch::Tensor table_t, torch::Tensor iy, torch::Tensor fy,
-                     torch::Tensor ix, torch::Tensor fx) {
-  check_inputs(bias, table_t, iy, fy, ix, fx);
+// bias (nb, hg, rows, W, Ns) = the bilinear reads of table (nb, hg, Th + 3, Tw + 3); overwritten.
+void deformable_bias(torch::Tensor bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy, torch::Tensor ix,
+                     torch::Tensor fx, torch::Tensor x_taps) {
+  check_inputs(bias, table, iy, fy, ix, fx, x_taps);
   const int64_t hg = bias.size(1), rows = bias.size(2), width = bias.size(3), ns = bias.size(4);
-  const int64_t table_size = table_t.size(2) * table_t.size(3), column = table_t.size(3);
+  const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
+  const int64_t* taps_p = x_taps.data_ptr<int64_t>();
   float* out = bias.data_ptr<float>();
-  const float* table = table_t.data_ptr<float>();
+  const float* table_p = table.data_ptr<float>();
   const int64_t* iy_p = iy.data_ptr<int64_t>();
   const float* fy_p = fy.data_ptr<float>();
   const int64_t* ix_p = ix.data_ptr<int64_t>();
   const float* fx_p = fx.data_ptr<float>();
   // One work item per (batch-group, head, query row).
   at::parallel_for(0, bias.size(0) * hg * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> interpolated(ns * row_length);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (hg * rows), bh = item / rows, r = item % rows;
-      const float* head_table = table + bh * table_size;
-      const int64_t* row_iy = iy_p + (b * rows + r) * ns;
-      const float* row_fy = fy_p + (b * rows + r) * ns;
+      interpolate_rows(table_p + bh * table_size, row_length, iy_p + (b * rows + r) * ns,
+                       fy_p + (b * rows + r) * ns, taps_p + b * ns * 2, ns, interpolated.data());
       for (int64_t c = 0; c < width; ++c) {
         const int64_t* col_ix = ix_p + (b * width + c) * ns;
         const float* col_fx = fx_p + (b * width + c) * ns;
         float* o = out + (item * width + c) * ns;
         for (int64_t n = 0; n < ns; ++n) {
-          const float* x0 = head_table + col_ix[n] * column + row_iy[n];  // taps (y0, x0), (y0 + 1, x0)
-          const float* x1 = x0 + column;                                  // taps (y0, x1), (y0 + 1, x1)
-          const float r0 = x0[0] + (x0[1] - x0[0]) * row_fy[n];
-          const float r1 = x1[0] + (x1[1] - x1[0]) * row_fy[n];
-          o[n] = r0 + (r1 - r0) * col_fx[n];
+          const float* taps = interpolated.data() + n * row_length + col_ix[n];
+          o[n] = taps[0] + (taps[1] - taps[0]) * col_fx[n];
         }
       }
     }
   });
 }
 
-// Accumulates the gradients of the table (nb, hg, Tw + 3, Th + 3) and, per head, of the tap
+// Accumulates the gradients of the table (nb, hg, Th + 3, Tw + 3) and, per head, of the tap
 // weights fy (nb, hg, rows, Ns) and fx (nb, hg, W, Ns) from grad_bias (nb, hg, rows, W, Ns).
 // Work items are (batch-group, head) pairs, so that no two threads write the same entry.
-void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table_t, torch::Tensor iy, torch::Tensor fy,
-                              torch::Tensor ix, torch::Tensor fx, torch::Tensor grad_table_t,
+void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
+                              torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor grad_table,
                               torch::Tensor grad_fy_heads, torch::Tensor grad_fx_heads) {
-  check_inputs(grad_bias, table_t, iy, fy, ix, fx);
+  check_inputs(grad_bias, table, iy, fy, ix, fx, x_taps);
   const int64_t nb = grad_bias.size(0), hg = grad_bias.size(1), rows = grad_bias.size(2), width = grad_bias.size(3),
                 ns = grad_bias.size(4);
-  TORCH_CHECK(grad_table_t.sizes() == table_t.sizes() && grad_table_t.is_contiguous(), "grad_table shape mismatch");
+  TORCH_CHECK(grad_table.sizes() == table.sizes() && grad_table.is_contiguous(), "grad_table shape mismatch");
   TORCH_CHECK(grad_fy_heads.sizes() == torch::IntArrayRef({nb, hg, rows, ns}) && grad_fy_heads.is_contiguous(),
               "grad_fy_heads must be (nb, hg, rows, Ns)");
   TORCH_CHECK(grad_fx_heads.sizes() == torch::IntArrayRef({nb, hg, width, ns}) && grad_fx_heads.is_contiguous(),
               "grad_fx_heads must be (nb, hg, W, Ns)");
-  const int64_t table_size = table_t.size(2) * table_t.size(3), column = table_t.size(3);
+  const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
+  const int64_t* taps_p = x_taps.data_ptr<int64_t>();
   const float* grad = grad_bias.data_ptr<float>();
-  const float* table = table_t.data_ptr<float>();
+  const float* table_p = table.data_ptr<float>();
   const int64_t* iy_p = iy.data_ptr<int64_t>();
   const float* fy_p = fy.data_ptr<float>();
   const int64_t* ix_p = ix.data_ptr<int64_t>();
   const float* fx_p = fx.data_ptr<float>();
-  float* grad_table = grad_table_t.data_ptr<float>();
+  float* grad_table_p = grad_table.data_ptr<float>();
   float* grad_fy = grad_fy_heads.data_ptr<float>();
   float* grad_fx = grad_fx_heads.data_ptr<float>();
   at::parallel_for(0, nb * hg, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / hg;
-      const float* head_table = table + bh * table_size;
-      float* head_grad_table = grad_table + bh * table_size;
+      const float* head_table = table_p + bh * table_size;
+      float* head_grad_table = grad_table_p + bh * table_size;
+      const int64_t* key_taps = taps_p + b * ns * 2;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t* row_iy = iy_p + (b * rows + r) * ns;
         const float* row_fy = fy_p + (b * rows + r) * ns;
-        float* row_grad_fy = grad_fy + (bh * rows + r) * ns;
+        interpolate_rows(head_table, row_length, row_iy, row_fy, key_taps, ns, interpolated.data());
+        for (int64_t n = 0; n < ns; ++n) {
+          float* grad_row = grad_interpolated.data() + n * row_length;
+          std::fill(grad_row + key_taps[2 * n], grad_row + key_taps[2 * n + 1] + 1, 0.0f);
+        }
         for (int64_t c = 0; c < width; ++c) {
           const int64_t* col_ix = ix_p + (b * width + c) * ns;
           const float* col_fx = fx_p + (b * width + c) * ns;
           float* col_grad_fx = grad_fx + (bh * width + c) * ns;
           const float* g = grad + ((bh * rows + r) * width + c) * ns;
           for (int64_t n = 0; n < ns; ++n) {
-            const int64_t offset = col_ix[n] * column + row_iy[n];
-            const float* x0 = head_table + offset;
-            const float* x1 = x0 + column;
-            const float wy = row_fy[n], wx = col_fx[n];
-            const float dy0 = x0[1] - x0[0], dy1 = x1[1] - x1[0];
-            const float r0 = x0[0] + dy0 * wy, r1 = x1[0] + dy1 * wy;
-            col_grad_fx[n] += g[n] * (r1 - r0);
-            const float g1 = g[n] * wx, g0 = g[n] - g1;  // gradients of r0 and r1
-            row_grad_fy[n] += g0 * dy0 + g1 * dy1;
-            float* gx0 = head_grad_table + offset;
-            float* gx1 = gx0 + column;
-            const float g0_bottom = g0 * wy, g1_bottom = g1 * wy;
-            gx0[0] += g0 - g0_bottom;
-            gx0[1] += g0_bottom;
-            gx1[0] += g1 - g1_bottom;
-            gx1[1] += g1_bottom;
+            const int64_t tap = n * row_length + col_ix[n];
+            const float* taps = interpolated.data() + tap;
+            float* grad_taps = grad_interpolated.data() + tap;
+            col_grad_fx[n] += g[n] * (taps[1] - taps[0]);
+            const float g1 = g[n] * col_fx[n];  // gradients of the taps: g - g1 and g1
+            grad_taps[0] += g[n] - g1;
+            grad_taps[1] += g1;
           }
+        }
+        // R[n][t] = top[t] + fy * (bottom[t] - top[t]) backwards.
+        float* row_grad_fy = grad_fy + (bh * rows + r) * ns;
+        for (int64_t n = 0; n < ns; ++n) {
+          const float* top = head_table + row_iy[n] * row_length;
+          const float* bottom = top + row_length;
+          float* grad_top = head_grad_table + row_iy[n] * row_length;
+          float* grad_bottom = grad_top + row_length;
+          const float w = row_fy[n];
+          const float* grad_row = grad_interpolated.data() + n * row_length;
+          float grad_w = 0.0f;
+          for (int64_t t = key_taps[2 * n]; t <= key_taps[2 * n + 1]; ++t) {
+            grad_w += grad_row[t] * (bottom[t] - top[t]);
+            const float to_bottom = grad_row[t] * w;
+            grad_top[t] += grad_row[t] - to_bottom;
+            grad_bottom[t] += to_bottom;
+          }
+          row_grad_fy[n] += grad_w;
         }
       }
     }

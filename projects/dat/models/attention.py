@@ -250,6 +250,12 @@ class _Workspace:
         self.device = device
         self.buffers = {}
 
+    def memo(self, key: Tuple, make) -> Tensor:
+        """``make()``, computed once per ``key`` (for what every chunk of the same batch-groups shares)."""
+        if key not in self.buffers:
+            self.buffers[key] = make()
+        return self.buffers[key]
+
     def __call__(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
@@ -327,17 +333,23 @@ class _DeformableBias:
 
 
 class _DeformableBiasKernel:
-    """:class:`_DeformableBias` computed by the C++ kernels (float32 on CPU): one pass each way,
-    no intermediate buffers; the same methods.
+    """:class:`_DeformableBias` computed by the C++ kernels (float32 on CPU), which interpolate
+    each query row's table rows once and then read them (see ``csrc/deformable_bias.cpp``); the
+    same methods.
 
     Args:
         kernels (module): :func:`cpu_kernels.load_kernels`.
-        *args: ``table_t, iy, fy, ix, fx, ws`` as for :class:`_DeformableBias`.
+        table (Tensor): ``(nb, hg, Th + 3, Tw + 3)`` padded tables, y major.
+        iy, fy, ix, fx (Tensor): As for :class:`_DeformableBias`.
+        x_taps (Tensor): ``(nb, Ns, 2)`` int64, the lowest and the highest padded column that the
+            x taps of each key reach (``ix.amin(1)`` and ``ix.amax(1) + 1``).
+        ws (_Workspace): Buffers to reuse.
     """
 
-    def __init__(self, kernels, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace):
+    def __init__(self, kernels, table: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, x_taps: Tensor,
+                 ws: _Workspace):
         self.kernels = kernels
-        self.args = tuple(t.contiguous() for t in (table_t, iy, fy, ix, fx))
+        self.args = (table, *(t.contiguous() for t in (iy, fy, ix, fx)), x_taps)
         self.ws = ws
 
     def bias_into(self, out: Tensor, diff: Optional[Tensor]) -> None:
@@ -349,9 +361,12 @@ class _DeformableBiasKernel:
     ) -> None:
         """Accumulate the gradients as :meth:`_DeformableBias.backward` does."""
         nb, hg, rows, width, ns = grad_bias.shape
-        grad_fy_heads = self.ws('grad_fy_heads', (nb, hg, rows, ns), grad_bias.dtype, zero=True)
-        grad_fx_heads = self.ws('grad_fx_heads', (nb, hg, width, ns), grad_bias.dtype, zero=True)
-        self.kernels.deformable_bias_backward(grad_bias, *self.args, grad_table_t, grad_fy_heads, grad_fx_heads)
+        dtype = grad_bias.dtype
+        grad_fy_heads = self.ws('grad_fy_heads', (nb, hg, rows, ns), dtype, zero=True)
+        grad_fx_heads = self.ws('grad_fx_heads', (nb, hg, width, ns), dtype, zero=True)
+        grad_table = self.ws('grad_table', self.args[0].shape, dtype, zero=True)
+        self.kernels.deformable_bias_backward(grad_bias, *self.args, grad_table, grad_fy_heads, grad_fx_heads)
+        grad_table_t += grad_table.transpose(-1, -2)
         grad_fy += grad_fy_heads.sum(1)
         grad_fx += grad_fx_heads.sum(1)
 
@@ -393,9 +408,15 @@ def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor,
     hg, d = q.shape[1:3]
     ns = k.shape[-1]
     acc = table_t.dtype
-    args = (_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], ws)
     kernels = _cpu_kernels(table_t)
-    bias = _DeformableBias(*args) if kernels is None else _DeformableBiasKernel(kernels, *args)
+    if kernels is None:
+        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1],
+                               fx[b0:b1], ws)
+    else:
+        table = ws.memo(('table', b0, b1), lambda: _group_tables(table_t, b0, b1).transpose(-1, -2).contiguous())
+        x_taps = ws.memo(('x_taps', b0, b1), lambda: torch.stack([ix[b0:b1].amin(1), ix[b0:b1].amax(1) + 1], -1))
+        bias = _DeformableBiasKernel(kernels, table, iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1],
+                                     x_taps, ws)
     shape = (nb, hg, rows, width, ns)
     logits = ws('logits', shape, acc)
     diff = ws('diff', shape, acc) if kernels is None else None
