@@ -16,7 +16,12 @@ from projects.dat.converter import (
     infer_original_arch,
 )
 from projects.dat.models.dat import CANONICAL_ARCHS
-from projects.dat.models.geometry import relative_position_index, shift_size_for, shifted_window_mask
+from projects.dat.models.geometry import (
+    relative_position_index,
+    shift_size_for,
+    shifted_window_mask,
+    stripes_with_halo,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -363,3 +368,31 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
     for a, e in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     assert torch.equal(conv.weight, weight_before)  # the identity is added to a copy
+
+
+@pytest.mark.parametrize('length, size, halo', [(1, 1, 1), (7, 3, 1), (9, 3, 1), (10, 4, 2), (5, 8, 1), (6, 1, 0)])
+def test_stripes_with_halo_cover_every_row_once(length, size, halo):
+    stripes = stripes_with_halo(length, size, halo)
+    assert [row for start, end, _, _ in stripes for row in range(start, end)] == list(range(length))
+    for start, end, halo_start, halo_end in stripes:
+        assert end - start == min(size, length - start)
+        assert (halo_start, halo_end) == (max(0, start - halo), min(length, end + halo))
+    with pytest.raises(ValueError, match='size >= 1'):
+        stripes_with_halo(5, 0, 1)
+
+
+@pytest.mark.parametrize('batch, height, width, stripe_rows', [(1, 9, 7, 2), (2, 8, 5, 3), (1, 5, 6, 1), (2, 4, 4, 9)])
+def test_conv_ffn_in_stripes_equals_whole_maps(batch, height, width, stripe_rows, monkeypatch):
+    from projects.dat.models import dat as dat_module
+
+    torch.manual_seed(0)
+    ffn = dat_module.ConvFFN(4).eval()
+    x = torch.randn(batch, 4, height, width)
+    # A stripe budget of `stripe_rows` rows of the 16-channel hidden map.
+    monkeypatch.setattr(dat_module, 'FFN_STRIPE_BYTES', stripe_rows * batch * 16 * width * 4)
+    with torch.no_grad():
+        striped = ffn(x)
+        whole = ffn._after_fc1(ffn.fc1(x))
+    torch.testing.assert_close(striped, whole, rtol=1e-6, atol=1e-6)
+    # With autograd the whole maps are used (the stripes' slices would cost their backward).
+    assert torch.equal(ffn(x.requires_grad_()).detach(), whole)

@@ -3,11 +3,15 @@
 
 #include <vector>
 
-void deformable_bias(torch::Tensor bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy, torch::Tensor ix,
-                     torch::Tensor fx, torch::Tensor x_taps);
-void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
-                              torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor grad_table,
-                              torch::Tensor grad_fy_heads, torch::Tensor grad_fx_heads);
+void deformable_softmax(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
+                        torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor lse);
+void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy,
+                              torch::Tensor fy, torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps,
+                              torch::Tensor lse);
+void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
+                                 torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
+                                 torch::Tensor grad_fx_heads);
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor rpb, int64_t kernel_size);
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
@@ -15,8 +19,12 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
                                                            torch::Tensor lse, int64_t kernel_size);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("deformable_bias", &deformable_bias, "Deformable relative position bias (float32, CPU)");
-  m.def("deformable_bias_backward", &deformable_bias_backward, "Gradient of deformable_bias");
+  m.def("deformable_softmax", &deformable_softmax,
+        "Deformable attention probabilities from q.k, with the bias read on the fly, and lse (float32, CPU)");
+  m.def("deformable_probabilities", &deformable_probabilities,
+        "The probabilities of deformable_softmax recomputed from its lse");
+  m.def("deformable_softmax_backward", &deformable_softmax_backward,
+        "dP -> dS of deformable_softmax, and the gradients of its bias table and tap weights");
   m.def("neighborhood_attention_forward", &neighborhood_attention_forward,
         "Neighbourhood attention: output and log-sum-exp (float32, CPU)");
   m.def("neighborhood_attention_backward", &neighborhood_attention_backward,

@@ -265,8 +265,12 @@ class _Workspace:
         return out.zero_() if zero else out
 
 
-class _DeformableBias:
-    """Builds the bias of one chunk from the padded table and keeps what its backward needs.
+class _DeformableSoftmax:
+    """The softmax of one chunk's logits ``scale * q.k + bias`` and its gradient, in PyTorch.
+
+    Builds the bias from the padded table (rows interpolated in y once, then read in x with
+    gathers) and keeps what its backward needs. :class:`_DeformableSoftmaxKernel` has the same
+    methods and results.
 
     Args:
         table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` padded tables, transposed (x major).
@@ -293,31 +297,60 @@ class _DeformableBias:
         self.row_diff.sub_(top)
         self.rows_interp = top.addcmul_(self.row_diff, self.fy)
         self.x_index = ix[:, None, None].expand(nb, hg, rows, width, ns)
+        self.diff = ws('diff', (nb, hg, rows, width, ns), table_t.dtype)
 
-    def bias_into(self, out: Tensor, diff: Tensor) -> None:
-        """Write the bias and ``bias(x1) - bias(x0)`` into ``out`` and ``diff``, ``(nb, hg, rows, W, Ns)``."""
+    def logits(self, q_c: Tensor, k_c: Tensor, scale: float) -> Tensor:
+        """``scale * q.k + bias``, ``(nb * hg, rows * W, Ns)`` in the workspace, from the chunk's
+        ``q_c`` ``(nb * hg, d, rows * W)`` and ``k_c`` ``(nb * hg, d, Ns)``."""
+        out = self.ws('logits', self.diff.shape, self.diff.dtype)
+        # The bias, and bias(x1) - bias(x0) (kept for the backward pass).
         source = self.rows_interp.transpose(2, 3)  # (nb, hg, rows, Tw + 3, Ns)
         torch.gather(source, 3, self.x_index, out=out)
-        torch.gather(source[:, :, :, 1:], 3, self.x_index, out=diff)
-        diff.sub_(out)
-        out.addcmul_(diff, self.fx)
+        torch.gather(source[:, :, :, 1:], 3, self.x_index, out=self.diff)
+        self.diff.sub_(out)
+        out.addcmul_(self.diff, self.fx)
+        out = out.view(q_c.shape[0], q_c.shape[2], k_c.shape[2])
+        if q_c.dtype == out.dtype:
+            return out.baddbmm_(q_c.transpose(1, 2), k_c, alpha=scale)
+        return out.add_(torch.bmm(q_c.transpose(1, 2), k_c), alpha=scale)
 
-    def backward(
-        self, grad_bias: Tensor, diff: Tensor, grad_fx: Tensor, grad_fy: Tensor, grad_table_t: Tensor
-    ) -> None:
-        """Accumulate the gradients of the tap weights and of the tables from ``grad_bias``.
+    def softmax_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
+        """The chunk's probabilities ``(nb * hg, rows * W, Ns)``; writes each query's log-sum-exp
+        into ``lse`` ``(nb, hg, rows * W)``."""
+        logits = self.logits(q_c, k_c, scale)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        weights = logits.sub_(row_max).exp_()
+        row_sum = weights.sum(dim=-1, keepdim=True)
+        torch.add(row_sum.log(), row_max, out=lse.view_as(row_sum))
+        return weights.div_(row_sum)
+
+    def recompute_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
+        """The probabilities of :meth:`softmax_`, recomputed from its ``lse``."""
+        logits = self.logits(q_c, k_c, scale)
+        return logits.sub_(lse.reshape(*logits.shape[:2], 1)).exp_()
+
+    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_fx: Tensor, grad_fy: Tensor,
+                  grad_table_t: Tensor) -> Tensor:
+        """Turn ``grad`` = dP into dS = P * (dP - D) in place, and accumulate the gradients of the
+        tap weights and of the tables from it.
 
         Args:
-            grad_bias (Tensor): ``(nb, hg, rows, W, Ns)`` gradient of the bias.
-            diff (Tensor): ``bias(x1) - bias(x0)`` as written by :meth:`bias_into`; overwritten.
+            grad (Tensor): ``(nb * hg, rows * W, Ns)`` dP = dO.v on entry.
+            probs (Tensor): The chunk's probabilities.
+            delta (Tensor): ``(nb, hg, rows * W)`` D = rowsum(dO * O).
             grad_fx (Tensor): ``(nb, W, Ns)`` accumulator of the x weight gradient.
             grad_fy (Tensor): ``(nb, rows, Ns)`` accumulator of the y weight gradient.
             grad_table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` accumulator of the table gradient.
+
+        Returns:
+            Tensor: ``grad``, now dS.
         """
+        grad_s = grad.sub_(delta.reshape(*grad.shape[:2], 1)).mul_(probs)
         nb, hg, tw3, rows, ns = shape = self.rows_interp.shape
-        dtype = grad_bias.dtype
+        grad_bias = grad_s.view(self.diff.shape)
+        diff = self.diff
         grad_fx += diff.mul_(grad_bias).sum((1, 2))
-        grad_rows = self.ws('grad_rows', shape, dtype, zero=True)
+        grad_rows = self.ws('grad_rows', shape, grad.dtype, zero=True)
         grad_rows_x = grad_rows.transpose(2, 3)
         torch.mul(grad_bias, self.fx, out=diff)
         grad_rows_x[:, :, :, 1:].scatter_add_(3, self.x_index, diff)
@@ -325,22 +358,23 @@ class _DeformableBias:
         grad_rows_x.scatter_add_(3, self.x_index, diff)
         # rows_interp = top + fy * (bottom - top)
         grad_fy += self.row_diff.mul_(grad_rows).sum((1, 2))
-        grad_bottom = torch.mul(grad_rows, self.fy, out=self.ws('grad_bottom', shape, dtype))
+        grad_bottom = torch.mul(grad_rows, self.fy, out=self.ws('grad_bottom', shape, grad.dtype))
         grad_top = grad_rows.sub_(grad_bottom)
         index = self.y_index.reshape(nb, hg, tw3, rows * ns)
         grad_table_t.scatter_add_(3, index, grad_top.view(nb, hg, tw3, rows * ns))
         grad_table_t[..., 1:].scatter_add_(3, index, grad_bottom.view(nb, hg, tw3, rows * ns))
+        return grad_s
 
 
-class _DeformableBiasKernel:
-    """:class:`_DeformableBias` computed by the C++ kernels (float32 on CPU), which interpolate
-    each query row's table rows once and then read them (see ``csrc/deformable_bias.cpp``); the
-    same methods.
+class _DeformableSoftmaxKernel:
+    """:class:`_DeformableSoftmax` computed by the C++ kernels (float32 on CPU,
+    ``csrc/deformable_attention.cpp``): after the product ``q.k``, one pass adds the bias (read
+    on the fly), takes the softmax and, backwards, dS and the bias gradients; the same methods.
 
     Args:
         kernels (module): :func:`cpu_kernels.load_kernels`.
         table (Tensor): ``(nb, hg, Th + 3, Tw + 3)`` padded tables, y major.
-        iy, fy, ix, fx (Tensor): As for :class:`_DeformableBias`.
+        iy, fy, ix, fx (Tensor): As for :class:`_DeformableSoftmax`.
         x_taps (Tensor): ``(nb, Ns, 2)`` int64, the lowest and the highest padded column that the
             x taps of each key reach (``ix.amin(1)`` and ``ix.amax(1) + 1``).
         ws (_Workspace): Buffers to reuse.
@@ -351,24 +385,41 @@ class _DeformableBiasKernel:
         self.kernels = kernels
         self.args = (table, *(t.contiguous() for t in (iy, fy, ix, fx)), x_taps)
         self.ws = ws
+        nb, hg = table.shape[:2]
+        self.shape = (nb, hg, iy.shape[1], ix.shape[1], iy.shape[2])  # (nb, hg, rows, W, Ns)
 
-    def bias_into(self, out: Tensor, diff: Optional[Tensor]) -> None:
-        """Write the bias into ``out`` ``(nb, hg, rows, W, Ns)``; ``diff`` is not needed."""
-        self.kernels.deformable_bias(out, *self.args)
+    def _products(self, q_c: Tensor, k_c: Tensor) -> Tensor:
+        out = self.ws('logits', (q_c.shape[0], q_c.shape[2], k_c.shape[2]), torch.float32)
+        if q_c.dtype == out.dtype:
+            return torch.bmm(q_c.transpose(1, 2), k_c, out=out)
+        return out.copy_(torch.bmm(q_c.transpose(1, 2), k_c))
 
-    def backward(
-        self, grad_bias: Tensor, diff: Optional[Tensor], grad_fx: Tensor, grad_fy: Tensor, grad_table_t: Tensor
-    ) -> None:
-        """Accumulate the gradients as :meth:`_DeformableBias.backward` does."""
-        nb, hg, rows, width, ns = grad_bias.shape
-        dtype = grad_bias.dtype
+    def softmax_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
+        """As :meth:`_DeformableSoftmax.softmax_` (``lse`` contiguous)."""
+        probs = self._products(q_c, k_c)
+        self.kernels.deformable_softmax(probs.view(self.shape), scale, *self.args, lse)
+        return probs
+
+    def recompute_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
+        """As :meth:`_DeformableSoftmax.recompute_` (``lse`` contiguous)."""
+        probs = self._products(q_c, k_c)
+        self.kernels.deformable_probabilities(probs.view(self.shape), scale, *self.args, lse)
+        return probs
+
+    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_fx: Tensor, grad_fy: Tensor,
+                  grad_table_t: Tensor) -> Tensor:
+        """As :meth:`_DeformableSoftmax.backward_` (``delta`` contiguous)."""
+        nb, hg, rows, width, ns = self.shape
+        dtype = grad.dtype
         grad_fy_heads = self.ws('grad_fy_heads', (nb, hg, rows, ns), dtype, zero=True)
         grad_fx_heads = self.ws('grad_fx_heads', (nb, hg, width, ns), dtype, zero=True)
         grad_table = self.ws('grad_table', self.args[0].shape, dtype, zero=True)
-        self.kernels.deformable_bias_backward(grad_bias, *self.args, grad_table, grad_fy_heads, grad_fx_heads)
+        self.kernels.deformable_softmax_backward(grad.view(self.shape), probs.view(self.shape), delta, *self.args,
+                                                 grad_table, grad_fy_heads, grad_fx_heads)
         grad_table_t += grad_table.transpose(-1, -2)
         grad_fy += grad_fy_heads.sum(1)
         grad_fx += grad_fx_heads.sum(1)
+        return grad
 
 
 def _cpu_kernels(t: Tensor):
@@ -393,42 +444,19 @@ def _group_tables(table_t: Tensor, b0: int, b1: int) -> Tensor:
     return table_t.index_select(0, index)
 
 
-def _chunk_logits(q: Tensor, k: Tensor, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor,
-                  ws: _Workspace, b0: int, b1: int, r0: int, r1: int, width: int, scale: float):
-    """Logits ``scale * q.k + bias`` of one chunk (query rows ``r0:r1`` of batch-groups
-    ``b0:b1``), written into the workspace; shared by the forward and the backward operator.
-
-    Returns:
-        tuple: ``logits`` ``(nb * hg, rows * W, Ns)``, the chunk's bias (a :class:`_DeformableBias`,
-        or a :class:`_DeformableBiasKernel` where the C++ kernels run) and its scratch buffer
-        (None for the kernels), what the bias backward needs, and the chunk's ``q`` ``(nb * hg,
-        d, rows * W)`` and ``k`` ``(nb * hg, d, Ns)``.
-    """
-    nb, rows = b1 - b0, r1 - r0
-    hg, d = q.shape[1:3]
-    ns = k.shape[-1]
-    acc = table_t.dtype
+def _chunk_softmax(table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace, b0: int,
+                   b1: int, r0: int, r1: int):
+    """The softmax of one chunk (query rows ``r0:r1`` of batch-groups ``b0:b1``): a
+    :class:`_DeformableSoftmaxKernel` where the C++ kernels run, else a :class:`_DeformableSoftmax`;
+    shared by the forward and the backward operator."""
     kernels = _cpu_kernels(table_t)
     if kernels is None:
-        bias = _DeformableBias(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1],
-                               fx[b0:b1], ws)
-    else:
-        table = ws.memo(('table', b0, b1), lambda: _group_tables(table_t, b0, b1).transpose(-1, -2).contiguous())
-        x_taps = ws.memo(('x_taps', b0, b1), lambda: torch.stack([ix[b0:b1].amin(1), ix[b0:b1].amax(1) + 1], -1))
-        bias = _DeformableBiasKernel(kernels, table, iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1],
-                                     x_taps, ws)
-    shape = (nb, hg, rows, width, ns)
-    logits = ws('logits', shape, acc)
-    diff = ws('diff', shape, acc) if kernels is None else None
-    bias.bias_into(logits, diff)
-    logits = logits.view(nb * hg, rows * width, ns)
-    q_c = q[b0:b1, :, :, r0 * width:r1 * width].reshape(nb * hg, d, rows * width)
-    k_c = k[b0:b1].reshape(nb * hg, d, ns)
-    if q.dtype == acc:
-        logits.baddbmm_(q_c.transpose(1, 2), k_c, alpha=scale)
-    else:
-        logits.add_(torch.bmm(q_c.transpose(1, 2), k_c), alpha=scale)
-    return logits, bias, diff, q_c, k_c
+        return _DeformableSoftmax(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1],
+                                  fx[b0:b1], ws)
+    table = ws.memo(('table', b0, b1), lambda: _group_tables(table_t, b0, b1).transpose(-1, -2).contiguous())
+    x_taps = ws.memo(('x_taps', b0, b1), lambda: torch.stack([ix[b0:b1].amin(1), ix[b0:b1].amax(1) + 1], -1))
+    return _DeformableSoftmaxKernel(kernels, table, iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], x_taps,
+                                    ws)
 
 
 @torch.library.custom_op('dat::deformable_attention', mutates_args=())
@@ -454,13 +482,13 @@ def _deformable_attention_op(
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        logits, *_ = _chunk_logits(q, k, table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1, width, scale)
-        row_max = logits.amax(dim=-1, keepdim=True)
-        weights = logits.sub_(row_max).exp_()  # unnormalised; the output is divided instead
-        row_sum = weights.sum(dim=-1)
-        out_c = torch.bmm(v[b0:b1].reshape(nb * hg, d, ns), weights.to(v.dtype).transpose(1, 2))
-        out[b0:b1, :, :, c0:c1] = out_c.div_(row_sum[:, None].to(out_c.dtype)).view(nb, hg, d, rows * width)
-        lse[b0:b1, :, c0:c1] = row_sum.log_().add_(row_max.view_as(row_sum)).view(nb, hg, rows * width)
+        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
+        k_c = k[b0:b1].reshape(nb * hg, d, ns)
+        lse_c = ws('lse', (nb, hg, rows * width), acc)
+        probs = _chunk_softmax(table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1).softmax_(q_c, k_c, scale, lse_c)
+        out_c = torch.bmm(v[b0:b1].reshape(nb * hg, d, ns), probs.to(v.dtype).transpose(1, 2))
+        out[b0:b1, :, :, c0:c1] = out_c.view(nb, hg, d, rows * width)
+        lse[b0:b1, :, c0:c1] = lse_c
     return out, lse
 
 
@@ -493,29 +521,29 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
         c0, c1 = r0 * width, r1 * width
-        flat, bias, diff, q_c, k_c = _chunk_logits(q, k, table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1, width, scale)
+        q_c = q[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
+        k_c = k[b0:b1].reshape(nb * hg, d, ns)
         v_c = v[b0:b1].reshape(nb * hg, d, ns)
         do_c = grad_out[b0:b1, :, :, c0:c1].reshape(nb * hg, d, rows * width)
-        probs = flat.sub_(lse[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).exp_()
+        softmax = _chunk_softmax(table_t, iy, fy, ix, fx, ws, b0, b1, r0, r1)
+        probs = softmax.recompute_(q_c, k_c, scale, lse[b0:b1, :, c0:c1].contiguous())
         probs_v = probs.to(v.dtype)
         grad_v[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(do_c.to(v.dtype), probs_v).to(acc))
+        del probs_v
+        # dP = dO v^T, then dS = P * (dP - D)
         grad_logits = ws('grad_logits', (nb * hg, rows * width, ns), acc)
         if v.dtype == acc:
             torch.bmm(do_c.transpose(1, 2), v_c, out=grad_logits)
         else:
             grad_logits.copy_(torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c))
-        # dS = P * (dP - D)
-        grad_logits.sub_(delta[b0:b1, :, c0:c1].reshape(nb * hg, rows * width, 1)).mul_(probs)
-        del probs, probs_v, flat
+        grad_logits = softmax.backward_(grad_logits, probs, delta[b0:b1, :, c0:c1].contiguous(), grad_fx[b0:b1],
+                                        grad_fy[b0:b1, r0:r1], grad_table_t[b0:b1])
+        del probs
         grad_s = grad_logits.to(q.dtype)
         grad_q_c = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale)
         grad_q[b0:b1, :, :, c0:c1] = grad_q_c.view(nb, hg, d, rows * width)
         grad_k[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
         del grad_s
-        bias.backward(
-            grad_logits.view(nb, hg, rows, width, ns), diff, grad_fx[b0:b1], grad_fy[b0:b1, r0:r1],
-            grad_table_t[b0:b1]
-        )
     # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
     grad_pos = torch.stack([(grad_fy * in_y).sum(1) * (-(th - 1) / 4.0),
                             (grad_fx * in_x).sum(1) * (-(tw - 1) / 4.0)], dim=-1)

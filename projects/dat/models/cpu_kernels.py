@@ -1,12 +1,14 @@
 """Optional C++ kernels of the fast attention path on CPU, compiled on first use.
 
-``csrc/deformable_bias.cpp`` computes the deformable relative position bias (a 4-tap bilinear
-read of the bias table for every query-key pair) and its gradient in one pass each, where the
-PyTorch path needs gathers, scatter-adds and intermediate buffers; the same arithmetic in the
-same order. ``csrc/neighborhood_attention.cpp`` computes neighbourhood attention and its
-gradient window by window (exactly the ``k x k`` keys of each query, where the PyTorch path
-computes whole tile regions and masks them). Both agree with the PyTorch paths to float32
-round-off (``tests/test_attention_fast.py``).
+``csrc/deformable_attention.cpp`` takes the softmax of a chunk of deformable-attention
+logits with the relative position bias (a 4-tap bilinear read of the bias table for every
+query-key pair) added on the fly, and, backwards, the logits' and the bias's gradients: one pass
+each while a query's logits are in the cache, where the PyTorch path needs gathers,
+scatter-adds, intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
+computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
+of each query, where the PyTorch path computes whole tile regions and masks them);
+``csrc/vector_math.h`` has an ``exp`` that the compiler vectorises. Both agree with the PyTorch
+paths to float32 round-off (``tests/test_attention_fast.py``).
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
 torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
@@ -83,11 +85,12 @@ def build(verbose: bool = False):
     if shutil.which('ninja') is None:  # the venv's ninja, when the venv is not activated
         os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     if not (directory / f'{extension_name()}.so').exists():
-        print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 30 s)',
+        print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 1-2 min on 2 cores)',
                   logger='current')
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
+    # -fno-trapping-math: lets the compiler vectorise the clamps of exp_approx (branch-free).
     sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
-    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', *simd_flags()[1]],
+    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', '-fno-trapping-math', *simd_flags()[1]],
                 extra_ldflags=['-fopenmp'], build_directory=str(directory), verbose=verbose)
 
 

@@ -43,6 +43,7 @@ from .geometry import (
     relative_position_index,
     shift_size_for,
     shifted_window_mask,
+    stripes_with_halo,
     window_partition,
     window_reverse,
 )
@@ -50,6 +51,8 @@ from .geometry import (
 VERSIONS = ('v1', 'pp')
 CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
 BLOCK_TYPES = 'LSND'
+# Hidden activations per stripe of the DAT++ feed-forward at inference (see ConvFFN).
+FFN_STRIPE_BYTES = 1 << 22
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -127,7 +130,10 @@ class ConvFFN(nn.Module):
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. With ``recompute_hidden`` only ``y`` is kept for the
     backward pass and the depth-wise conv and the GELU are recomputed from it (not ``fc2``);
-    the results are the same.
+    the results are the same. Without autograd (inference) everything after ``fc1`` runs on
+    stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in
+    the CPU's cache instead of the whole maps going through memory one layer after the other
+    (the same numbers: each stripe's conv reads its neighbour rows).
 
     Args:
         dim (int): Channels.
@@ -148,8 +154,27 @@ class ConvFFN(nn.Module):
     def _after_fc1(self, y: Tensor) -> Tensor:
         return self.fc2(self.act(depthwise_conv_plus_identity(y, self.dwconv)))
 
+    def _after_fc1_in_stripes(self, y: Tensor) -> Tensor:
+        """:meth:`_after_fc1` stripe by stripe of rows (no autograd)."""
+        batch, hidden, height, width = y.shape
+        rows = max(1, FFN_STRIPE_BYTES // (batch * hidden * width * y.element_size()))
+        if rows >= height:
+            return self._after_fc1(y)
+        out = torch.empty(batch, self.fc2.out_channels, height, width, dtype=y.dtype, device=y.device,
+                          memory_format=torch.channels_last)
+        for top, bottom, halo_top, halo_bottom in stripes_with_halo(height, rows, halo=1):
+            # The conv's zero padding is right at the map's edges; inside, the halo rows are read
+            # and the output rows next to the stripe's padding are dropped.
+            hidden = depthwise_conv_plus_identity(y[:, :, halo_top:halo_bottom], self.dwconv)
+            hidden = hidden[:, :, top - halo_top:bottom - halo_top]
+            out[:, :, top:bottom] = self.fc2(self.act(hidden))
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
-        return _run_hidden(self._after_fc1, self.fc1(x), self.recompute_hidden)
+        y = self.fc1(x)
+        if torch.is_grad_enabled() and y.requires_grad:
+            return _run_hidden(self._after_fc1, y, self.recompute_hidden)
+        return self._after_fc1_in_stripes(y)
 
 
 class WindowAttention(nn.Module):

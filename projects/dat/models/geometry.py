@@ -4,7 +4,7 @@ Every function here is small, stateless and tested on its own. Coordinates follo
 original implementation: normalised to ``[-1, 1]`` with the last axis ordered ``(y, x)``.
 """
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -151,6 +151,20 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tuple[Tensor, int, int]:
     if pad_b or pad_r:
         x = torch.nn.functional.pad(x, (0, pad_r, 0, pad_b))
     return x, pad_b, pad_r
+
+
+def stripes_with_halo(length: int, size: int, halo: int) -> List[Tuple[int, int, int, int]]:
+    """Cut ``range(length)`` into stripes of ``size`` (the last one shorter), each with the
+    ``halo`` neighbours on both sides that exist.
+
+    Returns:
+        list[tuple]: ``(start, end, halo_start, halo_end)`` per stripe, with ``halo_start =
+        max(0, start - halo)`` and ``halo_end = min(length, end + halo)``.
+    """
+    if length < 1 or size < 1 or halo < 0:
+        raise ValueError(f'expected length >= 1, size >= 1 and halo >= 0, got {length}, {size}, {halo}')
+    return [(start, min(start + size, length), max(0, start - halo), min(length, start + size + halo))
+            for start in range(0, length, size)]
 
 
 def neighborhood_starts(length: int, kernel_size: int, device: torch.device = None) -> Tensor:

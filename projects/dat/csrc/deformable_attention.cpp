@@ -1,7 +1,14 @@
-// The deformable relative position bias of DAT / DAT++ and its gradient, for float32 on CPU.
+// The softmax of DAT / DAT++'s deformable attention, with the relative position bias read on the
+// fly, and its gradient, for float32 on CPU.
 //
-// Same contract and arithmetic as projects/dat/models/attention.py (_DeformableBias): the bias
-// of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
+// The caller computes q.k of a chunk of queries (a matrix product); these kernels add the bias,
+// take the softmax (or recompute it from the log-sum-exp) and, backwards, turn dP = dO.v into
+// dS = P * (dP - D) and accumulate the bias table's and the tap weights' gradients from it, each
+// in one pass while a query's Ns logits are in the L1 cache (in PyTorch these are 6 passes over
+// the chunk forward and 10 backward; that path, projects/dat/models/attention.py
+// _DeformableSoftmax, is kept beside them and agrees to float32 round-off).
+//
+// The bias of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
 // coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and floor + 1 always
 // exist in the padded table. Rows are interpolated in y first, then in x, as the PyTorch path
 // does (which may fuse multiply-adds: equal to float32 round-off).
@@ -18,22 +25,40 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
-void check_inputs(const torch::Tensor& bias, const torch::Tensor& table, const torch::Tensor& iy,
+constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
+
+inline float sum(const float* x, int64_t n) {
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[i + l];
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+void check_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
                   const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
                   const torch::Tensor& x_taps) {
-  TORCH_CHECK(bias.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
-              "expected bias (nb, hg, rows, W, Ns), table (nb, hg, Th + 3, Tw + 3), iy/fy (nb, rows, Ns), "
+  TORCH_CHECK(logits.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
+              "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 3, Tw + 3), iy/fy (nb, rows, Ns), "
               "ix/fx (nb, W, Ns)");
-  const int64_t nb = bias.size(0), hg = bias.size(1), rows = bias.size(2), width = bias.size(3), ns = bias.size(4);
-  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "table does not match the bias's (nb, hg)");
+  const int64_t nb = logits.size(0), hg = logits.size(1), rows = logits.size(2), width = logits.size(3),
+                ns = logits.size(4);
+  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "table does not match the logits' (nb, hg)");
   TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "iy/fy shape mismatch");
   TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "ix/fx shape mismatch");
-  for (const auto* t : {&bias, &table, &fy, &fx}) {
+  for (const auto* t : {&logits, &table, &fy, &fx}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
                 "expected contiguous float32 CPU tensors");
   }
@@ -44,6 +69,12 @@ void check_inputs(const torch::Tensor& bias, const torch::Tensor& table, const t
   }
 }
 
+// One float32 per query, (nb, hg, rows, W) contiguous.
+void check_per_query(const torch::Tensor& t, const torch::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.numel() * logits.size(4) == logits.numel() && t.is_contiguous() && t.scalar_type() == torch::kFloat &&
+                  t.device().is_cpu(),
+              "expected a contiguous float32 CPU ", name, " with one value per query");
+}
 
 // R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
 inline void interpolate_rows(const float* head_table, int64_t row_length, const int64_t* row_iy, const float* row_fy,
@@ -59,21 +90,28 @@ inline void interpolate_rows(const float* head_table, int64_t row_length, const 
 
 }  // namespace
 
-// bias (nb, hg, rows, W, Ns) = the bilinear reads of table (nb, hg, Th + 3, Tw + 3); overwritten.
-void deformable_bias(torch::Tensor bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy, torch::Tensor ix,
-                     torch::Tensor fx, torch::Tensor x_taps) {
-  check_inputs(bias, table, iy, fy, ix, fx, x_taps);
-  const int64_t hg = bias.size(1), rows = bias.size(2), width = bias.size(3), ns = bias.size(4);
+namespace {
+
+// The forward softmax (recompute = false: writes the probabilities and lse) or its recomputation
+// from lse (recompute = true: writes exp(s - lse)), for logits holding q.k.
+void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table, const torch::Tensor& iy,
+                  const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
+                  const torch::Tensor& x_taps, torch::Tensor lse, bool recompute) {
+  check_inputs(logits, table, iy, fy, ix, fx, x_taps);
+  check_per_query(lse, logits, "lse");
+  const int64_t hg = logits.size(1), rows = logits.size(2), width = logits.size(3), ns = logits.size(4);
   const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
+  const float alpha = static_cast<float>(scale);
   const int64_t* taps_p = x_taps.data_ptr<int64_t>();
-  float* out = bias.data_ptr<float>();
+  float* logits_p = logits.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
   const float* table_p = table.data_ptr<float>();
   const int64_t* iy_p = iy.data_ptr<int64_t>();
   const float* fy_p = fy.data_ptr<float>();
   const int64_t* ix_p = ix.data_ptr<int64_t>();
   const float* fx_p = fx.data_ptr<float>();
   // One work item per (batch-group, head, query row).
-  at::parallel_for(0, bias.size(0) * hg * rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, logits.size(0) * hg * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> interpolated(ns * row_length);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (hg * rows), bh = item / rows, r = item % rows;
@@ -82,25 +120,57 @@ void deformable_bias(torch::Tensor bias, torch::Tensor table, torch::Tensor iy, 
       for (int64_t c = 0; c < width; ++c) {
         const int64_t* col_ix = ix_p + (b * width + c) * ns;
         const float* col_fx = fx_p + (b * width + c) * ns;
-        float* o = out + (item * width + c) * ns;
+        float* s = logits_p + (item * width + c) * ns;
+        float* query_lse = lse_p + item * width + c;
+        float row_max = -std::numeric_limits<float>::infinity();
         for (int64_t n = 0; n < ns; ++n) {
           const float* taps = interpolated.data() + n * row_length + col_ix[n];
-          o[n] = taps[0] + (taps[1] - taps[0]) * col_fx[n];
+          s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
+          row_max = std::max(row_max, s[n]);
+        }
+        const float shift = recompute ? *query_lse : row_max;
+        for (int64_t n = 0; n < ns; ++n) s[n] = dat::exp_approx(s[n] - shift);
+        if (!recompute) {
+          const float total = sum(s, ns);
+          const float inverse = 1.0f / total;
+          for (int64_t n = 0; n < ns; ++n) s[n] *= inverse;
+          *query_lse = std::log(total) + row_max;
         }
       }
     }
   });
 }
 
-// Accumulates the gradients of the table (nb, hg, Th + 3, Tw + 3) and, per head, of the tap
-// weights fy (nb, hg, rows, Ns) and fx (nb, hg, W, Ns) from grad_bias (nb, hg, rows, W, Ns).
-// Work items are (batch-group, head) pairs, so that no two threads write the same entry.
-void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
-                              torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor grad_table,
-                              torch::Tensor grad_fy_heads, torch::Tensor grad_fx_heads) {
-  check_inputs(grad_bias, table, iy, fy, ix, fx, x_taps);
-  const int64_t nb = grad_bias.size(0), hg = grad_bias.size(1), rows = grad_bias.size(2), width = grad_bias.size(3),
-                ns = grad_bias.size(4);
+}  // namespace
+
+// logits (nb, hg, rows, W, Ns) holds scale-free q.k on entry and the softmax probabilities of
+// scale * q.k + bias on return; lse (nb, hg, rows, W) receives each query's log-sum-exp.
+void deformable_softmax(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
+                        torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor lse) {
+  softmax_pass(logits, scale, table, iy, fy, ix, fx, x_taps, lse, false);
+}
+
+// The same probabilities recomputed from lse (as deformable_softmax returned it): exp(scale * q.k + bias - lse).
+void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy,
+                              torch::Tensor fy, torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps,
+                              torch::Tensor lse) {
+  softmax_pass(logits, scale, table, iy, fy, ix, fx, x_taps, lse, true);
+}
+
+// grad (nb, hg, rows, W, Ns) holds dP = dO.v on entry and dS = P * (dP - D) on return (the
+// gradient of the logits and of the bias), from probs P and delta D = rowsum(dO * O) (nb, hg,
+// rows, W). Accumulates the gradients of the table (nb, hg, Th + 3, Tw + 3) and, per head, of the
+// tap weights fy (nb, hg, rows, Ns) and fx (nb, hg, W, Ns). Work items are (batch-group, head)
+// pairs, so that no two threads write the same entry.
+void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
+                                 torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
+                                 torch::Tensor grad_fx_heads) {
+  check_inputs(grad, table, iy, fy, ix, fx, x_taps);
+  TORCH_CHECK(probs.sizes() == grad.sizes() && probs.is_contiguous() && probs.scalar_type() == torch::kFloat,
+              "expected contiguous float32 probs of grad's shape");
+  check_per_query(delta, grad, "delta");
+  const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
   TORCH_CHECK(grad_table.sizes() == table.sizes() && grad_table.is_contiguous(), "grad_table shape mismatch");
   TORCH_CHECK(grad_fy_heads.sizes() == torch::IntArrayRef({nb, hg, rows, ns}) && grad_fy_heads.is_contiguous(),
               "grad_fy_heads must be (nb, hg, rows, Ns)");
@@ -108,7 +178,9 @@ void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torc
               "grad_fx_heads must be (nb, hg, W, Ns)");
   const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
   const int64_t* taps_p = x_taps.data_ptr<int64_t>();
-  const float* grad = grad_bias.data_ptr<float>();
+  float* grad_p = grad.data_ptr<float>();
+  const float* probs_p = probs.data_ptr<float>();
+  const float* delta_p = delta.data_ptr<float>();
   const float* table_p = table.data_ptr<float>();
   const int64_t* iy_p = iy.data_ptr<int64_t>();
   const float* fy_p = fy.data_ptr<float>();
@@ -133,10 +205,14 @@ void deformable_bias_backward(torch::Tensor grad_bias, torch::Tensor table, torc
           std::fill(grad_row + key_taps[2 * n], grad_row + key_taps[2 * n + 1] + 1, 0.0f);
         }
         for (int64_t c = 0; c < width; ++c) {
+          const int64_t query = (bh * rows + r) * width + c;
           const int64_t* col_ix = ix_p + (b * width + c) * ns;
           const float* col_fx = fx_p + (b * width + c) * ns;
           float* col_grad_fx = grad_fx + (bh * width + c) * ns;
-          const float* g = grad + ((bh * rows + r) * width + c) * ns;
+          float* g = grad_p + query * ns;
+          const float* p = probs_p + query * ns;
+          const float query_delta = delta_p[query];
+          for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);
           for (int64_t n = 0; n < ns; ++n) {
             const int64_t tap = n * row_length + col_ix[n];
             const float* taps = interpolated.data() + tap;

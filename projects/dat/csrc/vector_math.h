@@ -1,0 +1,32 @@
+// Float32 math that the compiler vectorises (loops over it need no libm call).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace dat {
+
+// exp(x), Cephes' expf: x = n ln 2 + r with n rounded to nearest (ln 2 in two parts), e^r by a
+// degree-5 polynomial, 2^n from the exponent bits. At most 1.5 ulp from the exact value (std::exp
+// and torch's exp: 1 ulp) on [-87, 88]; below -87 it returns exp(-87) (1.6e-38: what it adds to a
+// sum of softmax weights, each <= 1 with one equal to 1, is below float32 round-off). The loops
+// vectorise where compiled with -fno-trapping-math (so that the clamps may be branch-free).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: rounds
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
+  return p * two_to_n;
+}
+
+}  // namespace dat
