@@ -85,8 +85,8 @@ def build(verbose: bool = False):
     if shutil.which('ninja') is None:  # the venv's ninja, when the venv is not activated
         os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     if not (directory / f'{extension_name()}.so').exists():
-        print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 1-2 min on 2 cores)',
-                  logger='current')
+        print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, '
+                  'about 1-2 min on 2 cores)', logger='current')
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
     # -fno-trapping-math: lets the compiler vectorise the clamps of exp_approx (branch-free).
     sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
