@@ -130,7 +130,7 @@ class ConvFFN(nn.Module):
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. With ``recompute_hidden`` only ``y`` is kept for the
     backward pass and the depth-wise conv and the GELU are recomputed from it (not ``fc2``);
-    the results are the same. Without autograd (inference) everything after ``fc1`` runs on
+    the results are the same. Without autograd (inference) on CPU everything after ``fc1`` runs on
     stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in
     the CPU's cache instead of the whole maps going through memory one layer after the other
     (the same numbers: each stripe's conv reads its neighbour rows).
@@ -155,10 +155,11 @@ class ConvFFN(nn.Module):
         return self.fc2(self.act(depthwise_conv_plus_identity(y, self.dwconv)))
 
     def _after_fc1_in_stripes(self, y: Tensor) -> Tensor:
-        """:meth:`_after_fc1` stripe by stripe of rows (no autograd)."""
+        """:meth:`_after_fc1` stripe by stripe of rows (no autograd; CPU: a GPU has no cache to
+        keep them in and would only launch more kernels)."""
         batch, hidden, height, width = y.shape
         rows = max(1, FFN_STRIPE_BYTES // (batch * hidden * width * y.element_size()))
-        if rows >= height:
+        if rows >= height or y.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
             return self._after_fc1(y)
         out = torch.empty(batch, self.fc2.out_channels, height, width, dtype=y.dtype, device=y.device,
                           memory_format=torch.channels_last)
