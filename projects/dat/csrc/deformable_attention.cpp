@@ -33,20 +33,6 @@
 
 namespace {
 
-constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
-
-inline float sum(const float* x, int64_t n) {
-  float partial[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[i + l];
-  }
-  float total = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
-  for (; i < n; ++i) total += x[i];
-  return total;
-}
-
 void check_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
                   const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
                   const torch::Tensor& x_taps) {
@@ -131,7 +117,7 @@ void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table
         const float shift = recompute ? *query_lse : row_max;
         for (int64_t n = 0; n < ns; ++n) s[n] = dat::exp_approx(s[n] - shift);
         if (!recompute) {
-          const float total = sum(s, ns);
+          const float total = dat::sum(s, ns);
           const float inverse = 1.0f / total;
           for (int64_t n = 0; n < ns; ++n) s[n] *= inverse;
           *query_lse = std::log(total) + row_max;

@@ -16,21 +16,9 @@
 #include <limits>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
-
-constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  float partial[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= d; c += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += a[c + l] * b[c + l];
-  }
-  float sum = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += partial[l];
-  for (; c < d; ++c) sum += a[c] * b[c];
-  return sum;
-}
 
 // y += alpha * x
 inline void axpy(float* y, float alpha, const float* x, int64_t d) {
@@ -67,7 +55,7 @@ inline void window_logits(const float* q, const float* keys, const float* head_r
   for (int64_t a = 0; a < kernel_size; ++a) {
     const float* bias = head_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
     const float* key = keys + ((si + a) * width + sj) * d;
-    for (int64_t b = 0; b < kernel_size; ++b) logits[a * kernel_size + b] = dot(q, key + b * d, d) + bias[b];
+    for (int64_t b = 0; b < kernel_size; ++b) logits[a * kernel_size + b] = dat::dot(q, key + b * d, d) + bias[b];
   }
 }
 
@@ -100,8 +88,8 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
         window_logits(q_p + head_offset + query * d, k_p + head_offset, head_rpb, i, j, height, width, d,
                       kernel_size, logits.data(), si, sj);
         const float row_max = *std::max_element(logits.begin(), logits.end());
-        float sum = 0.0f;
-        for (auto& x : logits) sum += (x = std::exp(x - row_max));
+        for (auto& x : logits) x = dat::exp_approx(x - row_max);
+        const float sum = dat::sum(logits.data(), window);
         float* o = out_p + head_offset + query * d;
         std::fill(o, o + d, 0.0f);
         for (int64_t a = 0; a < kernel_size; ++a) {
@@ -160,7 +148,7 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
           int64_t si, sj;
           window_logits(qv, k_p + head_offset, head_rpb, i, j, height, width, d, kernel_size, logits.data(), si, sj);
           const float query_lse = lse_p[bh * height * width + query];
-          const float delta = dot(dout, out_p + offset, d);  // D = rowsum(dO * O)
+          const float delta = dat::dot(dout, out_p + offset, d);  // D = rowsum(dO * O)
           float* gq = gq_p + offset;
           std::fill(gq, gq + d, 0.0f);
           for (int64_t a = 0; a < kernel_size; ++a) {
@@ -168,8 +156,8 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
             float* bias_grad = head_grad_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
             for (int64_t b = 0; b < kernel_size; ++b) {
               const int64_t key = key_offset + b * d;
-              const float p = std::exp(logits[a * kernel_size + b] - query_lse);
-              const float ds = p * (dot(dout, v_p + key, d) - delta);  // dS = P * (dP - D)
+              const float p = dat::exp_approx(logits[a * kernel_size + b] - query_lse);
+              const float ds = p * (dat::dot(dout, v_p + key, d) - delta);  // dS = P * (dP - D)
               axpy(gv_p + key, p, dout, d);
               axpy(gk_p + key, ds, qv, d);
               axpy(gq, ds, k_p + key, d);

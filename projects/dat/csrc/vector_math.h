@@ -1,4 +1,4 @@
-// Float32 math that the compiler vectorises (loops over it need no libm call).
+// Float32 helpers that the compiler vectorises (with -O3 -fno-trapping-math, and AVX2/FMA where built so).
 #pragma once
 
 #include <algorithm>
@@ -6,6 +6,34 @@
 #include <cstring>
 
 namespace dat {
+
+constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
+
+// x[0] + ... + x[n - 1], in kLanes partial sums.
+inline float sum(const float* x, int64_t n) {
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[i + l];
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+// a . b, in kLanes partial sums.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += a[i + l] * b[i + l];
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
 
 // exp(x), Cephes' expf: x = n ln 2 + r with n rounded to nearest (ln 2 in two parts), e^r by a
 // degree-5 polynomial, 2^n from the exponent bits. At most 1.5 ulp from the exact value (std::exp

@@ -7,8 +7,8 @@ each while a query's logits are in the cache, where the PyTorch path needs gathe
 scatter-adds, intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
 of each query, where the PyTorch path computes whole tile regions and masks them);
-``csrc/vector_math.h`` has an ``exp`` that the compiler vectorises. Both agree with the PyTorch
-paths to float32 round-off (``tests/test_attention_fast.py``).
+``csrc/vector_math.h`` holds the float32 helpers (``exp``, sums, dot products) that the compiler
+vectorises. Both agree with the PyTorch paths to float32 round-off (``tests/test_attention_fast.py``).
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
 torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
