@@ -33,9 +33,22 @@
 
 namespace {
 
-void check_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
-                  const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
-                  const torch::Tensor& x_taps) {
+// What the kernels read of the bias: the padded tables and the tap indices and weights.
+struct BiasInputs {
+  const float* table;     // (nb, hg, Th + 3, Tw + 3)
+  const int64_t* iy;      // (nb, rows, Ns)
+  const float* fy;        // (nb, rows, Ns)
+  const int64_t* ix;      // (nb, W, Ns)
+  const float* fx;        // (nb, W, Ns)
+  const int64_t* x_taps;  // (nb, Ns, 2)
+  int64_t table_size;     // (Th + 3) * (Tw + 3)
+  int64_t row_length;     // Tw + 3
+};
+
+// Checks the shapes, dtypes and layouts against the logits' (nb, hg, rows, W, Ns).
+BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
+                       const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
+                       const torch::Tensor& x_taps) {
   TORCH_CHECK(logits.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
               "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 3, Tw + 3), iy/fy (nb, rows, Ns), "
               "ix/fx (nb, W, Ns)");
@@ -53,6 +66,8 @@ void check_inputs(const torch::Tensor& logits, const torch::Tensor& table, const
     TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->device().is_cpu(),
                 "expected contiguous int64 CPU index tensors");
   }
+  return {table.data_ptr<float>(), iy.data_ptr<int64_t>(), fy.data_ptr<float>(), ix.data_ptr<int64_t>(),
+          fx.data_ptr<float>(), x_taps.data_ptr<int64_t>(), table.size(2) * table.size(3), table.size(3)};
 }
 
 // One float32 per query, (nb, hg, rows, W) contiguous.
@@ -74,38 +89,28 @@ inline void interpolate_rows(const float* head_table, int64_t row_length, const 
   }
 }
 
-}  // namespace
-
-namespace {
-
 // The forward softmax (recompute = false: writes the probabilities and lse) or its recomputation
 // from lse (recompute = true: writes exp(s - lse)), for logits holding q.k.
 void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table, const torch::Tensor& iy,
                   const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
                   const torch::Tensor& x_taps, torch::Tensor lse, bool recompute) {
-  check_inputs(logits, table, iy, fy, ix, fx, x_taps);
+  const BiasInputs bias = bias_inputs(logits, table, iy, fy, ix, fx, x_taps);
   check_per_query(lse, logits, "lse");
   const int64_t hg = logits.size(1), rows = logits.size(2), width = logits.size(3), ns = logits.size(4);
-  const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
+  const int64_t row_length = bias.row_length;
   const float alpha = static_cast<float>(scale);
-  const int64_t* taps_p = x_taps.data_ptr<int64_t>();
   float* logits_p = logits.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
-  const float* table_p = table.data_ptr<float>();
-  const int64_t* iy_p = iy.data_ptr<int64_t>();
-  const float* fy_p = fy.data_ptr<float>();
-  const int64_t* ix_p = ix.data_ptr<int64_t>();
-  const float* fx_p = fx.data_ptr<float>();
   // One work item per (batch-group, head, query row).
   at::parallel_for(0, logits.size(0) * hg * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> interpolated(ns * row_length);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (hg * rows), bh = item / rows, r = item % rows;
-      interpolate_rows(table_p + bh * table_size, row_length, iy_p + (b * rows + r) * ns,
-                       fy_p + (b * rows + r) * ns, taps_p + b * ns * 2, ns, interpolated.data());
+      interpolate_rows(bias.table + bh * bias.table_size, row_length, bias.iy + (b * rows + r) * ns,
+                       bias.fy + (b * rows + r) * ns, bias.x_taps + b * ns * 2, ns, interpolated.data());
       for (int64_t c = 0; c < width; ++c) {
-        const int64_t* col_ix = ix_p + (b * width + c) * ns;
-        const float* col_fx = fx_p + (b * width + c) * ns;
+        const int64_t* col_ix = bias.ix + (b * width + c) * ns;
+        const float* col_fx = bias.fx + (b * width + c) * ns;
         float* s = logits_p + (item * width + c) * ns;
         float* query_lse = lse_p + item * width + c;
         float row_max = -std::numeric_limits<float>::infinity();
@@ -152,7 +157,7 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
                                  torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
                                  torch::Tensor grad_fx_heads) {
-  check_inputs(grad, table, iy, fy, ix, fx, x_taps);
+  const BiasInputs bias = bias_inputs(grad, table, iy, fy, ix, fx, x_taps);
   TORCH_CHECK(probs.sizes() == grad.sizes() && probs.is_contiguous() && probs.scalar_type() == torch::kFloat,
               "expected contiguous float32 probs of grad's shape");
   check_per_query(delta, grad, "delta");
@@ -162,16 +167,10 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
               "grad_fy_heads must be (nb, hg, rows, Ns)");
   TORCH_CHECK(grad_fx_heads.sizes() == torch::IntArrayRef({nb, hg, width, ns}) && grad_fx_heads.is_contiguous(),
               "grad_fx_heads must be (nb, hg, W, Ns)");
-  const int64_t table_size = table.size(2) * table.size(3), row_length = table.size(3);
-  const int64_t* taps_p = x_taps.data_ptr<int64_t>();
+  const int64_t row_length = bias.row_length;
   float* grad_p = grad.data_ptr<float>();
   const float* probs_p = probs.data_ptr<float>();
   const float* delta_p = delta.data_ptr<float>();
-  const float* table_p = table.data_ptr<float>();
-  const int64_t* iy_p = iy.data_ptr<int64_t>();
-  const float* fy_p = fy.data_ptr<float>();
-  const int64_t* ix_p = ix.data_ptr<int64_t>();
-  const float* fx_p = fx.data_ptr<float>();
   float* grad_table_p = grad_table.data_ptr<float>();
   float* grad_fy = grad_fy_heads.data_ptr<float>();
   float* grad_fx = grad_fx_heads.data_ptr<float>();
@@ -179,12 +178,12 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
     std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / hg;
-      const float* head_table = table_p + bh * table_size;
-      float* head_grad_table = grad_table_p + bh * table_size;
-      const int64_t* key_taps = taps_p + b * ns * 2;
+      const float* head_table = bias.table + bh * bias.table_size;
+      float* head_grad_table = grad_table_p + bh * bias.table_size;
+      const int64_t* key_taps = bias.x_taps + b * ns * 2;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t* row_iy = iy_p + (b * rows + r) * ns;
-        const float* row_fy = fy_p + (b * rows + r) * ns;
+        const int64_t* row_iy = bias.iy + (b * rows + r) * ns;
+        const float* row_fy = bias.fy + (b * rows + r) * ns;
         interpolate_rows(head_table, row_length, row_iy, row_fy, key_taps, ns, interpolated.data());
         for (int64_t n = 0; n < ns; ++n) {
           float* grad_row = grad_interpolated.data() + n * row_length;
@@ -192,8 +191,8 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
         }
         for (int64_t c = 0; c < width; ++c) {
           const int64_t query = (bh * rows + r) * width + c;
-          const int64_t* col_ix = ix_p + (b * width + c) * ns;
-          const float* col_fx = fx_p + (b * width + c) * ns;
+          const int64_t* col_ix = bias.ix + (b * width + c) * ns;
+          const float* col_fx = bias.fx + (b * width + c) * ns;
           float* col_grad_fx = grad_fx + (bh * width + c) * ns;
           float* g = grad_p + query * ns;
           const float* p = probs_p + query * ns;
