@@ -72,7 +72,9 @@ def test_fast_pytorch_turns_the_cpu_kernels_off_in_its_worker(monkeypatch):
 
     from projects.dat.models import cpu_kernels
 
-    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)  # restored after the test
+    # setenv records the variable's state before the test (delenv records nothing where it is
+    # unset), so that build_model's '0' does not leak into later tests.
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1')
     model, _ = benchmark.build_model('datpp-t:fast-pytorch', 64, 64)
     assert os.environ[cpu_kernels.ENV_SWITCH] == '0' and cpu_kernels.load_kernels() is None
     assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {'fast'}

@@ -12,6 +12,9 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
                                  torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
                                  torch::Tensor grad_fx_heads);
+torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias);
+std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
+                                                        torch::Tensor bias);
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor rpb, int64_t kernel_size);
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
@@ -25,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The probabilities of deformable_softmax recomputed from its lse");
   m.def("deformable_softmax_backward", &deformable_softmax_backward,
         "dP -> dS of deformable_softmax, and the gradients of its bias table and tap weights");
+  m.def("depthwise_conv_gelu_forward", &depthwise_conv_gelu_forward,
+        "GELU(depth-wise conv + bias) of a (B, H, W, C) map: ConvFFN's hidden layer (float32, CPU)");
+  m.def("depthwise_conv_gelu_backward", &depthwise_conv_gelu_backward,
+        "Gradients of depthwise_conv_gelu_forward (y, weight, bias)");
   m.def("neighborhood_attention_forward", &neighborhood_attention_forward,
         "Neighbourhood attention: output and log-sum-exp (float32, CPU)");
   m.def("neighborhood_attention_backward", &neighborhood_attention_backward,

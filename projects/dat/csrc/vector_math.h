@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -55,6 +56,25 @@ inline float exp_approx(float x) {
   float two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
   return p * two_to_n;
+}
+
+// GELU(z) = z * Phi(z) and its derivative Phi(z) + z * phi(z) (Phi, phi: the standard normal
+// distribution and density), with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, the
+// formula of torch's vectorised CPU erf). The tail Phi(-|z|) = erfc(|z| / sqrt 2) / 2 is taken
+// directly, not as 1 - Phi(|z|): no cancellation for negative z. Branch-free: vectorises.
+inline void gelu_with_slope(float z, float& value, float& slope) {
+  const float x = std::fabs(z) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * x);
+  const float gauss = exp_approx(-x * x);  // exp(-z^2 / 2)
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float tail = 0.5f * poly * t * gauss;  // Phi(-|z|)
+  const float cdf = z < 0.0f ? tail : 1.0f - tail;
+  value = z * cdf;
+  slope = cdf + z * gauss * 0.39894228040143268f;  // 1 / sqrt(2 pi)
 }
 
 }  // namespace dat

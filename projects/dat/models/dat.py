@@ -35,6 +35,7 @@ from .attention import (
     use_fast_attention,
     window_attention,
 )
+from .feedforward import GELU2d, depthwise_conv_gelu, depthwise_conv_gelu_reference, depthwise_conv_plus_identity
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
@@ -62,28 +63,6 @@ class LayerNorm2d(nn.LayerNorm):
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
-
-
-def depthwise_conv_plus_identity(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``x + conv(x)`` for a depth-wise, odd-kernel, stride-1 ``'same'`` conv, as one conv.
-
-    Adding 1 to the centre tap of every filter folds the residual into the conv: the sum is
-    the same up to float32 round-off, and neither the forward nor the backward pass makes a
-    separate pass over ``x`` for the addition.
-
-    Args:
-        x (Tensor): ``(B, C, H, W)`` input.
-        conv (nn.Conv2d): Depth-wise conv with ``C`` groups, an odd kernel, stride 1 and
-            padding ``kernel // 2``.
-
-    Returns:
-        Tensor: ``x + conv(x)``.
-    """
-    weight = conv.weight
-    kh, kw = weight.shape[-2:]
-    identity = torch.zeros(kh * kw, dtype=weight.dtype, device=weight.device)
-    identity[kh * kw // 2] = 1.0
-    return F.conv2d(x, weight + identity.view(kh, kw), conv.bias, padding=conv.padding, groups=conv.groups)
 
 
 def _run_hidden(fn, y: Tensor, recompute: bool) -> Tensor:
@@ -128,31 +107,41 @@ class ConvFFN(nn.Module):
     """DAT++ feed-forward: ``y = fc1(x); y = GELU(y + DWConv3x3(y)); out = fc2(y)``.
 
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
-    largest activations of a DAT++ block. With ``recompute_hidden`` only ``y`` is kept for the
-    backward pass and the depth-wise conv and the GELU are recomputed from it (not ``fc2``);
-    the results are the same. Without autograd (inference) on CPU everything after ``fc1`` runs on
-    stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in
-    the CPU's cache instead of the whole maps going through memory one layer after the other
-    (the same numbers: each stripe's conv reads its neighbour rows).
+    largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
+    fused C++ kernel on CPU (float32; :func:`~projects.dat.models.feedforward.depthwise_conv_gelu`),
+    which never stores the GELU input and keeps only ``y`` for the backward pass. With
+    ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is recomputed in the backward
+    pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
+    after ``fc1`` runs on stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations
+    each, which stay in the CPU's cache instead of the whole maps going through memory one layer
+    after the other (the same numbers: each stripe's conv reads its neighbour rows).
 
     Args:
         dim (int): Channels.
         mlp_ratio (int): Hidden expansion.
         recompute_hidden (bool): Recompute the hidden activations in the backward pass instead
             of storing them. Defaults to False.
+        attn_impl (str): The backbone's implementation switch: ``'reference'`` composes the
+            hidden layer of PyTorch's conv and GELU; ``'auto'`` and ``'fast'`` run the fused kernel
+            where it applies. Defaults to ``'auto'``.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False):
+    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False, attn_impl: str = 'auto'):
         super().__init__()
         hidden = dim * mlp_ratio
+        self.attn_impl = check_attn_impl(attn_impl)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.recompute_hidden = recompute_hidden
 
+    def _hidden(self, y: Tensor) -> Tensor:
+        if use_fast_attention(self.attn_impl, y):
+            return depthwise_conv_gelu(y, self.dwconv)
+        return depthwise_conv_gelu_reference(y, self.dwconv)
+
     def _after_fc1(self, y: Tensor) -> Tensor:
-        return self.fc2(self.act(depthwise_conv_plus_identity(y, self.dwconv)))
+        return self.fc2(self._hidden(y))
 
     def _after_fc1_in_stripes(self, y: Tensor) -> Tensor:
         """:meth:`_after_fc1` stripe by stripe of rows (no autograd; CPU: a GPU has no cache to
@@ -166,9 +155,8 @@ class ConvFFN(nn.Module):
         for top, bottom, halo_top, halo_bottom in stripes_with_halo(height, rows, halo=1):
             # The conv's zero padding is right at the map's edges; inside, the halo rows are read
             # and the output rows next to the stripe's padding are dropped.
-            hidden = depthwise_conv_plus_identity(y[:, :, halo_top:halo_bottom], self.dwconv)
-            hidden = hidden[:, :, top - halo_top:bottom - halo_top]
-            out[:, :, top:bottom] = self.fc2(self.act(hidden))
+            hidden = self._hidden(y[:, :, halo_top:halo_bottom])
+            out[:, :, top:bottom] = self.fc2(hidden[:, :, top - halo_top:bottom - halo_top])
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,7 +306,7 @@ class DeformableAttention(nn.Module):
             nn.Conv2d(group_dim, group_dim, offset_kernel, key_stride,
                       offset_conv_padding(offset_kernel, key_stride), groups=group_dim),
             LayerNorm2d(group_dim),
-            nn.GELU(),
+            GELU2d(),
             nn.Conv2d(group_dim, 2, 1, bias=False))
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
@@ -391,17 +379,20 @@ class DATBlock(nn.Module):
         mlp_ratio (int): FFN expansion.
         drop_path (float): Stochastic depth rate of both residual branches.
         recompute_ffn (bool): The FFN's ``recompute_hidden``.
+        attn_impl (str): The ConvFFN's ``attn_impl`` (DAT++). Defaults to ``'auto'``.
     """
 
     def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 recompute_ffn: bool = False):
+                 recompute_ffn: bool = False, attn_impl: str = 'auto'):
         super().__init__()
         self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if version == 'pp' else None
         self.norm1 = LayerNorm2d(dim)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim)
-        ffn = ConvFFN if version == 'pp' else TokenMLP
-        self.mlp = ffn(dim, mlp_ratio, recompute_ffn)
+        if version == 'pp':
+            self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn, attn_impl)
+        else:
+            self.mlp = TokenMLP(dim, mlp_ratio, recompute_ffn)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -454,7 +445,7 @@ class Stem(nn.Module):
         else:
             self.conv1 = nn.Conv2d(in_channels, out_channels // 2, 3, 2, 1)
             self.norm1 = LayerNorm2d(out_channels // 2)
-            self.act = nn.GELU()
+            self.act = GELU2d()
             self.conv2 = nn.Conv2d(out_channels // 2, out_channels, 3, 2, 1)
             self.norm2 = LayerNorm2d(out_channels)
 
@@ -538,10 +529,10 @@ class DAT(BaseModule):
             fine-tunes). Defaults to 224.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``
             loads a converted checkpoint strictly, resizing bias tables of another size.
-        attn_impl (str): Attention implementation of the ``N`` and ``D`` blocks: ``'auto'``
-            (the fast, memory-lean one wherever it is available, else the reference), ``'fast'``
-            or ``'reference'`` (the straightforward one). Both compute the same function.
-            Defaults to ``'auto'``.
+        attn_impl (str): Implementation of the ``N`` and ``D`` attention blocks and of DAT++'s
+            ConvFFN hidden layer: ``'auto'`` (the fast, memory-lean one wherever it is available,
+            else the reference), ``'fast'`` or ``'reference'`` (the straightforward one). Both
+            compute the same function. Defaults to ``'auto'``.
     """
 
     arch_zoo = {
@@ -606,7 +597,7 @@ class DAT(BaseModule):
             for j, kind in enumerate(spec):
                 attn = self._make_attention(kind, i, table_size)
                 blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j],
-                                       recompute_ffn=recompute_ffn and not with_cp))
+                                       recompute_ffn=recompute_ffn and not with_cp, attn_impl=self.attn_impl))
             downsample = Downsample(dims[i - 1], dims[i], self.version) if i > 0 else None
             self.stages.append(DATStage(blocks, downsample, with_cp))
         for i in self.out_indices:

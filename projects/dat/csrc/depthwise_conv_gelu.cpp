@@ -1,0 +1,175 @@
+// The hidden layer of DAT++'s ConvFFN, GELU(depth-wise 'same' conv of y, with its bias), and its
+// gradient, for float32 channels-last maps on CPU.
+//
+// Same contract as _depthwise_conv_gelu_op in projects/dat/models/feedforward.py: y is
+// (B, H, W, C) contiguous (an NCHW map in channels-last memory), weight is (k * k, C) with the
+// taps row-major (the caller has already folded ConvFFN's identity into the centre tap) and bias
+// is (C). The output is
+//   out[b, i, j, c] = GELU(bias[c] + sum_{a, e} weight[a * k + e, c] * y[b, i + a - k / 2, j + e - k / 2, c])
+// with zeros outside the map. In PyTorch this is a conv and a GELU, each one pass over memory
+// forward, and backward (with the recomputation of ConvFFN's recompute_hidden) two more passes
+// to recompute them, one for GELU's gradient and one for the conv's; here the conv's output (the
+// GELU's input) never goes to memory: the forward pass is one pass, the backward two (the
+// GELU's input is recomputed from y in the first).
+//
+// Every loop over channels runs over contiguous memory and is vectorised by the compiler.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "vector_math.h"
+
+namespace {
+
+struct ConvShape {
+  int64_t batch, height, width, channels, kernel_size;
+};
+
+ConvShape check_inputs(const torch::Tensor& y, const torch::Tensor& weight, const torch::Tensor& bias) {
+  TORCH_CHECK(y.dim() == 4, "expected y (B, H, W, C), got ", y.sizes());
+  const int64_t channels = y.size(3), taps = weight.dim() == 2 ? weight.size(0) : 0;
+  int64_t kernel_size = 1;
+  while (kernel_size * kernel_size < taps) kernel_size += 2;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == channels && kernel_size * kernel_size == taps,
+              "expected weight (k * k, C) for an odd k and C = ", channels, ", got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == channels, "expected bias (", channels, "), got ", bias.sizes());
+  for (const auto* t : {&y, &weight, &bias}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "expected contiguous float32 CPU tensors");
+  }
+  return {y.size(0), y.size(1), y.size(2), channels, kernel_size};
+}
+
+// z[c] = bias[c] + the conv's taps at position (i, j) of one image (y_image: (H, W, C)).
+inline void conv_at(const float* __restrict__ y_image, const float* __restrict__ weight,
+                    const float* __restrict__ bias, int64_t i, int64_t j, const ConvShape& s,
+                    float* __restrict__ z) {
+  const int64_t channels = s.channels, half = s.kernel_size / 2;
+  std::copy(bias, bias + channels, z);
+  for (int64_t a = 0; a < s.kernel_size; ++a) {
+    const int64_t row = i + a - half;
+    if (row < 0 || row >= s.height) continue;
+    for (int64_t e = 0; e < s.kernel_size; ++e) {
+      const int64_t col = j + e - half;
+      if (col < 0 || col >= s.width) continue;
+      const float* __restrict__ w = weight + (a * s.kernel_size + e) * channels;
+      const float* __restrict__ x = y_image + (row * s.width + col) * channels;
+      for (int64_t c = 0; c < channels; ++c) z[c] += w[c] * x[c];
+    }
+  }
+}
+
+}  // namespace
+
+// Returns GELU(conv(y) + bias), (B, H, W, C).
+torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias) {
+  const ConvShape s = check_inputs(y, weight, bias);
+  auto out = torch::empty_like(y);
+  const float* y_p = y.data_ptr<float>();
+  const float* w_p = weight.data_ptr<float>();
+  const float* b_p = bias.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const int64_t channels = s.channels, image = s.height * s.width * channels;
+  // One work item per (image, row).
+  at::parallel_for(0, s.batch * s.height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(channels);
+    float slope;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.height, i = item % s.height;
+      for (int64_t j = 0; j < s.width; ++j) {
+        conv_at(y_p + b * image, w_p, b_p, i, j, s, z.data());
+        float* __restrict__ o = out_p + item * s.width * channels + j * channels;
+        for (int64_t c = 0; c < channels; ++c) dat::gelu_with_slope(z[c], o[c], slope);
+      }
+    }
+  });
+  return out;
+}
+
+// Returns the gradients of y (B, H, W, C), of weight (k * k, C) and of bias (C).
+std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
+                                                        torch::Tensor bias) {
+  const ConvShape s = check_inputs(y, weight, bias);
+  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == torch::kFloat && grad_out.is_contiguous(),
+              "expected grad_out of y's shape ", y.sizes(), ", contiguous float32, got ", grad_out.sizes());
+  const int64_t channels = s.channels, taps = s.kernel_size * s.kernel_size, half = s.kernel_size / 2;
+  const int64_t image = s.height * s.width * channels, rows = s.batch * s.height;
+  auto grad_z = torch::empty_like(y);  // dL/d(conv output + bias)
+  auto grad_y = torch::empty_like(y);
+  // The weight (taps) and bias (last) gradients of each thread's rows; each row's are summed
+  // apart first (float32 sums of fewer terms).
+  auto thread_grads = torch::zeros({at::get_num_threads(), taps + 1, channels}, y.options());
+  const float* go_p = grad_out.data_ptr<float>();
+  const float* y_p = y.data_ptr<float>();
+  const float* w_p = weight.data_ptr<float>();
+  const float* b_p = bias.data_ptr<float>();
+  float* gz_p = grad_z.data_ptr<float>();
+  float* gy_p = grad_y.data_ptr<float>();
+  float* tg_p = thread_grads.data_ptr<float>();
+
+  // Pass 1: grad_z = grad_out * GELU'(z), z recomputed; the bias gradient sums grad_z.
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(channels), row_sum(channels);
+    float value;
+    float* thread_bias = tg_p + (at::get_thread_num() * (taps + 1) + taps) * channels;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.height, i = item % s.height;
+      float* __restrict__ grad_bias = row_sum.data();
+      std::fill(grad_bias, grad_bias + channels, 0.0f);
+      for (int64_t j = 0; j < s.width; ++j) {
+        conv_at(y_p + b * image, w_p, b_p, i, j, s, z.data());
+        const int64_t offset = (item * s.width + j) * channels;
+        const float* __restrict__ go = go_p + offset;
+        float* __restrict__ gz = gz_p + offset;
+        for (int64_t c = 0; c < channels; ++c) {
+          float slope;
+          dat::gelu_with_slope(z[c], value, slope);
+          gz[c] = go[c] * slope;
+          grad_bias[c] += gz[c];
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) thread_bias[c] += grad_bias[c];
+    }
+  });
+
+  // Pass 2: grad_y[p] = sum over taps of weight[tap] * grad_z[p - tap offset] (the transposed
+  // conv), and the weight gradient sums grad_z[p] * y[p + tap offset] over positions p.
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row_sum(taps * channels);
+    float* thread_weight = tg_p + at::get_thread_num() * (taps + 1) * channels;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.height, i = item % s.height;
+      const float* gz_image = gz_p + b * image;
+      const float* y_image = y_p + b * image;
+      float* grad_w = row_sum.data();
+      std::fill(grad_w, grad_w + taps * channels, 0.0f);
+      for (int64_t j = 0; j < s.width; ++j) {
+        float* __restrict__ gy = gy_p + (item * s.width + j) * channels;
+        const float* __restrict__ gz_here = gz_image + (i * s.width + j) * channels;
+        std::fill(gy, gy + channels, 0.0f);
+        for (int64_t a = 0; a < s.kernel_size; ++a) {
+          const int64_t row_out = i - (a - half), row_in = i + (a - half);
+          for (int64_t e = 0; e < s.kernel_size; ++e) {
+            const int64_t col_out = j - (e - half), col_in = j + (e - half);
+            const int64_t tap = a * s.kernel_size + e;
+            if (row_out >= 0 && row_out < s.height && col_out >= 0 && col_out < s.width) {
+              const float* __restrict__ w = w_p + tap * channels;
+              const float* __restrict__ gz = gz_image + (row_out * s.width + col_out) * channels;
+              for (int64_t c = 0; c < channels; ++c) gy[c] += w[c] * gz[c];
+            }
+            if (row_in >= 0 && row_in < s.height && col_in >= 0 && col_in < s.width) {
+              float* __restrict__ gw = grad_w + tap * channels;
+              const float* __restrict__ x = y_image + (row_in * s.width + col_in) * channels;
+              for (int64_t c = 0; c < channels; ++c) gw[c] += gz_here[c] * x[c];
+            }
+          }
+        }
+      }
+      for (int64_t n = 0; n < taps * channels; ++n) thread_weight[n] += grad_w[n];
+    }
+  });
+  auto sums = thread_grads.sum(0);
+  return {grad_y, sums.narrow(0, 0, taps).contiguous(), sums[taps].contiguous()};
+}

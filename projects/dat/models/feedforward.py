@@ -1,0 +1,136 @@
+"""The depth-wise conv and GELU layers of DAT++'s blocks, and the fused hidden layer of its ConvFFN.
+
+:func:`depthwise_conv_gelu` computes ``GELU(y + DWConv(y))`` (ConvFFN's hidden layer) with the C++
+CPU kernel of ``csrc/depthwise_conv_gelu.cpp`` where it applies (float32 on CPU): one pass over
+memory forward and two backward, and only ``y`` is kept for the backward pass.
+:func:`depthwise_conv_gelu_reference` is the same function composed of PyTorch's conv and GELU;
+they agree to float32 round-off (``tests/test_feedforward.py``).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import cpu_kernels
+
+
+class GELU2d(nn.GELU):
+    """``nn.GELU`` for NCHW maps that runs on channels-last memory as a contiguous NHWC tensor.
+
+    PyTorch's CPU GELU kernels (forward and backward) take about twice as long on a
+    channels-last NCHW tensor as on the same memory viewed as a contiguous NHWC tensor (torch
+    2.14); the maps of DAT++ are channels-last (they come from 1x1 convs on LayerNorm outputs).
+    The values are the same, and so is the output's memory format.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu_2d(x, self.approximate)
+
+
+def gelu_2d(x: Tensor, approximate: str = 'none') -> Tensor:
+    """``F.gelu`` of a map, through its NHWC view where it is channels-last (see :class:`GELU2d`)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.gelu(x.permute(0, 2, 3, 1), approximate=approximate).permute(0, 3, 1, 2)
+    return F.gelu(x, approximate=approximate)
+
+
+def _identity_folded(weight: Tensor) -> Tensor:
+    """A depth-wise conv's ``(C, 1, k, k)`` weight with 1 added to every filter's centre tap."""
+    kh, kw = weight.shape[-2:]
+    identity = torch.zeros(kh * kw, dtype=weight.dtype, device=weight.device)
+    identity[kh * kw // 2] = 1.0
+    return weight + identity.view(kh, kw)
+
+
+def depthwise_conv_plus_identity(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``x + conv(x)`` for a depth-wise, odd-kernel, stride-1 ``'same'`` conv, as one conv.
+
+    Adding 1 to the centre tap of every filter folds the residual into the conv: the sum is
+    the same up to float32 round-off, and neither the forward nor the backward pass makes a
+    separate pass over ``x`` for the addition.
+
+    Args:
+        x (Tensor): ``(B, C, H, W)`` input.
+        conv (nn.Conv2d): Depth-wise conv with ``C`` groups, an odd kernel, stride 1 and
+            padding ``kernel // 2``.
+
+    Returns:
+        Tensor: ``x + conv(x)``.
+    """
+    return F.conv2d(x, _identity_folded(conv.weight), conv.bias, padding=conv.padding, groups=conv.groups)
+
+
+def depthwise_conv_gelu_reference(y: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``GELU(y + conv(y))`` in PyTorch: ConvFFN's hidden layer (``conv`` as in
+    :func:`depthwise_conv_plus_identity`)."""
+    return gelu_2d(depthwise_conv_plus_identity(y, conv))
+
+
+def _check_kernel_weight(weight: Tensor, y: Tensor):
+    channels, kernel = y.shape[1], weight.shape[-1]
+    if weight.shape != (channels, 1, kernel, kernel) or kernel % 2 == 0:
+        raise ValueError(f'expected a depth-wise conv weight ({channels}, 1, k, k) with an odd k for a '
+                         f'{channels}-channel map, got {tuple(weight.shape)}')
+
+
+@torch.library.custom_op('dat::depthwise_conv_gelu', mutates_args=())
+def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    kernels = cpu_kernels.load_kernels()
+    taps = _identity_folded(weight).flatten(1).t().contiguous()  # (k * k, C)
+    out = kernels.depthwise_conv_gelu_forward(y.permute(0, 2, 3, 1), taps, bias)
+    return out.permute(0, 3, 1, 2)
+
+
+@_depthwise_conv_gelu_op.register_fake
+def _(y, weight, bias):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
+def _depthwise_conv_gelu_backward_op(grad_out: Tensor, y: Tensor, weight: Tensor,
+                                     bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    kernels = cpu_kernels.load_kernels()
+    taps = _identity_folded(weight).flatten(1).t().contiguous()
+    grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
+        grad_out.permute(0, 2, 3, 1).contiguous(), y.permute(0, 2, 3, 1), taps, bias)
+    return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
+
+
+@_depthwise_conv_gelu_backward_op.register_fake
+def _(grad_out, y, weight, bias):
+    return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _depthwise_conv_gelu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _depthwise_conv_gelu_backward(ctx, grad_out):
+    return _depthwise_conv_gelu_backward_op(grad_out, *ctx.saved_tensors)
+
+
+_depthwise_conv_gelu_op.register_autograd(_depthwise_conv_gelu_backward,
+                                          setup_context=_depthwise_conv_gelu_setup_context)
+
+
+def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``GELU(y + conv(y))``, ConvFFN's hidden layer; the same function as
+    :func:`depthwise_conv_gelu_reference`.
+
+    Runs the fused C++ kernel for float32 maps on CPU where the kernels are available (the map is
+    made channels-last first if it is not), else the reference composition.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` map.
+        conv (nn.Conv2d): Depth-wise conv with ``C`` groups, an odd square kernel, stride 1,
+            padding ``kernel // 2`` and a bias.
+
+    Returns:
+        Tensor: ``(B, C, H, W)``, channels-last where the kernel ran.
+    """
+    if (y.device.type != 'cpu' or y.dtype != torch.float32 or conv.bias is None
+            or torch.is_autocast_enabled('cpu') or cpu_kernels.load_kernels() is None):
+        return depthwise_conv_gelu_reference(y, conv)
+    _check_kernel_weight(conv.weight, y)
+    return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)

@@ -1,0 +1,136 @@
+"""The fused ConvFFN hidden layer (C++ CPU kernel) against its PyTorch composition, and GELU2d."""
+import os
+
+import pytest
+import torch
+
+from projects.dat.models import cpu_kernels
+from projects.dat.models.dat import ConvFFN
+from projects.dat.models.feedforward import (
+    GELU2d,
+    depthwise_conv_gelu,
+    depthwise_conv_gelu_reference,
+    depthwise_conv_plus_identity,
+)
+
+
+def _require_cpu_kernels():
+    if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
+        pytest.skip(f'{cpu_kernels.ENV_SWITCH}=0')
+    assert cpu_kernels.load_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
+
+
+def _conv(channels, kernel, dtype=torch.float32):
+    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).to(dtype)
+    with torch.no_grad():  # taps of the size of the identity that is folded in
+        conv.weight.normal_(0.0, 0.5)
+        conv.bias.normal_(0.0, 0.5)
+    return conv
+
+
+def _value_and_grads(fn, y, conv, grad):
+    y = y.detach().clone().requires_grad_()
+    out = fn(y, conv)
+    return (out, *torch.autograd.grad(out, (y, conv.weight, conv.bias), grad))
+
+
+@pytest.mark.parametrize('batch, channels, height, width, kernel', [
+    (2, 12, 9, 7, 3),
+    (1, 5, 4, 6, 5),  # channels not a multiple of the vector width, a 5x5 kernel
+    (2, 16, 1, 3, 3),  # a one-row map: every tap but the middle row is padding
+    (3, 64, 14, 14, 3),
+])
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_fused_hidden_layer_matches_float64_reference(batch, channels, height, width, kernel, memory_format):
+    _require_cpu_kernels()
+    torch.manual_seed(0)
+    conv64 = _conv(channels, kernel, torch.float64)
+    conv32 = _conv(channels, kernel)
+    conv32.load_state_dict(conv64.state_dict())
+    y = (torch.randn(batch, channels, height, width, dtype=torch.float64) * 2).to(memory_format=memory_format)
+    grad = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    expected = _value_and_grads(depthwise_conv_gelu_reference, y, conv64, grad)
+    actual = _value_and_grads(depthwise_conv_gelu, y.float(), conv32, grad.float())
+    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, e in zip(('out', 'grad_y', 'grad_weight', 'grad_bias'), actual, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == torch.float32, name
+        scale = e.abs().max().item()
+        error = (a.double() - e).abs().max().item()
+        assert error <= 1e-6 * max(scale, 1.0), f'{name}: max error {error:.3g} at scale {scale:.3g}'
+
+
+def test_fused_hidden_layer_equals_float32_pytorch_composition():
+    _require_cpu_kernels()
+    torch.manual_seed(1)
+    conv = _conv(32, 3)
+    y = torch.randn(2, 32, 10, 11).to(memory_format=torch.channels_last)
+    grad = torch.randn(2, 32, 10, 11)
+    for a, e in zip(_value_and_grads(depthwise_conv_gelu, y, conv, grad),
+                    _value_and_grads(depthwise_conv_gelu_reference, y, conv, grad), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypatch):
+    torch.manual_seed(2)
+    conv = _conv(8, 3, torch.float64)
+    y = torch.randn(1, 8, 5, 5, dtype=torch.float64)
+    assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))  # float64
+    monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
+    conv, y = conv.float(), y.float()
+    assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
+
+
+def test_fused_hidden_layer_rejects_a_conv_that_is_not_depthwise():
+    _require_cpu_kernels()
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    with pytest.raises(ValueError, match=r'expected a depth-wise conv weight \(8, 1, k, k\).*got \(8, 2, 3, 3\)'):
+        depthwise_conv_gelu(torch.randn(1, 8, 5, 5), conv)
+
+
+@pytest.mark.parametrize('recompute_hidden', [False, True])
+def test_conv_ffn_fused_and_reference_agree(recompute_hidden):
+    _require_cpu_kernels()
+    torch.manual_seed(3)
+    fused = ConvFFN(16, recompute_hidden=recompute_hidden)
+    reference = ConvFFN(16, recompute_hidden=recompute_hidden, attn_impl='reference')
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 7, 9).to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for ffn in (fused, reference):
+        xi = x.clone().requires_grad_()
+        out = ffn(xi)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in ffn.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, e in zip(*grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format):
+    x = torch.randn(2, 6, 5, 4).to(memory_format=memory_format).requires_grad_()
+    out = GELU2d()(x)
+    expected = torch.nn.GELU()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert out.is_contiguous(memory_format=memory_format)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6)
+    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    weight_before = conv.weight.detach().clone()
+    folded = depthwise_conv_plus_identity(x, conv)
+    grads = torch.autograd.grad(folded.square().sum(), (x, conv.weight, conv.bias))
+    plain = x + conv(x)
+    plain_grads = torch.autograd.grad(plain.square().sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
+    for a, e in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv.weight, weight_before)  # the identity is added to a copy
+
