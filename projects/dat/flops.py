@@ -16,8 +16,9 @@ Leaving the norms and ``grid_sample`` out (``convention='matmul'``) lowers the t
 mmengine's :class:`~mmengine.analysis.FlopAnalyzer` (a port of fvcore's) provides the tracer.
 This module spells out the convention's op table (:func:`flop_handles`), adding handlers for
 attention products fvcore does not know (``aten::baddbmm``,
-``aten::scaled_dot_product_attention``, our fused ``dat::deformable_attention``, counted like
-the reference ops it replaces) and an exact ``aten::einsum`` handler that needs no numpy work
+``aten::scaled_dot_product_attention``, our fused ``dat::deformable_attention``,
+``dat::neighborhood_attention`` and ``dat::depthwise_conv_gelu``, counted like the reference ops
+they replace) and an exact ``aten::einsum`` handler that needs no numpy work
 arrays. It also holds the closed-form MACs of the three attention cores of DAT, against which
 the traced counts are tested. Ops that are not counted but look like products are reported
 (:attr:`Complexity.suspicious_ops`) instead of being skipped silently.
@@ -248,6 +249,17 @@ def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Count
     return Counter({'einsum': 2 * batch_heads * h * w * kernel_size**2 * d})
 
 
+def _fused_depthwise_conv_gelu_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
+    """Handle of the fused ConvFFN hidden layer ``dat::depthwise_conv_gelu``.
+
+    Its inputs are ``y (B, C, H, W)`` and the depth-wise weight ``(C, 1, k, k)``; counted as the
+    reference's depth-wise ``conv`` (``k * k`` per output element; the GELU is not counted).
+    """
+    batch, channels, h, w = get_shape(inputs[0])
+    kh, kw = get_shape(inputs[1])[-2:]
+    return Counter({'conv': batch * channels * h * w * kh * kw})
+
+
 def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
     """The complete table of op handlers of a convention.
 
@@ -274,6 +286,7 @@ def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
         'aten::scaled_dot_product_attention': _sdpa_flop_jit,
         'dat::deformable_attention': _fused_deformable_counter(count_bias=convention == 'paper'),
         'dat::neighborhood_attention': _fused_neighborhood_flop_jit,
+        'dat::depthwise_conv_gelu': _fused_depthwise_conv_gelu_flop_jit,
     }
     if convention == 'paper':
         handles.update(

@@ -1,7 +1,7 @@
 // The hidden layer of DAT++'s ConvFFN, GELU(depth-wise 'same' conv of y, with its bias), and its
 // gradient, for float32 channels-last maps on CPU.
 //
-// Same contract as _depthwise_conv_gelu_op in projects/dat/models/feedforward.py: y is
+// Same contract as _depthwise_conv_gelu_op in projects/dat/models/layers.py: y is
 // (B, H, W, C) contiguous (an NCHW map in channels-last memory), weight is (k * k, C) with the
 // taps row-major (the caller has already folded ConvFFN's identity into the centre tap) and bias
 // is (C). The output is

@@ -35,7 +35,13 @@ from .attention import (
     use_fast_attention,
     window_attention,
 )
-from .feedforward import GELU2d, depthwise_conv_gelu, depthwise_conv_gelu_reference, depthwise_conv_plus_identity
+from .layers import (
+    GELU2d,
+    PointwiseConv2d,
+    depthwise_conv_gelu,
+    depthwise_conv_gelu_reference,
+    depthwise_conv_plus_identity,
+)
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
@@ -108,7 +114,7 @@ class ConvFFN(nn.Module):
 
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
-    fused C++ kernel on CPU (float32; :func:`~projects.dat.models.feedforward.depthwise_conv_gelu`),
+    fused C++ kernel on CPU (float32; :func:`~projects.dat.models.layers.depthwise_conv_gelu`),
     which never stores the GELU input and keeps only ``y`` for the backward pass. With
     ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is recomputed in the backward
     pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
@@ -130,9 +136,9 @@ class ConvFFN(nn.Module):
         super().__init__()
         hidden = dim * mlp_ratio
         self.attn_impl = check_attn_impl(attn_impl)
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc1 = PointwiseConv2d(dim, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = PointwiseConv2d(hidden, dim)
         self.recompute_hidden = recompute_hidden
 
     def _hidden(self, y: Tensor) -> Tensor:
@@ -298,16 +304,16 @@ class DeformableAttention(nn.Module):
         self.offset_kernel = offset_kernel
         self.version = version
         self.offset_range_factor = offset_range_factor
-        self.proj_q = nn.Conv2d(dim, dim, 1)
-        self.proj_k = nn.Conv2d(dim, dim, 1)
-        self.proj_v = nn.Conv2d(dim, dim, 1)
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_q = PointwiseConv2d(dim, dim)
+        self.proj_k = PointwiseConv2d(dim, dim)
+        self.proj_v = PointwiseConv2d(dim, dim)
+        self.proj_out = PointwiseConv2d(dim, dim)
         self.conv_offset = nn.Sequential(
             nn.Conv2d(group_dim, group_dim, offset_kernel, key_stride,
                       offset_conv_padding(offset_kernel, key_stride), groups=group_dim),
             LayerNorm2d(group_dim),
             GELU2d(),
-            nn.Conv2d(group_dim, 2, 1, bias=False))
+            PointwiseConv2d(group_dim, 2, bias=False))
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
         # Set by DAT.record_sampling_points(); None costs nothing in the forward pass.

@@ -6,8 +6,9 @@ import torch
 
 from projects.dat.models import cpu_kernels
 from projects.dat.models.dat import ConvFFN
-from projects.dat.models.feedforward import (
+from projects.dat.models.layers import (
     GELU2d,
+    PointwiseConv2d,
     depthwise_conv_gelu,
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
@@ -105,6 +106,25 @@ def test_conv_ffn_fused_and_reference_agree(recompute_hidden):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, e in zip(*grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize('bias', [True, False])
+def test_pointwise_conv_equals_the_conv(memory_format, bias):
+    torch.manual_seed(4)
+    pointwise = PointwiseConv2d(6, 5, bias=bias)
+    conv = torch.nn.Conv2d(6, 5, 1, bias=bias)
+    conv.load_state_dict(pointwise.state_dict())  # same parameter names and shapes
+    x = torch.randn(2, 6, 4, 7).to(memory_format=memory_format)
+    grad = torch.randn(2, 5, 4, 7)
+    results = []
+    for module in (pointwise, conv):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        results.append((out, *torch.autograd.grad(out, (xi, *module.parameters()), grad)))
+    assert results[0][0].is_contiguous(memory_format=memory_format)
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])

@@ -1,10 +1,14 @@
-"""The depth-wise conv and GELU layers of DAT++'s blocks, and the fused hidden layer of its ConvFFN.
+"""Layers of DAT++'s blocks that run faster than their plain PyTorch modules, with the same numbers.
 
-:func:`depthwise_conv_gelu` computes ``GELU(y + DWConv(y))`` (ConvFFN's hidden layer) with the C++
-CPU kernel of ``csrc/depthwise_conv_gelu.cpp`` where it applies (float32 on CPU): one pass over
-memory forward and two backward, and only ``y`` is kept for the backward pass.
-:func:`depthwise_conv_gelu_reference` is the same function composed of PyTorch's conv and GELU;
-they agree to float32 round-off (``tests/test_feedforward.py``).
+- :class:`PointwiseConv2d`: a 1x1 conv computed as a matrix product over the channels of
+  channels-last maps.
+- :class:`GELU2d`: GELU of channels-last maps through their NHWC view.
+- :func:`depthwise_conv_gelu`: ConvFFN's hidden layer ``GELU(y + DWConv(y))`` with the C++ CPU
+  kernel of ``csrc/depthwise_conv_gelu.cpp`` where it applies (float32 on CPU): one pass over
+  memory forward and two backward, and only ``y`` is kept for the backward pass.
+  :func:`depthwise_conv_gelu_reference` is the same function composed of PyTorch's conv and GELU.
+
+They agree with the plain modules to float32 round-off (``tests/test_layers.py``).
 """
 from typing import Tuple
 
@@ -13,6 +17,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` that multiplies channels-last maps as matrices.
+
+    On CPU (torch 2.14, oneDNN) a 1x1 conv's backward pass on channels-last maps is markedly
+    slower than the two matrix products of ``F.linear``'s backward on the same memory viewed as
+    NHWC (the whole DAT-T++ forward+backward at 224@32: about -12 %). Channels-last maps (DAT++'s
+    are: they come from LayerNorms over the NHWC view) are multiplied as ``(B * H * W, C)``
+    matrices; others go to the conv. The parameters, their names and shapes are the conv's.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        bias (bool): Learn an additive bias. Defaults to True.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)
 
 
 class GELU2d(nn.GELU):
