@@ -35,13 +35,6 @@ from .attention import (
     use_fast_attention,
     window_attention,
 )
-from .layers import (
-    GELU2d,
-    PointwiseConv2d,
-    depthwise_conv_gelu,
-    depthwise_conv_gelu_reference,
-    depthwise_conv_plus_identity,
-)
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
@@ -53,6 +46,13 @@ from .geometry import (
     stripes_with_halo,
     window_partition,
     window_reverse,
+)
+from .layers import (
+    GELU2d,
+    PointwiseConv2d,
+    depthwise_conv_gelu,
+    depthwise_conv_gelu_reference,
+    depthwise_conv_plus_identity,
 )
 
 VERSIONS = ('v1', 'pp')
