@@ -71,6 +71,27 @@ def test_fused_hidden_layer_equals_float32_pytorch_composition():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('threads', [1, 3])
+def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads):
+    """Each thread recomputes the grad_z rows it shares with its neighbours; every row's bias and
+    weight terms must still be counted once."""
+    _require_cpu_kernels()
+    torch.manual_seed(5)
+    conv = _conv(8, 3)
+    y = torch.randn(2, 8, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
+    grad = torch.randn(2, 8, 7, 5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        actual = _value_and_grads(depthwise_conv_gelu, y, conv, grad)
+        torch.set_num_threads(2)
+        expected = _value_and_grads(depthwise_conv_gelu, y, conv, grad)
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     torch.manual_seed(2)
     conv = _conv(8, 3, torch.float64)

@@ -9,8 +9,8 @@
 // with zeros outside the map. In PyTorch this is a conv and a GELU, each one pass over memory
 // forward, and backward (with the recomputation of ConvFFN's recompute_hidden) two more passes
 // to recompute them, one for GELU's gradient and one for the conv's; here the conv's output (the
-// GELU's input) never goes to memory: the forward pass is one pass, the backward two (the
-// GELU's input is recomputed from y in the first).
+// GELU's input) never goes to memory, nor does its gradient: one pass forward, one backward
+// (which recomputes the GELU's input from y).
 //
 // Every loop over channels runs over contiguous memory and is vectorised by the compiler.
 #include <ATen/Parallel.h>
@@ -89,14 +89,18 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
 }
 
 // Returns the gradients of y (B, H, W, C), of weight (k * k, C) and of bias (C).
+//
+// One pass over the rows: row i's grad_y needs grad_z = grad_out * GELU'(z) (z recomputed from y)
+// of rows i - k / 2 .. i + k / 2, so each thread keeps the last k rows of grad_z it computed in a
+// ring (it moves down one row per row; a thread recomputes the rows it shares with its
+// neighbours' at its first row) and grad_z never goes to memory.
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
                                                         torch::Tensor bias) {
   const ConvShape s = check_inputs(y, weight, bias);
   TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == torch::kFloat && grad_out.is_contiguous(),
               "expected grad_out of y's shape ", y.sizes(), ", contiguous float32, got ", grad_out.sizes());
-  const int64_t channels = s.channels, taps = s.kernel_size * s.kernel_size, half = s.kernel_size / 2;
-  const int64_t image = s.height * s.width * channels, rows = s.batch * s.height;
-  auto grad_z = torch::empty_like(y);  // dL/d(conv output + bias)
+  const int64_t channels = s.channels, k = s.kernel_size, taps = k * k, half = k / 2;
+  const int64_t row_size = s.width * channels, image = s.height * row_size;
   auto grad_y = torch::empty_like(y);
   // The weight (taps) and bias (last) gradients of each thread's rows; each row's are summed
   // apart first (float32 sums of fewer terms).
@@ -105,69 +109,72 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
   const float* y_p = y.data_ptr<float>();
   const float* w_p = weight.data_ptr<float>();
   const float* b_p = bias.data_ptr<float>();
-  float* gz_p = grad_z.data_ptr<float>();
   float* gy_p = grad_y.data_ptr<float>();
   float* tg_p = thread_grads.data_ptr<float>();
 
-  // Pass 1: grad_z = grad_out * GELU'(z), z recomputed; the bias gradient sums grad_z.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(channels), row_sum(channels);
-    float value;
-    float* thread_bias = tg_p + (at::get_thread_num() * (taps + 1) + taps) * channels;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.height, i = item % s.height;
-      float* __restrict__ grad_bias = row_sum.data();
-      std::fill(grad_bias, grad_bias + channels, 0.0f);
+  at::parallel_for(0, s.batch * s.height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ring(k * row_size), z(channels), row_sum((taps + 1) * channels);
+    std::vector<int64_t> ring_item(k, -1);  // the (image, row) item each ring slot holds
+    float* thread_sums = tg_p + at::get_thread_num() * (taps + 1) * channels;
+    float value, slope;
+    // grad_z of item (b, r), in the ring; the bias gradient counts the rows of [begin, end) only.
+    auto grad_z_row = [&](int64_t b, int64_t r) -> const float* {
+      const int64_t item = b * s.height + r;
+      float* gz_row = ring.data() + (r % k) * row_size;
+      if (ring_item[r % k] == item) return gz_row;
+      ring_item[r % k] = item;
+      float* __restrict__ grad_bias = row_sum.data() + taps * channels;
+      const bool owned = item >= begin && item < end;
       for (int64_t j = 0; j < s.width; ++j) {
-        conv_at(y_p + b * image, w_p, b_p, i, j, s, z.data());
-        const int64_t offset = (item * s.width + j) * channels;
-        const float* __restrict__ go = go_p + offset;
-        float* __restrict__ gz = gz_p + offset;
+        conv_at(y_p + b * image, w_p, b_p, r, j, s, z.data());
+        const float* __restrict__ go = go_p + item * row_size + j * channels;
+        float* __restrict__ gz = gz_row + j * channels;
         for (int64_t c = 0; c < channels; ++c) {
-          float slope;
           dat::gelu_with_slope(z[c], value, slope);
           gz[c] = go[c] * slope;
-          grad_bias[c] += gz[c];
+        }
+        if (owned) {
+          for (int64_t c = 0; c < channels; ++c) grad_bias[c] += gz[c];
         }
       }
-      for (int64_t c = 0; c < channels; ++c) thread_bias[c] += grad_bias[c];
-    }
-  });
-
-  // Pass 2: grad_y[p] = sum over taps of weight[tap] * grad_z[p - tap offset] (the transposed
-  // conv), and the weight gradient sums grad_z[p] * y[p + tap offset] over positions p.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_sum(taps * channels);
-    float* thread_weight = tg_p + at::get_thread_num() * (taps + 1) * channels;
+      return gz_row;
+    };
+    std::vector<const float*> gz_rows(k);  // grad_z rows i - half .. i + half (null outside)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.height, i = item % s.height;
-      const float* gz_image = gz_p + b * image;
       const float* y_image = y_p + b * image;
-      float* grad_w = row_sum.data();
-      std::fill(grad_w, grad_w + taps * channels, 0.0f);
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      for (int64_t a = 0; a < k; ++a) {
+        const int64_t r = i + a - half;
+        gz_rows[a] = r >= 0 && r < s.height ? grad_z_row(b, r) : nullptr;
+      }
+      const float* gz_here = gz_rows[half];
       for (int64_t j = 0; j < s.width; ++j) {
-        float* __restrict__ gy = gy_p + (item * s.width + j) * channels;
-        const float* __restrict__ gz_here = gz_image + (i * s.width + j) * channels;
+        // grad_y[i, j] = sum over taps of weight[tap] * grad_z[(i, j) - tap offset] (the
+        // transposed conv); the weight gradient sums grad_z[i, j] * y[(i, j) + tap offset].
+        float* __restrict__ gy = gy_p + item * row_size + j * channels;
+        const float* __restrict__ g_here = gz_here + j * channels;
         std::fill(gy, gy + channels, 0.0f);
-        for (int64_t a = 0; a < s.kernel_size; ++a) {
-          const int64_t row_out = i - (a - half), row_in = i + (a - half);
-          for (int64_t e = 0; e < s.kernel_size; ++e) {
+        for (int64_t a = 0; a < k; ++a) {
+          const float* g_row = gz_rows[k - 1 - a];  // row i - (a - half)
+          const int64_t row_in = i + a - half;
+          for (int64_t e = 0; e < k; ++e) {
             const int64_t col_out = j - (e - half), col_in = j + (e - half);
-            const int64_t tap = a * s.kernel_size + e;
-            if (row_out >= 0 && row_out < s.height && col_out >= 0 && col_out < s.width) {
+            const int64_t tap = a * k + e;
+            if (g_row != nullptr && col_out >= 0 && col_out < s.width) {
               const float* __restrict__ w = w_p + tap * channels;
-              const float* __restrict__ gz = gz_image + (row_out * s.width + col_out) * channels;
-              for (int64_t c = 0; c < channels; ++c) gy[c] += w[c] * gz[c];
+              const float* __restrict__ g = g_row + col_out * channels;
+              for (int64_t c = 0; c < channels; ++c) gy[c] += w[c] * g[c];
             }
             if (row_in >= 0 && row_in < s.height && col_in >= 0 && col_in < s.width) {
-              float* __restrict__ gw = grad_w + tap * channels;
-              const float* __restrict__ x = y_image + (row_in * s.width + col_in) * channels;
-              for (int64_t c = 0; c < channels; ++c) gw[c] += gz_here[c] * x[c];
+              float* __restrict__ gw = row_sum.data() + tap * channels;
+              const float* __restrict__ x = y_image + row_in * row_size + col_in * channels;
+              for (int64_t c = 0; c < channels; ++c) gw[c] += g_here[c] * x[c];
             }
           }
         }
       }
-      for (int64_t n = 0; n < taps * channels; ++n) thread_weight[n] += grad_w[n];
+      for (int64_t n = 0; n < (taps + 1) * channels; ++n) thread_sums[n] += row_sum[n];
     }
   });
   auto sums = thread_grads.sum(0);
