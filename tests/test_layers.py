@@ -102,11 +102,14 @@ def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypat
     assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
 
 
-def test_fused_hidden_layer_rejects_a_conv_that_is_not_depthwise():
+def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute():
     _require_cpu_kernels()
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
     with pytest.raises(ValueError, match=r'expected a depth-wise conv weight \(8, 1, k, k\).*got \(8, 2, 3, 3\)'):
         depthwise_conv_gelu(torch.randn(1, 8, 5, 5), conv)
+    strided = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+    with pytest.raises(ValueError, match=r"expected a 'same' conv .*'stride': \(2, 2\)"):
+        depthwise_conv_gelu(torch.randn(1, 8, 5, 5), strided)
 
 
 @pytest.mark.parametrize('recompute_hidden', [False, True])

@@ -95,11 +95,16 @@ def depthwise_conv_gelu_reference(y: Tensor, conv: nn.Conv2d) -> Tensor:
     return gelu_2d(depthwise_conv_plus_identity(y, conv))
 
 
-def _check_kernel_weight(weight: Tensor, y: Tensor):
-    channels, kernel = y.shape[1], weight.shape[-1]
-    if weight.shape != (channels, 1, kernel, kernel) or kernel % 2 == 0:
+def _check_kernel_conv(conv: nn.Conv2d, y: Tensor):
+    """The kernel computes a depth-wise, odd square kernel, stride-1, zero-padded 'same' conv."""
+    channels, kernel = y.shape[1], conv.weight.shape[-1]
+    if conv.weight.shape != (channels, 1, kernel, kernel) or kernel % 2 == 0:
         raise ValueError(f'expected a depth-wise conv weight ({channels}, 1, k, k) with an odd k for a '
-                         f'{channels}-channel map, got {tuple(weight.shape)}')
+                         f'{channels}-channel map, got {tuple(conv.weight.shape)}')
+    same = dict(stride=(1, 1), dilation=(1, 1), padding=(kernel // 2, kernel // 2), padding_mode='zeros')
+    given = {name: getattr(conv, name) for name in same}
+    if given != same:
+        raise ValueError(f"expected a 'same' conv ({same}), got {given}")
 
 
 @torch.library.custom_op('dat::depthwise_conv_gelu', mutates_args=())
@@ -160,5 +165,5 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d) -> Tensor:
     if (y.device.type != 'cpu' or y.dtype != torch.float32 or conv.bias is None
             or torch.is_autocast_enabled('cpu') or cpu_kernels.load_kernels() is None):
         return depthwise_conv_gelu_reference(y, conv)
-    _check_kernel_weight(conv.weight, y)
+    _check_kernel_conv(conv, y)
     return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
