@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from projects.dat.models import cpu_kernels
+from projects.dat.models import cpu_kernels, layers
 from projects.dat.models.dat import ConvFFN
 from projects.dat.models.layers import (
     GELU2d,
@@ -178,3 +178,20 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     assert torch.equal(conv.weight, weight_before)  # the identity is added to a copy
 
+
+
+def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks():
+    _require_cpu_kernels()
+    torch.manual_seed(6)
+    conv = _conv(8, 3)
+    y = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last)
+    # The fakes must match the real outputs to the strides; the backward op on its own.
+    torch.library.opcheck(layers._depthwise_conv_gelu_op, (y, conv.weight, conv.bias))
+    torch.library.opcheck(layers._depthwise_conv_gelu_backward_op,
+                          (grad, y.detach(), conv.weight.detach(), conv.bias.detach()))
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward.
+    compiled = torch.compile(lambda t: depthwise_conv_gelu(t, conv), backend='aot_eager', fullgraph=True)
+    for a, e in zip(_value_and_grads(lambda t, c: compiled(t), y, conv, grad),
+                    _value_and_grads(depthwise_conv_gelu, y, conv, grad), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)

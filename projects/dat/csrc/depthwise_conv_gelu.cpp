@@ -178,5 +178,6 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
     }
   });
   auto sums = thread_grads.sum(0);
-  return {grad_y, sums.narrow(0, 0, taps).contiguous(), sums[taps].contiguous()};
+  // Copies: the outputs must not share memory (custom operators may not return aliases).
+  return {grad_y, sums.narrow(0, 0, taps).clone(), sums[taps].clone()};
 }
