@@ -402,3 +402,15 @@ def test_switch_errors():
     with pytest.raises(ValueError, match=r'H, W >= kernel_size.*kernel_size 7'):
         x = torch.randn(1, 1, 5, 9, 4)
         neighborhood_attention(x, x, x, torch.randn(1, 13, 13), 7)
+
+
+def test_backbone_in_eval_mode_traces_as_one_graph(monkeypatch):
+    # The wrappers of the custom operators decide in Python which path runs; dynamo must not
+    # trace into the kernels' loader (it compiles and logs: a graph break at every block), also
+    # when the kernels are not loaded yet.
+    monkeypatch.setattr(cpu_kernels, '_loaded', {})
+    torch._dynamo.reset()
+    model = DAT(TINY['pp']).eval()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

@@ -147,6 +147,13 @@ _depthwise_conv_gelu_op.register_autograd(_depthwise_conv_gelu_backward,
                                           setup_context=_depthwise_conv_gelu_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _kernels_available() -> bool:
+    """Whether the C++ kernels load; torch.compile evaluates it once instead of tracing the
+    loader (which compiles and logs)."""
+    return cpu_kernels.load_kernels() is not None
+
+
 def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d) -> Tensor:
     """``GELU(y + conv(y))``, ConvFFN's hidden layer; the same function as
     :func:`depthwise_conv_gelu_reference`.
@@ -163,7 +170,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d) -> Tensor:
         Tensor: ``(B, C, H, W)``, channels-last where the kernel ran.
     """
     if (y.device.type != 'cpu' or y.dtype != torch.float32 or conv.bias is None
-            or torch.is_autocast_enabled('cpu') or cpu_kernels.load_kernels() is None):
+            or torch.is_autocast_enabled('cpu') or not _kernels_available()):
         return depthwise_conv_gelu_reference(y, conv)
     _check_kernel_conv(conv, y)
     return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
