@@ -1,4 +1,5 @@
-"""The fused ConvFFN hidden layer (C++ CPU kernel) against its PyTorch composition, and GELU2d."""
+"""The layers of models/layers.py against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU
+kernel) against its composition, PointwiseConv2d, GELU2d and the folded depth-wise residual."""
 import os
 
 import pytest
