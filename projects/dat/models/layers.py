@@ -107,10 +107,15 @@ def _check_kernel_conv(conv: nn.Conv2d, y: Tensor):
         raise ValueError(f"expected a 'same' conv ({same}), got {given}")
 
 
+def _kernel_taps(weight: Tensor) -> Tensor:
+    """The kernel's ``(k * k, C)`` taps: the identity-folded ``(C, 1, k, k)`` weight, tap-major."""
+    return _identity_folded(weight).flatten(1).t().contiguous()
+
+
 @torch.library.custom_op('dat::depthwise_conv_gelu', mutates_args=())
 def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     kernels = cpu_kernels.load_kernels()
-    taps = _identity_folded(weight).flatten(1).t().contiguous()  # (k * k, C)
+    taps = _kernel_taps(weight)
     out = kernels.depthwise_conv_gelu_forward(y.permute(0, 2, 3, 1), taps, bias)
     return out.permute(0, 3, 1, 2)
 
@@ -124,7 +129,7 @@ def _(y, weight, bias):
 def _depthwise_conv_gelu_backward_op(grad_out: Tensor, y: Tensor, weight: Tensor,
                                      bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     kernels = cpu_kernels.load_kernels()
-    taps = _identity_folded(weight).flatten(1).t().contiguous()
+    taps = _kernel_taps(weight)
     grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
         grad_out.permute(0, 2, 3, 1).contiguous(), y.permute(0, 2, 3, 1), taps, bias)
     return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
