@@ -106,6 +106,30 @@ def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, 
         assert_rel_close(a, e, name=f'grad {name}')
 
 
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
+def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch):
+    """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
+    (both taps outside, coordinates clamped), where the bias is 0 and has no gradient, as in
+    grid_sample; others have one tap inside."""
+    if bias_impl == 'pytorch':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    else:
+        _require_cpu_kernels()
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
+    with torch.no_grad():
+        pos[:, :2] = 4.5  # beyond every query's reach: displacements below -1.75 in both axes
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 2)
+    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 2, chunk_elements=50)
+    assert_rel_close(fast, ref, name='output')
+    grad_out = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v, pos, rpe), grad_out)
+    grads_fast = torch.autograd.grad(fast, (q, k, v, pos, rpe), grad_out)
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
+        assert_rel_close(a, e, name=f'grad {name}')
+    # The keys beyond every query's reach get no gradient; the others do.
+    assert grads_fast[3][:, :2].abs().max() == 0 and grads_fast[3][:, 2:].abs().min() > 0
+
+
 @pytest.mark.parametrize('chunk', [None, 40])
 def test_deformable_cpu_kernels_equal_pytorch_path(chunk, monkeypatch):
     _require_cpu_kernels()
@@ -142,7 +166,8 @@ def test_unbuildable_cpu_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch
 
 
 def test_deformable_float64_is_exact_and_passes_gradcheck():
-    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 4, 3, 4, 2, 2, 2, 2, (5, 5), 'pp', 0.9, torch.float64)
+    # Keys up to 2x beyond [-1, 1]: some displacements fall beyond the zero padding of the table.
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 4, 3, 4, 2, 2, 2, 2, (5, 5), 'pp', 2.0, torch.float64)
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 2)
     fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 2, chunk_elements=8)
     assert_rel_close(fast, ref, tol=1e-12)

@@ -10,8 +10,7 @@ void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor 
                               torch::Tensor lse);
 void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
-                                 torch::Tensor grad_fx_heads);
+                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads);
 torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias);
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
                                                         torch::Tensor bias);
@@ -27,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deformable_probabilities", &deformable_probabilities,
         "The probabilities of deformable_softmax recomputed from its lse");
   m.def("deformable_softmax_backward", &deformable_softmax_backward,
-        "dP -> dS of deformable_softmax, and the gradients of its bias table and tap weights");
+        "dP -> dS of deformable_softmax, and the gradients of its bias table and of the keys' table coordinates");
   m.def("depthwise_conv_gelu_forward", &depthwise_conv_gelu_forward,
         "GELU(depth-wise conv + bias) of a (B, H, W, C) map: ConvFFN's hidden layer (float32, CPU)");
   m.def("depthwise_conv_gelu_backward", &depthwise_conv_gelu_backward,

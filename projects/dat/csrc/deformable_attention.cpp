@@ -3,14 +3,15 @@
 //
 // The caller computes q.k of a chunk of queries (a matrix product); these kernels add the bias,
 // take the softmax (or recompute it from the log-sum-exp) and, backwards, turn dP = dO.v into
-// dS = P * (dP - D) and accumulate the bias table's and the tap weights' gradients from it, each
+// dS = P * (dP - D) and accumulate the gradients of the bias table and of the keys' coordinates from it, each
 // in one pass while a query's Ns logits are in the L1 cache (in PyTorch these are 6 passes over
 // the chunk forward and 10 backward; that path, projects/dat/models/attention.py
 // _DeformableSoftmax, is kept beside them and agrees to float32 round-off).
 //
 // The bias of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
 // coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and floor + 1 always
-// exist in the padded table. Rows are interpolated in y first, then in x, as the PyTorch path
+// exist in the padded table, and a coordinate with both taps in the zero padding gets no gradient
+// (so the gradient of a key's coordinate is summed over all its queries as it is computed). Rows are interpolated in y first, then in x, as the PyTorch path
 // does (which may fuse multiply-adds: equal to float32 round-off).
 //
 // Separably: for one query row r, key n's table row interpolated in y,
@@ -20,7 +21,7 @@
 // then read with two adjacent loads per query column, instead of four table reads per pair.
 // The gradient runs the same way backwards: the pairs' gradients are gathered into R's
 // gradient, which is then spread over the two table rows once per query row.
-// The kernels take the table y-major (rows of Tw + 3 contiguous).
+// The kernels take the table y-major (rows of Tw + 4 contiguous).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -35,14 +36,14 @@ namespace {
 
 // What the kernels read of the bias: the padded tables and the tap indices and weights.
 struct BiasInputs {
-  const float* table;     // (nb, hg, Th + 3, Tw + 3)
-  const int64_t* iy;      // (nb, rows, Ns)
+  const float* table;     // (nb, hg, Th + 4, Tw + 4)
+  const int32_t* iy;      // (nb, rows, Ns)
   const float* fy;        // (nb, rows, Ns)
-  const int64_t* ix;      // (nb, W, Ns)
+  const int32_t* ix;      // (nb, W, Ns)
   const float* fx;        // (nb, W, Ns)
-  const int64_t* x_taps;  // (nb, Ns, 2)
-  int64_t table_size;     // (Th + 3) * (Tw + 3)
-  int64_t row_length;     // Tw + 3
+  const int32_t* x_taps;  // (nb, Ns, 2)
+  int64_t table_size;     // (Th + 4) * (Tw + 4)
+  int64_t row_length;     // Tw + 4
 };
 
 // Checks the shapes, dtypes and layouts against the logits' (nb, hg, rows, W, Ns).
@@ -50,7 +51,7 @@ BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, 
                        const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
                        const torch::Tensor& x_taps) {
   TORCH_CHECK(logits.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
-              "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 3, Tw + 3), iy/fy (nb, rows, Ns), "
+              "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 4, Tw + 4), iy/fy (nb, rows, Ns), "
               "ix/fx (nb, W, Ns)");
   const int64_t nb = logits.size(0), hg = logits.size(1), rows = logits.size(2), width = logits.size(3),
                 ns = logits.size(4);
@@ -63,11 +64,11 @@ BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, 
   }
   TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "x_taps must be (nb, Ns, 2)");
   for (const auto* t : {&iy, &ix, &x_taps}) {
-    TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->device().is_cpu(),
-                "expected contiguous int64 CPU index tensors");
+    TORCH_CHECK(t->scalar_type() == torch::kInt && t->is_contiguous() && t->device().is_cpu(),
+                "expected contiguous int32 CPU index tensors");
   }
-  return {table.data_ptr<float>(), iy.data_ptr<int64_t>(), fy.data_ptr<float>(), ix.data_ptr<int64_t>(),
-          fx.data_ptr<float>(), x_taps.data_ptr<int64_t>(), table.size(2) * table.size(3), table.size(3)};
+  return {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
+          fx.data_ptr<float>(), x_taps.data_ptr<int32_t>(), table.size(2) * table.size(3), table.size(3)};
 }
 
 // One float32 per query, (nb, hg, rows, W) contiguous.
@@ -78,8 +79,8 @@ void check_per_query(const torch::Tensor& t, const torch::Tensor& logits, const 
 }
 
 // R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
-inline void interpolate_rows(const float* head_table, int64_t row_length, const int64_t* row_iy, const float* row_fy,
-                             const int64_t* taps, int64_t ns, float* rows) {
+inline void interpolate_rows(const float* head_table, int64_t row_length, const int32_t* row_iy, const float* row_fy,
+                             const int32_t* taps, int64_t ns, float* rows) {
   for (int64_t n = 0; n < ns; ++n) {
     const float* top = head_table + row_iy[n] * row_length;
     const float* bottom = top + row_length;
@@ -109,7 +110,7 @@ void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table
       interpolate_rows(bias.table + bh * bias.table_size, row_length, bias.iy + (b * rows + r) * ns,
                        bias.fy + (b * rows + r) * ns, bias.x_taps + b * ns * 2, ns, interpolated.data());
       for (int64_t c = 0; c < width; ++c) {
-        const int64_t* col_ix = bias.ix + (b * width + c) * ns;
+        const int32_t* col_ix = bias.ix + (b * width + c) * ns;
         const float* col_fx = bias.fx + (b * width + c) * ns;
         float* s = logits_p + (item * width + c) * ns;
         float* query_lse = lse_p + item * width + c;
@@ -119,10 +120,10 @@ void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table
           s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
           row_max = std::max(row_max, s[n]);
         }
-        const float shift = recompute ? *query_lse : row_max;
-        for (int64_t n = 0; n < ns; ++n) s[n] = dat::exp_approx(s[n] - shift);
-        if (!recompute) {
-          const float total = dat::sum(s, ns);
+        if (recompute) {
+          dat::exp_shifted(s, ns, *query_lse);
+        } else {
+          const float total = dat::exp_shifted_sum(s, ns, row_max);
           const float inverse = 1.0f / total;
           for (int64_t n = 0; n < ns; ++n) s[n] *= inverse;
           *query_lse = std::log(total) + row_max;
@@ -150,50 +151,52 @@ void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor 
 
 // grad (nb, hg, rows, W, Ns) holds dP = dO.v on entry and dS = P * (dP - D) on return (the
 // gradient of the logits and of the bias), from probs P and delta D = rowsum(dO * O) (nb, hg,
-// rows, W). Accumulates the gradients of the table (nb, hg, Th + 3, Tw + 3) and, per head, of the
-// tap weights fy (nb, hg, rows, Ns) and fx (nb, hg, W, Ns). Work items are (batch-group, head)
-// pairs, so that no two threads write the same entry.
+// rows, W). Accumulates the gradients of the table (nb, hg, Th + 4, Tw + 4) and, per head, of
+// each key's (y, x) pixel coordinate in the table, grad_coords_heads (nb, hg, Ns, 2): the sums
+// over the chunk's queries of dS times the slope of the bias (summed per query row in float32,
+// over the rows in float64: a key's sum runs over every query of the chunk). Work items are (batch-group, head) pairs, so that no two threads
+// write the same entry.
 void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_fy_heads,
-                                 torch::Tensor grad_fx_heads) {
+                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads) {
   const BiasInputs bias = bias_inputs(grad, table, iy, fy, ix, fx, x_taps);
   TORCH_CHECK(probs.sizes() == grad.sizes() && probs.is_contiguous() && probs.scalar_type() == torch::kFloat,
               "expected contiguous float32 probs of grad's shape");
   check_per_query(delta, grad, "delta");
   const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
   TORCH_CHECK(grad_table.sizes() == table.sizes() && grad_table.is_contiguous(), "grad_table shape mismatch");
-  TORCH_CHECK(grad_fy_heads.sizes() == torch::IntArrayRef({nb, hg, rows, ns}) && grad_fy_heads.is_contiguous(),
-              "grad_fy_heads must be (nb, hg, rows, Ns)");
-  TORCH_CHECK(grad_fx_heads.sizes() == torch::IntArrayRef({nb, hg, width, ns}) && grad_fx_heads.is_contiguous(),
-              "grad_fx_heads must be (nb, hg, W, Ns)");
+  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}) && grad_coords_heads.is_contiguous(),
+              "grad_coords_heads must be (nb, hg, Ns, 2)");
   const int64_t row_length = bias.row_length;
   float* grad_p = grad.data_ptr<float>();
   const float* probs_p = probs.data_ptr<float>();
   const float* delta_p = delta.data_ptr<float>();
   float* grad_table_p = grad_table.data_ptr<float>();
-  float* grad_fy = grad_fy_heads.data_ptr<float>();
-  float* grad_fx = grad_fx_heads.data_ptr<float>();
+  float* grad_coords = grad_coords_heads.data_ptr<float>();
   at::parallel_for(0, nb * hg, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length);
+    std::vector<double> grad_y(ns), grad_x(ns);
+    std::vector<float> row_grad_x(ns);  // one query row's sums, added to grad_x in float64
     for (int64_t bh = begin; bh < end; ++bh) {
+      std::fill(grad_y.begin(), grad_y.end(), 0.0);
+      std::fill(grad_x.begin(), grad_x.end(), 0.0);
       const int64_t b = bh / hg;
       const float* head_table = bias.table + bh * bias.table_size;
       float* head_grad_table = grad_table_p + bh * bias.table_size;
-      const int64_t* key_taps = bias.x_taps + b * ns * 2;
+      const int32_t* key_taps = bias.x_taps + b * ns * 2;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t* row_iy = bias.iy + (b * rows + r) * ns;
+        const int32_t* row_iy = bias.iy + (b * rows + r) * ns;
         const float* row_fy = bias.fy + (b * rows + r) * ns;
         interpolate_rows(head_table, row_length, row_iy, row_fy, key_taps, ns, interpolated.data());
         for (int64_t n = 0; n < ns; ++n) {
           float* grad_row = grad_interpolated.data() + n * row_length;
           std::fill(grad_row + key_taps[2 * n], grad_row + key_taps[2 * n + 1] + 1, 0.0f);
         }
+        std::fill(row_grad_x.begin(), row_grad_x.end(), 0.0f);
         for (int64_t c = 0; c < width; ++c) {
           const int64_t query = (bh * rows + r) * width + c;
-          const int64_t* col_ix = bias.ix + (b * width + c) * ns;
+          const int32_t* col_ix = bias.ix + (b * width + c) * ns;
           const float* col_fx = bias.fx + (b * width + c) * ns;
-          float* col_grad_fx = grad_fx + (bh * width + c) * ns;
           float* g = grad_p + query * ns;
           const float* p = probs_p + query * ns;
           const float query_delta = delta_p[query];
@@ -202,14 +205,13 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
             const int64_t tap = n * row_length + col_ix[n];
             const float* taps = interpolated.data() + tap;
             float* grad_taps = grad_interpolated.data() + tap;
-            col_grad_fx[n] += g[n] * (taps[1] - taps[0]);
+            row_grad_x[n] += g[n] * (taps[1] - taps[0]);
             const float g1 = g[n] * col_fx[n];  // gradients of the taps: g - g1 and g1
             grad_taps[0] += g[n] - g1;
             grad_taps[1] += g1;
           }
         }
         // R[n][t] = top[t] + fy * (bottom[t] - top[t]) backwards.
-        float* row_grad_fy = grad_fy + (bh * rows + r) * ns;
         for (int64_t n = 0; n < ns; ++n) {
           const float* top = head_table + row_iy[n] * row_length;
           const float* bottom = top + row_length;
@@ -224,8 +226,14 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
             grad_top[t] += grad_row[t] - to_bottom;
             grad_bottom[t] += to_bottom;
           }
-          row_grad_fy[n] += grad_w;
+          grad_y[n] += grad_w;
+          grad_x[n] += row_grad_x[n];
         }
+      }
+      float* head_grad_coords = grad_coords + bh * ns * 2;
+      for (int64_t n = 0; n < ns; ++n) {
+        head_grad_coords[2 * n] += static_cast<float>(grad_y[n]);
+        head_grad_coords[2 * n + 1] += static_cast<float>(grad_x[n]);
       }
     }
   });

@@ -58,6 +58,30 @@ inline float exp_approx(float x) {
   return p * two_to_n;
 }
 
+// x[i] = exp(x[i] - shift) for i < n.
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] - shift);
+}
+
+// x[i] = exp(x[i] - shift) for i < n, and their sum (in kLanes partial sums) in the same pass.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      x[i + l] = exp_approx(x[i + l] - shift);
+      partial[l] += x[i + l];
+    }
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  for (; i < n; ++i) {
+    x[i] = exp_approx(x[i] - shift);
+    total += x[i];
+  }
+  return total;
+}
+
 // GELU(z) = z * Phi(z) and its derivative Phi(z) + z * phi(z) (Phi, phi: the standard normal
 // distribution and density), with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, the
 // formula of torch's vectorised CPU erf). The tail Phi(-|z|) = erfc(|z| / sqrt 2) / 2 is taken

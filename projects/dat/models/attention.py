@@ -204,14 +204,17 @@ def _float_dtype(*tensors: Tensor) -> torch.dtype:
 #   1. R[b, h, r, t, n]: table column t interpolated in y at iy(r, n)       (rows x Tw x Ns)
 #   2. bias[b, h, r, c, n]: R interpolated in x at ix(c, n)                 (rows x W x Ns)
 # so no displacement tensor exists and the table is read with 2 + 2 gathers. The table is
-# zero-padded (1 before, 2 after) and coordinates are clamped to [-1, size] so that the taps
+# zero-padded by 2 on each side and coordinates are clamped to [-2, size], so that the taps
 # floor(i) and floor(i) + 1 always exist and out-of-table taps read zeros, as grid_sample's
-# zero padding does; the clamp carries no gradient, as grid_sample's out-of-range taps.
+# zero padding does. A coordinate whose two taps are both outside the table (below -1 or at
+# least size, clamped or not) reads two zeros and so gets no gradient, as in grid_sample: no
+# mask of the clamped coordinates is needed, and the gradients of the key positions can be
+# summed per key as they are computed.
 # Each chunk's softmax (and its gradient) is a _DeformableSoftmax in PyTorch, or, in float32 on
 # CPU, a _DeformableSoftmaxKernel: the same arithmetic in one C++ pass per query.
 
 
-def _table_coordinates(query: Tensor, key: Tensor, size: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _table_coordinates(query: Tensor, key: Tensor, size: int) -> Tuple[Tensor, Tensor]:
     """Pixel coordinates in a padded table of the displacement ``(query - key) / 2``.
 
     Args:
@@ -220,17 +223,17 @@ def _table_coordinates(query: Tensor, key: Tensor, size: int) -> Tuple[Tensor, T
         size (int): Table size along the axis.
 
     Returns:
-        tuple: ``index`` ``(BG, L, Ns)`` long, the padded index of the first tap;
-        ``frac`` ``(BG, L, Ns)``, the weight of the second tap; ``inside``
-        ``(BG, L, Ns)``, 1 where the coordinate is not clamped (gradient mask).
+        tuple: ``index`` ``(BG, L, Ns)`` long, the index of the first tap in the table padded
+        by 2 on each side; ``frac`` ``(BG, L, Ns)``, the weight of the second tap.
     """
     coord = ((query[None, :, None] - key[:, None, :]) * 0.5 + 1.0) * 0.5 * (size - 1)
-    clamped = coord.clamp(-1.0, float(size))
-    inside = (coord == clamped).to(coord.dtype)
+    clamped = coord.clamp(-2.0, float(size))
     floor = clamped.floor()
     frac = clamped - floor
-    index = (floor.to(torch.long) + 1).clamp_(0, size + 1)  # padded index, 1 before the table
-    return index, frac, inside
+    # The clamp of the index is a no-op for finite coordinates; it keeps a NaN position (whose
+    # long conversion is arbitrary) from indexing outside the table in the C++ kernels.
+    index = (floor.to(torch.long) + 2).clamp_(0, size + 2)
+    return index, frac
 
 
 def _deformable_chunks(bg: int, heads_per_group: int, height: int, width: int, num_keys: int,
@@ -275,7 +278,7 @@ class _DeformableSoftmax:
     methods and results.
 
     Args:
-        table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` padded tables, transposed (x major).
+        table_t (Tensor): ``(nb, hg, Tw + 4, Th + 4)`` padded tables, transposed (x major).
         iy (Tensor): ``(nb, rows, Ns)`` padded row index of the first y tap.
         fy (Tensor): ``(nb, rows, Ns)`` weight of the second y tap.
         ix (Tensor): ``(nb, W, Ns)`` padded column index of the first x tap.
@@ -284,16 +287,16 @@ class _DeformableSoftmax:
     """
 
     def __init__(self, table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor, ws: _Workspace):
-        nb, hg, tw3, th3 = table_t.shape
+        nb, hg, tw_pad, th_pad = table_t.shape
         rows, ns = iy.shape[1:]
         width = ix.shape[1]
         self.ws = ws
         self.fy = fy[:, None, None]
         self.fx = fx[:, None, None]
-        # Rows interpolated in y, laid out (nb, hg, Tw + 3, rows, Ns).
-        shape = (nb, hg, tw3, rows, ns)
+        # Rows interpolated in y, laid out (nb, hg, Tw + 4, rows, Ns).
+        shape = (nb, hg, tw_pad, rows, ns)
         self.y_index = iy[:, None, None].expand(shape)
-        table_rows = table_t[:, :, :, None].expand(nb, hg, tw3, rows, th3)
+        table_rows = table_t[:, :, :, None].expand(nb, hg, tw_pad, rows, th_pad)
         top = torch.gather(table_rows, 4, self.y_index, out=ws('top', shape, table_t.dtype))
         self.row_diff = torch.gather(table_rows[..., 1:], 4, self.y_index, out=ws('row_diff', shape, table_t.dtype))
         self.row_diff.sub_(top)
@@ -306,7 +309,7 @@ class _DeformableSoftmax:
         ``q_c`` ``(nb * hg, d, rows * W)`` and ``k_c`` ``(nb * hg, d, Ns)``."""
         out = self.ws('logits', self.diff.shape, self.diff.dtype)
         # The bias, and bias(x1) - bias(x0) (kept for the backward pass).
-        source = self.rows_interp.transpose(2, 3)  # (nb, hg, rows, Tw + 3, Ns)
+        source = self.rows_interp.transpose(2, 3)  # (nb, hg, rows, Tw + 4, Ns)
         torch.gather(source, 3, self.x_index, out=out)
         torch.gather(source[:, :, :, 1:], 3, self.x_index, out=self.diff)
         self.diff.sub_(out)
@@ -331,27 +334,27 @@ class _DeformableSoftmax:
         logits = self.logits(q_c, k_c, scale)
         return logits.sub_(lse.reshape(*logits.shape[:2], 1)).exp_()
 
-    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_fx: Tensor, grad_fy: Tensor,
+    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_coords: Tensor,
                   grad_table_t: Tensor) -> Tensor:
         """Turn ``grad`` = dP into dS = P * (dP - D) in place, and accumulate the gradients of the
-        tap weights and of the tables from it.
+        keys' table coordinates and of the tables from it.
 
         Args:
             grad (Tensor): ``(nb * hg, rows * W, Ns)`` dP = dO.v on entry.
             probs (Tensor): The chunk's probabilities.
             delta (Tensor): ``(nb, hg, rows * W)`` D = rowsum(dO * O).
-            grad_fx (Tensor): ``(nb, W, Ns)`` accumulator of the x weight gradient.
-            grad_fy (Tensor): ``(nb, rows, Ns)`` accumulator of the y weight gradient.
-            grad_table_t (Tensor): ``(nb, hg, Tw + 3, Th + 3)`` accumulator of the table gradient.
+            grad_coords (Tensor): ``(nb, Ns, 2)`` accumulator of the gradient of each key's
+                ``(y, x)`` pixel coordinate in the table (of the bias it read at all queries).
+            grad_table_t (Tensor): ``(nb, hg, Tw + 4, Th + 4)`` accumulator of the table gradient.
 
         Returns:
             Tensor: ``grad``, now dS.
         """
         grad_s = grad.sub_(delta.reshape(*grad.shape[:2], 1)).mul_(probs)
-        nb, hg, tw3, rows, ns = shape = self.rows_interp.shape
+        nb, hg, tw_pad, rows, ns = shape = self.rows_interp.shape
         grad_bias = grad_s.view(self.diff.shape)
         diff = self.diff
-        grad_fx += diff.mul_(grad_bias).sum((1, 2))
+        grad_coords[..., 1] += diff.mul_(grad_bias).sum((1, 2, 3))
         grad_rows = self.ws('grad_rows', shape, grad.dtype, zero=True)
         grad_rows_x = grad_rows.transpose(2, 3)
         torch.mul(grad_bias, self.fx, out=diff)
@@ -359,12 +362,12 @@ class _DeformableSoftmax:
         torch.sub(grad_bias, diff, out=diff)
         grad_rows_x.scatter_add_(3, self.x_index, diff)
         # rows_interp = top + fy * (bottom - top)
-        grad_fy += self.row_diff.mul_(grad_rows).sum((1, 2))
+        grad_coords[..., 0] += self.row_diff.mul_(grad_rows).sum((1, 2, 3))
         grad_bottom = torch.mul(grad_rows, self.fy, out=self.ws('grad_bottom', shape, grad.dtype))
         grad_top = grad_rows.sub_(grad_bottom)
-        index = self.y_index.reshape(nb, hg, tw3, rows * ns)
-        grad_table_t.scatter_add_(3, index, grad_top.view(nb, hg, tw3, rows * ns))
-        grad_table_t[..., 1:].scatter_add_(3, index, grad_bottom.view(nb, hg, tw3, rows * ns))
+        index = self.y_index.reshape(nb, hg, tw_pad, rows * ns)
+        grad_table_t.scatter_add_(3, index, grad_top.view(nb, hg, tw_pad, rows * ns))
+        grad_table_t[..., 1:].scatter_add_(3, index, grad_bottom.view(nb, hg, tw_pad, rows * ns))
         return grad_s
 
 
@@ -375,9 +378,10 @@ class _DeformableSoftmaxKernel:
 
     Args:
         kernels (module): :func:`cpu_kernels.load_kernels`.
-        table (Tensor): ``(nb, hg, Th + 3, Tw + 3)`` padded tables, y major.
-        iy, fy, ix, fx (Tensor): As for :class:`_DeformableSoftmax`.
-        x_taps (Tensor): ``(nb, Ns, 2)`` int64, the lowest and the highest padded column that the
+        table (Tensor): ``(nb, hg, Th + 4, Tw + 4)`` padded tables, y major.
+        iy, fy, ix, fx (Tensor): As for :class:`_DeformableSoftmax`, the indices ``iy`` and
+            ``ix`` int32.
+        x_taps (Tensor): ``(nb, Ns, 2)`` int32, the lowest and the highest padded column that the
             x taps of each key reach (``ix.amin(1)`` and ``ix.amax(1) + 1``).
         ws (_Workspace): Buffers to reuse.
     """
@@ -408,19 +412,17 @@ class _DeformableSoftmaxKernel:
         self.kernels.deformable_probabilities(probs.view(self.shape), scale, *self.args, lse)
         return probs
 
-    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_fx: Tensor, grad_fy: Tensor,
+    def backward_(self, grad: Tensor, probs: Tensor, delta: Tensor, grad_coords: Tensor,
                   grad_table_t: Tensor) -> Tensor:
         """As :meth:`_DeformableSoftmax.backward_` (``delta`` contiguous)."""
-        nb, hg, rows, width, ns = self.shape
+        nb, hg, _, _, ns = self.shape
         dtype = grad.dtype
-        grad_fy_heads = self.ws('grad_fy_heads', (nb, hg, rows, ns), dtype, zero=True)
-        grad_fx_heads = self.ws('grad_fx_heads', (nb, hg, width, ns), dtype, zero=True)
+        grad_coords_heads = self.ws('grad_coords_heads', (nb, hg, ns, 2), dtype, zero=True)
         grad_table = self.ws('grad_table', self.args[0].shape, dtype, zero=True)
         self.kernels.deformable_softmax_backward(grad.view(self.shape), probs.view(self.shape), delta, *self.args,
-                                                 grad_table, grad_fy_heads, grad_fx_heads)
+                                                 grad_table, grad_coords_heads)
         grad_table_t += grad_table.transpose(-1, -2)
-        grad_fy += grad_fy_heads.sum(1)
-        grad_fx += grad_fx_heads.sum(1)
+        grad_coords += grad_coords_heads.sum(1)
         return grad
 
 
@@ -433,11 +435,11 @@ def _cpu_kernels(t: Tensor):
 
 def _deformable_setup(pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int):
     th, tw = table.shape[-2:]
-    iy, fy, in_y = _table_coordinates(query_y, pos[..., 0], th)
-    ix, fx, in_x = _table_coordinates(query_x, pos[..., 1], tw)
-    table_t = F.pad(table, (1, 2, 1, 2)).transpose(-1, -2)  # heads, Tw + 3, Th + 3
-    table_t = table_t.reshape(num_groups, -1, tw + 3, th + 3)
-    return iy, fy, in_y, ix, fx, in_x, table_t
+    iy, fy = _table_coordinates(query_y, pos[..., 0], th)
+    ix, fx = _table_coordinates(query_x, pos[..., 1], tw)
+    table_t = F.pad(table, (2, 2, 2, 2)).transpose(-1, -2)  # heads, Tw + 4, Th + 4
+    table_t = table_t.reshape(num_groups, -1, tw + 4, th + 4)
+    return iy, fy, ix, fx, table_t
 
 
 def _group_tables(table_t: Tensor, b0: int, b1: int) -> Tensor:
@@ -456,9 +458,11 @@ def _chunk_softmax(table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tens
         return _DeformableSoftmax(_group_tables(table_t, b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1],
                                   fx[b0:b1], ws)
     table = ws.memo(('table', b0, b1), lambda: _group_tables(table_t, b0, b1).transpose(-1, -2).contiguous())
-    x_taps = ws.memo(('x_taps', b0, b1), lambda: torch.stack([ix[b0:b1].amin(1), ix[b0:b1].amax(1) + 1], -1))
-    return _DeformableSoftmaxKernel(kernels, table, iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], x_taps,
-                                    ws)
+    # The kernels read int32 indices (half the memory traffic of int64 on the per-query stream).
+    ix_c = ws.memo(('ix', b0, b1), lambda: ix[b0:b1].to(torch.int32))
+    x_taps = ws.memo(('x_taps', b0, b1), lambda: torch.stack([ix_c.amin(1), ix_c.amax(1) + 1], -1))
+    return _DeformableSoftmaxKernel(kernels, table, iy[b0:b1, r0:r1].to(torch.int32), fy[b0:b1, r0:r1], ix_c,
+                                    fx[b0:b1], x_taps, ws)
 
 
 @torch.library.custom_op('dat::deformable_attention', mutates_args=())
@@ -477,7 +481,7 @@ def _deformable_attention_op(
     height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
     scale = d**-0.5
     acc = table.dtype
-    iy, fy, _, ix, fx, _, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
+    iy, fy, ix, fx, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
     out = torch.empty_like(q)
     lse = torch.empty(bg, hg, m, dtype=acc, device=q.device)
     ws = _Workspace(q.device)
@@ -509,16 +513,15 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
     th, tw = table.shape[-2:]
     scale = d ** -0.5
     acc = table.dtype
-    iy, fy, in_y, ix, fx, in_x, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
+    iy, fy, ix, fx, table_t = _deformable_setup(pos, query_y, query_x, table, num_groups)
     grad_out = grad_out.contiguous()
     # D = rowsum(dO * O): the softmax backward term, (BG, hg, M).
     delta = (grad_out.to(acc) * out.to(acc)).sum(2)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-    grad_fx = torch.zeros_like(fx)
-    grad_fy = torch.zeros_like(fy)
-    grad_table_t = torch.zeros(bg, hg, tw + 3, th + 3, dtype=acc, device=q.device)
+    grad_coords = torch.zeros(bg, ns, 2, dtype=acc, device=q.device)  # of the keys' (y, x) table coordinates
+    grad_table_t = torch.zeros(bg, hg, tw + 4, th + 4, dtype=acc, device=q.device)
     ws = _Workspace(q.device)
     for b0, b1, r0, r1 in _deformable_chunks(bg, hg, height, width, ns, chunk):
         nb, rows = b1 - b0, r1 - r0
@@ -538,8 +541,8 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
             torch.bmm(do_c.transpose(1, 2), v_c, out=grad_logits)
         else:
             grad_logits.copy_(torch.bmm(do_c.transpose(1, 2).to(v.dtype), v_c))
-        grad_logits = softmax.backward_(grad_logits, probs, delta[b0:b1, :, c0:c1].contiguous(), grad_fx[b0:b1],
-                                        grad_fy[b0:b1, r0:r1], grad_table_t[b0:b1])
+        grad_logits = softmax.backward_(grad_logits, probs, delta[b0:b1, :, c0:c1].contiguous(), grad_coords[b0:b1],
+                                        grad_table_t[b0:b1])
         del probs
         grad_s = grad_logits.to(q.dtype)
         grad_q_c = torch.bmm(k_c, grad_s.transpose(1, 2)).mul_(scale)
@@ -547,10 +550,9 @@ def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v:
         grad_k[b0:b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
         del grad_s
     # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
-    grad_pos = torch.stack([(grad_fy * in_y).sum(1) * (-(th - 1) / 4.0),
-                            (grad_fx * in_x).sum(1) * (-(tw - 1) / 4.0)], dim=-1)
-    grad_table = grad_table_t.view(-1, num_groups, hg, tw + 3, th + 3).sum(0)
-    grad_table = grad_table.reshape(-1, tw + 3, th + 3).transpose(-1, -2)[:, 1:th + 1, 1:tw + 1].contiguous()
+    grad_pos = grad_coords * grad_coords.new_tensor([-(th - 1) / 4.0, -(tw - 1) / 4.0])
+    grad_table = grad_table_t.view(-1, num_groups, hg, tw + 4, th + 4).sum(0)
+    grad_table = grad_table.reshape(-1, tw + 4, th + 4).transpose(-1, -2)[:, 2:th + 2, 2:tw + 2].contiguous()
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_pos, grad_table
 
 
