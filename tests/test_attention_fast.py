@@ -8,7 +8,6 @@ of the attention matrix (deformable) or of the windows' logits (neighbourhood).
 """
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -67,13 +66,6 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
     return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
-def _require_cpu_kernels():
-    if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
-        pytest.skip(f'{cpu_kernels.ENV_SWITCH}=0')
-    # The project's environment has a compiler: unavailable kernels are a failure, not a skip.
-    assert cpu_kernels.load_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
-
-
 @pytest.mark.parametrize(
     'b, c, h, w, heads, groups, hk, wk, table, version, chunk',
     [
@@ -88,11 +80,11 @@ def _require_cpu_kernels():
 )
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
 def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl,
-                                      monkeypatch):
+                                      monkeypatch, require_cpu_kernels):
     if bias_impl == 'pytorch':
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
     else:
-        _require_cpu_kernels()
+        require_cpu_kernels()
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
     (q, k, v, pos, rpe), coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
@@ -107,14 +99,14 @@ def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, 
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch):
+def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch, require_cpu_kernels):
     """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
     (both taps outside, coordinates clamped), where the bias is 0 and has no gradient, as in
     grid_sample; others have one tap inside."""
     if bias_impl == 'pytorch':
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
     else:
-        _require_cpu_kernels()
+        require_cpu_kernels()
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
     with torch.no_grad():
         pos[:, :2] = 4.5  # beyond every query's reach: displacements below -1.75 in both axes
@@ -131,8 +123,8 @@ def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch):
 
 
 @pytest.mark.parametrize('chunk', [None, 40])
-def test_deformable_cpu_kernels_equal_pytorch_path(chunk, monkeypatch):
-    _require_cpu_kernels()
+def test_deformable_cpu_kernels_equal_pytorch_path(chunk, monkeypatch, require_cpu_kernels):
+    require_cpu_kernels()
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 16, 9, 11, 4, 2, 3, 4, (13, 15), 'v1', spread=1.2)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
     grad_out = torch.randn(2, 16, 9, 11)
@@ -191,11 +183,11 @@ def test_deformable_float64_is_exact_and_passes_gradcheck():
 )
 # The C++ kernel (window by window), or the tiled PyTorch path in one chunk or one tile row per chunk.
 @pytest.mark.parametrize('impl, chunk', [('cpu_kernels', None), ('pytorch', None), ('pytorch', 1)])
-def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, monkeypatch):
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, monkeypatch, require_cpu_kernels):
     if impl == 'pytorch':
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
     else:
-        _require_cpu_kernels()
+        require_cpu_kernels()
     g = torch.Generator().manual_seed(h * w)
     q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
@@ -212,8 +204,8 @@ def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, 
         assert_rel_close(a, e, name=f'grad {name}')
 
 
-def test_neighborhood_cpu_kernel_equals_tiled_path(monkeypatch):
-    _require_cpu_kernels()
+def test_neighborhood_cpu_kernel_equals_tiled_path(monkeypatch, require_cpu_kernels):
+    require_cpu_kernels()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 16, 19, 32, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(4, 13, 13, generator=g).requires_grad_()

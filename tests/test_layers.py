@@ -1,6 +1,5 @@
 """The layers of models/layers.py against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU
 kernel) against its composition, PointwiseConv2d, GELU2d and the folded depth-wise residual."""
-import os
 
 import pytest
 import torch
@@ -14,12 +13,6 @@ from projects.dat.models.layers import (
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
 )
-
-
-def _require_cpu_kernels():
-    if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
-        pytest.skip(f'{cpu_kernels.ENV_SWITCH}=0')
-    assert cpu_kernels.load_kernels() is not None, 'the C++ CPU kernels did not build (see the log)'
 
 
 def _conv(channels, kernel, dtype=torch.float32):
@@ -43,8 +36,9 @@ def _value_and_grads(fn, y, conv, grad):
     (3, 64, 14, 14, 3),
 ])
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
-def test_fused_hidden_layer_matches_float64_reference(batch, channels, height, width, kernel, memory_format):
-    _require_cpu_kernels()
+def test_fused_hidden_layer_matches_float64_reference(batch, channels, height, width, kernel, memory_format,
+                                                      require_cpu_kernels):
+    require_cpu_kernels()
     torch.manual_seed(0)
     conv64 = _conv(channels, kernel, torch.float64)
     conv32 = _conv(channels, kernel)
@@ -61,8 +55,8 @@ def test_fused_hidden_layer_matches_float64_reference(batch, channels, height, w
         assert error <= 1e-6 * max(scale, 1.0), f'{name}: max error {error:.3g} at scale {scale:.3g}'
 
 
-def test_fused_hidden_layer_equals_float32_pytorch_composition():
-    _require_cpu_kernels()
+def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kernels):
+    require_cpu_kernels()
     torch.manual_seed(1)
     conv = _conv(32, 3)
     y = torch.randn(2, 32, 10, 11).to(memory_format=torch.channels_last)
@@ -73,10 +67,10 @@ def test_fused_hidden_layer_equals_float32_pytorch_composition():
 
 
 @pytest.mark.parametrize('threads', [1, 3])
-def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads):
+def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads, require_cpu_kernels):
     """Each thread recomputes the grad_z rows it shares with its neighbours; every row's bias and
     weight terms must still be counted once."""
-    _require_cpu_kernels()
+    require_cpu_kernels()
     torch.manual_seed(5)
     conv = _conv(8, 3)
     y = torch.randn(2, 8, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
@@ -103,8 +97,8 @@ def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypat
     assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
 
 
-def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute():
-    _require_cpu_kernels()
+def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute(require_cpu_kernels):
+    require_cpu_kernels()
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
     with pytest.raises(ValueError, match=r'expected a depth-wise conv weight \(8, 1, k, k\).*got \(8, 2, 3, 3\)'):
         depthwise_conv_gelu(torch.randn(1, 8, 5, 5), conv)
@@ -114,8 +108,8 @@ def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute():
 
 
 @pytest.mark.parametrize('recompute_hidden', [False, True])
-def test_conv_ffn_fused_and_reference_agree(recompute_hidden):
-    _require_cpu_kernels()
+def test_conv_ffn_fused_and_reference_agree(recompute_hidden, require_cpu_kernels):
+    require_cpu_kernels()
     torch.manual_seed(3)
     fused = ConvFFN(16, recompute_hidden=recompute_hidden)
     reference = ConvFFN(16, recompute_hidden=recompute_hidden, attn_impl='reference')
@@ -181,8 +175,8 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
 
 
 
-def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks():
-    _require_cpu_kernels()
+def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels):
+    require_cpu_kernels()
     torch.manual_seed(6)
     conv = _conv(8, 3)
     y = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
