@@ -55,7 +55,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['projects', 'projects.dat', 'projects.dat.*']),
     include_package_data=False,
-    package_data={'projects.dat': ['csrc/*.cpp']},  # compiled on first use (models/cpu_kernels.py)
+    package_data={'projects.dat': ['csrc/*.cpp', 'csrc/*.h']},  # compiled on first use (models/cpu_kernels.py)
     install_requires=read_requirements('runtime'),
     extras_require={
         # mmcv needs compiled ops built against the installed torch: see tools/setup_env.sh.

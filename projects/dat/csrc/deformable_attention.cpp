@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "vector_math.h"
 
 namespace {
@@ -58,24 +59,17 @@ BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, 
   TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "table does not match the logits' (nb, hg)");
   TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "iy/fy shape mismatch");
   TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "ix/fx shape mismatch");
-  for (const auto* t : {&logits, &table, &fy, &fx}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "expected contiguous float32 CPU tensors");
-  }
+  dat::check_contiguous_cpu({&logits, &table, &fy, &fx}, torch::kFloat, "the logits, tables and tap weights");
   TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "x_taps must be (nb, Ns, 2)");
-  for (const auto* t : {&iy, &ix, &x_taps}) {
-    TORCH_CHECK(t->scalar_type() == torch::kInt && t->is_contiguous() && t->device().is_cpu(),
-                "expected contiguous int32 CPU index tensors");
-  }
+  dat::check_contiguous_cpu({&iy, &ix, &x_taps}, torch::kInt, "the tap indices");
   return {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
           fx.data_ptr<float>(), x_taps.data_ptr<int32_t>(), table.size(2) * table.size(3), table.size(3)};
 }
 
 // One float32 per query, (nb, hg, rows, W) contiguous.
 void check_per_query(const torch::Tensor& t, const torch::Tensor& logits, const char* name) {
-  TORCH_CHECK(t.numel() * logits.size(4) == logits.numel() && t.is_contiguous() && t.scalar_type() == torch::kFloat &&
-                  t.device().is_cpu(),
-              "expected a contiguous float32 CPU ", name, " with one value per query");
+  dat::check_contiguous_cpu({&t}, torch::kFloat, name);
+  TORCH_CHECK(t.numel() * logits.size(4) == logits.numel(), "expected ", name, " with one value per query");
 }
 
 // R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
@@ -160,13 +154,13 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
                                  torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads) {
   const BiasInputs bias = bias_inputs(grad, table, iy, fy, ix, fx, x_taps);
-  TORCH_CHECK(probs.sizes() == grad.sizes() && probs.is_contiguous() && probs.scalar_type() == torch::kFloat,
-              "expected contiguous float32 probs of grad's shape");
+  dat::check_contiguous_cpu({&probs, &grad_table, &grad_coords_heads}, torch::kFloat,
+                            "probs and the gradient accumulators");
+  TORCH_CHECK(probs.sizes() == grad.sizes(), "expected probs of grad's shape");
   check_per_query(delta, grad, "delta");
   const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
-  TORCH_CHECK(grad_table.sizes() == table.sizes() && grad_table.is_contiguous(), "grad_table shape mismatch");
-  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}) && grad_coords_heads.is_contiguous(),
-              "grad_coords_heads must be (nb, hg, Ns, 2)");
+  TORCH_CHECK(grad_table.sizes() == table.sizes(), "grad_table shape mismatch");
+  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}), "grad_coords_heads must be (nb, hg, Ns, 2)");
   const int64_t row_length = bias.row_length;
   float* grad_p = grad.data_ptr<float>();
   const float* probs_p = probs.data_ptr<float>();

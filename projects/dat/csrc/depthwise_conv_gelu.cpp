@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "vector_math.h"
 
 namespace {
@@ -35,10 +36,7 @@ ConvShape check_inputs(const torch::Tensor& y, const torch::Tensor& weight, cons
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == channels && kernel_size * kernel_size == taps,
               "expected weight (k * k, C) for an odd k and C = ", channels, ", got ", weight.sizes());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == channels, "expected bias (", channels, "), got ", bias.sizes());
-  for (const auto* t : {&y, &weight, &bias}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "expected contiguous float32 CPU tensors");
-  }
+  dat::check_contiguous_cpu({&y, &weight, &bias}, torch::kFloat, "y, weight and bias");
   return {y.size(0), y.size(1), y.size(2), channels, kernel_size};
 }
 
@@ -97,8 +95,8 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
                                                         torch::Tensor bias) {
   const ConvShape s = check_inputs(y, weight, bias);
-  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == torch::kFloat && grad_out.is_contiguous(),
-              "expected grad_out of y's shape ", y.sizes(), ", contiguous float32, got ", grad_out.sizes());
+  dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == y.sizes(), "expected grad_out of y's shape ", y.sizes(), ", got ", grad_out.sizes());
   const int64_t channels = s.channels, k = s.kernel_size, taps = k * k, half = k / 2;
   const int64_t row_size = s.width * channels, image = s.height * row_size;
   auto grad_y = torch::empty_like(y);

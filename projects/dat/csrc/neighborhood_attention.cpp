@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "vector_math.h"
 
 namespace {
@@ -38,10 +39,7 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   TORCH_CHECK(rpb.dim() == 3 && rpb.size(1) == 2 * kernel_size - 1 && rpb.size(2) == 2 * kernel_size - 1 &&
                   q.size(0) % rpb.size(0) == 0,
               "expected rpb (heads, 2k - 1, 2k - 1) with heads dividing BH, got ", rpb.sizes());
-  for (const auto* t : {&q, &k, &v, &rpb}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "expected contiguous float32 CPU tensors");
-  }
+  dat::check_contiguous_cpu({&q, &k, &v, &rpb}, torch::kFloat, "q, k, v and rpb");
 }
 
 // The logits of query (i, j) of head bh (k * k, row-major over the window); returns the window
@@ -111,13 +109,10 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
                                                            torch::Tensor lse, int64_t kernel_size) {
   check_inputs(q, k, v, rpb, kernel_size);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.is_contiguous() &&
-                  out.is_contiguous() && grad_out.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat,
-              "expected contiguous float32 grad_out and out of q's shape");
+  dat::check_contiguous_cpu({&grad_out, &out, &lse}, torch::kFloat, "grad_out, out and lse");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "expected grad_out and out of q's shape");
   const int64_t bh_count = q.size(0), height = q.size(1), width = q.size(2), d = q.size(3), heads = rpb.size(0);
-  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}) && lse.is_contiguous() &&
-                  lse.scalar_type() == torch::kFloat,
-              "expected a contiguous float32 lse (BH, H * W)");
+  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (BH, H * W)");
   const int64_t window = kernel_size * kernel_size, table = rpb.size(1), table_size = table * table;
   auto grad_q = torch::empty_like(q);
   auto grad_k = torch::zeros_like(k);
