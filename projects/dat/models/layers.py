@@ -5,7 +5,7 @@
 - :class:`GELU2d`: GELU of channels-last maps through their NHWC view.
 - :func:`depthwise_conv_gelu`: ConvFFN's hidden layer ``GELU(y + DWConv(y))`` with the C++ CPU
   kernel of ``csrc/depthwise_conv_gelu.cpp`` where it applies (float32 on CPU): one pass over
-  memory forward and two backward, and only ``y`` is kept for the backward pass.
+  memory forward and one backward, and only ``y`` is kept for the backward pass.
   :func:`depthwise_conv_gelu_reference` is the same function composed of PyTorch's conv and GELU.
 
 They agree with the plain modules to float32 round-off (``tests/test_layers.py``).
