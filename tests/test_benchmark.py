@@ -113,8 +113,23 @@ def test_interleaved_run_writes_every_measurement(tmp_path):
         assert len(r['latency_ms']['all']) == 2 and r['latency_ms']['median'] > 0
         assert r['images_per_s'] == pytest.approx(2e3 / r['latency_ms']['median'])
         assert r['peak_mem_mib'] >= 0 and r['memory_method']
+        assert r['memory_between_iterations'] == 'kept'  # tiny models: they fit side by side
     # Training keeps activations for the backward pass: it must need more memory than inference.
     assert results[2]['peak_mem_mib'] > results[0]['peak_mem_mib']
+
+
+@pytest.mark.parametrize('machine_mib, expected', [(None, 'released to the OS'), (1.0, 'released to the OS'),
+                                                  (1e9, 'kept')])
+def test_workers_keep_memory_between_iterations_only_where_it_fits(machine_mib, expected, monkeypatch):
+    """Freed memory is kept (as in training: no page faults for fresh pages every iteration)
+    unless the workers' peaks together come near the machine's memory, or it is unknown."""
+    monkeypatch.setattr(benchmark, '_memory_total_mib', lambda: machine_mib)
+    job = benchmark.Job(model='datpp-t:fast', width=32, height=32, batch=1, mode='fwd', device='cpu', amp=False,
+                        warmup=0, repeats=1, threads=1, compile=False)
+    messages = []
+    (result,) = benchmark.measure_interleaved([job], log=messages.append)
+    assert result['memory_between_iterations'] == expected
+    assert any(('keep their memory' if expected == 'kept' else 'return freed memory') in m for m in messages)
 
 
 def test_bad_arguments_exit_with_a_message():

@@ -29,7 +29,12 @@ Protocol (the original DAT code's): ``--warmup`` untimed iterations (default 50)
 shows the median latency per iteration and images/s = batch / median; the JSON output keeps
 every iteration's time. ``--quick`` runs 2 +
 5 for a small CPU. Forward runs in eval mode under ``torch.no_grad()``; forward+backward in
-train mode with the gradients of all parameters.
+train mode with the gradients of all parameters. Between timed iterations a worker keeps the
+memory it freed, as a training loop does, unless the workers' peaks together come near the
+machine's memory (then each returns its freed memory to the OS after its iteration, so that the
+idle ones hold little; the log and the JSON say which). Returning it is not free: the next
+iteration page-faults fresh pages in again (on the project's 2-CPU virtual machine that added
+about 4 s to a 12 s DAT-T++ training step at 224@32, and less to Swin-T's).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
 before the first iteration. On CPU the peak resident set size of the worker process during
@@ -74,6 +79,9 @@ MODES = ('fwd', 'fwd+bwd')
 IMPLS = ('auto', 'fast', 'fast-pytorch', 'reference')
 CHECKPOINTING = {'cp': True, 'nocp': False}
 RESULT_MARKER = 'BENCHMARK_RESULT '
+# Interleaved workers keep their freed memory between iterations while their peaks together
+# stay below this fraction of the machine's memory.
+KEEP_MEMORY_FRACTION = 0.75
 
 # mmdet configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, without the pretrained init.
 SWIN_T = dict(
@@ -250,6 +258,15 @@ def _release_memory() -> None:
         pass
 
 
+def _memory_total_mib() -> float | None:
+    """The machine's memory (``MemTotal``), or None where /proc/meminfo is not readable."""
+    try:
+        with open('/proc/meminfo') as f:
+            return int(f.readline().split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _peak_rss_mib() -> float:
     with open('/proc/self/status') as f:
         for line in f:
@@ -285,6 +302,8 @@ class Session:
             run = torch.compile(run)
         self.run = run
         self.times: list[float] = []
+        # Whether freed memory goes back to the OS after every timed iteration (see keep_memory).
+        self.release_memory = True
         gc.collect()
         self.setup_s = time.perf_counter() - t0
         if self.device.type == 'cuda':
@@ -331,8 +350,15 @@ class Session:
     def timed_step(self) -> float:
         seconds = self.step()
         self.times.append(seconds)
-        _release_memory()  # not timed
+        if self.release_memory:
+            _release_memory()  # not timed
         return seconds
+
+    def keep_memory(self) -> None:
+        """Keep freed memory between timed iterations, as a training loop does: the allocator
+        reuses it instead of the OS handing out (and page-faulting in) fresh pages every
+        iteration, which on some machines costs seconds per iteration."""
+        self.release_memory = False
 
     def result(self) -> dict[str, Any]:
         """Latency statistics, images/s and peak memory of the timed iterations."""
@@ -362,6 +388,7 @@ class Session:
             images_per_s=self.job.batch / median,
             peak_mem_mib=peak,
             memory_method=self.memory_method,
+            memory_between_iterations='released to the OS' if self.release_memory else 'kept',
         )
 
 
@@ -375,6 +402,7 @@ def measure(job: Job) -> dict[str, Any]:
     """
     session = Session(job)
     session.warmup()
+    session.keep_memory()  # the only model in memory
     for _ in range(job.repeats):
         session.timed_step()
     return session.result()
@@ -388,7 +416,10 @@ def serve(job: Job) -> None:
         command = line.strip()
         if command == 'warmup':
             session.warmup()
-            reply: dict[str, Any] = dict(ok=True)
+            reply: dict[str, Any] = dict(ok=True, peak_rss_mib=_peak_rss_mib())
+        elif command == 'keep-memory':
+            session.keep_memory()
+            reply = dict(ok=True)
         elif command == 'time':
             reply = dict(seconds=session.timed_step())
         elif command == 'finish':
@@ -440,7 +471,10 @@ def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any
 
     Each worker warms up in turn; then round ``i`` times iteration ``i`` of every job, one
     after the other, so that a change of machine load during the run affects all of them
-    alike and their ratios stay meaningful. Only one worker computes at a time.
+    alike and their ratios stay meaningful. Only one worker computes at a time. The workers
+    keep their freed memory between iterations (as a training loop does) where their peak
+    memories together fit in :data:`KEEP_MEMORY_FRACTION` of the machine's; otherwise each
+    returns it to the OS after its iteration, so that the idle workers hold little.
 
     Args:
         jobs (list[Job]): Jobs with the same ``repeats``.
@@ -450,14 +484,23 @@ def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any
         list[dict]: One result per job, as :func:`measure`.
     """
     workers: list[Worker] = []
+    peaks: list[float] = []  # each worker's peak resident memory during its warm-up, MiB
     try:
         for job in jobs:
             log(f'  starting {job.model} (build + {job.warmup} warm-up iterations) ...')
             t0 = time.perf_counter()
             worker = Worker(job)
             workers.append(worker)
-            worker.call('warmup')
+            peaks.append(worker.call('warmup')['peak_rss_mib'])
             log(f'  {job.model} ready in {time.perf_counter() - t0:.0f} s')
+        total_mib = _memory_total_mib()
+        if total_mib is not None and sum(peaks) <= KEEP_MEMORY_FRACTION * total_mib:
+            for w in workers:
+                w.call('keep-memory')
+            log(f'  workers keep their memory between iterations (peaks {sum(peaks) / 1024:.1f} GiB together)')
+        else:
+            log(f'  workers return freed memory to the OS after every iteration (peaks {sum(peaks) / 1024:.1f} GiB '
+                'together, too close to the machine\'s memory to keep)')
         repeats = jobs[0].repeats
         for i in range(repeats):
             timings = [f'{w.job.model} {w.call("time")["seconds"] * 1e3:.0f} ms' for w in workers]
