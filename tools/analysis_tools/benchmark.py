@@ -32,9 +32,8 @@ every iteration's time. ``--quick`` runs 2 +
 train mode with the gradients of all parameters. Between timed iterations a worker keeps the
 memory it freed, as a training loop does, unless the workers' peaks together come near the
 machine's memory (then each returns its freed memory to the OS after its iteration, so that the
-idle ones hold little; the log and the JSON say which). Returning it is not free: the next
-iteration page-faults fresh pages in again (on the project's 2-CPU virtual machine that added
-about 4 s to a 12 s DAT-T++ training step at 224@32, and less to Swin-T's).
+idle ones hold little; the log and the JSON say which). Returning it is not what a training
+loop does, and not free: the next iteration page-faults its memory in afresh.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
 before the first iteration. On CPU the peak resident set size of the worker process during
@@ -357,7 +356,7 @@ class Session:
     def keep_memory(self) -> None:
         """Keep freed memory between timed iterations, as a training loop does: the allocator
         reuses it instead of the OS handing out (and page-faulting in) fresh pages every
-        iteration, which on some machines costs seconds per iteration."""
+        iteration."""
         self.release_memory = False
 
     def result(self) -> dict[str, Any]:
