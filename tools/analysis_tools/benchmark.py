@@ -33,7 +33,9 @@ train mode with the gradients of all parameters. Between timed iterations a work
 memory it freed, as a training loop does, unless the workers' peaks together come near the
 machine's memory (then each returns its freed memory to the OS after its iteration, so that the
 idle ones hold little; the log and the JSON say which). Returning it is not what a training
-loop does, and not free: the next iteration page-faults its memory in afresh.
+loop does, and not free: the next iteration page-faults its memory in afresh. Workers that keep
+it run one untimed iteration more after the warm-up (which ends by returning memory, so that
+idle workers stay small while the others warm up).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
 before the first iteration. On CPU the peak resident set size of the worker process during
@@ -356,8 +358,10 @@ class Session:
     def keep_memory(self) -> None:
         """Keep freed memory between timed iterations, as a training loop does: the allocator
         reuses it instead of the OS handing out (and page-faulting in) fresh pages every
-        iteration."""
+        iteration. Runs one more untimed iteration: the warm-up ended by returning memory, and
+        the first iteration after it would pay for that."""
         self.release_memory = False
+        self.step()
 
     def result(self) -> dict[str, Any]:
         """Latency statistics, images/s and peak memory of the timed iterations."""
