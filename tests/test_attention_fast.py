@@ -66,6 +66,22 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
     return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
+def _assert_deformable_matches_reference(inputs, coords, groups, chunk):
+    """The fast deformable op's output and gradients equal the reference's (1e-5 relative);
+    returns the fast op's gradients of ``inputs`` (q, k, v, pos, table)."""
+    q, k, v, pos, rpe = inputs
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
+    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, groups, chunk_elements=chunk)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    assert_rel_close(fast, ref, name='output')
+    grad_out = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    grads_fast = torch.autograd.grad(fast, inputs, grad_out)
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
+        assert_rel_close(a, e, name=f'grad {name}')
+    return grads_fast
+
+
 @pytest.mark.parametrize(
     'b, c, h, w, heads, groups, hk, wk, table, version, chunk',
     [
@@ -86,16 +102,8 @@ def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, 
     else:
         require_cpu_kernels()
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
-    (q, k, v, pos, rpe), coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
-    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
-    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, groups, chunk_elements=chunk)
-    assert fast.shape == ref.shape and fast.dtype == ref.dtype
-    assert_rel_close(fast, ref, name='output')
-    grad_out = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (q, k, v, pos, rpe), grad_out)
-    grads_fast = torch.autograd.grad(fast, (q, k, v, pos, rpe), grad_out)
-    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=False):
-        assert_rel_close(a, e, name=f'grad {name}')
+    inputs, coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
+    _assert_deformable_matches_reference(inputs, coords, groups, chunk)
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
@@ -107,19 +115,13 @@ def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch, require_c
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
     else:
         require_cpu_kernels()
-    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
+    inputs, coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
+    pos = inputs[3]
     with torch.no_grad():
         pos[:, :2] = 4.5  # beyond every query's reach: displacements below -1.75 in both axes
-    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 2)
-    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 2, chunk_elements=50)
-    assert_rel_close(fast, ref, name='output')
-    grad_out = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (q, k, v, pos, rpe), grad_out)
-    grads_fast = torch.autograd.grad(fast, (q, k, v, pos, rpe), grad_out)
-    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
-        assert_rel_close(a, e, name=f'grad {name}')
+    grad_pos = _assert_deformable_matches_reference(inputs, coords, 2, chunk=50)[3]
     # The keys beyond every query's reach get no gradient; the others do.
-    assert grads_fast[3][:, :2].abs().max() == 0 and grads_fast[3][:, 2:].abs().min() > 0
+    assert grad_pos[:, :2].abs().max() == 0 and grad_pos[:, 2:].abs().min() > 0
 
 
 @pytest.mark.parametrize('chunk', [None, 40])
