@@ -3,16 +3,17 @@
 //
 // The caller computes q.k of a chunk of queries (a matrix product); these kernels add the bias,
 // take the softmax (or recompute it from the log-sum-exp) and, backwards, turn dP = dO.v into
-// dS = P * (dP - D) and accumulate the gradients of the bias table and of the keys' coordinates from it, each
-// in one pass while a query's Ns logits are in the L1 cache (in PyTorch these are 6 passes over
-// the chunk forward and 10 backward; that path, projects/dat/models/attention.py
+// dS = P * (dP - D) and accumulate the gradients of the bias table and of the keys' coordinates
+// from it, each in one pass while a query's Ns logits are in the L1 cache (in PyTorch these are
+// 6 passes over the chunk forward and 10 backward; that path, projects/dat/models/attention.py
 // _DeformableSoftmax, is kept beside them and agrees to float32 round-off).
 //
 // The bias of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
 // coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and floor + 1 always
 // exist in the padded table, and a coordinate with both taps in the zero padding gets no gradient
-// (so the gradient of a key's coordinate is summed over all its queries as it is computed). Rows are interpolated in y first, then in x, as the PyTorch path
-// does (which may fuse multiply-adds: equal to float32 round-off).
+// (so the gradient of a key's coordinate is summed over all its queries as it is computed). Rows
+// are interpolated in y first, then in x, as the PyTorch path does (which may fuse multiply-adds:
+// equal to float32 round-off).
 //
 // Separably: for one query row r, key n's table row interpolated in y,
 //   R[n][t] = T[iy][t] + fy * (T[iy + 1][t] - T[iy][t]),
@@ -148,8 +149,8 @@ void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor 
 // rows, W). Accumulates the gradients of the table (nb, hg, Th + 4, Tw + 4) and, per head, of
 // each key's (y, x) pixel coordinate in the table, grad_coords_heads (nb, hg, Ns, 2): the sums
 // over the chunk's queries of dS times the slope of the bias (summed per query row in float32,
-// over the rows in float64: a key's sum runs over every query of the chunk). Work items are (batch-group, head) pairs, so that no two threads
-// write the same entry.
+// over the rows in float64: a key's sum runs over every query of the chunk). Work items are
+// (batch-group, head) pairs, so that no two threads write the same entry.
 void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
                                  torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
                                  torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads) {
@@ -160,7 +161,8 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
   check_per_query(delta, grad, "delta");
   const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
   TORCH_CHECK(grad_table.sizes() == table.sizes(), "grad_table shape mismatch");
-  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}), "grad_coords_heads must be (nb, hg, Ns, 2)");
+  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}),
+              "grad_coords_heads must be (nb, hg, Ns, 2)");
   const int64_t row_length = bias.row_length;
   float* grad_p = grad.data_ptr<float>();
   const float* probs_p = probs.data_ptr<float>();
