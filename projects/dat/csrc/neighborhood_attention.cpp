@@ -86,8 +86,7 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
         window_logits(q_p + head_offset + query * d, k_p + head_offset, head_rpb, i, j, height, width, d,
                       kernel_size, logits.data(), si, sj);
         const float row_max = *std::max_element(logits.begin(), logits.end());
-        for (auto& x : logits) x = dat::exp_approx(x - row_max);
-        const float sum = dat::sum(logits.data(), window);
+        const float sum = dat::exp_shifted_sum(logits.data(), window, row_max);
         float* o = out_p + head_offset + query * d;
         std::fill(o, o + d, 0.0f);
         for (int64_t a = 0; a < kernel_size; ++a) {

@@ -10,19 +10,6 @@ namespace dat {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
 
-// x[0] + ... + x[n - 1], in kLanes partial sums.
-inline float sum(const float* x, int64_t n) {
-  float partial[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[i + l];
-  }
-  float total = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
-  for (; i < n; ++i) total += x[i];
-  return total;
-}
-
 // a . b, in kLanes partial sums.
 inline float dot(const float* a, const float* b, int64_t n) {
   float partial[kLanes] = {};
