@@ -1,1 +1,0 @@
-"""Namespace for the OpenMMLab-style projects of this repository."""
