@@ -30,7 +30,8 @@ GOLDEN = SHARED / 'golden'
 OFFICIAL_KEYS = SHARED / 'reference' / 'official_keys'
 needs_shared = pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
 
-# Parameter counts of the spec (millions, 1000-class classifier).
+# Parameter counts of the released ImageNet classifiers (millions, 1000-class head; LeapLabTHU/DAT),
+# which the papers round (arXiv 2201.00520, 2309.01430).
 SPEC_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
                'datpp-t': 23.96, 'datpp-s': 53.13, 'datpp-b': 93.69}
 KEY_FILES = {'dat_tiny': ('dat-t', 224), 'dat_small': ('dat-s', 224), 'dat_base': ('dat-b', 224),
@@ -253,10 +254,10 @@ def test_builds_through_toolbox_registries(scope):
     (dict(arch=dict(TINY['pp'], stage_spec=['NX', 'N', 'N', 'N'])), ValueError, r"stage_spec\[0\] must be"),
     (dict(arch=dict(TINY['pp'], groups=[1, 1, 3, 2])), ValueError, r'groups\[2\]=3 must be >= 1 and divide'),
     (dict(arch=dict(TINY['pp'], colour='red')), ValueError, r"Unknown keys in custom DAT arch: \['colour'\]"),
-    (dict(out_indices=(0, 4)), ValueError, r'out_indices must be increasing distinct ints in 0..3, got \[0, 4\]'),
+    (dict(out_indices=(0, 4)), ValueError, r'out_indices must be increasing distinct ints in 0..3, got \(0, 4\)'),
     (dict(out_indices=(2, 1)), ValueError, r'out_indices must be increasing'),
     (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in -1..4, got 5'),
-    (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be in \[0, 1\), got 1.5'),
+    (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be a number in \[0, 1\), got 1.5'),
 ])
 def test_construction_errors(kwargs, error, match):
     kwargs.setdefault('arch', TINY['pp'])
@@ -345,7 +346,7 @@ def test_non_finite_values_are_reported_with_their_block(monkeypatch):
     import projects.dat.models.dat as dat_module
     messages = []
     monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: messages.append(msg))
-    model = DAT(TINY['pp'])
+    model = DAT(TINY['pp'], check_finite=True)
     with torch.no_grad():
         model.stages[2].blocks[1].attn.proj_out.bias[0] = float('inf')
     model.eval()(torch.randn(1, 3, 64, 64))

@@ -12,6 +12,9 @@ the geometry in ``geometry.py``.
 """
 import copy
 import logging
+import math
+import numbers
+import os
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -539,6 +542,14 @@ class DAT(BaseModule):
             ConvFFN hidden layer: ``'auto'`` (the fast, memory-lean one wherever it is available,
             else the reference), ``'fast'`` or ``'reference'`` (the straightforward one). Both
             compute the same function. Defaults to ``'auto'``.
+        check_finite (bool): After every forward pass in training mode, check that the
+            returned maps are finite; if not, re-run the images module by module
+            (:meth:`locate_non_finite`) and log a warning naming the first module (stem,
+            downsampling or block) whose output is not finite, e.g. ``DAT: non-finite values in
+            the backbone output, first produced by stages.2.blocks.1 (DeformableAttention)``.
+            The check costs one device synchronisation per training step on GPU, so it is off
+            by default; switch it on to find where a diverging run first overflows.
+            Defaults to False.
     """
 
     arch_zoo = {
@@ -568,8 +579,10 @@ class DAT(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  img_size: Union[int, Tuple[int, int]] = 224,
-                 init_cfg: Optional[dict] = None,
-                 attn_impl: str = 'auto'):
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 attn_impl: str = 'auto',
+                 check_finite: bool = False):
+        _check_init_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)
         self.attn_impl = check_attn_impl(attn_impl)
         self.arch_settings = resolve_arch(arch)
@@ -578,18 +591,24 @@ class DAT(BaseModule):
         s = self.arch_settings
         self.version = s['version']
         self.out_indices = tuple(_check_out_indices(out_indices))
-        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= 4:
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be an int in -1..4, got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
+        for name, value in (('with_cp', with_cp), ('recompute_ffn', recompute_ffn), ('norm_eval', norm_eval),
+                            ('check_finite', check_finite)):
+            if not isinstance(value, bool):
+                raise TypeError(f'{name} must be a bool (True or False), got {value!r}')
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.recompute_ffn = recompute_ffn
+        self.check_finite = check_finite
         img_h, img_w = _check_img_size(img_size)
         self.img_size = (img_h, img_w)
-        drop_path_rate = s['drop_path_rate'] if drop_path_rate is None else drop_path_rate
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
-        self.drop_path_rate = drop_path_rate
+        if drop_path_rate is None:
+            drop_path_rate = s['drop_path_rate']
+        else:
+            _check_drop_path_rate(drop_path_rate, 'drop_path_rate')
+        self.drop_path_rate = float(drop_path_rate)
 
         dims = s['dims']
         self.num_features = list(dims)
@@ -648,9 +667,9 @@ class DAT(BaseModule):
                 # Contiguous NCHW: ops such as mmcv's CPU RoIAlign read raw memory as NCHW and
                 # would scramble the channels-last views the norms return.
                 outs.append(getattr(self, f'norm{i}')(x).contiguous())
-        # One synchronising check per training step; the search for the culprit runs only
-        # when it fails.
-        if self.training and not torch.stack([o.isfinite().all() for o in outs]).all():
+        # One synchronising check per training step (hence opt-in); the search for the culprit
+        # runs only when it fails.
+        if self.check_finite and self.training and not torch.stack([o.isfinite().all() for o in outs]).all():
             print_log(f'DAT: non-finite values in the backbone output, first produced by '
                       f'{self.locate_non_finite(images)}', logger='current', level=logging.WARNING)
         return tuple(outs)
@@ -730,33 +749,78 @@ class DAT(BaseModule):
         return self
 
 
+def _is_int(value) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_drop_path_rate(rate, name: str) -> None:
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+        raise ValueError(f'{name} must be a number in [0, 1), got {rate!r}')
+
+
 def _check_img_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     pair = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 \
-            or any(not isinstance(v, int) or isinstance(v, bool) or v < 32 for v in pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(not _is_int(v) or v < 32 for v in pair):
         raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= 32 (one pixel per '
                          f'stage-3 bias-table cell), got {img_size!r}')
     return tuple(pair)
 
 
 def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
-    if isinstance(out_indices, int):
+    given = out_indices
+    if _is_int(out_indices):
         out_indices = [out_indices]
+    if not isinstance(out_indices, (list, tuple)):
+        raise ValueError(f'out_indices must be an int or a sequence of increasing distinct ints in 0..3, '
+                         f'got {given!r}')
     out_indices = list(out_indices)
-    if not out_indices or any(not isinstance(i, int) or not 0 <= i <= 3 for i in out_indices) \
+    if not out_indices or any(not _is_int(i) or not 0 <= i <= 3 for i in out_indices) \
             or out_indices != sorted(set(out_indices)):
-        raise ValueError(f'out_indices must be increasing distinct ints in 0..3, got {out_indices}')
+        raise ValueError(f'out_indices must be increasing distinct ints in 0..3, got {given!r}')
     return out_indices
 
 
+def _check_init_cfg(init_cfg: Optional[Union[dict, List[dict]]]) -> None:
+    """A ``Pretrained`` init_cfg must name its checkpoint, and come alone (as a dict).
+
+    :meth:`DAT.init_weights` loads a ``Pretrained`` dict strictly; in a list, mmengine's generic
+    loader would load it instead, non-strictly and without resizing the bias tables.
+    """
+    if init_cfg is None:
+        return
+    if isinstance(init_cfg, (list, tuple)):
+        if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in init_cfg):
+            raise ValueError('DAT loads a Pretrained init_cfg strictly only when it is given alone, as a dict: '
+                             "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.'); "
+                             f'got a list {init_cfg!r}')
+        return
+    if not isinstance(init_cfg, dict):
+        raise TypeError(f'init_cfg must be a dict, a list of dicts or None, got {type(init_cfg).__name__} '
+                        f'{init_cfg!r}')
+    if init_cfg.get('type') != 'Pretrained':
+        return
+    checkpoint = init_cfg.get('checkpoint')
+    if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
+        raise ValueError('A Pretrained init_cfg needs checkpoint=<path or URL of a converted checkpoint>, e.g. '
+                         "init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', "
+                         f"prefix='backbone.'); got {init_cfg!r}")
+    prefix = init_cfg.get('prefix')
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"init_cfg['prefix'] must be a str such as 'backbone.' or None, got {prefix!r}")
+
+
 _REQUIRED_ARCH_KEYS = ('version', 'dims', 'heads', 'groups', 'stage_spec')
+_PER_STAGE_KEYS = ('dims', 'heads', 'groups', 'stage_spec', 'key_strides', 'offset_kernels')
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
     """Settings of a named variant, or a validated copy of a custom settings dict.
 
     Raises:
-        ValueError: For an unknown name, missing keys or inconsistent settings.
+        ValueError: For an unknown name, missing or unknown keys, or settings of the wrong
+            kind or range (each message names the key, what it expects and what it got).
+        TypeError: If ``arch`` is neither a str nor a dict.
     """
     if isinstance(arch, str):
         key = arch.lower()
@@ -769,31 +833,51 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
     missing = [k for k in _REQUIRED_ARCH_KEYS if k not in arch]
     if missing:
         raise ValueError(f'Custom DAT arch is missing keys {missing}; it needs {list(_REQUIRED_ARCH_KEYS)}')
-    if arch['version'] not in VERSIONS:
-        raise ValueError(f"arch['version'] must be one of {VERSIONS}, got {arch['version']!r}")
-    settings = _variant(arch['version'], arch['dims'], arch['heads'], arch['groups'], arch['stage_spec'],
-                        arch.get('drop_path_rate', 0.0))
+    version = arch['version']
+    if not isinstance(version, str) or version not in VERSIONS:
+        raise ValueError(f"arch['version'] must be one of {VERSIONS}, got {version!r}")
+    # The variant's defaults for the optional keys; the per-stage values all come from ``arch``.
+    settings = _variant(version, [], [], [], [], 0.0)
     unknown = set(arch) - set(settings)
     if unknown:
         raise ValueError(f'Unknown keys in custom DAT arch: {sorted(unknown)}; known: {sorted(settings)}')
     settings.update(copy.deepcopy(arch))
-    for key in ('dims', 'heads', 'groups', 'stage_spec', 'key_strides', 'offset_kernels'):
+    _check_arch_settings(settings)
+    return settings
+
+
+def _check_arch_settings(settings: dict) -> None:
+    """Raise a ValueError naming the first setting of the wrong kind or range."""
+    for key in _PER_STAGE_KEYS:
         if not isinstance(settings[key], (list, tuple)) or len(settings[key]) != 4:
-            raise ValueError(f"arch['{key}'] must have 4 entries (one per stage), got {settings[key]!r}")
+            raise ValueError(f"arch['{key}'] must be a list of 4 entries (one per stage), got {settings[key]!r}")
     positive = {k: settings[k] for k in ('dims', 'heads', 'key_strides', 'offset_kernels')}
-    positive.update({k: [settings[k]] for k in ('window_size', 'neighborhood_size', 'mlp_ratio')})
+    positive.update({k: [settings[k]] for k in ('window_size', 'mlp_ratio')})
     for key, values in positive.items():
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        if any(not _is_int(v) or v < 1 for v in values):
             raise ValueError(f"arch['{key}'] must hold positive ints, got {settings[key]!r}")
-    if any(not isinstance(g, int) or g < 0 for g in settings['groups']):
+    size = settings['neighborhood_size']
+    if not _is_int(size) or size < 1 or size % 2 == 0:
+        raise ValueError(f"arch['neighborhood_size'] must be an odd positive int (the neighbourhood is centred "
+                         f'on its query), got {size!r}')
+    if any(not _is_int(g) or g < 0 for g in settings['groups']):
         raise ValueError(f"arch['groups'] must hold ints >= 0 (0 for stages without D blocks), "
                          f"got {settings['groups']!r}")
+    _check_drop_path_rate(settings['drop_path_rate'], "arch['drop_path_rate']")
+    factor = settings['offset_range_factor']
+    if settings['version'] == 'v1':
+        if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not 0.0 < factor < math.inf:
+            raise ValueError(f"arch['offset_range_factor'] must be a finite number > 0 for v1 (offsets are "
+                             f"tanh(o) * factor / key-grid size; the released models use 2.0), got {factor!r}")
+    elif factor is not None:
+        raise ValueError(f"arch['offset_range_factor'] applies to v1 only (DAT++ clamps the sampling positions "
+                         f"to the map instead); leave it out or None for version 'pp', got {factor!r}")
     for i, (dim, heads, groups, spec) in enumerate(zip(settings['dims'], settings['heads'],
                                                        settings['groups'], settings['stage_spec'], strict=True)):
-        if not spec or any(kind not in BLOCK_TYPES for kind in spec):
-            raise ValueError(f"stage_spec[{i}] must be a non-empty string of {list(BLOCK_TYPES)}, got {spec!r}")
+        if not isinstance(spec, str) or not spec or any(kind not in BLOCK_TYPES for kind in spec):
+            raise ValueError(f"stage_spec[{i}] must be a non-empty string of the block letters "
+                             f"{list(BLOCK_TYPES)}, one per block (e.g. 'ND' or 'LS'), got {spec!r}")
         if dim % heads:
             raise ValueError(f'dims[{i}]={dim} must be divisible by heads[{i}]={heads}')
         if 'D' in spec and (groups < 1 or heads % groups or dim % groups):
             raise ValueError(f'groups[{i}]={groups} must be >= 1 and divide heads[{i}]={heads} and dims[{i}]={dim}')
-    return settings
