@@ -487,7 +487,7 @@ def test_loader_selection(dataset, tmp_path):
 
 
 def _fake_original(key_file: str) -> dict:
-    """An original checkpoint's weights in the released shapes (``shared/reference``)."""
+    """An original checkpoint's weights in the released shapes (read from the test data's key lists)."""
     state_dict = {}
     for line in (OFFICIAL_KEYS / f'{key_file}.txt').read_text().splitlines():
         m = re.match(r'(\S+) \(([\d, ]*)\)', line)

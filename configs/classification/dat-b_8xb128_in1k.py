@@ -1,5 +1,6 @@
 # DAT-B (v1, 128..1024 channels) on ImageNet-1k at 224: the DAT-T recipe with
-# drop path 0.5 and DAT-B's own schedule (spec §6): base lr 4e-4 per 512
+# drop path 0.5 and DAT-B's own schedule (LeapLabTHU/DAT at tag CVPR2022,
+# configs/dat_base.yaml): base lr 4e-4 per 512
 # images, so lr = 4e-4 x 1024 / 512 = 8e-4; 50 warm-up epochs from
 # 5e-7 x 2 = 1e-6 (start factor 1e-6 / 8e-4); minimum lr 5e-6 x 2 = 1e-5
 # (ratio 1e-5 / 8e-4); gradient clipping at norm 1.0.

@@ -1,4 +1,5 @@
-# DAT-B (v1) fine-tuned at 384x384 from the 224 ImageNet-1k model (spec §6).
+# DAT-B (v1) fine-tuned at 384x384 from the 224 ImageNet-1k model (LeapLabTHU/DAT
+# at tag CVPR2022, configs/dat_base_384.yaml).
 # - Backbone 'dat-b-384': window 12 and deformable bias tables built for 384
 #   (img_size=384), drop path 0.5 as in the original 384 config.
 # - 30 epochs, no warm-up, weight decay 1e-8; 8 GPUs x 24 images = batch 192.

@@ -1,4 +1,5 @@
-# DAT-T (v1) on ImageNet-1k at 224x224, the original trainer's recipe (spec §6):
+# DAT-T (v1) on ImageNet-1k at 224x224, the original trainer's recipe
+# (LeapLabTHU/DAT at tag CVPR2022: config.py defaults and configs/dat_tiny.yaml):
 # - 300 epochs; 8 GPUs x 128 images = batch 1024.
 # - AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 except on 1-D
 #   parameters, biases and the bias tables; gradient clipping at norm 5.0.

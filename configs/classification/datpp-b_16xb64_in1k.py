@@ -1,5 +1,6 @@
 # DAT-B++ (128..1024 channels) on ImageNet-1k at 224: the DAT-T++ recipe with
-# drop path 0.7 and 64 images per GPU (spec §6); 16 GPUs x 64 = 1024 keeps
+# drop path 0.7 and 64 images per GPU (LeapLabTHU/DAT configs/dat_base.yaml);
+# 16 GPUs x 64 = 1024 keeps
 # the total batch, hence lr 1e-3, warm-up and minimum lr unchanged.
 _base_ = './datpp-t_8xb128_in1k.py'
 

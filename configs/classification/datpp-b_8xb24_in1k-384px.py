@@ -1,6 +1,7 @@
-# DAT-B++ fine-tuned at 384x384 from the 224 ImageNet-1k model (spec §6).
+# DAT-B++ fine-tuned at 384x384 from the 224 ImageNet-1k model (LeapLabTHU/DAT
+# configs/dat_base_384.yaml).
 # - Backbone 'datpp-b' built at img_size=224, as the released 384 model was
-#   (its kwargs in shared/reference/official_keys/dat_pp_base_384.txt): DAT++
+#   (`img_size: 224` in that original config): DAT++
 #   stretches its bias tables over any map size. Drop path 0.6 (same file).
 # - 30 epochs, no warm-up, weight decay 1e-8; 8 GPUs x 24 images = batch 192.
 #   lr = 2e-5 x 192 / 512 = 7.5e-6, cosine to 2e-7 x 192 / 512 = 7.5e-8

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 # Published (params in M, GMACs, input side) of the ImageNet classifiers (1000-class head),
-# from the papers (see shared/docs/dat-spec.md, section 2).
+# from the papers' ImageNet-1K results (DAT: arXiv 2201.00520; DAT++: arXiv 2309.01430).
 PAPER_COMPLEXITY: dict[str, tuple[float, float, int]] = {
     'dat-t': (28.32, 4.59, 224),
     'dat-s': (49.70, 9.01, 224),

@@ -290,7 +290,8 @@ def visualize_deformable_points(
     ax.set_title('attention of the query over the sampled keys', fontsize=10)
     ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.01), fontsize=7, frameon=False)
 
-    # DAT++ puts the last reference row/column beyond the map (spec, section 3): widen the
+    # DAT++ puts the last reference row/column beyond the map (the original
+    # ``DAttentionBaseline._get_ref_points`` divides by Hk - 1, LeapLabTHU/DAT): widen the
     # view to every drawn point and outline the image.
     drawn = np.concatenate([refs, pos.reshape(-1, 2)])
     low = np.minimum(drawn.min(0), (-0.5, -0.5)) - 0.02 * img_h

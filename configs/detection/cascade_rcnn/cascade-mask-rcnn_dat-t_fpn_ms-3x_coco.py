@@ -1,6 +1,7 @@
 # Cascade Mask R-CNN, DAT-T (v1) backbone, 3x schedule with multi-scale
 # training, COCO.
-# The spec gives the DAT++ recipe only; DAT (v1) followed Swin's mmdet recipe
+# The original repositories publish DAT++ COCO configs only
+# (LeapLabTHU/DAT-Detection); DAT (v1) followed Swin's mmdet recipe
 # for Cascade Mask R-CNN, used here: 8 GPUs x 2 images = batch 16, AdamW lr
 # 1e-4 with weight decay 0.05, 36 epochs with the lr divided by 10 after 27
 # and 33, 500 warm-up iterations, mixed precision, DETR-style multi-scale

@@ -1,6 +1,7 @@
 # Cascade Mask R-CNN, DAT-B++ (128..1024 channels), 3x: the DAT-T++ 3x recipe
 # with drop path 0.8, full precision, and one image per GPU: 64 GPUs x 1 =
-# batch 64, so the lr stays 4e-4 (spec §6).
+# batch 64, so the lr stays 4e-4 (LeapLabTHU/DAT-Detection
+# configs/dat/cmrcn_base_3x_8n_dp08_lr4.py: 8 nodes, 1 image per GPU).
 _base_ = './cascade-mask-rcnn_datpp-t_fpn_ms-3x_coco.py'
 
 model = dict(

@@ -1,6 +1,7 @@
 # Cascade Mask R-CNN, DAT-S++ (96..768 channels), 3x: the DAT-T++ 3x recipe
 # with drop path 0.5, trained in full precision (the one DAT++ COCO recipe
-# besides B++ Cascade without mixed precision, spec §6).
+# besides B++ Cascade without mixed precision: LeapLabTHU/DAT-Detection
+# configs/dat/cmrcn_small_3x_4n_dp05_lr4.py).
 _base_ = './cascade-mask-rcnn_datpp-t_fpn_ms-3x_coco.py'
 
 model = dict(

@@ -1,5 +1,6 @@
 # Cascade Mask R-CNN, DAT-T++ backbone, 1x schedule (12 epochs), COCO.
-# DAT++ recipe (spec §6): 32 GPUs x 2 images = batch 64; AdamW lr 4e-4 (Swin's
+# DAT++ recipe (LeapLabTHU/DAT-Detection configs/dat/cmrcn_tiny_1x_4n_dp00_lr4.py):
+# 32 GPUs x 2 images = batch 64; AdamW lr 4e-4 (Swin's
 # 1e-4 per 16 images scaled to 64); mixed precision; gradient checkpointing;
 # no drop path at 1x. Swin-style box heads (4 conv + 1 fc with SyncBN, GIoU
 # loss x10); plain FPN with 5 levels (mmdet base).

@@ -1,6 +1,7 @@
 # Cascade Mask R-CNN, DAT-T++, 3x schedule with multi-scale training, COCO.
 # As the 1x config but 36 epochs = 3 x 12 with the lr divided by 10 after
-# epochs 27 and 33, and drop path 0.1 (spec §6).
+# epochs 27 and 33, and drop path 0.1 (LeapLabTHU/DAT-Detection
+# configs/dat/cmrcn_tiny_3x_4n_dp01_lr4.py).
 _base_ = './cascade-mask-rcnn_datpp-t_fpn_1x_coco.py'
 
 model = dict(backbone=dict(drop_path_rate=0.1))

@@ -1,5 +1,6 @@
 # Mask R-CNN, DAT-T (v1) backbone, 1x schedule (12 epochs), COCO.
-# The spec gives the DAT++ recipe only; DAT (v1) followed Swin's mmdet recipe,
+# The original repositories publish DAT++ COCO configs only
+# (LeapLabTHU/DAT-Detection); DAT (v1) followed Swin's mmdet recipe,
 # used here: 8 GPUs x 2 images = batch 16, AdamW lr 1e-4 with weight decay
 # 0.05, 500 warm-up iterations, mixed precision, DETR-style multi-scale
 # training also at 1x, drop path 0.2, and mmdet's plain FPN (extra level by

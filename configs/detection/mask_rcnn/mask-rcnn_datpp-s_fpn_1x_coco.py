@@ -1,5 +1,5 @@
 # Mask R-CNN, DAT-S++ (96..768 channels), 1x: the DAT-T++ recipe with drop
-# path 0.1 (spec §6).
+# path 0.1 (LeapLabTHU/DAT-Detection configs/dat/mrcn_small_1x_4n_dp01_lr4.py).
 _base_ = './mask-rcnn_datpp-t_fpn_1x_coco.py'
 
 model = dict(

@@ -1,5 +1,5 @@
 # Mask R-CNN, DAT-S++ (96..768 channels), 3x: the DAT-T++ 3x recipe with drop
-# path 0.5 (spec §6).
+# path 0.5 (LeapLabTHU/DAT-Detection configs/dat/mrcn_small_3x_4n_dp05_lr4.py).
 _base_ = './mask-rcnn_datpp-t_fpn_ms-3x_coco.py'
 
 model = dict(

@@ -1,5 +1,6 @@
 # Mask R-CNN, DAT-T++ backbone, 1x schedule (12 epochs), COCO.
-# DAT++ recipe (spec §6): 32 GPUs x 2 images = batch 64; AdamW lr 4e-4, i.e.
+# DAT++ recipe (LeapLabTHU/DAT-Detection configs/dat/mrcn_tiny_1x_4n_dp00_lr4.py):
+# 32 GPUs x 2 images = batch 64; AdamW lr 4e-4, i.e.
 # Swin's 1e-4 per 16 images scaled linearly to 64; mixed precision; gradient
 # checkpointing; no drop path at 1x. FPN with 256 channels and 5 levels whose
 # extra level is a stride-2 conv on the last backbone map ("on input");

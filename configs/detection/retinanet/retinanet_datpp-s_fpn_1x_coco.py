@@ -1,5 +1,6 @@
 # RetinaNet, DAT-S++ (96..768 channels), 1x: the DAT-T++ recipe with drop path
-# 0.1 (spec §6). FPN inputs are backbone outputs 1-3: 192, 384, 768 channels.
+# 0.1 (LeapLabTHU/DAT-Detection configs/dat/rtn_small_1x_4n_dp01_lr2.py).
+# FPN inputs are backbone outputs 1-3: 192, 384, 768 channels.
 _base_ = './retinanet_datpp-t_fpn_1x_coco.py'
 
 model = dict(

@@ -1,5 +1,6 @@
 # RetinaNet, DAT-T++ backbone, 1x schedule (12 epochs), COCO.
-# DAT++ recipe (spec §6): 32 GPUs x 2 images = batch 64; AdamW lr 2e-4 (half
+# DAT++ recipe (LeapLabTHU/DAT-Detection configs/dat/rtn_tiny_1x_4n_dp00_lr2.py):
+# 32 GPUs x 2 images = batch 64; AdamW lr 2e-4 (half
 # the two-stage detectors' 4e-4); mixed precision; gradient checkpointing; no
 # drop path at 1x. Focal loss, L1 box loss (mmdet base).
 # Backbone outputs 1-3 (strides 8/16/32) feed the FPN; P6/P7 are stride-2

@@ -1,6 +1,7 @@
 # RetinaNet, DAT-T++, 3x schedule with multi-scale training, COCO.
 # As the 1x config but 36 epochs = 3 x 12 with the lr divided by 10 after
-# epochs 27 and 33, and drop path 0.2 (spec §6).
+# epochs 27 and 33, and drop path 0.2 (LeapLabTHU/DAT-Detection
+# configs/dat/rtn_tiny_3x_4n_dp02_lr2.py).
 _base_ = './retinanet_datpp-t_fpn_1x_coco.py'
 
 model = dict(backbone=dict(drop_path_rate=0.2))

@@ -1,5 +1,6 @@
 # Semantic FPN, DAT-S++ (96..768 channels), ADE20K 40k at batch 32: the
-# DAT-T++ recipe, drop path 0.4 (spec §6).
+# DAT-T++ recipe, drop path 0.4 (LeapLabTHU/DAT-Segmentation
+# configs/dat/fpn_small_80k_dp04_lr2.py).
 _base_ = './fpn_datpp-t_8xb4-40k_ade20k-512x512.py'
 
 model = dict(

@@ -1,7 +1,8 @@
 # Semantic FPN, DAT-T++ backbone, ADE20K, 512x512 crops.
 # The papers' "80k" Semantic FPN schedule (PVT's: batch 16, lr 1e-4, 80k
 # iterations) run on 8 GPUs x 4 images = batch 32: the lr doubles to 2e-4 and
-# the iterations halve to 40k (spec §6). AdamW, weight decay 1e-4 (none on
+# the iterations halve to 40k (LeapLabTHU/DAT-Segmentation
+# configs/dat/fpn_tiny_80k_dp04_lr2.py). AdamW, weight decay 1e-4 (none on
 # norms and bias tables), poly decay with power 0.9 to 0, no warm-up; drop
 # path 0.4; full precision, no gradient checkpointing (as the released
 # configs). FPN 256 channels, FPN head 128 channels (mmseg base).

@@ -1,5 +1,6 @@
 # UperNet, DAT-T (v1) backbone, ADE20K, 512x512 crops, 160k iterations.
-# The spec gives the DAT++ drop paths only; DAT (v1) followed Swin's mmseg
+# The original repositories publish DAT++ ADE20K configs only
+# (LeapLabTHU/DAT-Segmentation); DAT (v1) followed Swin's mmseg
 # recipe, which is the base kept here: 8 GPUs x 2 images = batch 16; AdamW
 # lr 6e-5, weight decay 0.01 (none on norms and bias tables); 1500 warm-up
 # iterations from 1e-6 x lr, then poly decay with power 1; UPerHead 512

@@ -1,6 +1,6 @@
 # UperNet, DAT-B++ (128..1024 channels), ADE20K 160k: the DAT-T++ recipe with
-# drop path 0.7 (spec §6), trained in full precision as the released DAT++
-# UperNet-B config.
+# drop path 0.7, trained in full precision as the released DAT++ UperNet-B
+# config (LeapLabTHU/DAT-Segmentation configs/dat/upn_base_160k_dp07_lr6.py).
 _base_ = './upernet_datpp-t_8xb2-160k_ade20k-512x512.py'
 
 model = dict(

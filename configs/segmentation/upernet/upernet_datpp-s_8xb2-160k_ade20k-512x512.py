@@ -1,5 +1,5 @@
 # UperNet, DAT-S++ (96..768 channels), ADE20K 160k: the DAT-T++ recipe with
-# drop path 0.5 (spec §6).
+# drop path 0.5 (LeapLabTHU/DAT-Segmentation configs/dat/upn_small_160k_dp05_lr6.py).
 _base_ = './upernet_datpp-t_8xb2-160k_ade20k-512x512.py'
 
 model = dict(

@@ -1,5 +1,6 @@
 # UperNet, DAT-T++ backbone, ADE20K, 512x512 crops, 160k iterations.
-# DAT++ recipe (spec §6), which is Swin's mmseg recipe kept from the base:
+# DAT++ recipe (LeapLabTHU/DAT-Segmentation configs/dat/upn_tiny_160k_dp03_lr6.py),
+# which is Swin's mmseg recipe kept from the base:
 # 8 GPUs x 2 images = batch 16; AdamW lr 6e-5, weight decay 0.01 (none on
 # norms and bias tables); linear warm-up over 1500 iterations from 1e-6 x lr,
 # then poly decay with power 1 to 0; UPerHead with 512 channels, auxiliary

@@ -1,6 +1,7 @@
 # COCO detection (boxes only, for RetinaNet) with the DETR-style multi-scale
 # augmentation that DAT and DAT++ use for every COCO schedule, 1x included
-# (spec §6). Per image, one of two branches is drawn with equal probability:
+# (LeapLabTHU/DAT-Detection configs/dat/*.py, the `AutoAugment` of their
+# train_pipeline). Per image, one of two branches is drawn with equal probability:
 #   (a) resize the short side to one of 480, 512, ..., 800 (step 32) with the
 #       long side capped at 1333;
 #   (b) resize to (400|500|600) x 1333, crop a random 384..600 patch, then

@@ -1,4 +1,5 @@
-# Cascade Mask R-CNN with Swin's box heads, as used by DAT and DAT++ (spec §6):
+# Cascade Mask R-CNN with Swin's box heads, as used by DAT and DAT++
+# (LeapLabTHU/DAT-Detection configs/_base_/models/cascade_mask_rcnn_dat_fpn.py):
 # each of the three stages has 4 shared 3x3 convs (256 channels, SyncBN) and
 # 1 fc (1024), class-specific regression of decoded boxes with GIoU loss x10.
 # Everything else (FPN with 5 levels, RPN, mask head, assigners) is mmdet's

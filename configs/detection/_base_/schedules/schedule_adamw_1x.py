@@ -1,4 +1,5 @@
-# Optimiser and schedule shared by the DAT and DAT++ COCO configs (spec §6).
+# Optimiser and schedule shared by the DAT and DAT++ COCO configs (as in the
+# original configs, LeapLabTHU/DAT-Detection configs/dat/*.py).
 # - AdamW, betas (0.9, 0.999), weight decay 0.05, no layer-wise decay.
 # - No weight decay on norms (the backbone's LayerNorms are named `...norm...`;
 #   `norm_decay_mult` also covers the SyncBN layers of the Cascade heads) nor

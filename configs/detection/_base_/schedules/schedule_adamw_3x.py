@@ -1,5 +1,6 @@
 # The AdamW schedule of `schedule_adamw_1x.py` stretched to 3x:
-# 36 epochs = 3 x 12, lr divided by 10 after epochs 27 and 33 (spec §6);
+# 36 epochs = 3 x 12, lr divided by 10 after epochs 27 and 33 (the original
+# 3x configs, LeapLabTHU/DAT-Detection configs/dat/*_3x_*.py);
 # same 500-iteration linear warm-up.
 _base_ = './schedule_adamw_1x.py'
 
