@@ -2,8 +2,8 @@
 
 Checks, each reported on its own line and naming the broken part on failure:
 
-* every package pinned in ``requirements/*.txt`` is installed at the pinned version
-  (setuptools inside ``>=77.0.3,<82``);
+* every package named in ``requirements/*.txt`` is installed, at the version that
+  ``requirements/constraints.txt`` pins (setuptools inside ``>=77.0.3,<82``);
 * ``projects.dat`` is installed (editable) from this checkout and is found from any directory;
 * mmcv's compiled ops load (``mmcv._ext``);
 * full mode only: ``mmdet.models``, ``mmseg.models`` and ``mmpretrain.models`` import, and
@@ -35,7 +35,7 @@ from pathlib import Path
 from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
-REQUIREMENT_FILES = ('build.txt', 'mminstall.txt', 'runtime.txt', 'tests.txt')
+REQUIREMENT_FILES = ('constraints.txt', 'build.txt', 'mminstall.txt', 'runtime.txt', 'tests.txt')
 DIST_NAME = 'projects-dat'
 
 
@@ -50,7 +50,8 @@ def read_requirements(repo: Path = REPO) -> list[str]:
         repo (Path): Repository root holding ``requirements/``.
 
     Returns:
-        list[str]: Specifiers such as ``'mmdet==3.3.0'``, comments dropped.
+        list[str]: Specifiers such as ``'mmdet==3.3.0'`` (constraints) or ``'mmdet'`` (what a step
+        installs), comments dropped.
     """
     specs = []
     for name in REQUIREMENT_FILES:
@@ -62,7 +63,7 @@ def read_requirements(repo: Path = REPO) -> list[str]:
 
 
 def check_versions() -> str:
-    """Compare installed distributions with ``requirements/*.txt``.
+    """Compare installed distributions with ``requirements/*.txt`` (pins: ``constraints.txt``).
 
     Local version labels are ignored (``torch 2.14.1+cu130`` satisfies ``torch==2.14.1``).
 

@@ -8,6 +8,7 @@
 #
 # Steps: venv (python3.11) -> build tools + torch -> mmcv 2.1.0 with compiled ops -> OpenMMLab
 # stack and test tools -> `pip install -e .` -> tools/check_env.py proves the stack works.
+# Every version comes from requirements/constraints.txt (the tested set), passed to every pip call.
 #
 # Usage: bash tools/setup_env.sh [--check] [--force]
 #   --check   only report: exit 0 when up to date, 3 when an install is needed (installs nothing)
@@ -31,7 +32,8 @@ STAMP="$VENV/.dat-setup-env.stamp"
 CONSTRAINTS="$REPO/requirements/constraints.txt"
 PYTHON="${PYTHON:-python3.11}"
 FORCE_CUDA="${FORCE_CUDA:-0}"
-MMCV_VERSION="2.1.0"
+# mmcv is installed on its own (step 3), at the version the constraints pin.
+MMCV_VERSION="$(sed -n 's/^mmcv==\([^[:space:]#]*\).*/\1/p' "$CONSTRAINTS")"
 
 MODE=install
 for arg in "$@"; do
@@ -47,6 +49,7 @@ done
 T0=$SECONDS
 log() { printf '[setup_env %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[setup_env %s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
+[[ -n "$MMCV_VERSION" ]] || die "no 'mmcv==<version>' line in $CONSTRAINTS"
 
 # pip with our constraints; drops the per-package notices of this machine's pip config about
 # absent local index folders, and "already satisfied" lines, so that real work stays visible.
@@ -145,8 +148,7 @@ install_mmcv_wheel() {
   local links=() d
   for d in "$@"; do links+=(--find-links "$d"); done
   "$VPY" -m pip uninstall -y -q mmcv mmcv-lite >/dev/null 2>&1 || true
-  pip_install --no-build-isolation --only-binary mmcv "${links[@]}" \
-    -c "$REPO/requirements/runtime.txt" "mmcv==$MMCV_VERSION"
+  pip_install --no-build-isolation --only-binary mmcv "${links[@]}" "mmcv==$MMCV_VERSION"
 }
 
 # Folders of prebuilt wheels. The shared default holds a CPU-only build, so FORCE_CUDA=1 ignores
