@@ -2,14 +2,20 @@
 
 - Every config the issue asks for exists, and only those (besides ``_base_`` files).
 - Every config parses with its mmdet / mmseg / mmpretrain bases and imports ``projects.dat``.
-- Each config's recipe equals a table written from the spec (``shared/docs/dat-spec.md`` §2, §6)
-  and, where the spec is silent, from the documented choice (Swin's recipe for v1, the
-  released DAT++ configs for AMP / checkpointing on ADE20K): optimiser, lr, betas, weight
-  decay and its exclusions, schedule, warm-up, drop path, arch, batch, AMP, checkpointing,
-  augmentation and heads. A config that drifts from the papers fails here.
+- Each config's recipe equals a table written from the original configs (LeapLabTHU/DAT
+  ``config.py`` and ``configs/*.yaml`` for ImageNet, LeapLabTHU/DAT-Detection and
+  LeapLabTHU/DAT-Segmentation ``configs/dat/*.py`` for COCO and ADE20K) and, where those
+  publish nothing, from the documented choice (Swin's recipe for v1 detection and UperNet):
+  optimiser, lr, betas, weight decay and its exclusions, schedule, warm-up, drop path, arch,
+  batch, AMP, checkpointing, augmentation and heads. A config that drifts from the original
+  recipe fails here.
 - Every model builds through its toolbox's registry with the configured backbone.
 - One representative config per family runs a training step (finite losses, parameters
   updated, weight decay groups as intended) and a test step on a tiny synthetic batch on CPU.
+- The metafiles list every config, say where each published number comes from and name the
+  released checkpoint each converted model comes from (mmpretrain's ``Converted From``).
+- Configs, their READMEs and metafiles cite the papers and the original repositories, never a
+  document outside this repository.
 """
 import copy
 import math
@@ -27,22 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
 
 # ---------------------------------------------------------------------------------------------
-# The spec's tables
+# The recipes of the original configs
 # ---------------------------------------------------------------------------------------------
-# Stage channels per variant (spec §2).
+# Stage channels per variant (the original ``dims``).
 DIMS = {
     'dat-t': [96, 192, 384, 768], 'dat-s': [96, 192, 384, 768],
     'dat-b': [128, 256, 512, 1024], 'dat-b-384': [128, 256, 512, 1024],
     'datpp-t': [64, 128, 256, 512], 'datpp-s': [96, 192, 384, 768],
     'datpp-b': [128, 256, 512, 1024],
 }
-# Classifier parameters in millions (spec §2).
-SPEC_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
+# Parameters of the released ImageNet classifiers in millions (1000-class head).
+RELEASED_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
                'datpp-t': 23.96, 'datpp-s': 53.13, 'datpp-b': 93.69}
 # Parameters that must not be weight-decayed: norms and every kind of bias table.
 NO_DECAY_KEYS = {'norm', 'rpe_table', 'relative_position_bias_table', 'rpb'}
 
-# COCO (spec §6; v1 rows: Swin's mmdet recipe, batch 16, lr 1e-4, drop path 0.2 (B: 0.3)).
+# COCO (LeapLabTHU/DAT-Detection configs/dat/*.py; v1 rows: Swin's mmdet recipe, batch 16, lr 1e-4,
+# drop path 0.2 (B: 0.3)).
 # name: (arch, drop_path, schedule, lr, images per GPU, total batch, AMP)
 DETECTION = {
     'retinanet_datpp-t_fpn_1x_coco.py': ('datpp-t', 0.0, '1x', 2e-4, 2, 64, True),
@@ -72,8 +79,9 @@ DETECTION = {
 # schedule: (epochs, lr steps)
 DET_SCHEDULES = {'1x': (12, [8, 11]), '3x': (36, [27, 33])}
 
-# ADE20K (spec §6; v1 UperNet: Swin's recipe, drop path 0.3, fp32; AMP and checkpointing as
-# the released DAT++ configs: UperNet T/S AMP, UperNet checkpointing, SemFPN neither).
+# ADE20K (LeapLabTHU/DAT-Segmentation configs/dat/*.py; v1 UperNet: Swin's recipe, drop path 0.3,
+# fp32; AMP and checkpointing as the released DAT++ configs: UperNet T/S AMP, UperNet
+# checkpointing, SemFPN neither).
 # name: (arch, drop_path, AMP, with_cp)
 SEGMENTATION = {
     'upernet_datpp-t_8xb2-160k_ade20k-512x512.py': ('datpp-t', 0.3, True, True),
@@ -90,7 +98,8 @@ SEGMENTATION = {
     'fpn_dat-b_8xb4-40k_ade20k-512x512.py': ('dat-b', 0.7, False, False),
 }
 
-# ImageNet-1k (spec §6). Learning rates are the spec's values per 512 images; the test scales
+# ImageNet-1k (LeapLabTHU/DAT config.py and configs/*.yaml; v1 at tag CVPR2022). Learning rates are
+# the original values per 512 images; the test scales
 # them by the config's total batch (from its file name).
 # name: (arch, img_size, drop_path, base lr, warm-up epochs, warm-up lr, min lr, epochs,
 #        weight decay, grad clip, AMP dtype, test transform)
@@ -107,7 +116,7 @@ CLASSIFICATION = {
     'dat-b_8xb24_in1k-384px.py': ('dat-b-384', 384, 0.5, 2e-6, 0, None, 1e-7, 30, 1e-8, 5.0,
                                   None, 'crop'),
     # The released DAT-B++ 384 model keeps the 224 construction size and drop path 0.6
-    # (official_keys/dat_pp_base_384.txt).
+    # (LeapLabTHU/DAT configs/dat_base_384.yaml: img_size 224, drop_path_rate 0.6).
     'datpp-b_8xb24_in1k-384px.py': ('datpp-b', 384, 0.6, 2e-5, 0, 2e-8, 2e-7, 30, 1e-8, 5.0,
                                     'bfloat16', 'squash'),
 }
@@ -236,7 +245,7 @@ def test_detection_recipe(name):
     assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=total)
     assert total % per_gpu == 0
 
-    # schedule: step at the spec's epochs, 500 linear warm-up iterations from 0.001 x lr
+    # schedule: step at the original epochs, 500 linear warm-up iterations from 0.001 x lr
     epochs, steps = DET_SCHEDULES[schedule]
     assert cfg.train_cfg.type == 'EpochBasedTrainLoop' and cfg.train_cfg.max_epochs == epochs
     warmup, step = cfg.param_scheduler
@@ -274,7 +283,7 @@ def test_detection_recipe(name):
         assert model.bbox_head.loss_bbox.type == 'L1Loss'
     elif family == 'mask-rcnn':
         assert neck.in_channels == dims
-        # DAT++: extra level from a conv on the input (spec); v1: Swin's plain FPN
+        # DAT++: extra level from a conv on the input (the original configs); v1: Swin's plain FPN
         assert neck.get('add_extra_convs', False) == ('on_input' if 'datpp' in arch else False)
         assert model.rpn_head.loss_bbox.type == 'L1Loss'
         assert model.roi_head.bbox_head.loss_bbox.type == 'L1Loss'
@@ -484,7 +493,7 @@ def test_model_builds(name):
     assert backbone.out_indices == tuple(cfg.model.backbone.out_indices)
     if name in CLASSIFICATION:
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        assert round(params, 2) == SPEC_PARAMS[arch], f'{name}: {params:.4f}M parameters'
+        assert round(params, 2) == RELEASED_PARAMS[arch], f'{name}: {params:.4f}M parameters'
 
 
 # Synthetic batches -----------------------------------------------------------------------------
@@ -629,10 +638,69 @@ def test_metafile_lists_every_config(task):
     for m in meta['Models']:
         assert (REPO / m['Config']) == config_path(m['Name'] + '.py')
         assert m['In Collection'] == ('DAT++' if 'datpp' in m['Name'] else 'DAT')
-        assert 'Weights' not in m  # no invented download links
+        assert 'Weights' not in m  # we host no weights: the released ones are under Converted From
         arch = ALL_TABLES[m['Name'] + '.py'][0]
         if task == 'classification':
-            assert round(m['Metadata']['Parameters'] / 1e6, 2) == SPEC_PARAMS[arch]
+            assert round(m['Metadata']['Parameters'] / 1e6, 2) == RELEASED_PARAMS[arch]
+
+
+# The original authors released every ImageNet classifier and every DAT++ detector and segmentor
+# these configs reproduce; no DAT (v1) detector or segmentor.
+RELEASED = {n for n in ALL_TABLES if n in CLASSIFICATION or 'datpp' in n}
+ORIGINAL_REPOS = {'classification': 'https://github.com/LeapLabTHU/DAT',
+                  'detection': 'https://github.com/LeapLabTHU/DAT-Detection',
+                  'segmentation': 'https://github.com/LeapLabTHU/DAT-Segmentation'}
+PAPERS = {'DAT': 'arXiv 2201.00520', 'DAT++': 'arXiv 2309.01430'}
+
+
+@pytest.mark.parametrize('task', sorted(SCOPES))
+def test_metafile_names_sources_and_released_weights(task):
+    import yaml
+    meta = yaml.safe_load((CONFIG_DIR / task / 'metafile.yml').read_text())
+    repo = ORIGINAL_REPOS[task]
+    weights_seen = set()
+    for m in meta['Models']:
+        name, collection = m['Name'], m['In Collection']
+        # every published number says where it comes from: its paper, and the README of the
+        # repository that released the model
+        if 'Results' in m:
+            source = m['Results Source']
+            assert PAPERS[collection] in source, f'{name}: {source!r}'
+            if name + '.py' in RELEASED:
+                assert f"{repo.removeprefix('https://github.com/')} README" in source, f'{name}: {source!r}'
+        else:
+            assert 'Results Source' not in m, f'{name}: a source for no result'
+            assert name + '.py' not in RELEASED, f'{name}: released but without its published numbers'
+        # mmpretrain's convention for converted models: the released weights and the code
+        if name + '.py' in RELEASED:
+            converted = m['Converted From']
+            assert set(converted) == {'Weights', 'Weights Mirror', 'Code', 'Config'}, name
+            assert re.match(r'https://(drive\.google\.com/file/d/|1drv\.ms/u/)', converted['Weights']), name
+            assert converted['Weights Mirror'].startswith('https://cloud.tsinghua.edu.cn/f/'), name
+            assert converted['Code'].startswith(repo) and converted['Config'].startswith(repo + '/blob/'), name
+            # v1 classifiers come from the CVPR 2022 release, DAT++ ones from the latest code
+            ref = 'CVPR2022' if collection == 'DAT' else 'HEAD'
+            assert f'/blob/{ref}/configs/' in converted['Config'], name
+            assert converted['Weights'] not in weights_seen, f'{name}: weights of another model'
+            weights_seen.add(converted['Weights'])
+        else:
+            assert 'Converted From' not in m, f'{name}: no such release'
+
+
+# Documents that exist only where this toolkit was developed; the product cites the papers and
+# the original repositories instead.
+UNSHIPPED_DOCUMENTS = re.compile(r'dat-spec|spec §|the spec\b|shared/(docs|reference|golden)')
+
+
+def test_configs_and_docs_cite_nothing_users_lack():
+    files = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md')),
+             *sorted(p for p in CONFIG_DIR.rglob('*') if p.suffix in ('.py', '.md', '.yml'))]
+    offending = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if UNSHIPPED_DOCUMENTS.search(line):
+                offending.append(f'{path.relative_to(REPO)}:{number}: {line.strip()}')
+    assert not offending, '\n'.join(offending)
 
 
 def test_documented_syncbn_override_reaches_every_head():
