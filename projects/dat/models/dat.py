@@ -504,7 +504,14 @@ _V1_S = ['LS', 'LS', 'LD' * 9, 'LD']
 _PP = ['ND', 'ND' * 2, 'ND' * 9, 'DD']
 
 
-@MODELS.register_module()
+def _registered_by_earlier_import(name: str) -> bool:
+    """Whether ``MODELS[name]`` is this module's class ``name`` from an earlier execution of this
+    module (``importlib.reload``); then the new class replaces it, anything else keeps the name."""
+    registered = MODELS.module_dict.get(name)
+    return registered is not None and (registered.__module__, registered.__qualname__) == (__name__, name)
+
+
+@MODELS.register_module(force=_registered_by_earlier_import('DAT'))
 class DAT(BaseModule):
     """DAT / DAT++ backbone for classification, detection and segmentation.
 
