@@ -24,7 +24,8 @@ def key_reference_points(height: int, width: int, version: str, dtype: torch.dty
     v1 places key ``i`` at ``(i + 0.5) / Hk * 2 - 1`` (cell centres). DAT++ divides by
     ``Hk - 1`` instead, so its last point lies beyond +1 (kept on purpose: the clamp of the
     sampling positions takes care of it). A single-point axis has coordinate 0 in DAT++,
-    where the original divides by zero.
+    where the original (``DAttentionBaseline._get_ref_points`` in ``models/dat_blocks.py`` of
+    LeapLabTHU/DAT) divides by zero and returns NaN.
 
     Args:
         height (int): Key grid height ``Hk``.
