@@ -138,7 +138,8 @@ def test_convert_dense_checkpoint_and_strictness():
     del broken['backbone.stages.2.attns.3.proj_q.bias']
     broken['backbone.stages.0.attns.0.extra'] = torch.zeros(1)
     with pytest.raises(ConversionError, match=r'(?s)unused source tensor stages\.0\.attns\.0\.extra.*'
-                                               r'stages\.2\.blocks\.3\.attn\.proj_q\.bias not filled'):
+                                               r'lacks 1 of the 593 tensors of the datpp-t layout.*:\n'
+                                               r'    stages\.2\.attns\.3\.proj_q\.bias$'):
         convert_original_state_dict(broken)
 
 
@@ -242,7 +243,7 @@ def test_recording_costs_nothing_outside_context():
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
 def test_builds_through_toolbox_registries(scope):
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    registry = pytest.importorskip(f'{scope}.registry', reason=f'{scope} is not installed').MODELS
     model = registry.build(dict(type='DAT', arch=TINY['pp'], out_indices=(1, 2, 3)))
     assert isinstance(model, DAT) and len(model(torch.randn(1, 3, 64, 64))) == 3
 

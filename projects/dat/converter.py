@@ -10,7 +10,7 @@ filling every target tensor, or stops with a list of what is wrong.
 """
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,90 @@ def rename_original_key(key: str, version: str) -> str:
     return key
 
 
+# Our name pattern -> original name, per version: the inverse of the renames above, to name
+# missing tensors as the user's checkpoint names them.
+_INVERSE_STEM_RENAMES = {
+    'v1': [(r'^stem\.conv\.', 'patch_proj.0.'), (r'^stem\.norm\.', 'patch_proj.1.norm.')],
+    'pp': [(r'^stem\.conv1\.', 'patch_proj.0.'), (r'^stem\.norm1\.', 'patch_proj.1.norm.'),
+           (r'^stem\.conv2\.', 'patch_proj.3.'), (r'^stem\.norm2\.', 'patch_proj.4.norm.')],
+}
+_INVERSE_MLP_RENAMES = {'v1': r'stages.\1.mlps.\2.chunk.linear\3.', 'pp': r'stages.\1.mlps.\2.linear\3.0.'}
+_INVERSE_COMMON_RENAMES = [
+    (r'^stages\.(\d+)\.downsample\.conv\.', lambda m: f'down_projs.{int(m[1]) - 1}.0.'),
+    (r'^stages\.(\d+)\.downsample\.norm\.', lambda m: f'down_projs.{int(m[1]) - 1}.1.norm.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.norm([12])\.',
+     lambda m: f'stages.{m[1]}.layer_norms.{2 * int(m[2]) + int(m[3]) - 1}.norm.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.conv_offset\.1\.', r'stages.\1.attns.\2.conv_offset.1.norm.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.', r'stages.\1.attns.\2.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.lpu\.', r'stages.\1.local_perception_units.\2.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.mlp\.dwconv\.', r'stages.\1.mlps.\2.dwc.'),
+]
+
+
+def original_key(key: str, version: str, classifier: bool) -> str:
+    """The original name of one of our backbone tensor names (the inverse of :func:`rename_original_key`).
+
+    Args:
+        key (str): Our name, without ``backbone.``.
+        version (str): ``'v1'`` or ``'pp'``.
+        classifier (bool): ImageNet checkpoints name the last output norm ``cls_norm``, dense
+            ones ``norms.3``.
+
+    Returns:
+        str: The original name (without ``backbone.``), or ``key`` if it has none.
+    """
+    if classifier and key.startswith('norm3.'):
+        return 'cls_norm.norm.' + key[len('norm3.'):]
+    rules = (_INVERSE_STEM_RENAMES[version] + _INVERSE_COMMON_RENAMES
+             + [(r'^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc(\d)\.', _INVERSE_MLP_RENAMES[version]),
+                (r'^norm(\d)\.', r'norms.\1.norm.')])
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def group_keys(keys: Sequence[str]) -> List[str]:
+    """List tensor names compactly and completely: names that differ only in one index share a line.
+
+    ``stages.2.attns.1.proj_q.weight``, ``stages.2.attns.3.proj_q.weight`` and their biases
+    become ``stages.2.attns.{1, 3}.proj_q.{weight, bias}``-style lines: keys are split into
+    module, index and rest (``stages.2.attns``, ``1``, ``proj_q.weight``), and the indices that
+    miss the same set of rests share one line.
+
+    Args:
+        keys (Sequence[str]): Tensor names, in the order to list them.
+
+    Returns:
+        list[str]: One line per group, in the order of each group's first key.
+    """
+    rests: Dict[Tuple[str, Optional[int]], List[str]] = {}
+    for key in keys:
+        match = re.match(r'^(stages\.\d+\.[a-z_]+|[a-z_]+)\.(\d+)\.(.+)$', key)
+        if match:
+            module, index, rest = match[1], int(match[2]), match[3]
+        else:
+            module, _, rest = key.rpartition('.')
+            index = None
+        rests.setdefault((module, index), []).append(rest)
+    groups: Dict[Tuple[str, Tuple[str, ...]], List[Optional[int]]] = {}
+    for (module, index), names in rests.items():
+        groups.setdefault((module, tuple(names)), []).append(index)
+
+    def braces(items: List[str]) -> str:
+        return items[0] if len(items) == 1 else '{' + ', '.join(items) + '}'
+
+    lines = []
+    for (module, names), indices in groups.items():
+        parts = [module] if module else []
+        if indices != [None]:
+            parts.append(braces([str(i) for i in indices]))
+        parts.append(braces(list(names)))
+        lines.append('.'.join(parts))
+    return lines
+
+
 def is_original_state_dict(state_dict: Dict[str, Tensor]) -> bool:
     """True for weights in the original naming (with or without ``backbone.``)."""
     return any(k.split('backbone.', 1)[-1].startswith(('patch_proj.', 'down_projs.')) for k in state_dict)
@@ -66,6 +150,11 @@ def is_original_state_dict(state_dict: Dict[str, Tensor]) -> bool:
 def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int, int]]:
     """Read version, widths, heads, groups, block pattern and construction size from weights.
 
+    Each setting is read from the first of several tensors that tell it, so a checkpoint that
+    lacks some tensors is still read (the conversion then lists what is missing). Settings that
+    no present tensor tells (e.g. a stage without any tensor) are taken from the released
+    variant that fits all present tensors, if exactly one does.
+
     Args:
         state_dict (dict): Original backbone weights, without the ``backbone.`` prefix.
 
@@ -73,7 +162,8 @@ def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int,
         tuple: a custom-arch dict for :class:`DAT` and the construction image size (H, W).
 
     Raises:
-        ConversionError: When a tensor that tells the layout is missing or badly shaped.
+        ConversionError: When the checkpoint is not in the original naming, or a setting can be
+            read neither from its tensors nor from a released variant; the message says which.
     """
     try:
         arch, img_size = _infer_original_arch(state_dict)
@@ -86,42 +176,169 @@ def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int,
     return arch, img_size
 
 
+_ORIGINAL_KEY = re.compile(r'^(patch_proj|down_projs|cls_norm|norms)\.|'
+                           r'^stages\.\d+\.(attns|mlps|layer_norms|local_perception_units)\.\d+\.')
+# Tensors under ``stages.i.attns.b.`` that tell a block's type.
+_BLOCK_MARKERS = {
+    'D': ('rpe_table', 'conv_offset.', 'proj_q.', 'proj_k.', 'proj_v.'),
+    'N': ('rpb', 'qkv.', 'proj.'),
+    'L': ('relative_position_bias_table', 'relative_position_index', 'proj_qkv.', 'attn_mask'),
+}
+
+
+def _first_size(state_dict: Dict[str, Tensor], candidates: Sequence[Tuple[str, int]]) -> Optional[int]:
+    """Size ``dim`` of the first ``(key, dim)`` of ``candidates`` whose tensor is present."""
+    for key, dim in candidates:
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.dim() > dim:
+            return int(value.shape[dim])
+    return None
+
+
+def _stage_width(state_dict: Dict[str, Tensor], i: int, version: str) -> Optional[int]:
+    """``dims[i]`` from the first tensor present that tells it."""
+    candidates = []
+    if i:
+        candidates += [(f'down_projs.{i - 1}.0.weight', 0), (f'down_projs.{i - 1}.1.norm.weight', 0),
+                       (f'down_projs.{i - 1}.1.norm.bias', 0)]
+    elif version == 'pp':
+        candidates += [('patch_proj.3.weight', 0), ('patch_proj.4.norm.weight', 0), ('patch_proj.4.norm.bias', 0)]
+    else:
+        candidates += [('patch_proj.0.weight', 0), ('patch_proj.1.norm.weight', 0), ('patch_proj.1.norm.bias', 0)]
+    if i < 3:
+        candidates.append((f'down_projs.{i}.0.weight', 1))
+    candidates += [(f'norms.{i}.norm.weight', 0), (f'norms.{i}.norm.bias', 0)]
+    if i == 3:
+        candidates += [('cls_norm.norm.weight', 0), ('cls_norm.norm.bias', 0), ('cls_head.weight', 1)]
+    pattern = re.compile(rf'stages\.{i}\.(layer_norms\.\d+\.norm|local_perception_units\.\d+)\.(weight|bias)$')
+    candidates += [(k, 0) for k in state_dict if pattern.match(k)]
+    size = _first_size(state_dict, candidates)
+    if size is None and i == 0 and version == 'pp':  # the first stem conv has half the width
+        half = _first_size(state_dict, [('patch_proj.0.weight', 0), ('patch_proj.1.norm.weight', 0),
+                                        ('patch_proj.1.norm.bias', 0), ('patch_proj.3.weight', 1)])
+        size = None if half is None else 2 * half
+    return size
+
+
 def _infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int, int]]:
     """:func:`infer_original_arch` without the translation of lookup errors."""
-    if 'patch_proj.0.weight' not in state_dict:
-        raise ConversionError('Not an original DAT checkpoint: no patch_proj.0.weight '
-                              f'(first keys: {list(state_dict)[:5]})')
-    version = 'pp' if 'patch_proj.3.weight' in state_dict else 'v1'
-    dims = [state_dict['patch_proj.0.weight'].shape[0] * (2 if version == 'pp' else 1)]
-    dims += [state_dict[f'down_projs.{i}.0.weight'].shape[0] for i in range(3)]
-    heads, groups, spec, img_size = [0] * 4, [0] * 4, [''] * 4, None
-    window_size = 7
+    if not any(_ORIGINAL_KEY.match(k) for k in state_dict):
+        raise ConversionError('Not an original DAT checkpoint: no tensor is named as in the original code '
+                              '(patch_proj.*, down_projs.*, stages.i.attns.b.*, ...); '
+                              f'first keys: {list(state_dict)[:5]}')
+    pp_key = re.compile(r'^patch_proj\.[34]\.|'
+                        r'^stages\.\d+\.(local_perception_units\.|mlps\.\d+\.(dwc|linear\d\.0)\.)')
+    version = 'pp' if any(pp_key.match(k) for k in state_dict) else 'v1'
+    dims = [_stage_width(state_dict, i, version) for i in range(4)]
+    heads: List[Optional[int]] = [None] * 4
+    groups: List[Optional[int]] = [None] * 4
+    kinds: List[List[Optional[str]]] = [[] for _ in range(4)]
+    window_size, img_size = None, None
+    has_masks = any(k.endswith('attn_mask') for k in state_dict)
     for i in range(4):
-        blocks = sorted({int(m[1]) for k in state_dict if (m := re.match(rf'stages\.{i}\.attns\.(\d+)\.', k))})
-        for b in blocks:
+        indices = set()
+        for key in state_dict:
+            match = re.match(rf'stages\.{i}\.(attns|mlps|local_perception_units|layer_norms)\.(\d+)\.', key)
+            if match:
+                indices.add(int(match[2]) // (2 if match[1] == 'layer_norms' else 1))
+        for b in range(max(indices) + 1 if indices else 0):
             prefix = f'stages.{i}.attns.{b}.'
-            if prefix + 'rpe_table' in state_dict:
-                table = state_dict[prefix + 'rpe_table']
-                heads[i] = table.shape[0]
-                groups[i] = dims[i] // state_dict[prefix + 'conv_offset.0.weight'].shape[0]
-                stride = 4 * 2 ** i
-                img_size = ((table.shape[1] + 1) // 2 * stride, (table.shape[2] + 1) // 2 * stride)
-                spec[i] += 'D'
-            elif prefix + 'rpb' in state_dict:
-                heads[i] = state_dict[prefix + 'rpb'].shape[0]
-                spec[i] += 'N'
-            elif prefix + 'relative_position_bias_table' in state_dict:
-                n, heads[i] = state_dict[prefix + 'relative_position_bias_table'].shape
-                window_size = (math.isqrt(n) + 1) // 2
+            names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+            kind = next((kind for kind, markers in _BLOCK_MARKERS.items()
+                         if any(n == m or (m.endswith('.') and n.startswith(m)) for n in names for m in markers)),
+                        None)
+            if kind == 'D':
+                heads[i] = heads[i] or _first_size(state_dict, [(prefix + 'rpe_table', 0)])
+                group_dim = _first_size(state_dict, [(prefix + 'conv_offset.0.weight', 0),
+                                                     (prefix + 'conv_offset.0.bias', 0),
+                                                     (prefix + 'conv_offset.1.norm.weight', 0),
+                                                     (prefix + 'conv_offset.1.norm.bias', 0),
+                                                     (prefix + 'conv_offset.3.weight', 1)])
+                if group_dim and dims[i] and groups[i] is None:
+                    groups[i] = dims[i] // group_dim
+                if prefix + 'rpe_table' in state_dict:
+                    table = state_dict[prefix + 'rpe_table']
+                    stride = 4 * 2 ** i
+                    img_size = ((table.shape[1] + 1) // 2 * stride, (table.shape[2] + 1) // 2 * stride)
+            elif kind == 'N':
+                heads[i] = heads[i] or _first_size(state_dict, [(prefix + 'rpb', 0)])
+            elif kind == 'L':
+                table = state_dict.get(prefix + 'relative_position_bias_table')
+                if table is not None:
+                    n, heads[i] = table.shape
+                    window_size = (math.isqrt(n) + 1) // 2
                 # The released files hold the shift mask of every 'S' block; without it the
                 # v1 pattern alternates L, S.
-                shifted = prefix + 'attn_mask' in state_dict or (
-                    not any(k.endswith('attn_mask') for k in state_dict) and b % 2 == 1)
-                spec[i] += 'S' if shifted else 'L'
-            else:
-                raise ConversionError(f'Cannot tell the block type of {prefix[:-1]}')
-    arch = dict(version=version, dims=dims, heads=heads, groups=groups, stage_spec=spec, window_size=window_size)
+                shifted = prefix + 'attn_mask' in state_dict or (not has_masks and b % 2 == 1)
+                kind = 'S' if shifted else 'L'
+            kinds[i].append(kind)
+        if kinds[i] and None not in kinds[i] and 'D' not in kinds[i]:
+            groups[i] = 0
+    window_size = _fill_from_variants(version, dims, heads, groups, kinds, window_size)
+    arch = dict(version=version, dims=dims, heads=heads, groups=groups, stage_spec=[''.join(k) for k in kinds],
+                window_size=window_size)
     return arch, img_size or (224, 224)
+
+
+def _fill_from_variants(version: str, dims: List[Optional[int]], heads: List[Optional[int]],
+                        groups: List[Optional[int]], kinds: List[List[Optional[str]]],
+                        window_size: Optional[int]) -> int:
+    """Fill the settings no tensor told (None, or a stage without blocks) from the released variants
+    that fit every known setting, where they all agree; raise if something stays unknown.
+
+    Returns:
+        int: The window size (v1's Swin windows; 7 where no tensor or variant tells it).
+    """
+    def fits(variant: dict) -> bool:
+        if variant['version'] != version or window_size not in (None, variant['window_size']):
+            return False
+        for i in range(4):
+            spec = variant['stage_spec'][i]
+            if any(known is not None and known != variant[key][i]
+                   for key, known in (('dims', dims[i]), ('heads', heads[i]), ('groups', groups[i]))):
+                return False
+            if kinds[i] and (len(kinds[i]) != len(spec)
+                             or any(k is not None and k != s for k, s in zip(kinds[i], spec, strict=True))):
+                return False
+        return True
+
+    fitting = [DAT.arch_zoo[name] for name in CANONICAL_ARCHS if fits(DAT.arch_zoo[name])]
+    problems = []
+
+    def fill(values: list, key: str, i: int, what: str) -> None:
+        options = {v[key][i] for v in fitting}
+        if len(options) == 1:
+            values[i] = options.pop()
+        else:
+            problems.append(what)
+
+    for i in range(4):
+        if dims[i] is None:
+            fill(dims, 'dims', i, f'dims[{i}]: no down_projs.{i - 1}.*, stages.{i}.layer_norms.* or other tensor '
+                                  f'of width dims[{i}] is present' if i else
+                 'dims[0]: no patch_proj.*, stages.0.layer_norms.* or other tensor of width dims[0] is present')
+        if not kinds[i] or None in kinds[i]:
+            options = {v['stage_spec'][i] for v in fitting}
+            if len(options) == 1:
+                kinds[i] = list(options.pop())
+            elif not kinds[i]:
+                problems.append(f'stage_spec[{i}]: no tensor of stage {i} (stages.{i}.*) is present')
+            else:
+                unknown = [b for b, k in enumerate(kinds[i]) if k is None]
+                problems.append(f'stage_spec[{i}]: no attention tensor of block(s) {unknown} '
+                                f'(stages.{i}.attns.b.*) is present, so their type (L, S, N or D) is unknown')
+        if heads[i] is None:
+            fill(heads, 'heads', i, f'heads[{i}]: no bias table (rpe_table, rpb or relative_position_bias_table) '
+                                    f'of stage {i} is present')
+        if groups[i] is None:
+            fill(groups, 'groups', i, f'groups[{i}]: no conv_offset.* tensor of a D block of stage {i} is present')
+    if problems:
+        raise ConversionError('Cannot read the DAT layout from this checkpoint, and no released variant fits '
+                              'the tensors that are present:\n  ' + '\n  '.join(problems))
+    if window_size is None:
+        options = {v['window_size'] for v in fitting}
+        window_size = options.pop() if len(options) == 1 else 7
+    return window_size
 
 
 def match_arch_name(arch: dict) -> Optional[str]:
@@ -160,8 +377,9 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
         settings dict), ``img_size`` and ``kind`` (``'classifier'`` or ``'dense'``).
 
     Raises:
-        ConversionError: When a source tensor is left unused or used twice, a target tensor
-            is not filled, or a shape differs; the message lists every problem.
+        ConversionError: When a source tensor is left unused or used twice, a shape differs, or
+            tensors are missing (listed by their original names, grouped); the message lists
+            every problem.
     """
     dense = any(k.startswith('backbone.') for k in state_dict)
     backbone_src = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')} \
@@ -169,8 +387,8 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
     arch, img_size = infer_original_arch(backbone_src)
     name = match_arch_name(arch)
     if dense:
-        norm_keys = (re.match(r'norms\.(\d+)\.norm\.weight', k) for k in backbone_src)
-        out_indices = tuple(sorted(int(m[1]) for m in norm_keys if m))
+        norm_keys = (re.match(r'norms\.(\d+)\.norm\.', k) for k in backbone_src)
+        out_indices = tuple(sorted({int(m[1]) for m in norm_keys if m}))
     else:
         out_indices = (3,)
     model = DAT(arch=name or arch, out_indices=out_indices or (0, 1, 2, 3), img_size=img_size)
@@ -178,6 +396,7 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
 
     problems: List[str] = []
     converted: Dict[str, Tensor] = {}
+    offered = set()  # targets some source tensor was renamed to (filled, or of the wrong shape)
     for key, value in backbone_src.items():
         if key.endswith(_DERIVED_BUFFERS):
             problem = _check_derived_buffer(key, value, arch['window_size'])
@@ -185,6 +404,7 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
                 problems.append(problem)
             continue
         new = rename_original_key(key, arch['version'])
+        offered.add(new)
         if new not in targets:
             problems.append(f'unused source tensor {key} (-> {new}, no such parameter)')
         elif new in converted:
@@ -193,7 +413,15 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
             problems.append(f'{key} -> {new}: shape {tuple(value.shape)} != expected {tuple(targets[new].shape)}')
         else:
             converted[new] = value
-    problems += [f'target tensor {k} not filled' for k in targets if k not in converted]
+    missing = [original_key(k, arch['version'], classifier=not dense) for k in targets if k not in offered]
+    if not dense:
+        missing += [k for k in ('cls_head.weight', 'cls_head.bias') if k not in state_dict]
+    if missing:
+        layout = f'the {name} layout' if name else f"this custom {arch['version']} layout"
+        problems.append(f'the checkpoint lacks {len(missing)} of the {len(targets) + (0 if dense else 2)} tensors of '
+                        f'{layout} (as read from the tensors present)'
+                        + (" (names after 'backbone.')" if dense else '') + ':\n    '
+                        + '\n    '.join(group_keys(missing)))
     if problems:
         raise ConversionError('Conversion failed:\n  ' + '\n  '.join(problems))
 
