@@ -121,6 +121,22 @@ def test_metadata_version_python_and_licence(metadata):
     assert {'3.10', '3.11'} <= classified
 
 
+def test_citation_and_changelog_name_this_version(metadata):
+    import yaml
+
+    citation = yaml.safe_load((REPO / 'CITATION.cff').read_text())
+    assert citation['cff-version'] == '1.2.0'
+    assert str(citation['version']) == metadata['Version']
+    assert citation['license'] == metadata['License-Expression']
+    cited = {ref['url'] for ref in citation['references']}
+    assert cited == {'https://arxiv.org/abs/2201.00520', 'https://arxiv.org/abs/2309.01430'}
+    for ref in citation['references']:
+        assert [a['family-names'] for a in ref['authors']] == ['Xia', 'Pan', 'Song', 'Li', 'Huang']
+    headings = [line[3:].strip() for line in (REPO / 'CHANGELOG.md').read_text().splitlines()
+                if line.startswith('## ')]
+    assert headings[0] == metadata['Version'], 'CHANGELOG.md: the newest section must be this version'
+
+
 def test_install_requires_are_ranges_of_what_the_package_imports(metadata):
     base = _requirements(metadata)
     assert set(base) == {'torch', 'numpy', 'mmengine', 'mmcv', 'pillow'}
