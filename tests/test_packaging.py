@@ -12,6 +12,7 @@ import ast
 import email.message
 import email.parser
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -188,6 +189,19 @@ def test_tested_set_lies_inside_the_declared_ranges(metadata):
         assert Version(pin.version) in req.specifier, f'{name}{pin} is outside {req}'
         installed = Version(Version(importlib.metadata.version(name)).public)
         assert installed in req.specifier, f'{name} {installed} is installed, outside {req}'
+
+
+def test_wheel_installs_into_this_environment_without_changing_it(wheel, tmp_path):
+    """An environment that already runs the three toolboxes (this one) satisfies every range:
+    pip would add projects-dat and touch nothing else (a dry run, no index)."""
+    report = tmp_path / 'report.json'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pip', 'install', '--dry-run', '--no-index', '--disable-pip-version-check', '-q',
+         '--report', str(report), f'{wheel}[all,tests,mim]'],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    would_install = [item['metadata']['name'] for item in json.loads(report.read_text())['install']]
+    assert would_install == ['projects-dat']
 
 
 # Import order and where the foreign folder sits on sys.path: both must work.
