@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import copyreg
 import errno
 import json
 import os
@@ -37,12 +38,13 @@ import projects.dat  # noqa: F401  (registers the allow-list)
 from projects.dat import checkpoint as dat_ckpt
 from projects.dat.checkpoint import (
     CheckpointError,
+    UntrustedCheckpointError,
+    atomic_open,
     atomic_save,
     extract_state_dict,
-    install_atomic_checkpoint_save,
     load_original_checkpoint,
-    uninstall_atomic_checkpoint_save,
 )
+from projects.dat.hooks import ATOMIC_BACKEND_NAME, AtomicCheckpointHook
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / 'shared' / 'golden' / 'dat_v1_small.pt'
@@ -137,6 +139,7 @@ def build_runner(
     save_best=None,
     val=False,
     hooks=(),
+    checkpoint_type='AtomicCheckpointHook',
 ) -> Runner:
     loader = dict(
         dataset=ToyDataset(),
@@ -153,7 +156,7 @@ def build_runner(
             val_cfg=dict(),
         )
     checkpoint = dict(
-        type='CheckpointHook',
+        type=checkpoint_type,
         by_epoch=False,
         interval=interval,
         max_keep_ckpts=max_keep_ckpts,
@@ -323,8 +326,94 @@ def test_numpy_1x_names_are_accepted(tmp_path):
 
 def test_register_is_idempotent():
     before = set(map(repr, torch.serialization.get_safe_globals()))
-    dat_ckpt.register_mmengine_safe_globals()
+    assert dat_ckpt.register_mmengine_safe_globals() is True
     assert set(map(repr, torch.serialization.get_safe_globals())) == before
+
+
+@pytest.mark.parametrize('version', ['2.1.2', '2.4.1'])
+def test_register_is_a_no_op_on_old_torch(monkeypatch, version):
+    """torch < 2.4 has no add_safe_globals, torch 2.4 no (object, name) entries: nothing is
+    registered there and nothing crashes."""
+    monkeypatch.setattr(dat_ckpt, '_safe_globals_registered', False)
+    monkeypatch.setattr(torch, '__version__', torch.torch_version.TorchVersion(version))
+    if version < '2.4':
+        monkeypatch.delattr(torch.serialization, 'add_safe_globals')
+    else:
+        monkeypatch.setattr(torch.serialization, 'add_safe_globals', lambda entries: pytest.fail('called'))
+    assert dat_ckpt.register_mmengine_safe_globals() is False
+
+
+# ---------------------------------------------------------------------------------------------
+# HistoryBuffer: a crafted state cannot change the statistics methods shared by all buffers
+# ---------------------------------------------------------------------------------------------
+
+
+def crafted_history_buffer(path, methods, **state):
+    """Save a pickle of a HistoryBuffer whose state is ``state`` plus ``statistics_methods``."""
+    from mmengine.logging import HistoryBuffer
+
+    state = dict(
+        dict(max_length=10, _log_history=np.array([1.0, 3.0]), _count_history=np.array([1, 1])),
+        statistics_methods=methods,
+    ) | state
+
+    class Crafted:
+        __class__ = property(lambda self: HistoryBuffer)  # pickled under HistoryBuffer's name
+
+        def __reduce_ex__(self, protocol):
+            return (copyreg.__newobj__, (HistoryBuffer,), state)
+
+    torch.save({'buffer': Crafted()}, path)
+    return path
+
+
+def test_history_buffer_loads_as_a_plain_history_buffer(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    shared = dict(HistoryBuffer._statistics_methods)
+    path = crafted_history_buffer(tmp_path / 'ok.pth', {'mean': HistoryBuffer.mean, 'max': HistoryBuffer.max})
+    loaded = torch.load(path)['buffer']
+    assert type(loaded) is HistoryBuffer
+    assert loaded.mean() == 2.0 and loaded.statistics('max') == 3.0
+    assert 'statistics_methods' not in vars(loaded)
+    assert HistoryBuffer._statistics_methods == shared
+
+
+@pytest.mark.parametrize(
+    'methods, state, match',
+    [
+        ({'mean': 'max'}, {}, "statistics method 'mean'.*refused"),  # replace a method
+        ({'median': 'min'}, {}, "statistics method 'median'.*refused"),  # add a method
+        ({}, {'extra': 1}, 'unknown keys'),
+        ({}, {'max_length': -1}, 'max_length must be a positive int'),
+    ],
+)
+def test_crafted_history_buffer_is_refused(tmp_path, methods, state, match):
+    from mmengine.logging import HistoryBuffer
+
+    shared = dict(HistoryBuffer._statistics_methods)
+    methods = {name: getattr(HistoryBuffer, value) for name, value in methods.items()}
+    path = crafted_history_buffer(tmp_path / 'crafted.pth', methods, **state)
+    with pytest.raises(pickle.UnpicklingError, match=match):
+        torch.load(path)
+    assert HistoryBuffer._statistics_methods == shared
+    assert HistoryBuffer([1.0, 3.0], [1, 1]).statistics('mean') == 2.0
+
+
+def test_crafted_history_buffer_would_change_mmengine_without_the_check(tmp_path):
+    """Control: mmengine's own HistoryBuffer.__setstate__ (full unpickling, no projects.dat)
+    replaces ``mean`` for every buffer of the process."""
+    from mmengine.logging import HistoryBuffer
+
+    path = crafted_history_buffer(tmp_path / 'crafted.pth', {'mean': HistoryBuffer.max})
+    code = (
+        'import sys, torch; from mmengine.logging import HistoryBuffer; '
+        'torch.load(sys.argv[1], weights_only=False); '
+        'print(HistoryBuffer([1.0, 3.0], [1, 1]).statistics("mean"))'
+    )
+    result = run_python('-c', code, str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == '3.0'  # the max, not the mean 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,29 +437,6 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
     atomic_save({'w': torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)['w'], torch.zeros(3))
     assert tmp_leftovers(tmp_path) == []
-
-
-def test_next_write_removes_abandoned_tmp_files_only(tmp_path):
-    path = tmp_path / 'ckpt.pth'
-    abandoned = tmp_path / '.ckpt.pth.tmp-4242-0badc0de'  # as a killed writer leaves it
-    in_progress = tmp_path / '.ckpt.pth.tmp-4343-00c0ffee'  # another writer, still active
-    other_target = tmp_path / '.other.pth.tmp-4242-0badc0de'
-    for leftover in (abandoned, in_progress, other_target):
-        leftover.write_bytes(b'partial')
-    old = time.time() - dat_ckpt.STALE_TMP_SECONDS - 60
-    os.utime(abandoned, (old, old))
-    os.utime(other_target, (old, old))
-    atomic_save({'w': torch.ones(3)}, path)
-    assert torch.equal(torch.load(path)['w'], torch.ones(3))
-    assert sorted(tmp_leftovers(tmp_path)) == sorted([in_progress.name, other_target.name])
-
-
-@pytest.fixture
-def atomic_installed():
-    """The protection on (``import projects.dat`` installs it; this makes it explicit)."""
-    install_atomic_checkpoint_save()
-    yield
-    install_atomic_checkpoint_save()
 
 
 @pytest.fixture
@@ -408,31 +474,49 @@ def disk_full(monkeypatch):
     return fail
 
 
-@pytest.mark.parametrize('atomic', [True, False])
-def test_mmengine_save_checkpoint_disk_full(tmp_path, atomic_installed, disk_full, atomic):
-    """Through mmengine's own save path (LocalBackend.put). Without the patch the previous
-    checkpoint is destroyed, which shows that this test can fail."""
+@pytest.mark.parametrize('backend_args', [dict(backend=ATOMIC_BACKEND_NAME), None])
+def test_mmengine_save_checkpoint_disk_full(tmp_path, disk_full, backend_args):
+    """Through mmengine's own save path (the file backend's put), as the hook calls it. With
+    mmengine's LocalBackend the previous checkpoint is destroyed, which shows that this test
+    can fail."""
     from mmengine.runner.checkpoint import save_checkpoint
 
     path = str(tmp_path / 'latest.pth')
-    save_checkpoint({'state_dict': {'w': torch.ones(100)}}, path)
+    save_checkpoint({'state_dict': {'w': torch.ones(100)}}, path, backend_args=backend_args)
     before = Path(path).read_bytes()
-    if not atomic:
-        uninstall_atomic_checkpoint_save()
-    try:
-        disk_full('latest.pth')
-        with pytest.raises(OSError, match='No space left'):
-            save_checkpoint({'state_dict': {'w': torch.zeros(100)}}, path)
-    finally:
-        install_atomic_checkpoint_save()
-    if atomic:
+    disk_full('latest.pth')
+    with pytest.raises(OSError, match='No space left'):
+        save_checkpoint({'state_dict': {'w': torch.zeros(100)}}, path, backend_args=backend_args)
+    if backend_args is not None:
         assert Path(path).read_bytes() == before
         assert tmp_leftovers(tmp_path) == []
     else:
         assert Path(path).read_bytes() != before
 
 
-def test_last_checkpoint_written_atomically(tmp_path, atomic_installed, disk_full):
+def test_hook_writes_through_the_atomic_backend(tmp_path):
+    runner = build_runner(tmp_path, max_iters=2, interval=2)
+    hook = next(h for h in runner.hooks if isinstance(h, AtomicCheckpointHook))
+    runner.train()
+    assert hook.writes_atomically and hook.backend_args == dict(backend=ATOMIC_BACKEND_NAME)
+    assert type(hook.file_backend).__name__ == 'AtomicLocalBackend'
+    torch.load(tmp_path / 'iter_2.pth')
+
+
+def test_hook_with_other_storage_keeps_its_backend(tmp_path):
+    """backend_args naming another backend are used as given (here mmengine's own local one
+    under file_client_args), with a warning that the writes are not atomic."""
+    runner = build_runner(tmp_path, max_iters=2, interval=2)
+    hook = next(h for h in runner.hooks if isinstance(h, AtomicCheckpointHook))
+    hook.file_client_args = dict(backend='disk')
+    with pytest.warns(DeprecationWarning):
+        runner.train()
+    assert not hook.writes_atomically
+    assert hook.backend_args is None
+    torch.load(tmp_path / 'iter_2.pth')
+
+
+def test_last_checkpoint_written_atomically(tmp_path, disk_full):
     build_runner(tmp_path, max_iters=2, interval=2).train()
     last = (tmp_path / 'last_checkpoint').read_text()
     assert last.endswith('iter_2.pth')
@@ -443,19 +527,26 @@ def test_last_checkpoint_written_atomically(tmp_path, atomic_installed, disk_ful
     assert tmp_leftovers(tmp_path) == []
 
 
-def test_max_keep_ckpts_deletes_only_after_saving(tmp_path, atomic_installed, disk_full):
-    """max_keep_ckpts=1: mmengine deletes the old file before writing the new one."""
-    build_runner(tmp_path, max_iters=2, interval=1, max_keep_ckpts=1).train()
+@pytest.mark.parametrize('checkpoint_type', ['AtomicCheckpointHook', 'CheckpointHook'])
+def test_max_keep_ckpts_deletes_only_after_saving(tmp_path, disk_full, checkpoint_type):
+    """max_keep_ckpts=1: mmengine's CheckpointHook deletes the old file before writing the new
+    one (so a failed write leaves nothing); AtomicCheckpointHook deletes it afterwards."""
+    build_runner(tmp_path, max_iters=2, interval=1, max_keep_ckpts=1, checkpoint_type=checkpoint_type).train()
     assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_2.pth']  # still pruned
     disk_full('iter_3.pth')
     with pytest.raises(OSError, match='No space left'):
-        build_runner(tmp_path, max_iters=3, interval=1, max_keep_ckpts=1, resume=True).train()
+        build_runner(
+            tmp_path, max_iters=3, interval=1, max_keep_ckpts=1, resume=True, checkpoint_type=checkpoint_type
+        ).train()
+    if checkpoint_type == 'CheckpointHook':
+        assert not (tmp_path / 'iter_2.pth').exists()
+        return
     assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_2.pth']
     assert tmp_leftovers(tmp_path) == []
     torch.load(tmp_path / 'iter_2.pth')
 
 
-def test_save_best_keeps_one_best_file(tmp_path, atomic_installed):
+def test_save_best_keeps_one_best_file(tmp_path):
     build_runner(
         tmp_path, max_iters=6, interval=2, val=True, save_best='toy/mse', max_keep_ckpts=2
     ).train()
@@ -464,36 +555,242 @@ def test_save_best_keeps_one_best_file(tmp_path, atomic_installed):
     assert len([n for n in names if n.startswith('best_')]) == 1
 
 
-def test_install_is_idempotent_and_reversible():
-    from mmengine.fileio.backends import LocalBackend
-    from mmengine.hooks import CheckpointHook
+def test_failed_best_save_keeps_the_previous_best(tmp_path, disk_full):
+    """mmengine deletes the previous best checkpoint before writing the new one."""
+    build_runner(tmp_path, max_iters=2, interval=2, val=True, save_best='toy/mse').train()
+    (best,) = tmp_path.glob('best_*.pth')
+    disk_full('best_toy_mse_iter_4')
+    with pytest.raises(OSError, match='No space left'):
+        build_runner(tmp_path, max_iters=4, interval=2, val=True, save_best='toy/mse', resume=True).train()
+    assert [p.name for p in tmp_path.glob('best_*.pth')] == [best.name]
+    torch.load(best)
 
-    install_atomic_checkpoint_save()
-    patched = (LocalBackend.put, CheckpointHook._save_checkpoint_with_step)
-    install_atomic_checkpoint_save()
-    assert (LocalBackend.put, CheckpointHook._save_checkpoint_with_step) == patched
-    uninstall_atomic_checkpoint_save()
+
+# ---------------------------------------------------------------------------------------------
+# Temporary files of atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_tmp_file_is_private_while_written(tmp_path, umask_022):
+    path = tmp_path / 'ckpt.pth'
+    with atomic_open(path) as f:
+        (tmp,) = tmp_leftovers(tmp_path)
+        assert stat_mode(tmp_path / tmp) == 0o600
+        f.write(b'data')
+    assert stat_mode(path) == 0o644  # 0o666 & ~umask, as open() would create it
+
+
+def test_existing_file_keeps_its_mode(tmp_path, umask_022):
+    path = tmp_path / 'ckpt.pth'
+    path.write_bytes(b'old')
+    os.chmod(path, 0o640)
+    atomic_save({'w': torch.ones(1)}, path)
+    assert stat_mode(path) == 0o640
+    os.chmod(path, 0o600)
+    atomic_save({'w': torch.ones(1)}, path)
+    assert stat_mode(path) == 0o600
+
+
+def test_umask_is_respected_for_new_files(tmp_path):
+    old = os.umask(0o077)
     try:
-        assert LocalBackend.put is not patched[0]
-        assert not hasattr(CheckpointHook._save_checkpoint_with_step, '__wrapped_by_projects_dat__')
+        atomic_save({'w': torch.ones(1)}, tmp_path / 'a.pth')
     finally:
-        install_atomic_checkpoint_save()
+        os.umask(old)
+    assert stat_mode(tmp_path / 'a.pth') == 0o600
 
 
-def test_import_installs_atomic_save():
-    """``import projects.dat`` (what every config does) turns the protection on."""
-    result = run_python(
-        '-c',
-        (
-            'import projects.dat; from mmengine.fileio.backends import LocalBackend; '
-            'from projects.dat import checkpoint as c; '
-            'assert LocalBackend.put is c._atomic_local_put, LocalBackend.put'
-        ),
+def stat_mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def make_old(path) -> None:
+    old = time.time() - dat_ckpt.STALE_TMP_SECONDS - 60
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+def test_next_write_in_the_folder_removes_abandoned_tmp_files_only(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    abandoned = tmp_path / '.ckpt.pth.tmp-4242-0badc0de'  # as a killed writer leaves it
+    abandoned_other = tmp_path / '.iter_3.pth.tmp-4242-0badc0de'  # another target, same folder
+    in_progress = tmp_path / '.ckpt.pth.tmp-4343-00c0ffee'  # another writer, still active
+    not_ours = [
+        tmp_path / '.ckpt.pth.tmp-old',  # not our pattern
+        tmp_path / 'ckpt.pth.tmp-4242-0badc0de',  # not hidden
+        tmp_path / '.ckpt.pth.tmp-4242-0BADC0DE',  # upper-case hex: not what we write
+    ]
+    outside = tmp_path / 'outside.txt'
+    outside.write_bytes(b'keep me')
+    symlink = tmp_path / '.link.pth.tmp-4242-0badc0de'
+    symlink.symlink_to(outside)
+    folder = tmp_path / '.dir.pth.tmp-4242-0badc0de'
+    folder.mkdir()
+    for leftover in (abandoned, abandoned_other, in_progress, *not_ours):
+        leftover.write_bytes(b'partial')
+    for old in (abandoned, abandoned_other, *not_ours, symlink, folder):
+        make_old(old)
+    atomic_save({'w': torch.ones(3)}, path)
+    assert torch.equal(torch.load(path)['w'], torch.ones(3))
+    assert not abandoned.exists() and not abandoned_other.exists()
+    assert in_progress.exists() and folder.is_dir() and symlink.is_symlink()
+    assert all(p.exists() for p in not_ours)
+    assert outside.read_bytes() == b'keep me'
+
+
+def test_tmp_files_of_other_users_are_kept(tmp_path, monkeypatch):
+    abandoned = tmp_path / '.ckpt.pth.tmp-4242-0badc0de'
+    abandoned.write_bytes(b'partial')
+    make_old(abandoned)
+    monkeypatch.setattr(dat_ckpt, '_user_id', lambda: os.stat(abandoned).st_uid + 1)
+    atomic_save({'w': torch.ones(3)}, tmp_path / 'ckpt.pth')
+    assert abandoned.exists()
+    monkeypatch.undo()
+    atomic_save({'w': torch.ones(3)}, tmp_path / 'ckpt.pth')
+    assert not abandoned.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# import projects.dat changes nothing of mmengine; the hook is in every config
+# ---------------------------------------------------------------------------------------------
+
+_SNAPSHOT = r"""
+import importlib, inspect, json, pkgutil, sys, types, warnings
+warnings.simplefilter('ignore')
+import mmengine
+
+def walk():
+    for info in pkgutil.walk_packages(mmengine.__path__, 'mmengine.'):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # optional dependencies (e.g. deepspeed, colossalai) missing
+            pass
+    seen = {}
+    for name, module in sorted(sys.modules.items()):
+        if not (name == 'mmengine' or name.startswith('mmengine.')) or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) or isinstance(value, (staticmethod, classmethod)):
+                seen[f'{name}.{attr}'] = value
+            if inspect.isclass(value) and value.__module__.startswith('mmengine'):
+                for key, member in list(vars(value).items()):
+                    if callable(member) or isinstance(member, (staticmethod, classmethod, property)):
+                        seen[f'{name}.{attr}.{key}'] = member
+    return seen
+
+before = walk()
+import projects.dat
+after = walk()
+changed = sorted(k for k in before if k in after and after[k] is not before[k])
+added = sorted(k for k in after if k not in before and not k.startswith(('mmengine.registry', )))
+print(json.dumps(dict(n=len(before), changed=changed, added=added)))
+"""
+
+
+def test_import_changes_no_mmengine_function_or_method():
+    """Every function, method and class attribute that is callable in every mmengine module is
+    the very same object before and after ``import projects.dat`` (fresh process)."""
+    result = run_python('-c', _SNAPSHOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['n'] > 3000, report['n']  # the walk saw mmengine
+    assert report['changed'] == []
+    assert report['added'] == []
+
+
+def test_import_registers_names_only():
+    from mmengine.fileio.backends.registry_utils import backends
+    from mmengine.registry import HOOKS
+    from mmengine.runner.checkpoint import CheckpointLoader, load_from_http
+
+    assert HOOKS.get('AtomicCheckpointHook') is AtomicCheckpointHook
+    assert backends[ATOMIC_BACKEND_NAME].__name__ == 'AtomicLocalBackend'
+    for prefix in ('http://', 'https://'):
+        assert CheckpointLoader._get_checkpoint_loader(prefix + 'h/x.pth') is dat_ckpt.load_from_http_weights_only
+    assert load_from_http.__module__ == 'mmengine.runner.checkpoint'  # mmengine's own function is untouched
+
+
+def test_import_twice_is_harmless():
+    """A second import of the modules (e.g. importlib.reload, fresh process) replaces only our
+    own registry entries; a name taken by something else is not overridden."""
+    code = (
+        'import importlib, projects.dat\n'
+        'from mmengine.registry import HOOKS\n'
+        'from mmengine.fileio.backends.registry_utils import backends\n'
+        'from projects.dat import checkpoint, hooks\n'
+        'importlib.reload(checkpoint); importlib.reload(hooks)\n'
+        'assert HOOKS.get("AtomicCheckpointHook") is hooks.AtomicCheckpointHook\n'
+        'assert backends[hooks.ATOMIC_BACKEND_NAME] is hooks.AtomicLocalBackend\n'
+        'class Other(hooks.AtomicCheckpointHook): pass\n'
+        'HOOKS.register_module(name="AtomicCheckpointHook", module=Other, force=True)\n'
+        'try:\n'
+        '    importlib.reload(hooks)\n'
+        'except KeyError as error:\n'
+        '    print("refused:", error)\n'
     )
-    assert result.returncode == 0, (
-        'projects/dat/__init__.py must call install_atomic_checkpoint_save(): '
-        + result.stderr[-2000:]
-    )
+    result = run_python('-c', code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'refused:' in result.stdout and 'AtomicCheckpointHook' in result.stdout
+
+
+def test_hook_name_is_free_in_every_toolbox():
+    from mmengine.registry import HOOKS as ROOT
+
+    names = {'AtomicCheckpointHook'}
+    for toolbox in ('mmdet', 'mmseg', 'mmpretrain'):
+        registry = importlib_module(f'{toolbox}.registry').HOOKS
+        importlib_module(f'{toolbox}.utils').register_all_modules(init_default_scope=False)
+        assert not names & set(registry.module_dict), toolbox
+    assert ROOT.module_dict['AtomicCheckpointHook'] is AtomicCheckpointHook
+
+
+def importlib_module(name):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+CONFIGS = REPO / 'configs'
+
+
+def all_configs() -> list[Path]:
+    return sorted(p for p in CONFIGS.rglob('*.py') if '_base_' not in p.parts)
+
+
+@pytest.mark.parametrize('path', all_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_uses_the_atomic_hook(path):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(path))
+    checkpoint = cfg.default_hooks.checkpoint
+    assert checkpoint.type == 'AtomicCheckpointHook'
+    assert 'interval' in checkpoint  # merged into the toolbox's CheckpointHook settings
+
+
+@pytest.mark.parametrize(
+    'path',
+    [
+        'demo/datpp-demo_synthetic-imagenet.py',
+        'demo/upernet_datpp-demo_synthetic-ade20k.py',
+        'demo/mask-rcnn_datpp-demo_fpn_synthetic-coco-tiny.py',
+    ],
+)
+def test_runner_of_each_toolbox_builds_the_hook(path, tmp_path):
+    """What ``tools/train.py`` and ``mim train mmpretrain|mmseg|mmdet`` do: Runner.from_cfg."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(CONFIGS / path))
+    cfg.work_dir = str(tmp_path)
+    runner = Runner.from_cfg(cfg)
+    hooks = [h for h in runner.hooks if type(h).__name__ == 'CheckpointHook' or isinstance(h, AtomicCheckpointHook)]
+    assert len(hooks) == 1 and isinstance(hooks[0], AtomicCheckpointHook)
+    assert hooks[0].interval == cfg.default_hooks.checkpoint.interval
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,6 +923,142 @@ def test_extract_state_dict_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# http:// and https:// checkpoints: weights_only=True unless the URL is trusted
+# ---------------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this writes ``marker``: what a malicious checkpoint could do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("ran")',)
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A folder served over HTTP on 127.0.0.1 (a thread of this process), torch.hub's cache in
+    tmp_path, no proxy: ``(folder, base_url)``."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('no_proxy', '127.0.0.1')
+    monkeypatch.delenv(dat_ckpt.TRUSTED_URLS_ENV, raising=False)
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(QuietHandler, directory=str(folder)))
+    server.timeout = 10
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.1), daemon=True)
+    thread.start()
+    try:
+        yield folder, f'http://127.0.0.1:{server.server_address[1]}/'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def malicious(served, tmp_path):
+    """``(url, marker)``: a checkpoint with weights that runs code when fully unpickled."""
+    folder, base = served
+    marker = tmp_path / 'marker'
+    torch.save({'state_dict': {'linear.weight': torch.ones(1, 4)}, 'x': RunsCode(marker)}, folder / 'evil.pth')
+    return base + 'evil.pth', marker
+
+
+def assert_refused_without_running(error, url, marker) -> None:
+    message = str(error)
+    assert url in message
+    assert 'builtins.exec' in message  # says why
+    assert dat_ckpt.TRUSTED_URLS_ENV in message  # and how to opt in
+    assert not marker.exists()
+
+
+def test_url_with_code_is_refused_by_mmengine_load_checkpoint(malicious):
+    from mmengine.runner import load_checkpoint
+
+    url, marker = malicious
+    with pytest.raises(UntrustedCheckpointError) as error:
+        load_checkpoint(ToyModel(), url, map_location='cpu')
+    assert_refused_without_running(error.value, url, marker)
+
+
+def test_url_with_code_is_refused_by_pretrained_init_cfg(malicious):
+    from projects.dat import DAT
+
+    url, marker = malicious
+    model = DAT(arch='datpp-t', init_cfg=dict(type='Pretrained', checkpoint=url))
+    with pytest.raises(UntrustedCheckpointError) as error:
+        model.init_weights()
+    assert_refused_without_running(error.value, url, marker)
+
+
+@pytest.mark.parametrize('resume', [False, True])
+def test_url_with_code_is_refused_as_load_from_and_resume(malicious, tmp_path, resume):
+    url, marker = malicious
+    runner = build_runner(tmp_path / 'run', load_from=url, resume=resume)
+    with pytest.raises(UntrustedCheckpointError) as error:
+        runner.load_or_resume()
+    assert_refused_without_running(error.value, url, marker)
+
+
+def test_mmengine_checkpoint_from_url_resumes_weights_only(served, trained, tmp_path):
+    folder, base = served
+    (folder / 'iter_2.pth').write_bytes((trained / 'iter_2.pth').read_bytes())
+    record = RecordIterHook()
+    build_runner(tmp_path / 'run', max_iters=3, resume=True, load_from=base + 'iter_2.pth', hooks=[record]).train()
+    assert record.iters == [2]
+    cached = Path(os.environ['TORCH_HOME']) / 'hub' / 'checkpoints' / 'iter_2.pth'
+    assert cached.read_bytes() == (trained / 'iter_2.pth').read_bytes()  # torch.hub's cache, as mmengine
+
+
+def test_trusted_prefix_allows_full_unpickling(malicious, monkeypatch):
+    """The payload here only writes a marker file in tmp_path."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    url, marker = malicious
+    base = url[: url.rindex('/')]
+    monkeypatch.setenv(dat_ckpt.TRUSTED_URLS_ENV, f'https://elsewhere.example/, {base}0/')
+    with pytest.raises(UntrustedCheckpointError):  # another port is another prefix
+        CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert not marker.exists()
+    monkeypatch.setenv(dat_ckpt.TRUSTED_URLS_ENV, f'https://elsewhere.example/,{base}')  # no path: base + '/'
+    ckpt = CheckpointLoader.load_checkpoint(url, map_location='cpu')
+    assert marker.read_text() == 'ran'
+    assert torch.equal(ckpt['state_dict']['linear.weight'], torch.ones(1, 4))
+
+
+def test_trusted_prefixes_are_checked():
+    assert dat_ckpt.trusted_url_prefixes('') == []
+    assert dat_ckpt.trusted_url_prefixes(' https://h.org , http://h:8/a/b,') == ['https://h.org/', 'http://h:8/a/b']
+    for bad in ('h.org/models', 'file:///tmp/', 's3://bucket/', 'https://'):
+        with pytest.raises(ValueError, match=f'{dat_ckpt.TRUSTED_URLS_ENV} holds comma-separated URL prefixes'):
+            dat_ckpt.trusted_url_prefixes(bad)
+
+
+def test_truncated_download_says_where_the_cache_is(served):
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    folder, base = served
+    torch.save({'w': torch.ones(1000)}, folder / 'cut.pth')
+    (folder / 'cut.pth').write_bytes((folder / 'cut.pth').read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r'cut\.pth: .*truncated.*delete .*cut\.pth to download it again'):
+        CheckpointLoader.load_checkpoint(base + 'cut.pth', map_location='cpu')
+
+
+# ---------------------------------------------------------------------------------------------
 # Kill -9 in the middle of training, resume, compare with an uninterrupted run
 # ---------------------------------------------------------------------------------------------
 
@@ -656,7 +1089,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_sigkill_twice_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
     """SIGKILL between two iterations, resume; SIGKILL half-way through writing a checkpoint
     (max_keep_ckpts=1, so mmengine is about to delete the only other one), resume: the final
-    weights equal those of a run that was never interrupted."""
+    weights equal those of a run that was never interrupted. The runs name
+    ``AtomicCheckpointHook`` in ``default_hooks``, as our configs do."""
     killed = train_in_child(tmp_path, '--kill-after-iter', '3')
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / 'last_checkpoint').read_text().endswith('iter_3.pth')
@@ -675,9 +1109,9 @@ def test_sigkill_twice_then_resume_matches_uninterrupted(tmp_path, uninterrupted
 
 
 def test_sigkill_while_writing_without_protection_loses_checkpoint(tmp_path):
-    """The same crash with mmengine's own saving: the old checkpoint was deleted before the
-    new one was written, so there is nothing to resume from (this is what the test above
-    guards against)."""
+    """The same crash with mmengine's own ``CheckpointHook``: the old checkpoint was deleted
+    before the new one was written, so there is nothing to resume from (this is what the test
+    above guards against)."""
     killed = train_in_child(tmp_path, '--kill-while-writing', 'iter_7.pth', '--no-atomic')
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / 'iter_6.pth').exists()
@@ -696,12 +1130,8 @@ def _child_main(argv: list[str]) -> None:
         default=None,
         help='SIGKILL half-way through writing the file of this name',
     )
-    parser.add_argument('--no-atomic', action='store_true')
+    parser.add_argument('--no-atomic', action='store_true', help="mmengine's CheckpointHook instead of ours")
     args = parser.parse_args(argv)
-    if args.no_atomic:
-        uninstall_atomic_checkpoint_save()
-    else:
-        install_atomic_checkpoint_save()
     if args.kill_while_writing:
         real_open = builtins.open
 
@@ -741,6 +1171,7 @@ def _child_main(argv: list[str]) -> None:
         max_keep_ckpts=1,
         resume=args.resume,
         hooks=hooks,
+        checkpoint_type='CheckpointHook' if args.no_atomic else 'AtomicCheckpointHook',
     ).train()
 
 

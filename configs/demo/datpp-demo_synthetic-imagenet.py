@@ -73,6 +73,9 @@ param_scheduler = [
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict()
 test_cfg = dict()
-default_hooks = dict(logger=dict(interval=5), checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+default_hooks = dict(
+    logger=dict(interval=5),
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1),
+)
 log_processor = dict(by_epoch=False, window_size=5)
 randomness = dict(seed=0)

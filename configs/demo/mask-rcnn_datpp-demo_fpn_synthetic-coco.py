@@ -104,7 +104,10 @@ param_scheduler = [
         gamma=0.1,
     ),
 ]
-default_hooks = dict(logger=dict(interval=20), checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+default_hooks = dict(
+    logger=dict(interval=20),
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1),
+)
 log_processor = dict(by_epoch=False, window_size=20)
 auto_scale_lr = dict(enable=False, base_batch_size=4)
 randomness = dict(seed=0)

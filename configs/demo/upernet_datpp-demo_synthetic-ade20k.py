@@ -82,5 +82,8 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=5, end=max_iters),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-default_hooks = dict(logger=dict(interval=5), checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+default_hooks = dict(
+    logger=dict(interval=5),
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1),
+)
 randomness = dict(seed=0)

@@ -1,6 +1,6 @@
-"""Safe loading and crash-safe saving of checkpoints.
+"""Safe loading and crash-safe writing of checkpoints.
 
-Three concerns live here.
+Four concerns live here; none of them changes a function or method of mmengine.
 
 **Loading mmengine checkpoints with ``weights_only=True``.** torch >= 2.6 loads with
 ``weights_only=True`` by default, and mmengine 0.10.7 calls ``torch.load`` without a
@@ -14,7 +14,11 @@ the default stays ``weights_only=True``; nothing here turns it off. The objects 
 training an mmengine ``Runner`` and asking ``torch.serialization.get_unsafe_globals_in_checkpoint``
 (see ``tests/test_checkpoint.py``):
 
-- ``mmengine.logging.history_buffer.HistoryBuffer``;
+- ``mmengine.logging.history_buffer.HistoryBuffer`` -- allow-listed under that name as
+  :class:`CheckedHistoryBuffer`, which checks the state a file gives it and never touches the
+  statistics methods that all buffers share (mmengine's own ``HistoryBuffer.__setstate__``
+  adds the file's methods to the class-level ``_statistics_methods``), then becomes a plain
+  ``HistoryBuffer``;
 - ``builtins.getattr`` -- allow-listed as a guarded stand-in that only resolves
   ``HistoryBuffer.{min,max,mean,current}`` and refuses everything else, because a real
   ``getattr`` would let a malicious file reach any attribute of any object;
@@ -24,37 +28,25 @@ training an mmengine ``Runner`` and asking ``torch.serialization.get_unsafe_glob
   the unpickler sets the state of the dtype objects it rebuilds, which it only does for
   allow-listed types). Object, string, void and datetime dtypes are not allowed.
 
-**Crash-safe saving.** mmengine writes a checkpoint as ``CheckpointHook`` ->
-``Runner.save_checkpoint`` -> ``mmengine.runner.checkpoint.save_checkpoint``, which
-serialises into memory and hands the bytes to the file backend's ``put``; for local paths that
-is ``LocalBackend.put``, which opens the target with ``'wb'`` (truncating it) and writes. A
-crash or a full disk in between leaves a truncated file where the previous checkpoint was.
-:func:`install_atomic_checkpoint_save` applies three small patches, each undone by
-:func:`uninstall_atomic_checkpoint_save`:
+**Loading from ``http://`` and ``https://``.** mmengine's own URL loader
+(``mmengine.runner.checkpoint.load_from_http``) ends in ``torch.hub.load_state_dict_from_url``
+with ``weights_only=False``, so a served file can run code when it is loaded.
+:func:`register_safe_url_loader` registers :func:`load_from_http_weights_only` for these
+schemes through mmengine's ``CheckpointLoader.register_scheme``; it downloads as mmengine does
+(torch.hub's cache folder ``<torch hub dir>/checkpoints``, progress bar on a terminal) and loads
+with ``weights_only=True``. A file that holds other objects is refused with a
+:class:`CheckpointError` that names them, unless its URL starts with one of the prefixes in the
+environment variable ``DAT_TRUSTED_CHECKPOINT_URLS`` (:data:`TRUSTED_URLS_ENV`,
+comma-separated). This covers ``init_cfg=dict(type='Pretrained', checkpoint='https://...')``,
+``load_from``, ``--resume`` from a URL and ``mmengine.runner.load_checkpoint`` of any model.
 
-1. ``LocalBackend.put`` writes through :func:`atomic_open`: a temporary file in the same
-   directory, flushed and fsynced, then ``os.replace``-d over the target (and the directory
-   fsynced). Readers see the old file or the new one, never a mix. This covers every local
-   checkpoint mmengine writes (also FileClient-based ``file_client_args`` and
-   FlexibleRunner strategies), without touching ``save_checkpoint`` itself, which other
-   modules import by name.
-2. ``CheckpointHook`` writes ``last_checkpoint`` (the file ``--resume`` reads) with a plain
-   ``open(path, 'w')``; the module-level name ``open`` of ``mmengine.hooks.checkpoint_hook``
-   is shadowed by a function that sends write modes to :func:`atomic_open` and everything else
-   to the built-in ``open``.
-3. ``CheckpointHook`` deletes the oldest checkpoint (``max_keep_ckpts``) and the previous best
-   checkpoint (``save_best``) *before* writing the new one, so with ``max_keep_ckpts=1`` a
-   failed save would leave no checkpoint at all. ``_save_checkpoint_with_step`` and
-   ``_save_best_checkpoint`` are wrapped so that these deletions are postponed until the new
-   checkpoint has been written; if saving fails they do not happen. The price is that the
-   disk briefly holds one checkpoint more than ``max_keep_ckpts`` (atomic replacement needs
-   room for the old and new file anyway).
-
-A custom hook or runner would need every config to opt in (and mmdet/mmseg/mmpretrain
-configs name ``CheckpointHook`` in their bases), so patching the three spots above is the
-least invasive way to protect every run that imports ``projects.dat``. A process killed while
-writing leaves a hidden ``.<name>.tmp-*`` file next to the target (the target is untouched);
-the next successful write of the same target removes such files once they are older than
+**Crash-safe writing.** :func:`atomic_open` writes into a temporary file next to the target
+(created with mode ``0o600``), flushes and fsyncs it, gives it the target's permission bits,
+``os.replace``-s it over the target and fsyncs the directory: readers see the old file or the
+new one, never a mix. ``projects.dat.hooks.AtomicCheckpointHook`` writes mmengine checkpoints
+this way when a config names it. A process killed while writing leaves a hidden
+``.<name>.tmp-<pid>-<8 hex digits>`` file next to the target (the target is untouched); the
+next successful write in that folder removes such files once they are older than
 :data:`STALE_TMP_SECONDS` (a younger one may still be written by another process).
 
 **Original DAT checkpoints.** The released files hold extra pickled objects (a config
@@ -67,7 +59,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import functools
 import logging
 import os
 import os.path as osp
@@ -75,33 +66,61 @@ import pickle
 import re
 import secrets
 import stat
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
+from mmengine.logging import HistoryBuffer
 
 __all__ = [
+    'STALE_TMP_SECONDS',
+    'TRUSTED_URLS_ENV',
+    'CheckedHistoryBuffer',
     'CheckpointError',
+    'UntrustedCheckpointError',
     'atomic_open',
     'atomic_save',
     'atomic_write_bytes',
     'extract_state_dict',
-    'install_atomic_checkpoint_save',
+    'load_from_http_weights_only',
     'load_original_checkpoint',
     'mmengine_safe_globals',
     'register_mmengine_safe_globals',
-    'uninstall_atomic_checkpoint_save',
+    'register_safe_url_loader',
+    'trusted_url_prefixes',
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, untrusted or holds no weights.
 
-    Raised by :func:`load_original_checkpoint` and :func:`extract_state_dict`; the message
-    says what was expected, what was found and, where there is one, what to do about it.
+    Raised by :func:`load_original_checkpoint`, :func:`load_from_http_weights_only` and
+    :func:`extract_state_dict`; the message says what was expected, what was found and, where
+    there is one, what to do about it.
     """
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holds pickled objects that only full unpickling (which runs code) can load.
+
+    The message names the objects and says how to declare the file's source trusted.
+    """
+
+
+def _warn(message: str) -> None:
+    try:
+        from mmengine.logging import print_log
+    except ImportError:  # pragma: no cover - mmengine is a dependency
+        logger.warning(message)
+    else:
+        print_log(message, logger='current', level=logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +130,9 @@ class CheckpointError(ValueError):
 # Statistics methods HistoryBuffer registers for itself; their functions are pickled as
 # ``getattr(HistoryBuffer, name)`` in the buffer's state.
 _HISTORY_BUFFER_STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
+
+# What HistoryBuffer.__getstate__ writes: its attributes plus the statistics methods.
+_HISTORY_BUFFER_ATTRIBUTES = frozenset({'max_length', '_log_history', '_count_history'})
 
 # numpy dtypes whose objects may be rebuilt. Sized names plus the C-type aliases, which are
 # distinct classes on some platforms (e.g. ``LongLongDType`` next to ``Int64DType``).
@@ -146,11 +168,81 @@ _NUMERIC_DTYPE_NAMES = (
 _safe_globals_registered = False
 
 
+def _refuse(message: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f'weights_only load: {message}')
+
+
+class CheckedHistoryBuffer(HistoryBuffer):
+    """``HistoryBuffer`` as the allow-list rebuilds it: the state a file gives is checked first.
+
+    Allow-listed under the pickle name ``mmengine.logging.history_buffer.HistoryBuffer``, so
+    ``torch.load(weights_only=True)`` creates this class for every buffer in a checkpoint and
+    calls its :meth:`__setstate__`. mmengine's own ``HistoryBuffer.__setstate__`` copies the
+    file's ``statistics_methods`` into ``HistoryBuffer._statistics_methods``, a dict shared by
+    every buffer of the process, so a crafted file could replace ``mean`` by ``max`` for all
+    of them. This one accepts only what mmengine writes (each statistics method under its own
+    name, e.g. ``'mean': HistoryBuffer.mean``; numeric 1-D histories of equal length, a
+    positive ``max_length``), refuses anything else, never touches the shared dict and turns
+    the object into a plain ``HistoryBuffer``: what the load returns is mmengine's class.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        """Check ``state`` and set it; the object becomes a ``HistoryBuffer``.
+
+        Args:
+            state: The ``__dict__`` that ``HistoryBuffer.__getstate__`` wrote.
+
+        Raises:
+            pickle.UnpicklingError: If ``state`` is not what mmengine writes.
+        """
+        attributes = _check_history_buffer_state(state)
+        self.__class__ = HistoryBuffer
+        self.__dict__.update(attributes)
+
+
+def _check_history_buffer_state(state: Any) -> dict:
+    """The attributes of a pickled ``HistoryBuffer`` state, checked (see :class:`CheckedHistoryBuffer`)."""
+    if not isinstance(state, dict):
+        raise _refuse(f'a HistoryBuffer state must be a dict, got {type(state).__name__}')
+    expected = _HISTORY_BUFFER_ATTRIBUTES | {'statistics_methods'}
+    unknown = sorted(map(repr, set(state) - expected))
+    missing = sorted(_HISTORY_BUFFER_ATTRIBUTES - set(state))
+    if unknown or missing:
+        raise _refuse(
+            f'a HistoryBuffer state holds {sorted(expected)}; this one has unknown keys {unknown} '
+            f'and lacks {missing}'
+        )
+    methods = state.get('statistics_methods', {})
+    if not isinstance(methods, dict):
+        raise _refuse(f'HistoryBuffer statistics_methods must be a dict, got {type(methods).__name__}')
+    for name, method in methods.items():
+        if name not in _HISTORY_BUFFER_STATISTICS or method is not HistoryBuffer.__dict__[name]:
+            allowed = ', '.join(f"'{n}': HistoryBuffer.{n}" for n in sorted(_HISTORY_BUFFER_STATISTICS))
+            raise _refuse(
+                f'HistoryBuffer statistics method {name!r}: {method!r} is refused; a checkpoint may '
+                f'only hold mmengine\'s own ({allowed}), which are shared by every buffer'
+            )
+    max_length = state['max_length']
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise _refuse(f'HistoryBuffer max_length must be a positive int, got {max_length!r}')
+    for name in ('_log_history', '_count_history'):
+        history = state[name]
+        if not isinstance(history, np.ndarray) or history.ndim != 1 or history.dtype.kind not in 'biuf':
+            raise _refuse(f'HistoryBuffer {name} must be a 1-D numeric numpy array, got {history!r}')
+    if len(state['_log_history']) != len(state['_count_history']):
+        raise _refuse(
+            f'HistoryBuffer _log_history and _count_history must have the same length, got '
+            f"{len(state['_log_history'])} and {len(state['_count_history'])}"
+        )
+    return {key: state[key] for key in _HISTORY_BUFFER_ATTRIBUTES}
+
+
 def _history_buffer_getattr(obj: Any, name: str) -> Callable:
     """Guarded ``getattr`` for unpickling: resolves only HistoryBuffer's statistics methods.
 
     Args:
-        obj: The object the pickle asks an attribute of.
+        obj: The object the pickle asks an attribute of (``HistoryBuffer`` in the pickle is
+            :class:`CheckedHistoryBuffer` during a load).
         name: The attribute name.
 
     Returns:
@@ -159,14 +251,12 @@ def _history_buffer_getattr(obj: Any, name: str) -> Callable:
     Raises:
         pickle.UnpicklingError: For any other object or attribute.
     """
-    from mmengine.logging import HistoryBuffer
-
-    if obj is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
-        return getattr(HistoryBuffer, name)
+    if obj in (HistoryBuffer, CheckedHistoryBuffer) and name in _HISTORY_BUFFER_STATISTICS:
+        return HistoryBuffer.__dict__[name]
     allowed = ', '.join(sorted(_HISTORY_BUFFER_STATISTICS))
-    raise pickle.UnpicklingError(
-        f'weights_only load: getattr({obj!r}, {name!r}) is not allowed; the allow-list of '
-        f'projects.dat only resolves HistoryBuffer.{{{allowed}}}'
+    raise _refuse(
+        f'getattr({obj!r}, {name!r}) is not allowed; the allow-list of projects.dat only '
+        f'resolves HistoryBuffer.{{{allowed}}}'
     )
 
 
@@ -176,14 +266,12 @@ def mmengine_safe_globals() -> list[Any]:
     Returns:
         Entries for ``torch.serialization.add_safe_globals``: classes/functions, or
         ``(object, 'module.name')`` pairs where the name in the pickle differs from the
-        object's own (numpy 1.x module names, the guarded ``getattr``).
+        object's own (numpy 1.x module names, the checked ``HistoryBuffer``, the guarded
+        ``getattr``).
     """
-    import numpy as np
-    from mmengine.logging import HistoryBuffer
-
     multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray
     entries: list[Any] = [
-        HistoryBuffer,
+        (CheckedHistoryBuffer, 'mmengine.logging.history_buffer.HistoryBuffer'),
         np.ndarray,
         np.dtype,
         (_history_buffer_getattr, 'builtins.getattr'),
@@ -201,19 +289,33 @@ def mmengine_safe_globals() -> list[Any]:
     return entries
 
 
-def register_mmengine_safe_globals() -> None:
+def _torch_takes_named_safe_globals() -> bool:
+    """Whether ``add_safe_globals`` exists and accepts ``(object, name)`` pairs (torch >= 2.5)."""
+    return hasattr(torch.serialization, 'add_safe_globals') and torch.__version__ >= (2, 5)
+
+
+def register_mmengine_safe_globals() -> bool:
     """Allow-list mmengine's checkpoint objects for ``torch.load(weights_only=True)``.
 
     Idempotent; called by ``import projects.dat``. After it, ``torch.load(path)`` with the
     default ``weights_only=True`` (and so ``Runner.resume``, ``load_from``,
     ``Runner.load_checkpoint``) reads mmengine checkpoints. See the module docstring for the
     list and why each entry is safe.
+
+    On torch < 2.5 it does nothing and returns False: torch 2.4 lacks the ``(object, name)``
+    form the list needs, torch < 2.4 lacks ``add_safe_globals``. There ``torch.load`` defaults
+    to ``weights_only=False`` (mmengine's loads work as they always did), while
+    ``weights_only=True`` loads, such as :func:`load_from_http_weights_only`, accept tensors
+    and plain containers only.
+
+    Returns:
+        Whether the allow-list is registered.
     """
     global _safe_globals_registered
-    if _safe_globals_registered:
-        return
-    torch.serialization.add_safe_globals(mmengine_safe_globals())
-    _safe_globals_registered = True
+    if not _safe_globals_registered and _torch_takes_named_safe_globals():
+        torch.serialization.add_safe_globals(mmengine_safe_globals())
+        _safe_globals_registered = True
+    return _safe_globals_registered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,24 +323,43 @@ def register_mmengine_safe_globals() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-# Age after which a leftover temporary file of a target counts as abandoned: a write in
-# progress keeps its file's modification time fresh.
+# Age after which a leftover temporary file counts as abandoned: a write in progress keeps its
+# file's modification time fresh.
 STALE_TMP_SECONDS = 3600
 
+# The temporary files of atomic_open: '.<target name>.tmp-<pid>-<8 hex digits>'.
+_TMP_NAME_RE = re.compile(r'\..+\.tmp-\d+-[0-9a-f]{8}', re.DOTALL)
 
-def _remove_stale_tmp_files(directory: str, name: str) -> None:
-    """Delete ``.<name>.tmp-*`` files in ``directory`` older than :data:`STALE_TMP_SECONDS`."""
-    prefix = f'.{name}.tmp-'
+
+def _tmp_name(name: str) -> str:
+    return f'.{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}'
+
+
+def _user_id() -> int | None:
+    """This process's user id, or None where the OS has none (Windows)."""
+    return os.getuid() if hasattr(os, 'getuid') else None
+
+
+def _remove_stale_tmp_files(directory: str) -> None:
+    """Delete abandoned temporary files of :func:`atomic_open` in ``directory``.
+
+    Only regular files (not symlinks) named like ours, owned by this user and not modified for
+    :data:`STALE_TMP_SECONDS` are deleted.
+    """
+    uid = _user_id()
     try:
-        entries = [e for e in os.scandir(directory) if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)]
+        entries = [e for e in os.scandir(directory) if _TMP_NAME_RE.fullmatch(e.name)]
     except OSError:
         return
     now = time.time()
     for entry in entries:
         with contextlib.suppress(OSError):  # gone already, or not ours to delete
-            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or (uid is not None and info.st_uid != uid):
+                continue
+            if now - info.st_mtime > STALE_TMP_SECONDS:
                 os.unlink(entry.path)
-                logger.warning(f'removed {entry.path}, an abandoned temporary file of an interrupted write')
+                _warn(f'removed {entry.path}, an abandoned temporary file of an interrupted write')
 
 
 def _fsync_directory(directory: str) -> None:
@@ -255,17 +376,39 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without widening it even for a moment."""
+    with contextlib.suppress(OSError, ValueError):
+        with builtins.open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    # Reading the umask means setting it; the stricter 0o077 in between never widens the
+    # permissions of a file that another thread creates meanwhile.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """``open`` opener: create ``path`` (never an existing file or symlink) with mode 0o600."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 @contextlib.contextmanager
 def atomic_open(
     path: str | os.PathLike, mode: str = 'wb', encoding: str | None = None
 ) -> Iterator[IO]:
     """Open ``path`` for writing so that it is replaced all at once or not at all.
 
-    Writes go to a temporary file in the same directory; when the ``with`` block ends
-    normally it is flushed, fsynced and renamed over ``path`` (``os.replace``), and the
-    directory is fsynced. If the block raises, the temporary file is removed and ``path`` is
-    left as it was. A symlink at ``path`` is followed: the file it points to is replaced. An
-    existing file keeps its permission bits; a new one gets the usual ``0o666 & ~umask``.
+    Writes go to a new temporary file in the same directory, created with mode ``0o600`` so
+    that nobody else can read a half-written file. When the ``with`` block ends normally it
+    is flushed and fsynced, given the permission bits of the existing file (or
+    ``0o666 & ~umask`` for a new one, what ``open`` would give), renamed over ``path``
+    (``os.replace``) and the directory is fsynced. If the block raises, the temporary file is
+    removed and ``path`` is left as it was. A symlink at ``path`` is followed: the file it
+    points to is replaced. After a successful write, abandoned temporary files of earlier
+    writes in the directory are removed (see :func:`_remove_stale_tmp_files`).
 
     Args:
         path: The file to write.
@@ -285,24 +428,30 @@ def atomic_open(
     target = osp.realpath(os.fspath(path))
     directory, name = osp.split(target)
     os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory, f'.{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
-    f = builtins.open(tmp, mode.replace('w', 'x'), encoding=encoding)
+    tmp = osp.join(directory, _tmp_name(name))
+    f = builtins.open(tmp, mode.replace('w', 'x'), encoding=encoding, opener=_private_opener)
     try:
         try:
             yield f
             f.flush()
+            try:
+                final_mode = os.stat(target).st_mode & 0o777
+            except FileNotFoundError:
+                final_mode = 0o666 & ~_umask()
+            if hasattr(os, 'fchmod'):
+                os.fchmod(f.fileno(), final_mode)
+            else:  # pragma: no cover - Windows
+                os.chmod(tmp, final_mode)
             os.fsync(f.fileno())
         finally:
             f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
-    _remove_stale_tmp_files(directory, name)
+    _remove_stale_tmp_files(directory)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
@@ -328,117 +477,6 @@ def atomic_save(obj: Any, path: str | os.PathLike, **kwargs: Any) -> None:
         torch.save(obj, f, **kwargs)
 
 
-# State of install_atomic_checkpoint_save: the originals it replaced, to undo the patches.
-_originals: dict[str, Any] = {}
-
-
-def _atomic_local_put(self: Any, obj: bytes, filepath: str | os.PathLike) -> None:
-    """``LocalBackend.put`` with an atomic write (same contract, creates the directory)."""
-    atomic_write_bytes(obj, filepath)
-
-
-def _checkpoint_hook_open(file: Any, mode: str = 'r', *args: Any, **kwargs: Any) -> Any:
-    """``open`` as seen by ``mmengine.hooks.checkpoint_hook``: writes become atomic."""
-    if mode in ('w', 'wb') and not args and set(kwargs) <= {'encoding'}:
-        return atomic_open(file, mode, **kwargs)
-    return builtins.open(file, mode, *args, **kwargs)
-
-
-class _DeferredRemovalBackend:
-    """Proxy of a file backend that records ``remove``/``rmtree`` instead of doing them."""
-
-    def __init__(self, backend: Any) -> None:
-        self._backend = backend
-        self._pending: list[tuple[str, Any]] = []
-
-    def remove(self, filepath: Any) -> None:
-        self._pending.append(('remove', filepath))
-
-    def rmtree(self, dir_path: Any) -> None:
-        self._pending.append(('rmtree', dir_path))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def flush(self, keep: set[str]) -> None:
-        """Do the recorded deletions, except of paths in ``keep`` (just written)."""
-        for action, path in self._pending:
-            if os.fspath(path) in keep:
-                continue
-            if action == 'remove' and self._backend.isfile(path):
-                self._backend.remove(path)
-            elif action == 'rmtree' and self._backend.isdir(path):
-                self._backend.rmtree(path)
-        self._pending.clear()
-
-
-def _remove_after_saving(method: Callable) -> Callable:
-    """Wrap a ``CheckpointHook`` method so that its deletions follow its successful save."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
-        backend = self.file_backend
-        proxy = _DeferredRemovalBackend(backend)
-        self.file_backend = proxy
-        try:
-            result = method(self, runner, *args, **kwargs)
-        finally:
-            self.file_backend = backend
-        # The new checkpoint is written; never delete a path that was just (re)written.
-        written = [
-            getattr(self, 'last_ckpt', None),
-            getattr(self, 'best_ckpt_path', None),
-            *getattr(self, 'best_ckpt_path_dict', {}).values(),
-        ]
-        proxy.flush({os.fspath(p) for p in written if p is not None})
-        return result
-
-    wrapper.__wrapped_by_projects_dat__ = True
-    return wrapper
-
-
-def install_atomic_checkpoint_save() -> None:
-    """Make mmengine's local checkpoint writes crash-safe (idempotent).
-
-    Patches ``LocalBackend.put``, the ``open`` used by ``CheckpointHook`` for
-    ``last_checkpoint``, and the order of deletion in ``CheckpointHook`` (see the module
-    docstring). Undo with :func:`uninstall_atomic_checkpoint_save`.
-    """
-    if _originals:
-        return
-    from mmengine.fileio.backends import LocalBackend
-    from mmengine.hooks import CheckpointHook
-    from mmengine.hooks import checkpoint_hook as hook_module
-
-    _originals['LocalBackend.put'] = LocalBackend.__dict__['put']
-    _originals['checkpoint_hook.open'] = hook_module.__dict__.get('open')
-    for name in ('_save_checkpoint_with_step', '_save_best_checkpoint'):
-        _originals[f'CheckpointHook.{name}'] = CheckpointHook.__dict__[name]
-
-    LocalBackend.put = _atomic_local_put
-    hook_module.open = _checkpoint_hook_open
-    for name in ('_save_checkpoint_with_step', '_save_best_checkpoint'):
-        setattr(CheckpointHook, name, _remove_after_saving(CheckpointHook.__dict__[name]))
-
-
-def uninstall_atomic_checkpoint_save() -> None:
-    """Restore what :func:`install_atomic_checkpoint_save` patched (no-op if not installed)."""
-    if not _originals:
-        return
-    from mmengine.fileio.backends import LocalBackend
-    from mmengine.hooks import CheckpointHook
-    from mmengine.hooks import checkpoint_hook as hook_module
-
-    LocalBackend.put = _originals['LocalBackend.put']
-    if _originals['checkpoint_hook.open'] is None:
-        hook_module.__dict__.pop('open', None)
-    else:
-        hook_module.open = _originals['checkpoint_hook.open']
-    for name in ('_save_checkpoint_with_step', '_save_best_checkpoint'):
-        setattr(CheckpointHook, name, _originals[f'CheckpointHook.{name}'])
-    _originals.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # Original DAT checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -446,18 +484,6 @@ def uninstall_atomic_checkpoint_save() -> None:
 _ZIP_MAGIC = b'PK\x03\x04'
 _PICKLE_PROTO = 0x80  # first byte of a pickle of protocol >= 2 (torch's legacy format)
 _UNSAFE_GLOBAL_RE = re.compile(r'GLOBAL (\S+) was not an allowed global')
-
-logger = logging.getLogger(__name__)
-
-
-def _warn(message: str) -> None:
-    try:
-        from mmengine.logging import print_log
-    except ImportError:  # pragma: no cover - mmengine is a dependency
-        logger.warning(message)
-    else:
-        print_log(message, logger='current', level=logging.WARNING)
-
 
 def _check_file(path: str) -> bool:
     """Check ``path`` looks like a torch.save file; return whether it is a zip archive."""
@@ -525,6 +551,50 @@ def _read_error(path: str, is_zip: bool, error: Exception) -> CheckpointError:
     )
 
 
+def _load_refusing_code(path: str, map_location: Any, trusted: bool, refusal: Callable[[str], str]) -> Any:
+    """``torch.load`` with ``weights_only=True``; full unpickling only if ``trusted``.
+
+    Args:
+        path: The local checkpoint file.
+        map_location: Passed to ``torch.load``.
+        trusted: Allow ``weights_only=False`` if the safe load refuses the file.
+        refusal: Builds the error message from the names of the refused objects.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        CheckpointError: See :func:`load_original_checkpoint`.
+    """
+    is_zip = _check_file(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path, is_zip, error)
+        if not unsafe and 'Weights only load failed' not in str(error):
+            raise _read_error(path, is_zip, error) from error
+        if not trusted:
+            found = ', '.join(unsafe) if unsafe else f'(not identified: {str(error).splitlines()[0]})'
+            raise UntrustedCheckpointError(refusal(found)) from error
+        reason = ', '.join(unsafe) if unsafe else str(error).splitlines()[0]
+    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
+        raise _read_error(path, is_zip, error) from error
+
+    _warn(
+        f'loading {path!r} with weights_only=False (trusted): full unpickling runs '
+        f'code from the file; the safe load refused: {reason}'
+    )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except ModuleNotFoundError as error:
+        raise CheckpointError(
+            f'{path!r} pickles an object of module {error.name!r}, which is not installed; '
+            f'install it (e.g. `pip install {error.name}`) to load this file'
+        ) from error
+    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
+        raise _read_error(path, is_zip, error) from error
+
+
 def load_original_checkpoint(
     path: str | os.PathLike, trusted: bool = False, map_location: Any = 'cpu'
 ) -> Any:
@@ -545,44 +615,158 @@ def load_original_checkpoint(
         The loaded object (normally a dict; see :func:`extract_state_dict`).
 
     Raises:
+        UntrustedCheckpointError: If the file holds objects outside the allow-list and
+            ``trusted`` is False (the message names them).
         CheckpointError: If the file does not exist, is empty, truncated or not a torch.save
-            file, or holds objects outside the allow-list and ``trusted`` is False (the message
-            names them), or cannot be unpickled even when trusted.
+            file, or cannot be unpickled even when trusted.
     """
     path = os.fspath(path)
-    is_zip = _check_file(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        unsafe = _unsafe_globals(path, is_zip, error)
-        if not unsafe and 'Weights only load failed' not in str(error):
-            raise _read_error(path, is_zip, error) from error
-        if not trusted:
-            found = ', '.join(unsafe) if unsafe else '(not identified)'
-            raise CheckpointError(
-                f'{path!r} holds pickled objects besides tensors, which torch.load('
-                f'weights_only=True) refuses: {found}. Loading them runs code from the file '
-                'and must only be done for files from a trusted source (such as the official '
-                'DAT release). To opt in, call load_original_checkpoint(path, trusted=True) '
-                'or pass --trust-checkpoint to the converter.'
-            ) from error
-        reason = ', '.join(unsafe) if unsafe else str(error).splitlines()[0]
-    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
-        raise _read_error(path, is_zip, error) from error
 
-    _warn(
-        f'loading {path!r} with weights_only=False (trusted=True): full unpickling runs '
-        f'code from the file; the safe load refused: {reason}'
-    )
+    def refusal(found: str) -> str:
+        return (
+            f'{path!r} holds pickled objects besides tensors, which torch.load('
+            f'weights_only=True) refuses: {found}. Loading them runs code from the file '
+            'and must only be done for files from a trusted source (such as the official '
+            'DAT release). To opt in, call load_original_checkpoint(path, trusted=True) '
+            'or pass --trust-checkpoint to the converter.'
+        )
+
+    return _load_refusing_code(path, map_location, trusted, refusal)
+
+
+# ---------------------------------------------------------------------------------------------
+# http:// and https:// checkpoints
+# ---------------------------------------------------------------------------------------------
+
+# Environment variable: comma-separated URL prefixes whose files may be fully unpickled.
+TRUSTED_URLS_ENV = 'DAT_TRUSTED_CHECKPOINT_URLS'
+
+
+def trusted_url_prefixes(value: str | None = None) -> list[str]:
+    """The URL prefixes of ``DAT_TRUSTED_CHECKPOINT_URLS`` (:data:`TRUSTED_URLS_ENV`).
+
+    A prefix without a path (``https://host``) means the whole server and is read as
+    ``https://host/``, so that it does not also match ``https://host.example.org/...``.
+
+    Args:
+        value: The variable's value; None reads it from the environment.
+
+    Returns:
+        The prefixes, in the given order (empty entries skipped).
+
+    Raises:
+        ValueError: If an entry is not an ``http://`` or ``https://`` URL with a host.
+    """
+    if value is None:
+        value = os.environ.get(TRUSTED_URLS_ENV, '')
+    prefixes = []
+    for entry in (e.strip() for e in value.split(',')):
+        if not entry:
+            continue
+        parts = urlparse(entry)
+        if parts.scheme not in ('http', 'https') or not parts.netloc:
+            raise ValueError(
+                f'{TRUSTED_URLS_ENV} holds comma-separated URL prefixes starting with http:// or '
+                f'https:// and a host, e.g. https://example.org/models/; got the entry {entry!r}'
+            )
+        prefixes.append(entry if parts.path or parts.query else entry + '/')
+    return prefixes
+
+
+def _download(url: str, model_dir: str | None, progress: bool) -> str:
+    """Download ``url`` into torch.hub's cache (as mmengine and torch.hub do); return the file."""
+    if model_dir is None:
+        model_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(model_dir, exist_ok=True)
+    filename = osp.basename(urlparse(url).path)
+    if not filename:
+        raise CheckpointError(f'cannot download {url!r}: the URL does not end in a file name')
+    cached_file = osp.join(model_dir, filename)
+    if not osp.exists(cached_file):
+        sys.stdout.write(f'Downloading: "{url}" to {cached_file}\n')
+        torch.hub.download_url_to_file(url, cached_file, None, progress=progress)
+    return cached_file
+
+
+def load_from_http_weights_only(
+    filename: str, map_location: Any = None, model_dir: str | None = None, progress: bool | None = None
+) -> Any:
+    """mmengine's ``http://`` / ``https://`` checkpoint loader, loading with ``weights_only=True``.
+
+    Registered by :func:`register_safe_url_loader` in place of mmengine's ``load_from_http``,
+    whose ``torch.hub.load_state_dict_from_url`` unpickles everything. The file is downloaded
+    like there (once, into ``<torch hub dir>/checkpoints``; in a distributed run rank 0 first,
+    then the others from the cache) and loaded with ``weights_only=True`` and the allow-list of
+    :func:`register_mmengine_safe_globals`. A file that holds other pickled objects is refused,
+    unless the URL starts with a prefix listed in ``DAT_TRUSTED_CHECKPOINT_URLS``; then it is
+    fully unpickled, with a warning.
+
+    Args:
+        filename: The ``http://`` or ``https://`` URL.
+        map_location: Passed to ``torch.load``. Defaults to None.
+        model_dir: Download folder; None for torch.hub's. Defaults to None.
+        progress: Show a progress bar; None shows it when stdin is a terminal (as mmengine
+            does). Defaults to None.
+
+    Returns:
+        The loaded checkpoint.
+
+    Raises:
+        UntrustedCheckpointError: If the file holds objects outside the allow-list and its URL
+            is not trusted (the message names them and says how to opt in).
+        CheckpointError: If the file is not a readable torch.save file.
+        ValueError: If ``DAT_TRUSTED_CHECKPOINT_URLS`` holds an entry that is not a URL.
+    """
+    from mmengine.dist import get_dist_info
+
+    if progress is None:
+        progress = os.isatty(0)
+    trusted_prefixes = trusted_url_prefixes()
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        cached_file = _download(filename, model_dir, progress)
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank > 0:
+            cached_file = _download(filename, model_dir, progress)
+    trusted = any(filename.startswith(prefix) for prefix in trusted_prefixes)
+
+    def refusal(found: str) -> str:
+        return (
+            f'{filename} (downloaded to {cached_file}) holds pickled objects besides tensors, which '
+            f'torch.load(weights_only=True) refuses: {found}. Unpickling them runs code from the '
+            'file, so projects.dat does not do it for a URL unless you trust its source. To opt '
+            f'in, add a prefix of this URL to the environment variable {TRUSTED_URLS_ENV} '
+            f'(comma-separated URL prefixes, e.g. {TRUSTED_URLS_ENV}={_url_folder(filename)}), or '
+            'download the file and check it yourself.'
+        )
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except ModuleNotFoundError as error:
+        return _load_refusing_code(cached_file, map_location, trusted, refusal)
+    except UntrustedCheckpointError:
+        raise
+    except CheckpointError as error:
         raise CheckpointError(
-            f'{path!r} pickles an object of module {error.name!r}, which is not installed; '
-            f'install it (e.g. `pip install {error.name}`) to load this file'
+            f'{filename}: {error}; delete {cached_file} to download it again'
         ) from error
-    except Exception as error:  # a corrupt file can fail anywhere inside torch.load
-        raise _read_error(path, is_zip, error) from error
+
+
+def _url_folder(url: str) -> str:
+    """``url`` up to its last ``/`` (the folder the file is served from)."""
+    return url[: url.rindex('/') + 1]
+
+
+def register_safe_url_loader() -> None:
+    """Make mmengine load ``http://`` and ``https://`` checkpoints with ``weights_only=True``.
+
+    Registers :func:`load_from_http_weights_only` through
+    ``mmengine.runner.CheckpointLoader.register_scheme`` for both prefixes, replacing mmengine's
+    ``load_from_http`` (which unpickles everything) in its table of loaders; the function
+    ``load_from_http`` itself is left as it is. Idempotent; called by ``import projects.dat``.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), loader=load_from_http_weights_only, force=True)
 
 
 def _as_state_dict(value: Any, where: str) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 The original code names tensors ``patch_proj.*``, ``down_projs.i.*``,
 ``stages.i.layer_norms.{2b,2b+1}.norm.*``, ``stages.i.attns.b.*``, ``stages.i.mlps.b.*``,
-``stages.i.local_perception_units.b.*``, ``cls_norm.norm.*`` and ``cls_head.*`` (see
-``shared/reference/official_keys``); its mmdet 2.x / mmseg 0.x checkpoints add ``backbone.``
+``stages.i.local_perception_units.b.*``, ``cls_norm.norm.*`` and ``cls_head.*`` (module names
+of ``models/dat.py`` in LeapLabTHU/DAT); its mmdet 2.x / mmseg 0.x checkpoints
+(LeapLabTHU/DAT-Detection, LeapLabTHU/DAT-Segmentation) add ``backbone.``
 and the output norms ``backbone.norms.i.norm.*``. :func:`convert_original_state_dict` maps
 them onto :class:`~projects.dat.models.DAT` names, using every source tensor exactly once and
 filling every target tensor, or stops with a list of what is wrong.
@@ -466,18 +467,24 @@ def load_pretrained_backbone(model: DAT, checkpoint: str, prefix: Optional[str] 
 
     Args:
         model (DAT): The backbone.
-        checkpoint (str): Path or URL of a converted checkpoint.
+        checkpoint (str): Path or URL of a converted checkpoint. Files are loaded with
+            ``weights_only=True``; an ``http(s)://`` URL is fully unpickled only if it starts
+            with a prefix in ``DAT_TRUSTED_CHECKPOINT_URLS`` (see
+            :func:`projects.dat.checkpoint.load_from_http_weights_only`).
         prefix (str, optional): Prefix of the backbone keys in the checkpoint.
         logger: An mmengine logger, or None for ``print``.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from .checkpoint import extract_state_dict, load_original_checkpoint
+    from .checkpoint import extract_state_dict, load_from_http_weights_only, load_original_checkpoint
 
     log = logger.info if logger is not None else print
-    if '://' in str(checkpoint):
+    # weights_only=True on every path; only a URL under DAT_TRUSTED_CHECKPOINT_URLS is trusted.
+    if str(checkpoint).startswith(('http://', 'https://')):
+        ckpt = load_from_http_weights_only(checkpoint, map_location='cpu')
+    elif '://' in str(checkpoint):  # other storage (s3://, open-mmlab://, ...): mmengine's loaders
         ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    else:  # local files get the clear errors of the safe loader (weights_only stays on)
+    else:  # local files get the clear errors of the safe loader
         ckpt = load_original_checkpoint(checkpoint)
     state_dict = extract_state_dict(ckpt)
     if is_original_state_dict(state_dict):

@@ -17,6 +17,9 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['projects.dat'], allow_failed_imports=False)
+runner_type = 'DATRunner'  # mmengine's Runner that checks the dataset paths first (projects/dat/runner.py)
+# Crash-safe checkpoint writes (projects/dat/hooks.py); interval etc. stay those of the base.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
 
 model = dict(
     backbone=dict(

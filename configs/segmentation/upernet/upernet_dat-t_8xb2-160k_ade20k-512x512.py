@@ -14,6 +14,9 @@
 #                 model.auxiliary_head.norm_cfg.type=BN
 _base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['projects.dat'], allow_failed_imports=False)
+runner_type = 'DATRunner'  # mmengine's Runner that checks the dataset paths first (projects/dat/runner.py)
+# Crash-safe checkpoint writes (projects/dat/hooks.py); interval etc. stay those of the base.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
 
 model = dict(
     backbone=dict(
