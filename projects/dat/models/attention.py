@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_kernels
+from . import cpu_kernels, torch_compat
 from .geometry import neighborhood_indices, neighborhood_tiles
 
 
@@ -142,7 +142,8 @@ def deformable_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
 #
 # Both fast attentions are custom operators (``torch.ops.dat.*``) with a hand-written backward
 # pass, so that autograd saves only what the backward really needs and ``torch.compile`` sees
-# one opaque node per attention instead of hundreds of small ones. They run anywhere plain
+# one opaque node per attention instead of hundreds of small ones. On a torch without custom
+# operators (before 2.4) the same functions run as autograd functions (``torch_compat``). They run anywhere plain
 # PyTorch runs (CPU, CUDA); ``attn_impl='auto'`` falls back to the reference functions only
 # where custom operators are not wanted (ONNX export).
 
@@ -228,11 +229,12 @@ def _table_coordinates(query: Tensor, key: Tensor, size: int) -> Tuple[Tensor, T
     """
     coord = ((query[None, :, None] - key[:, None, :]) * 0.5 + 1.0) * 0.5 * (size - 1)
     clamped = coord.clamp(-2.0, float(size))
-    floor = clamped.floor()
+    # A NaN position must not reach the integer conversion (whose result would be arbitrary): its
+    # first tap becomes the padding's first column, and its weight stays NaN, so that its bias
+    # is NaN as the position is. Finite coordinates are unchanged.
+    floor = clamped.floor().nan_to_num_(nan=-2.0)
     frac = clamped - floor
-    # The clamp of the index is a no-op for finite coordinates; it keeps a NaN position (whose
-    # long conversion is arbitrary) from indexing outside the table in the C++ kernels.
-    index = (floor.to(torch.long) + 2).clamp_(0, size + 2)
+    index = floor.to(torch.long) + 2
     return index, frac
 
 
@@ -465,7 +467,27 @@ def _chunk_softmax(table_t: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tens
                                     fx[b0:b1], x_taps, ws)
 
 
-@torch.library.custom_op('dat::deformable_attention', mutates_args=())
+def _check_deformable_op_inputs(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor,
+                                table: Tensor, num_groups: int, chunk: int):
+    """The shapes that the deformable operators (and the C++ kernels behind them) rely on; the
+    operators check them themselves, since they may be called directly (``torch.ops.dat.*``)."""
+    valid = q.dim() == 4 and k.dim() == 4 and table.dim() == 3 and num_groups > 0 and chunk > 0
+    if valid:
+        bg, hg, d, m = q.shape
+        ns = k.shape[-1]
+        valid = (k.shape == (bg, hg, d, ns) and v.shape == k.shape and pos.shape == (bg, ns, 2)
+                 and query_y.dim() == 1 and query_x.dim() == 1 and query_y.numel() * query_x.numel() == m
+                 and hg > 0 and table.shape[0] == hg * num_groups and bg % num_groups == 0
+                 and min(table.shape[1:]) > 0)
+    if not valid:
+        raise ValueError('dat::deformable_attention expects q (BG, hg, d, H * W), k and v (BG, hg, d, Ns), pos '
+                         '(BG, Ns, 2), query_y (H,), query_x (W,), a table (hg * groups, Th, Tw), groups > 0 dividing '
+                         f'BG, hg > 0 and chunk > 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+                         f'pos {tuple(pos.shape)}, query_y {tuple(query_y.shape)}, query_x {tuple(query_x.shape)}, '
+                         f'table {tuple(table.shape)}, groups {num_groups}, chunk {chunk}')
+
+
+@torch_compat.custom_op('dat::deformable_attention', mutates_args=())
 def _deformable_attention_op(
     q: Tensor,
     k: Tensor,
@@ -477,6 +499,7 @@ def _deformable_attention_op(
     num_groups: int,
     chunk: int,
 ) -> Tuple[Tensor, Tensor]:
+    _check_deformable_op_inputs(q, k, v, pos, query_y, query_x, table, num_groups, chunk)
     bg, hg, d, m = q.shape
     height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
     scale = d**-0.5
@@ -503,11 +526,16 @@ def _(q, k, v, pos, query_y, query_x, table, num_groups, chunk):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[1], q.shape[3], dtype=table.dtype)
 
 
-@torch.library.custom_op('dat::deformable_attention_backward', mutates_args=())
+@torch_compat.custom_op('dat::deformable_attention_backward', mutates_args=())
 def _deformable_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
                                       query_y: Tensor, query_x: Tensor, table: Tensor, out: Tensor, lse: Tensor,
                                       num_groups: int, chunk: int
                                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_deformable_op_inputs(q, k, v, pos, query_y, query_x, table, num_groups, chunk)
+    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (*q.shape[:2], q.shape[3]):
+        raise ValueError(f'dat::deformable_attention_backward expects grad_out and out of q\'s shape {tuple(q.shape)} '
+                         f'and lse {(*q.shape[:2], q.shape[3])}; got grad_out {tuple(grad_out.shape)}, '
+                         f'out {tuple(out.shape)}, lse {tuple(lse.shape)}')
     bg, hg, d, m = q.shape
     height, width, ns = query_y.shape[0], query_x.shape[0], k.shape[-1]
     th, tw = table.shape[-2:]
@@ -733,10 +761,25 @@ def _padded_bias_table(rpb: Tensor) -> Tensor:
     return torch.cat([rpb.reshape(heads, -1), rpb.new_full((heads, 1), float('-inf'))], dim=1)
 
 
-@torch.library.custom_op('dat::neighborhood_attention', mutates_args=())
+def _check_neighborhood_op_inputs(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int):
+    """The shapes that the neighbourhood operators (and the C++ kernels behind them) rely on; the
+    operators check them themselves, since they may be called directly (``torch.ops.dat.*``)."""
+    table = 2 * kernel_size - 1
+    valid = (q.dim() == 4 and k.shape == q.shape and v.shape == q.shape and kernel_size > 0 and kernel_size % 2 == 1
+             and min(q.shape[1:3]) >= kernel_size and rpb.dim() == 3 and rpb.shape[1:] == (table, table)
+             and rpb.shape[0] > 0 and q.shape[0] % rpb.shape[0] == 0 and chunk > 0)
+    if not valid:
+        raise ValueError('dat::neighborhood_attention expects q, k, v (BH, H, W, d) with H, W >= kernel_size, an odd '
+                         'kernel_size > 0, rpb (heads, 2k - 1, 2k - 1) with heads > 0 dividing BH and chunk > 0; got '
+                         f'q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, '
+                         f'kernel_size {kernel_size}, chunk {chunk}')
+
+
+@torch_compat.custom_op('dat::neighborhood_attention', mutates_args=())
 def _neighborhood_attention_op(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int
 ) -> Tuple[Tensor, Tensor]:
+    _check_neighborhood_op_inputs(q, k, v, rpb, kernel_size, chunk)
     kernels = _cpu_kernels(q)
     if kernels is not None:
         out, lse = kernels.neighborhood_attention_forward(q, k, v, rpb, kernel_size)
@@ -767,11 +810,16 @@ def _(q, k, v, rpb, kernel_size, chunk):
     return torch.empty_like(q), q.new_empty(bh, height * width)
 
 
-@torch.library.custom_op('dat::neighborhood_attention_backward', mutates_args=())
+@torch_compat.custom_op('dat::neighborhood_attention_backward', mutates_args=())
 def _neighborhood_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
     chunk: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_neighborhood_op_inputs(q, k, v, rpb, kernel_size, chunk)
+    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[1] * q.shape[2]):
+        raise ValueError(f'dat::neighborhood_attention_backward expects grad_out and out of q\'s shape '
+                         f'{tuple(q.shape)} and lse {(q.shape[0], q.shape[1] * q.shape[2])}; got grad_out '
+                         f'{tuple(grad_out.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}')
     heads = rpb.shape[0]
     kernels = _cpu_kernels(q)
     if kernels is not None:

@@ -38,8 +38,10 @@ def simd_flags() -> Tuple[str, List[str]]:
     """The instruction set the kernels are compiled for, and its compiler flags: AVX2 with FMA
     where torch's own CPU kernels run with AVX2 or better (``ATEN_CPU_CAPABILITY`` lowers
     both), else the compiler's baseline. Not ``-march=native``: a cache folder may be shared by
-    machines of several CPU types, and each capability gets its own module name."""
-    if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512'):
+    machines of several CPU types, and each capability gets its own module name. A torch without
+    ``torch.backends.cpu.get_cpu_capability`` (2.0) gets the baseline."""
+    get_capability = getattr(getattr(torch.backends, 'cpu', None), 'get_cpu_capability', None)
+    if get_capability is not None and get_capability() in ('AVX2', 'AVX512'):
         return 'avx2', ['-mavx2', '-mfma']
     return 'baseline', []
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_kernels
+from . import cpu_kernels, torch_compat
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -112,9 +112,26 @@ def _kernel_taps(weight: Tensor) -> Tensor:
     return _identity_folded(weight).flatten(1).t().contiguous()
 
 
-@torch.library.custom_op('dat::depthwise_conv_gelu', mutates_args=())
-def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _operator_kernels(y: Tensor, weight: Tensor, bias: Tensor):
+    """The C++ kernels, after the checks that the fused operators rely on before they reach them
+    (they may be called directly, as ``torch.ops.dat.*``)."""
+    channels = y.shape[1] if y.dim() == 4 else -1
+    kernel = weight.shape[-1] if weight.dim() == 4 else 0
+    if (y.device.type != 'cpu' or y.dtype != torch.float32 or weight.shape != (channels, 1, kernel, kernel)
+            or kernel % 2 == 0 or bias.shape != (channels,)):
+        raise ValueError('dat::depthwise_conv_gelu expects a float32 CPU map y (B, C, H, W), a depth-wise weight '
+                         f'(C, 1, k, k) with an odd k and a bias (C,); got y {tuple(y.shape)} {y.dtype} on {y.device}, '
+                         f'weight {tuple(weight.shape)}, bias {tuple(bias.shape)}')
     kernels = cpu_kernels.load_kernels()
+    if kernels is None:
+        raise RuntimeError('dat::depthwise_conv_gelu needs the C++ CPU kernels, which are turned off or could not '
+                           'be built (see the log); depthwise_conv_gelu() falls back to PyTorch by itself')
+    return kernels
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
+def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    kernels = _operator_kernels(y, weight, bias)
     taps = _kernel_taps(weight)
     out = kernels.depthwise_conv_gelu_forward(y.permute(0, 2, 3, 1), taps, bias)
     return out.permute(0, 3, 1, 2)
@@ -125,10 +142,10 @@ def _(y, weight, bias):
     return torch.empty_like(y)
 
 
-@torch.library.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
+@torch_compat.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
 def _depthwise_conv_gelu_backward_op(grad_out: Tensor, y: Tensor, weight: Tensor,
                                      bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    kernels = cpu_kernels.load_kernels()
+    kernels = _operator_kernels(y, weight, bias)
     taps = _kernel_taps(weight)
     grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
         grad_out.permute(0, 2, 3, 1).contiguous(), y.permute(0, 2, 3, 1), taps, bias)
@@ -152,7 +169,7 @@ _depthwise_conv_gelu_op.register_autograd(_depthwise_conv_gelu_backward,
                                           setup_context=_depthwise_conv_gelu_setup_context)
 
 
-@torch.compiler.assume_constant_result
+@torch_compat.assume_constant_result
 def _kernels_available() -> bool:
     """Whether the C++ kernels load; torch.compile evaluates it once instead of tracing the
     loader (which compiles and logs)."""
@@ -175,7 +192,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d) -> Tensor:
         Tensor: ``(B, C, H, W)``, channels-last where the kernel ran.
     """
     if (y.device.type != 'cpu' or y.dtype != torch.float32 or conv.bias is None
-            or torch.is_autocast_enabled('cpu') or not _kernels_available()):
+            or torch_compat.is_autocast_enabled('cpu') or not _kernels_available()):
         return depthwise_conv_gelu_reference(y, conv)
     _check_kernel_conv(conv, y)
     return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
