@@ -16,7 +16,7 @@ import torch
 from projects.dat import DAT
 from projects.dat.converter import convert_original_state_dict
 from projects.dat.models import attention as attn_ops
-from projects.dat.models import cpu_kernels
+from projects.dat.models import cpu_kernels, torch_compat
 from projects.dat.models.attention import (
     deformable_attention,
     deformable_attention_reference,
@@ -28,6 +28,9 @@ from projects.dat.models.dat import DeformableAttention, NeighborhoodAttention
 from projects.dat.models.geometry import neighborhood_indices, neighborhood_tiles, query_grid
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+needs_custom_ops = pytest.mark.skipif(not torch_compat.HAS_CUSTOM_OPS, reason=(
+    f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fast ops run as plain autograd '
+    'functions, which torch.compile and opcheck do not treat as operators'))
 TINY = {
     'v1': dict(
         version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
@@ -349,6 +352,7 @@ def test_with_cp_matches_on_fast_path():
         torch.testing.assert_close(p_cp.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@needs_custom_ops
 def test_compile_traces_fast_ops_without_graph_breaks():
     # fullgraph=True fails on any graph break; aot_eager traces forward and backward through
     # the custom operators and their fake implementations without a C++ compiler.
@@ -370,6 +374,7 @@ def test_compile_traces_fast_ops_without_graph_breaks():
         assert_rel_close(a, e, tol=1e-6)
 
 
+@needs_custom_ops
 def test_custom_ops_pass_opcheck():
     # Fake implementations must match the real ones to the strides (inductor checks them); the
     # backward operators are checked on their own, with real forward outputs.
@@ -423,6 +428,7 @@ def test_switch_errors():
         neighborhood_attention(x, x, x, torch.randn(1, 13, 13), 7)
 
 
+@needs_custom_ops
 def test_backbone_in_eval_mode_traces_as_one_graph(monkeypatch):
     # The wrappers of the custom operators decide in Python which path runs; dynamo must not
     # trace into the kernels' loader (it compiles and logs: a graph break at every block), also
@@ -433,3 +439,174 @@ def test_backbone_in_eval_mode_traces_as_one_graph(monkeypatch):
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+# ------------------------------------------------------------- the operators check their inputs
+
+
+def _deformable_kernel_args(rows=3, width=4, ns=5, table=(5, 6)):
+    """Valid arguments of the C++ deformable softmax for nb = 1, hg = 2: logits, then the bias
+    inputs (padded table, iy, fy, ix, fx, x_taps), then lse."""
+    nb, hg = 1, 2
+    logits = torch.randn(nb, hg, rows, width, ns)
+    padded = torch.randn(nb, hg, table[0] + 4, table[1] + 4)
+    iy = torch.full((nb, rows, ns), 2, dtype=torch.int32)
+    ix = torch.full((nb, width, ns), 2, dtype=torch.int32)
+    x_taps = torch.tensor([2, 3], dtype=torch.int32).expand(nb, ns, 2).contiguous()
+    bias = [padded, iy, torch.rand(nb, rows, ns), ix, torch.rand(nb, width, ns), x_taps]
+    return logits, bias, torch.empty(nb, hg, rows * width)
+
+
+def _replaced(bias, index, value):
+    return [value if i == index else t for i, t in enumerate(bias)]
+
+
+@pytest.mark.parametrize('case, match', [
+    ('iy above the table', r'expected the y tap indices iy .* in \[0, 7\], got values from 2 to 8'),
+    ('iy below the table', r'expected the y tap indices iy .* in \[0, 7\], got values from -1 to 2'),
+    ('x_taps beyond the table', r'expected the x tap ranges x_taps .* in \[0, 9\], got values from 2 to 10'),
+    ('ix outside its key\'s x_taps', r'expected the x tap indices ix\[0, 3, 4\] and ix \+ 1 inside '
+                                     r'x_taps\[0, 4\] = \[2, 3\], got ix = 3'),
+    ('table of other heads', r'expected a table \(nb, hg, Th \+ 4, Tw \+ 4\) for the logits\' \(nb, hg\) = \(1, 2\)'),
+    ('lse of other queries', r'expected lse with one value per query \(24 for the logits'),
+    ('int64 indices', r'expected contiguous Int CPU tensors for the tap indices, got a contiguous Long tensor'),
+    ('iy of other rows', r'expected iy and fy \(1, 3, 5\)'),
+])
+def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    logits, bias, lse = _deformable_kernel_args()
+    kernels.deformable_softmax(logits.clone(), 0.5, *bias, lse)  # valid as made
+    iy, ix, x_taps = bias[1].clone(), bias[3].clone(), bias[5].clone()
+    if case == 'iy above the table':
+        iy[0, 1, 2] = 8  # rows 8 and 9 of a padded table of 9 rows
+        bias = _replaced(bias, 1, iy)
+    elif case == 'iy below the table':
+        iy[0, 0, 0] = -1
+        bias = _replaced(bias, 1, iy)
+    elif case == 'x_taps beyond the table':
+        x_taps[0, 1, 1] = 10
+        bias = _replaced(bias, 5, x_taps)
+    elif case == 'ix outside its key\'s x_taps':
+        ix[0, 3, 4] = 3  # reads columns 3 and 4, the key's row is computed at columns 2..3 only
+        bias = _replaced(bias, 3, ix)
+    elif case == 'table of other heads':
+        bias = _replaced(bias, 0, torch.randn(1, 3, 9, 10))
+    elif case == 'lse of other queries':
+        lse = torch.empty(1, 2, 11)
+    elif case == 'int64 indices':
+        bias = _replaced(bias, 1, iy.long())
+    elif case == 'iy of other rows':
+        bias = _replaced(bias, 1, iy[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match=match):
+        kernels.deformable_softmax(logits.clone(), 0.5, *bias, lse)
+    with pytest.raises(RuntimeError, match=match if 'lse' not in case else 'delta'):
+        kernels.deformable_softmax_backward(logits.clone(), logits.softmax(-1), lse, *bias,
+                                            torch.zeros_like(bias[0]), torch.zeros(1, 2, 5, 2))
+
+
+def test_deformable_kernel_backward_checks_its_accumulators(require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    logits, bias, lse = _deformable_kernel_args()
+    probs = logits.softmax(-1)
+    with pytest.raises(RuntimeError, match=r"grad_table of the table's shape \[1, 2, 9, 10\], got \[1, 2, 9, 9"):
+        kernels.deformable_softmax_backward(logits, probs, lse, *bias, torch.zeros(1, 2, 9, 9), torch.zeros(1, 2, 5, 2))
+    with pytest.raises(RuntimeError, match=r'expected grad_coords_heads \(1, 2, 5, 2\), got \[1, 1, 5, 2\]'):
+        kernels.deformable_softmax_backward(logits, probs, lse, *bias, torch.zeros_like(bias[0]),
+                                            torch.zeros(1, 1, 5, 2))
+
+
+@pytest.mark.parametrize('heads, kernel, shape, match', [
+    (0, 3, (4, 5, 5, 8), r'expected rpb \(heads, 2k - 1, 2k - 1\) = \(heads, 5, 5\) with heads > 0, got \[0, 5, 5\]'),
+    (3, 3, (4, 5, 5, 8), r'expected a number of heads dividing BH = 4, got 3 heads'),
+    (2, 4, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 4'),
+    (2, -1, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got -1'),
+    (2, 7, (4, 5, 9, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 7'),
+])
+def test_neighborhood_kernel_rejects_inconsistent_inputs(heads, kernel, shape, match, require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    q = torch.randn(shape)
+    table = max(2 * kernel - 1, 0)
+    rpb = torch.randn(heads, table, table)
+    with pytest.raises(RuntimeError, match=match):
+        kernels.neighborhood_attention_forward(q, q, q, rpb, kernel)
+    with pytest.raises(RuntimeError, match=match):
+        kernels.neighborhood_attention_backward(q, q, q, q, rpb, q, torch.zeros(shape[0], shape[1] * shape[2]), kernel)
+
+
+def test_neighborhood_kernel_backward_checks_lse(require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    q = torch.randn(4, 5, 6, 8)
+    with pytest.raises(RuntimeError, match=r'expected lse \(BH, H \* W\) = \(4, 30\), got \[4, 29\]'):
+        kernels.neighborhood_attention_backward(q, q, q, q, torch.randn(2, 5, 5), q, torch.zeros(4, 29), 3)
+
+
+def test_operators_called_directly_check_their_inputs():
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
+    q, k, v = q.detach().reshape(4, 1, 4, 30), k.detach().reshape(4, 1, 4, 6), v.detach().reshape(4, 1, 4, 6)
+    pos, rpe, qy, qx = pos.detach(), rpe.detach(), coords[:, 0, 0], coords[0, :, 1]
+    attn_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40)  # valid
+    for bad, given in [((q, k, v, pos, qy, qx, rpe, 0, 40), 'groups 0'),
+                       ((q, k, v, pos, qy, qx, rpe, 3, 40), 'groups 3'),
+                       ((q, k, v, pos, qy, qx, rpe[:1], 2, 40), r'table \(1, 7, 9\)'),
+                       ((q, k, v, pos[:, :5], qy, qx, rpe, 2, 40), r'pos \(4, 5, 2\)'),
+                       ((q, k, v, pos, qy[:4], qx, rpe, 2, 40), r'query_y \(4,\)'),
+                       ((q, k, v, pos, qy, qx, rpe, 2, 0), 'chunk 0')]:
+        with pytest.raises(ValueError, match=r'dat::deformable_attention expects .*' + given):
+            attn_ops._deformable_attention_op(*bad)
+    x = torch.randn(4, 5, 6, 8)
+    attn_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20)  # valid
+    for rpb, kernel, given in [(torch.randn(0, 5, 5), 3, r'rpb \(0, 5, 5\)'),
+                               (torch.randn(3, 5, 5), 3, 'rpb'),
+                               (torch.randn(2, 3, 3), 2, 'kernel_size 2'),
+                               (torch.randn(2, 13, 13), 7, 'kernel_size 7')]:
+        with pytest.raises(ValueError, match=r'dat::neighborhood_attention expects .*' + given):
+            attn_ops._neighborhood_attention_op(x, x, x, rpb, kernel, 1 << 20)
+
+
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
+def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, monkeypatch, require_cpu_kernels):
+    """A NaN position never becomes a table index (the kernels would read outside the table): it
+    makes the outputs of its image NaN, and leaves the other image's output and gradient as they
+    were."""
+    if bias_impl == 'pytorch':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    else:
+        require_cpu_kernels()
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 1, 2, 3, (7, 9), 'pp', 0.9)
+    qy, qx = coords[:, 0, 0], coords[0, :, 1]
+    clean = deformable_attention(q, k, v, pos, qy, qx, rpe, 1, chunk_elements=40)
+    (grad_q_clean,) = torch.autograd.grad(clean[0].sum(), q)
+    nan_pos = pos.detach().clone()
+    nan_pos[1, 2] = float('nan')
+    nan_pos[1, 4, 1] = float('nan')
+    nan_pos.requires_grad_()
+    out = deformable_attention(q, k, v, nan_pos, qy, qx, rpe, 1, chunk_elements=40)
+    assert torch.isnan(out[1]).all()
+    assert torch.equal(out[0], clean[0])
+    (grad_q,) = torch.autograd.grad(out[0].sum(), q)
+    assert torch.equal(grad_q[0], grad_q_clean[0])  # the NaN image's gradient is 0 * NaN
+
+
+@pytest.mark.parametrize('impl', ['cpu_kernels', 'pytorch'])
+def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, monkeypatch, require_cpu_kernels):
+    """NaN inputs give NaN outputs (the tiled path also at the queries of the NaN key's tile, whose
+    masked logits are NaN), and never an error or a read outside the inputs."""
+    if impl == 'pytorch':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    else:
+        require_cpu_kernels()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, 4, generator=g) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g)
+    q[0, 0, 1, 1, 0] = float('nan')
+    k[0, 1, 6, 5, 2] = float('nan')
+    ref = neighborhood_attention_reference(q, k, v, rpb, 3)
+    out = neighborhood_attention(q, k, v, rpb, 3)
+    assert torch.isnan(ref).any() and torch.isnan(out[torch.isnan(ref)]).all()  # no NaN is hidden
+    if impl == 'cpu_kernels':  # exactly the k x k windows: NaN nowhere else
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        assert_rel_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)])

@@ -4,7 +4,7 @@ kernel) against its composition, PointwiseConv2d, GELU2d and the folded depth-wi
 import pytest
 import torch
 
-from projects.dat.models import cpu_kernels, layers
+from projects.dat.models import cpu_kernels, layers, torch_compat
 from projects.dat.models.dat import ConvFFN
 from projects.dat.models.layers import (
     GELU2d,
@@ -175,6 +175,9 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
 
 
 
+@pytest.mark.skipif(not torch_compat.HAS_CUSTOM_OPS, reason=(
+    f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fused layer runs as a plain autograd '
+    'function, which torch.compile and opcheck do not treat as an operator'))
 def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels):
     require_cpu_kernels()
     torch.manual_seed(6)
@@ -190,3 +193,40 @@ def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(req
     for a, e in zip(_value_and_grads(lambda t, c: compiled(t), y, conv, grad),
                     _value_and_grads(depthwise_conv_gelu, y, conv, grad), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_hidden_layer_operator_and_kernel_check_their_inputs(require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    conv = _conv(8, 3)
+    y = torch.randn(1, 8, 5, 6)
+    with pytest.raises(ValueError, match=r'dat::depthwise_conv_gelu expects .* got y \(1, 8, 5, 6\) torch.float32 on '
+                                         r'cpu, weight \(8, 1, 3, 3\), bias \(7,\)'):
+        layers._depthwise_conv_gelu_op(y, conv.weight, conv.bias[:7])
+    with pytest.raises(ValueError, match=r'weight \(8, 1, 2, 2\)'):
+        layers._depthwise_conv_gelu_op(y, torch.randn(8, 1, 2, 2), conv.bias)
+    nhwc = y.permute(0, 2, 3, 1).contiguous()
+    with pytest.raises(RuntimeError, match=r'expected weight \(k \* k, C\) for an odd k and C = 8, got \[8, 8\]'):
+        kernels.depthwise_conv_gelu_forward(nhwc, torch.randn(8, 8), conv.bias.detach())
+    with pytest.raises(RuntimeError, match=r'expected bias \(8\), got \[9\]'):
+        kernels.depthwise_conv_gelu_forward(nhwc, torch.randn(9, 8), torch.randn(9))
+    with pytest.raises(RuntimeError, match=r"expected grad_out of y's shape \[1, 5, 6, 8\], got \[1, 5, 5, 8\]"):
+        kernels.depthwise_conv_gelu_backward(nhwc[:, :, :5].contiguous(), nhwc, torch.randn(9, 8), torch.randn(8))
+
+
+def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
+    conv = _conv(8, 3)
+    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu needs the C\+\+ CPU kernels'):
+        layers._depthwise_conv_gelu_op(torch.randn(1, 8, 5, 6), conv.weight, conv.bias)
+
+
+def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_kernels):
+    require_cpu_kernels()
+    conv = _conv(8, 3)
+    y = torch.randn(1, 8, 6, 7).to(memory_format=torch.channels_last)
+    y[0, 3, 2, 4] = float('nan')
+    with torch.no_grad():
+        fused, plain = depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv)
+    assert torch.equal(torch.isnan(fused), torch.isnan(plain)) and torch.isnan(plain).sum() == 9
+    torch.testing.assert_close(fused.nan_to_num(0.0), plain.nan_to_num(0.0), rtol=1e-5, atol=1e-6)

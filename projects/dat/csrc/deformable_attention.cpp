@@ -48,29 +48,62 @@ struct BiasInputs {
   int64_t row_length;     // Tw + 4
 };
 
-// Checks the shapes, dtypes and layouts against the logits' (nb, hg, rows, W, Ns).
+// Checks that every tap the kernels follow lies inside the padded table: rows iy and iy + 1, and
+// for each key n of batch-group b the columns x_taps[b, n] = [lo, hi] that its interpolated row is
+// computed at, which must hold the columns ix and ix + 1 of all its queries.
+void check_taps(const torch::Tensor& table, const torch::Tensor& iy, const torch::Tensor& ix,
+                const torch::Tensor& x_taps) {
+  const int64_t table_rows = table.size(2), row_length = table.size(3);
+  dat::check_index_range(iy, 0, table_rows - 2, "the y tap indices iy (rows of the padded table, up to Th + 2)");
+  dat::check_index_range(x_taps, 0, row_length - 1, "the x tap ranges x_taps (columns of the padded table)");
+  const int64_t nb = ix.size(0), width = ix.size(1), ns = ix.size(2);
+  const int32_t* ix_p = ix.data_ptr<int32_t>();
+  const int32_t* taps_p = x_taps.data_ptr<int32_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int32_t* key_taps = taps_p + b * ns * 2;
+    for (int64_t c = 0; c < width; ++c) {
+      const int32_t* col_ix = ix_p + (b * width + c) * ns;
+      for (int64_t n = 0; n < ns; ++n) {
+        TORCH_CHECK(col_ix[n] >= key_taps[2 * n] && int64_t(col_ix[n]) + 1 <= key_taps[2 * n + 1],
+                    "expected the x tap indices ix[", b, ", ", c, ", ", n, "] and ix + 1 inside x_taps[", b, ", ", n,
+                    "] = [", key_taps[2 * n], ", ", key_taps[2 * n + 1], "], got ix = ", col_ix[n]);
+      }
+    }
+  }
+}
+
+// Checks the shapes, dtypes, layouts and tap indices against the logits' (nb, hg, rows, W, Ns).
 BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
                        const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
                        const torch::Tensor& x_taps) {
   TORCH_CHECK(logits.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
               "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 4, Tw + 4), iy/fy (nb, rows, Ns), "
-              "ix/fx (nb, W, Ns)");
+              "ix/fx (nb, W, Ns), got logits ", logits.sizes(), ", table ", table.sizes(), ", iy ", iy.sizes(),
+              ", ix ", ix.sizes());
   const int64_t nb = logits.size(0), hg = logits.size(1), rows = logits.size(2), width = logits.size(3),
                 ns = logits.size(4);
-  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "table does not match the logits' (nb, hg)");
-  TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "iy/fy shape mismatch");
-  TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "ix/fx shape mismatch");
+  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "expected a table (nb, hg, Th + 4, Tw + 4) for the logits' ",
+              "(nb, hg) = (", nb, ", ", hg, "), got ", table.sizes());
+  TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "expected iy and fy (",
+              nb, ", ", rows, ", ", ns, ") for the logits ", logits.sizes(), ", got ", iy.sizes(), " and ", fy.sizes());
+  TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "expected ix and fx (",
+              nb, ", ", width, ", ", ns, ") for the logits ", logits.sizes(), ", got ", ix.sizes(), " and ",
+              fx.sizes());
+  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "expected x_taps (", nb, ", ", ns, ", 2), got ",
+              x_taps.sizes());
   dat::check_contiguous_cpu({&logits, &table, &fy, &fx}, torch::kFloat, "the logits, tables and tap weights");
-  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "x_taps must be (nb, Ns, 2)");
   dat::check_contiguous_cpu({&iy, &ix, &x_taps}, torch::kInt, "the tap indices");
+  check_taps(table, iy, ix, x_taps);
   return {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
           fx.data_ptr<float>(), x_taps.data_ptr<int32_t>(), table.size(2) * table.size(3), table.size(3)};
 }
 
-// One float32 per query, (nb, hg, rows, W) contiguous.
+// One float32 per query: nb * hg * rows * W contiguous values.
 void check_per_query(const torch::Tensor& t, const torch::Tensor& logits, const char* name) {
   dat::check_contiguous_cpu({&t}, torch::kFloat, name);
-  TORCH_CHECK(t.numel() * logits.size(4) == logits.numel(), "expected ", name, " with one value per query");
+  const int64_t queries = logits.size(0) * logits.size(1) * logits.size(2) * logits.size(3);
+  TORCH_CHECK(t.numel() == queries, "expected ", name, " with one value per query (", queries,
+              " for the logits ", logits.sizes(), "), got ", t.sizes());
 }
 
 // R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
@@ -157,12 +190,13 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
   const BiasInputs bias = bias_inputs(grad, table, iy, fy, ix, fx, x_taps);
   dat::check_contiguous_cpu({&probs, &grad_table, &grad_coords_heads}, torch::kFloat,
                             "probs and the gradient accumulators");
-  TORCH_CHECK(probs.sizes() == grad.sizes(), "expected probs of grad's shape");
+  TORCH_CHECK(probs.sizes() == grad.sizes(), "expected probs of grad's shape ", grad.sizes(), ", got ", probs.sizes());
   check_per_query(delta, grad, "delta");
   const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
-  TORCH_CHECK(grad_table.sizes() == table.sizes(), "grad_table shape mismatch");
-  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}),
-              "grad_coords_heads must be (nb, hg, Ns, 2)");
+  TORCH_CHECK(grad_table.sizes() == table.sizes(), "expected grad_table of the table's shape ", table.sizes(),
+              ", got ", grad_table.sizes());
+  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}), "expected grad_coords_heads (", nb,
+              ", ", hg, ", ", ns, ", 2), got ", grad_coords_heads.sizes());
   const int64_t row_length = bias.row_length;
   float* grad_p = grad.data_ptr<float>();
   const float* probs_p = probs.data_ptr<float>();

@@ -34,11 +34,14 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
                   int64_t kernel_size) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "expected q, k, v of one shape (BH, H, W, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(kernel_size % 2 == 1 && q.size(1) >= kernel_size && q.size(2) >= kernel_size,
-              "expected an odd kernel_size no larger than H and W, got ", kernel_size, " for ", q.sizes());
-  TORCH_CHECK(rpb.dim() == 3 && rpb.size(1) == 2 * kernel_size - 1 && rpb.size(2) == 2 * kernel_size - 1 &&
-                  q.size(0) % rpb.size(0) == 0,
-              "expected rpb (heads, 2k - 1, 2k - 1) with heads dividing BH, got ", rpb.sizes());
+  TORCH_CHECK(kernel_size > 0 && kernel_size % 2 == 1 && q.size(1) >= kernel_size && q.size(2) >= kernel_size,
+              "expected an odd kernel_size > 0 no larger than H and W, got ", kernel_size, " for q ", q.sizes());
+  TORCH_CHECK(rpb.dim() == 3 && rpb.size(0) > 0 && rpb.size(1) == 2 * kernel_size - 1 &&
+                  rpb.size(2) == 2 * kernel_size - 1,
+              "expected rpb (heads, 2k - 1, 2k - 1) = (heads, ", 2 * kernel_size - 1, ", ", 2 * kernel_size - 1,
+              ") with heads > 0, got ", rpb.sizes());
+  TORCH_CHECK(q.size(0) % rpb.size(0) == 0, "expected a number of heads dividing BH = ", q.size(0), ", got ",
+              rpb.size(0), " heads");
   dat::check_contiguous_cpu({&q, &k, &v, &rpb}, torch::kFloat, "q, k, v and rpb");
 }
 
@@ -109,9 +112,11 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
                                                            torch::Tensor lse, int64_t kernel_size) {
   check_inputs(q, k, v, rpb, kernel_size);
   dat::check_contiguous_cpu({&grad_out, &out, &lse}, torch::kFloat, "grad_out, out and lse");
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "expected grad_out and out of q's shape");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "expected grad_out and out of q's shape ",
+              q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   const int64_t bh_count = q.size(0), height = q.size(1), width = q.size(2), d = q.size(3), heads = rpb.size(0);
-  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (BH, H * W)");
+  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (BH, H * W) = (", bh_count,
+              ", ", height * width, "), got ", lse.sizes());
   const int64_t window = kernel_size * kernel_size, table = rpb.size(1), table_size = table * table;
   auto grad_q = torch::empty_like(q);
   auto grad_k = torch::zeros_like(k);
