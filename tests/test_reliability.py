@@ -42,6 +42,7 @@ needs_keys = pytest.mark.skipif(not OFFICIAL_KEYS.is_dir(), reason='../shared/re
 
 CLS_CONFIG = FIXTURES / 'tiny_dat_cls.py'
 KILL_CONFIG = FIXTURES / 'tiny_dat_cls_kill.py'
+KILL_WRITE_CONFIG = FIXTURES / 'tiny_dat_cls_kill_write.py'
 IMAGENET_CONFIG = REPO / 'configs/classification/datpp-t_8xb128_in1k.py'
 ADE_CONFIG = REPO / 'configs/segmentation/upernet/upernet_datpp-t_8xb2-160k_ade20k-512x512.py'
 COCO_CONFIG = REPO / 'configs/detection/mask_rcnn/mask-rcnn_datpp-t_fpn_1x_coco.py'
@@ -175,6 +176,36 @@ def test_a_killed_worker_ends_the_job(tiny_imagenet, tmp_path, rank):
         pid = int((work_dir / f'pid_rank{r}').read_text())
         with pytest.raises(ProcessLookupError):  # no worker outlives the job
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize('hook', ['AtomicCheckpointHook', 'CheckpointHook'])
+def test_sigkill_while_writing_a_checkpoint_then_resume(tiny_imagenet, tmp_path, hook):
+    """tools/train.py with the checkpoint hook our configs switch on, killed (SIGKILL) half-way
+    through writing iter_3.pth with max_keep_ckpts=1: iter_2.pth and last_checkpoint are intact
+    and --resume finishes the run. mmengine's own CheckpointHook (the control) has deleted
+    iter_2.pth before writing, so there is nothing to resume from."""
+    work_dir = tmp_path / 'run'
+    options = ['default_hooks.checkpoint.type=CheckpointHook'] if hook == 'CheckpointHook' else []
+    train = [sys.executable, TOOLS / 'train.py', KILL_WRITE_CONFIG]
+    proc, _ = _run([*train, *_train_args(work_dir, tiny_imagenet, *options)], timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:]
+    assert (work_dir / 'last_checkpoint').read_text().endswith('iter_2.pth')
+    resume = [*train, '--resume', *_train_args(work_dir, tiny_imagenet, *options, 'custom_hooks.1.name=None')]
+    if hook == 'CheckpointHook':
+        assert not (work_dir / 'iter_2.pth').exists()
+        proc, _ = _run(resume, timeout=300)
+        assert proc.returncode != 0 and 'iter_2.pth can not be found' in proc.stdout, proc.stdout[-3000:]
+        return
+    assert sorted(p.name for p in work_dir.glob('iter_*.pth')) == ['iter_2.pth']
+    assert torch.load(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+    (leftover,) = [p for p in work_dir.iterdir() if '.tmp-' in p.name]  # the half-written file
+    assert leftover.name.startswith('.iter_3.pth.tmp-') and leftover.stat().st_mode & 0o777 == 0o600
+    proc, _ = _run(resume, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert 'resumed' in proc.stdout.lower(), proc.stdout[-3000:]
+    assert sorted(p.name for p in work_dir.glob('iter_*.pth')) == ['iter_4.pth']
+    assert torch.load(work_dir / 'iter_4.pth')['meta']['iter'] == 4
+    assert len(_losses(work_dir, 0)) == 2  # iterations 3 and 4 only: it did not start again
 
 
 # ---------------------------------------------------------------------------------------------
