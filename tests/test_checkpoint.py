@@ -1,5 +1,6 @@
-"""Tests of projects.dat.checkpoint: weights_only loading of mmengine checkpoints, crash-safe
-saving, and the loader of original DAT checkpoints.
+"""Tests of projects.dat.checkpoint and projects.dat.hooks: weights_only loading of mmengine
+checkpoints (and of http(s) URLs), crash-safe saving through AtomicCheckpointHook, what
+``import projects.dat`` changes (only registrations), and the loader of original DAT checkpoints.
 
 The file doubles as the training script of the kill-and-resume tests: run as
 ``python tests/test_checkpoint.py WORK_DIR ...`` it trains the toy model in a fresh process.
@@ -1003,6 +1004,23 @@ def test_url_with_code_is_refused_by_pretrained_init_cfg(malicious):
     with pytest.raises(UntrustedCheckpointError) as error:
         model.init_weights()
     assert_refused_without_running(error.value, url, marker)
+
+
+TINY_ARCH = dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2],
+                 stage_spec=['ND', 'N', 'ND', 'DD'])
+
+
+def test_clean_url_loads_through_pretrained_init_cfg(served):
+    from projects.dat import DAT
+
+    folder, base = served
+    source = DAT(arch=TINY_ARCH, img_size=32)
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}}, folder / 'tiny.pth')
+    init_cfg = dict(type='Pretrained', checkpoint=base + 'tiny.pth', prefix='backbone.')
+    model = DAT(arch=TINY_ARCH, img_size=32, init_cfg=init_cfg)
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize('resume', [False, True])
