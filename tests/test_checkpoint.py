@@ -1058,6 +1058,25 @@ def test_trusted_prefix_allows_full_unpickling(malicious, monkeypatch):
     assert torch.equal(ckpt['state_dict']['linear.weight'], torch.ones(1, 4))
 
 
+def test_trusted_url_never_uses_a_cached_file_of_an_untrusted_url(served, tmp_path, monkeypatch):
+    """torch.hub caches by file name only: an untrusted URL's model.pth must not be fully
+    unpickled when a trusted URL of the same file name is loaded."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    folder, base = served
+    marker = tmp_path / 'marker'
+    (folder / 'untrusted').mkdir()
+    (folder / 'trusted').mkdir()
+    torch.save({'w': torch.ones(1), 'x': RunsCode(marker)}, folder / 'untrusted' / 'model.pth')
+    torch.save({'w': torch.ones(1), 'cfg': argparse.Namespace(lr=0.1)}, folder / 'trusted' / 'model.pth')
+    monkeypatch.setenv(dat_ckpt.TRUSTED_URLS_ENV, base + 'trusted/')
+    with pytest.raises(UntrustedCheckpointError):
+        CheckpointLoader.load_checkpoint(base + 'untrusted/model.pth', map_location='cpu')
+    ckpt = CheckpointLoader.load_checkpoint(base + 'trusted/model.pth', map_location='cpu')
+    assert ckpt['cfg'].lr == 0.1
+    assert not marker.exists()
+
+
 def test_trusted_prefixes_are_checked():
     assert dat_ckpt.trusted_url_prefixes('') == []
     assert dat_ckpt.trusted_url_prefixes(' https://h.org , http://h:8/a/b,') == ['https://h.org/', 'http://h:8/a/b']

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import logging
 import os
 import os.path as osp
@@ -673,14 +674,22 @@ def trusted_url_prefixes(value: str | None = None) -> list[str]:
     return prefixes
 
 
-def _download(url: str, model_dir: str | None, progress: bool) -> str:
-    """Download ``url`` into torch.hub's cache (as mmengine and torch.hub do); return the file."""
+def _download(url: str, model_dir: str | None, progress: bool, trusted: bool) -> str:
+    """Download ``url`` into torch.hub's cache (as mmengine and torch.hub do); return the file.
+
+    torch.hub names a cached file after the URL's last component only, so files of two URLs
+    with the same name share it. That is harmless for ``weights_only`` loads; a file that is
+    to be fully unpickled (``trusted``) must come from its own URL, so it is kept in a folder
+    of its own, ``by_url/<first 16 hex digits of the URL's SHA-256>/``.
+    """
     if model_dir is None:
         model_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(model_dir, exist_ok=True)
     filename = osp.basename(urlparse(url).path)
     if not filename:
         raise CheckpointError(f'cannot download {url!r}: the URL does not end in a file name')
+    if trusted:
+        model_dir = osp.join(model_dir, 'by_url', hashlib.sha256(url.encode()).hexdigest()[:16])
+    os.makedirs(model_dir, exist_ok=True)
     cached_file = osp.join(model_dir, filename)
     if not osp.exists(cached_file):
         sys.stdout.write(f'Downloading: "{url}" to {cached_file}\n')
@@ -699,7 +708,9 @@ def load_from_http_weights_only(
     then the others from the cache) and loaded with ``weights_only=True`` and the allow-list of
     :func:`register_mmengine_safe_globals`. A file that holds other pickled objects is refused,
     unless the URL starts with a prefix listed in ``DAT_TRUSTED_CHECKPOINT_URLS``; then it is
-    fully unpickled, with a warning.
+    fully unpickled, with a warning. Files of trusted URLs are cached in a folder of their own
+    (``<torch hub dir>/checkpoints/by_url/<hash of the URL>/``), so that a file of the same
+    name downloaded from an untrusted URL is never taken for them.
 
     Args:
         filename: The ``http://`` or ``https://`` URL.
@@ -722,14 +733,14 @@ def load_from_http_weights_only(
     if progress is None:
         progress = os.isatty(0)
     trusted_prefixes = trusted_url_prefixes()
+    trusted = any(filename.startswith(prefix) for prefix in trusted_prefixes)
     rank, world_size = get_dist_info()
     if rank == 0:
-        cached_file = _download(filename, model_dir, progress)
+        cached_file = _download(filename, model_dir, progress, trusted)
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
-            cached_file = _download(filename, model_dir, progress)
-    trusted = any(filename.startswith(prefix) for prefix in trusted_prefixes)
+            cached_file = _download(filename, model_dir, progress, trusted)
 
     def refusal(found: str) -> str:
         return (
