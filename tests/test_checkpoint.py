@@ -1085,6 +1085,20 @@ def test_trusted_prefixes_are_checked():
             dat_ckpt.trusted_url_prefixes(bad)
 
 
+def test_trusted_url_matching():
+    prefixes = 'https://h.org, http://h:8/models/'
+    assert dat_ckpt.is_trusted_url('https://h.org/a.pth', prefixes)
+    assert dat_ckpt.is_trusted_url('http://h:8/models/x/a.pth', prefixes)
+    assert not dat_ckpt.is_trusted_url('https://h.org.evil.com/a.pth', prefixes)  # host prefix ends with '/'
+    assert not dat_ckpt.is_trusted_url('https://h.org@evil.com/a.pth', prefixes)
+    assert not dat_ckpt.is_trusted_url('http://h:80/models/a.pth', prefixes)
+    assert not dat_ckpt.is_trusted_url('http://h:8/other/a.pth', prefixes)
+    for escape in ('..', '%2e%2E', '.'):
+        assert not dat_ckpt.is_trusted_url(f'http://h:8/models/{escape}/a.pth', prefixes)
+    assert dat_ckpt.is_trusted_url('http://h:8/models/v1..2/a.pth', prefixes)  # only whole segments
+    assert not dat_ckpt.is_trusted_url('https://h.org/a.pth', '')
+
+
 def test_truncated_download_says_where_the_cache_is(served):
     from mmengine.runner.checkpoint import CheckpointLoader
 

@@ -88,6 +88,7 @@ __all__ = [
     'atomic_save',
     'atomic_write_bytes',
     'extract_state_dict',
+    'is_trusted_url',
     'load_from_http_weights_only',
     'load_original_checkpoint',
     'mmengine_safe_globals',
@@ -674,6 +675,33 @@ def trusted_url_prefixes(value: str | None = None) -> list[str]:
     return prefixes
 
 
+# '.' or '..' path segments, also percent-encoded: a server may resolve them out of a prefix.
+_DOT_SEGMENT_RE = re.compile(r'(^|/)(\.|%2e){1,2}(/|$)', re.IGNORECASE)
+
+
+def is_trusted_url(url: str, value: str | None = None) -> bool:
+    """Whether ``url`` may be fully unpickled: it starts with a prefix of ``DAT_TRUSTED_CHECKPOINT_URLS``.
+
+    The match is plain ``str.startswith`` against each prefix of :func:`trusted_url_prefixes`
+    (end a prefix with ``/`` to mean a folder), and a URL with ``.`` or ``..`` path segments is
+    never trusted (the server could resolve them to a path outside the prefix).
+
+    Args:
+        url: The checkpoint URL.
+        value: The variable's value; None reads it from the environment.
+
+    Returns:
+        Whether the URL is trusted.
+
+    Raises:
+        ValueError: If the variable holds an entry that is not an http(s) URL.
+    """
+    prefixes = trusted_url_prefixes(value)
+    if _DOT_SEGMENT_RE.search(urlparse(url).path):
+        return False
+    return any(url.startswith(prefix) for prefix in prefixes)
+
+
 def _download(url: str, model_dir: str | None, progress: bool, trusted: bool) -> str:
     """Download ``url`` into torch.hub's cache (as mmengine and torch.hub do); return the file.
 
@@ -732,8 +760,7 @@ def load_from_http_weights_only(
 
     if progress is None:
         progress = os.isatty(0)
-    trusted_prefixes = trusted_url_prefixes()
-    trusted = any(filename.startswith(prefix) for prefix in trusted_prefixes)
+    trusted = is_trusted_url(filename)
     rank, world_size = get_dist_info()
     if rank == 0:
         cached_file = _download(filename, model_dir, progress, trusted)
