@@ -12,6 +12,9 @@ End to end, on CPU, with the tiny demo configs (``configs/demo``) and synthetic 
   --tta --out DIR``;
 - mmpretrain: a 30-iteration training run lowers the loss.
 
+Each of these runs builds the configs' ``DATRunner``, which checks the dataset paths first
+(``tests/test_runner.py`` has the runs that stop on a wrong path).
+
 And in-process, the glue itself: config adaptation, argument handling, clear errors, and the
 command lines of the slurm scripts (with a stand-in ``srun``).
 """
@@ -169,6 +172,8 @@ def test_mim_train_outside_repo(mim_work_dir):
     assert re.search(r"imports=\[\s*'projects\.dat',?\s*\]", log)  # the dumped config
     assert "type='DAT'" in log
     assert 'coco/bbox_mAP' in log
+    # mmdet's train script built the configs' DATRunner, which checked the data first
+    assert re.search(r'DATRunner: checked \d+ dataset path\(s\) of train_dataloader, val_dataloader: all exist', log)
 
 
 def test_test_py_on_mim_checkpoint(mim_work_dir, coco_root, tmp_path):
@@ -191,6 +196,7 @@ def test_test_py_on_mim_checkpoint(mim_work_dir, coco_root, tmp_path):
         ]
     )
     log = _logs(tmp_path)
+    assert re.search(r'DATRunner: checked \d+ dataset path\(s\) of test_dataloader: all exist', log)
     assert f'Load checkpoint from {checkpoint}' in log
     assert 'coco/bbox_mAP' in log and 'coco/segm_mAP' in log
     with open(out, 'rb') as f:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
+from mmengine.registry import RUNNERS
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
@@ -166,6 +167,24 @@ def init_cpu_dist(cfg: Config, launcher: str) -> None:
 
 def _export_env(key: str, value: str) -> None:
     os.environ.setdefault(key, str(value))
+
+
+def build_runner(cfg: Config):
+    """The runner of ``cfg``: the one its ``runner_type`` names (our configs: ``DATRunner``), else
+    ``DATRunner``, so that the dataset paths of any config are checked before the run uses them
+    (see :mod:`projects.dat.runner`).
+
+    Args:
+        cfg (Config): the full config, passed through :func:`prepare`.
+
+    Returns:
+        Runner: the runner, not yet started.
+    """
+    from projects.dat.runner import DATRunner
+
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return DATRunner.from_cfg(cfg)
 
 
 def prepare(cfg: Config, launcher: str, local_rank: int | None = None) -> str:

@@ -8,6 +8,10 @@ Examples::
     python tools/test.py SEG_CONFIG CHECKPOINT --tta      # multi-scale + flip (tta_model)
     tools/dist_test.sh CONFIG CHECKPOINT 8
 
+The runner is the config's ``runner_type`` (ours: ``DATRunner``) or else ``DATRunner``, which
+checks the dataset paths of ``test_dataloader`` before the dataset is built or the checkpoint
+is loaded (:mod:`projects.dat.runner`).
+
 ``--out``: mmdet and mmpretrain dump the predictions to a ``.pkl`` file; mmseg writes the
 predicted label maps (PNG) into the given folder (its ``IoUMetric.output_dir``).
 """
@@ -17,11 +21,9 @@ import os.path as osp
 import sys
 
 from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from launch_utils import LAUNCHERS, prepare  # noqa: E402
+from launch_utils import LAUNCHERS, build_runner, prepare  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
         enable_tta(cfg)
     if args.out is not None:
         add_output(cfg, scope, args.out)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     runner.test()
 
 

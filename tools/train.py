@@ -7,7 +7,10 @@ The config's ``default_scope`` ('mmdet', 'mmseg' or 'mmpretrain') picks the tool
     tools/dist_train.sh CONFIG 8 --amp          # torchrun, 8 processes
     python tools/train.py CONFIG --resume       # resume from the latest checkpoint
 
-Without CUDA the same configs run on CPU (SyncBN -> BN, gloo for several processes).
+Without CUDA the same configs run on CPU (SyncBN -> BN, gloo for several processes). The runner
+is the config's ``runner_type`` (ours: ``DATRunner``) or else ``DATRunner``, which checks the
+dataset paths of ``train_dataloader`` and ``val_dataloader`` before any dataset is built
+(:mod:`projects.dat.runner`).
 """
 
 import argparse
@@ -15,11 +18,9 @@ import os.path as osp
 import sys
 
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from launch_utils import LAUNCHERS, prepare  # noqa: E402
+from launch_utils import LAUNCHERS, build_runner, prepare  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
     prepare(cfg, args.launcher, args.local_rank)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     runner.train()
 
 
