@@ -783,12 +783,15 @@ def test_every_config_uses_the_atomic_hook(path):
     ],
 )
 def test_runner_of_each_toolbox_builds_the_hook(path, tmp_path):
-    """What ``tools/train.py`` and ``mim train mmpretrain|mmseg|mmdet`` do: Runner.from_cfg."""
+    """What ``tools/train.py`` and ``mim train mmpretrain|mmseg|mmdet`` (the toolboxes'
+    ``tools/train.py``) do: ``RUNNERS.build(cfg)`` for a config with ``runner_type``, else
+    ``Runner.from_cfg(cfg)``."""
     from mmengine.config import Config
+    from mmengine.registry import RUNNERS
 
     cfg = Config.fromfile(str(CONFIGS / path))
     cfg.work_dir = str(tmp_path)
-    runner = Runner.from_cfg(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     hooks = [h for h in runner.hooks if type(h).__name__ == 'CheckpointHook' or isinstance(h, AtomicCheckpointHook)]
     assert len(hooks) == 1 and isinstance(hooks[0], AtomicCheckpointHook)
     assert hooks[0].interval == cfg.default_hooks.checkpoint.interval
