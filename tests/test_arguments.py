@@ -119,6 +119,8 @@ ARCH_ERRORS = [
                  id='window_size-bool'),
     pytest.param('pp', dict(mlp_ratio=True), r"mlp_ratio'\] must hold positive ints, got True", id='mlp_ratio-bool'),
     pytest.param('pp', dict(mlp_ratio=4.0), r"mlp_ratio'\] must hold positive ints, got 4.0", id='mlp_ratio-float'),
+    pytest.param('pp', dict(dims=[15, 30, 60, 120], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2]),
+                 r"arch\['dims'\]\[0\] must be even for DAT\+\+ .*got 15", id='dims0-odd-pp'),
     pytest.param('pp', dict(dims=(16, 32, 64)), r"dims'\] must be a list of 4 entries.*got \(16, 32, 64\)",
                  id='dims-three'),
     pytest.param('pp', dict(heads=4), r"heads'\] must be a list of 4 entries.*got 4", id='heads-int'),

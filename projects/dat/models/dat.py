@@ -544,7 +544,9 @@ class DAT(BaseModule):
             deformable bias tables (224 for the released ImageNet weights, 384 for the 384
             fine-tunes). Defaults to 224.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``
-            loads a converted checkpoint strictly, resizing bias tables of another size.
+            loads a converted checkpoint strictly, resizing bias tables of another size. A
+            ``Pretrained`` config must name its ``checkpoint`` and come alone (a dict, not in a
+            list, where mmengine would load it non-strictly); other init configs are mmengine's.
         attn_impl (str): Implementation of the ``N`` and ``D`` attention blocks and of DAT++'s
             ConvFFN hidden layer: ``'auto'`` (the fast, memory-lean one wherever it is available,
             else the reference), ``'fast'`` or ``'reference'`` (the straightforward one). Both
@@ -863,6 +865,9 @@ def _check_arch_settings(settings: dict) -> None:
     for key, values in positive.items():
         if any(not _is_int(v) or v < 1 for v in values):
             raise ValueError(f"arch['{key}'] must hold positive ints, got {settings[key]!r}")
+    if settings['version'] == 'pp' and settings['dims'][0] % 2:
+        raise ValueError(f"arch['dims'][0] must be even for DAT++ (the stem's first conv has dims[0] / 2 channels), "
+                         f"got {settings['dims'][0]}")
     size = settings['neighborhood_size']
     if not _is_int(size) or size < 1 or size % 2 == 0:
         raise ValueError(f"arch['neighborhood_size'] must be an odd positive int (the neighbourhood is centred "
