@@ -13,6 +13,10 @@ mmengine's ``BaseDataset`` does, before anything is built, and raises
 - :class:`AnnotationFormatError` (a ``ValueError``) for an annotation file of a COCO-style
   dataset (mmdet ``CocoDataset`` and subclasses) or ``CocoMetric`` that is not a COCO JSON.
 
+:class:`~projects.dat.runner.DATRunner` (``runner_type='DATRunner'`` in our configs) runs these
+checks at the start of ``train``, ``val`` and ``test``, through ``tools/train.py``,
+``tools/test.py`` and the toolboxes' own scripts that ``mim`` runs.
+
 Only local paths are checked: URLs (``s3://``, ``http://``, ``petrel://`` ...), datasets read
 through a non-local ``backend_args`` backend or a ``path_mapping``, and datasets that download
 themselves (``download=True``, e.g. CIFAR) are skipped.
@@ -307,9 +311,9 @@ def check_dataset_paths(cfg: Mapping, loaders: Sequence[str] = DATALOADER_KEYS) 
 
     Args:
         cfg (Mapping): The full config (an mmengine ``Config`` or a dict).
-        loaders (Sequence[str]): Which dataloaders to check. ``tools/train.py`` checks
-            ``('train_dataloader', 'val_dataloader')``, ``tools/test.py``
-            ``('test_dataloader',)``. Defaults to all three.
+        loaders (Sequence[str]): Which dataloaders to check. Training checks
+            ``('train_dataloader', 'val_dataloader')``, testing ``('test_dataloader',)``
+            (:class:`~projects.dat.runner.DATRunner`). Defaults to all three.
 
     Returns:
         list[tuple[str, str]]: ``(config key, resolved path)`` of every path checked.
