@@ -230,3 +230,16 @@ def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_k
         fused, plain = depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv)
     assert torch.equal(torch.isnan(fused), torch.isnan(plain)) and torch.isnan(plain).sum() == 9
     torch.testing.assert_close(fused.nan_to_num(0.0), plain.nan_to_num(0.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('grad_format', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_gelu2d_gradient_for_any_layout_of_the_incoming_gradient(memory_format, grad_format):
+    """Also on torch 2.0 / 2.1, whose GELU backward gets strided gradients wrong (pytorch/pytorch#112006)."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    grad = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=grad_format)
+    (expected,) = torch.autograd.grad(torch.nn.functional.gelu(x.requires_grad_()), x, grad)
+    x32 = x.detach().float().contiguous(memory_format=memory_format).requires_grad_()
+    (actual,) = torch.autograd.grad(GELU2d()(x32), x32, grad.float())
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)

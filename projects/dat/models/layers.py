@@ -56,11 +56,28 @@ class GELU2d(nn.GELU):
         return gelu_2d(x, self.approximate)
 
 
+# torch 2.0 and 2.1 compute GELU's gradient wrongly when it comes with other strides than the
+# input (pytorch/pytorch#112006); there, the gradient is copied into the input's layout first.
+_GELU_GRAD_IN_INPUT_LAYOUT = torch_compat.gelu_backward_mishandles_strided_grad()
+
+
+def _gelu(x: Tensor, approximate: str) -> Tensor:
+    out = F.gelu(x, approximate=approximate)
+    if _GELU_GRAD_IN_INPUT_LAYOUT and out.requires_grad:
+        size, stride = out.size(), out.stride()  # not out itself: the hook would keep it alive
+
+        def in_input_layout(grad: Tensor) -> Tensor:
+            return grad if grad.stride() == stride else grad.new_empty_strided(size, stride).copy_(grad)
+
+        out.register_hook(in_input_layout)
+    return out
+
+
 def gelu_2d(x: Tensor, approximate: str = 'none') -> Tensor:
     """``F.gelu`` of a map, through its NHWC view where it is channels-last (see :class:`GELU2d`)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return F.gelu(x.permute(0, 2, 3, 1), approximate=approximate).permute(0, 3, 1, 2)
-    return F.gelu(x, approximate=approximate)
+        return _gelu(x.permute(0, 2, 3, 1), approximate).permute(0, 3, 1, 2)
+    return _gelu(x, approximate)
 
 
 def _identity_folded(weight: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ the same.
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # torch.library.custom_op with register_fake and register_autograd (torch >= 2.4).
@@ -117,3 +118,20 @@ def is_autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
     per_device = getattr(torch, f'is_autocast_{device_type}_enabled', None)
     return bool(per_device()) if per_device is not None else False
+
+
+def gelu_backward_mishandles_strided_grad() -> bool:
+    """Whether this torch's CPU GELU backward returns wrong values (uninitialised memory) for a
+    gradient whose strides differ from the input's, as torch 2.1 does (pytorch/pytorch#112006).
+
+    Computed on a 12-element example: the gradient through a permuted gradient against the same
+    through its contiguous copy.
+
+    Returns:
+        bool: True where the gradient of GELU must be given in its input's layout.
+    """
+    x = torch.linspace(-2.0, 2.0, 12).reshape(2, 2, 3).requires_grad_()
+    grad = torch.arange(12.0).reshape(2, 2, 3).permute(1, 0, 2)
+    (strided,) = torch.autograd.grad(F.gelu(x), x, grad)
+    (dense,) = torch.autograd.grad(F.gelu(x), x, grad.contiguous())
+    return not torch.equal(strided, dense)
