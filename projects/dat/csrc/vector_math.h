@@ -27,11 +27,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // degree-5 polynomial, 2^n from the exponent bits. At most 1.5 ulp from the exact value (std::exp
 // and torch's exp: 1 ulp) on [-87, 88]; below -87 it returns exp(-87) (1.6e-38: what it adds to a
 // sum of softmax weights, each <= 1 with one equal to 1, is below float32 round-off). NaN gives
-// NaN, and never reaches the integer conversion of the exponent. The loops vectorise where
-// compiled with -fno-trapping-math (so that the clamps may be branch-free).
+// NaN. The loops vectorise where compiled with -fno-trapping-math (so that the clamps may be
+// branch-free).
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: rounds
+  // Adding 1.5 * 2^23 rounds x / ln 2 to the nearest integer n and leaves n in the low bits of
+  // the sum's mantissa: n is read from those bits, so that no float is converted to an integer
+  // (undefined for the NaN that the clamp above passes on; its bits only reach 2^n, and p is NaN).
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -40,11 +44,10 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // n is in [-126, 127] for every x but NaN (clamped above), which the first clamp passes on and
-  // this one (std::max returns its first argument where the comparison is false) turns into -127:
-  // 2^-127 is 0 in the bits below, and p is NaN anyway.
-  const float exponent = std::max(-127.0f, std::min(n, 127.0f));
-  const int32_t bits = (static_cast<int32_t>(exponent) + 127) << 23;
+  uint32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  // The bits of 1.5 * 2^23 + n are 0x4B400000 + n for |n| < 2^22; 2^n has the exponent bits n + 127.
+  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;
   float two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
   return p * two_to_n;
