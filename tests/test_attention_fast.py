@@ -624,3 +624,30 @@ def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, monke
     if impl == 'cpu_kernels':  # exactly the k x k windows: NaN nowhere else
         assert torch.equal(torch.isnan(out), torch.isnan(ref))
         assert_rel_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)])
+
+
+def test_plain_op_fallback_differentiates_like_the_custom_operator():
+    """The fallback of torches without custom operators (PlainOp) runs the same forward, setup and
+    backward functions through an autograd function, and refuses to differentiate without them."""
+    def function(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return x.sin() * scale
+
+    op = torch_compat.PlainOp('dat_test::sin_scaled', function)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match='dat_test::sin_scaled has no autograd formula'):
+        op(x, 2.0)
+    out = op(x.detach(), 2.0)
+    assert not out.requires_grad and torch.equal(out, function(x.detach(), 2.0))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.scale = inputs[1]
+
+    op.register_autograd(lambda ctx, grad: (grad * ctx.saved_tensors[0].cos() * ctx.scale, None), setup_context)
+    assert torch.autograd.gradcheck(lambda t: op(t, 2.0), (x,))
+
+
+def test_is_autocast_enabled_per_device_type():
+    assert not torch_compat.is_autocast_enabled('cpu')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch_compat.is_autocast_enabled('cpu') and not torch_compat.is_autocast_enabled('cuda')

@@ -1,4 +1,5 @@
-"""What the attention and layer ops use of PyTorch APIs newer than torch 2.0, with their fallbacks.
+"""What the attention and layer ops use of PyTorch APIs newer than torch 2.0, with their fallbacks,
+and the detection of a GELU gradient bug of torch 2.0 and 2.1 (:func:`gelu_backward_mishandles_strided_grad`).
 
 The package supports torch >= 2.0 (most mmdet 3 / mmseg 1 environments run torch 2.0 or 2.1).
 Where torch has the custom operator API (``torch.library.custom_op``, torch 2.4), the fast ops
