@@ -57,6 +57,7 @@ from .layers import (
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
 )
+from .torch_compat import is_autocast_enabled
 
 VERSIONS = ('v1', 'pp')
 CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
@@ -277,7 +278,8 @@ class DeformableAttention(nn.Module):
 
     Queries attend to ``Hk x Wk`` keys sampled from the input at positions that an offset
     network predicts from the queries, with a deformable relative position bias read from
-    ``rpe_table``. See ``docs`` of the spec (section 3) for the exact contract.
+    ``rpe_table``. It computes what ``DAttentionBaseline`` of the original code computes
+    (LeapLabTHU/DAT, ``models/dat_blocks.py``; papers: arXiv 2201.00520 and 2309.01430).
 
     Args:
         dim (int): Channels.
@@ -352,7 +354,7 @@ class DeformableAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q = self.proj_q(x)
-        if torch.is_autocast_enabled(x.device.type):  # positions and bias coordinates stay float32
+        if is_autocast_enabled(x.device.type):  # positions and bias coordinates stay float32
             with torch.autocast(x.device.type, enabled=False):
                 pos, ref = self.sampling_positions(q.float())
         else:
@@ -664,7 +666,7 @@ class DAT(BaseModule):
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f'DAT expects non-empty images of at least 1x1 pixels, got {tuple(x.shape)}')
         weight = self.stem.norm.weight if self.version == 'v1' else self.stem.norm1.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not is_autocast_enabled(x.device.type):
             raise ValueError(f'DAT expects images of the parameters\' dtype {weight.dtype} (or autocast), '
                              f'got {x.dtype}')
         images = x
