@@ -2,8 +2,8 @@
 
 Papers:
     Xia et al., "Vision Transformer with Deformable Attention", CVPR 2022.
-    Xia et al., "DAT++: Spatially Dynamic Vision Transformer with Deformable Multi-Head
-    Attention", arXiv:2309.01430.
+    Xia et al., "DAT++: Spatially Dynamic Vision Transformer with Deformable Attention",
+    arXiv:2309.01430.
 
 The file reads top-down: normalisation and feed-forward layers, the four attention blocks
 (``L``/``S`` Swin windows, ``N`` neighbourhood, ``D`` deformable), the block and stage, the
