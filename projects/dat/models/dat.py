@@ -41,6 +41,7 @@ from .attention import (
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
+    offset_scale,
     pad_to_multiple,
     query_grid,
     relative_position_index,
@@ -344,8 +345,7 @@ class DeformableAttention(nn.Module):
         hk, wk = offset.shape[-2:]
         ref = key_reference_points(hk, wk, self.version, q.dtype, q.device)
         if self.version == 'v1':
-            offset_range = torch.tensor([1.0 / hk, 1.0 / wk], device=q.device).reshape(1, 2, 1, 1)
-            offset = offset.tanh().mul(offset_range).mul(self.offset_range_factor)
+            offset = offset.tanh().mul(offset_scale(hk, wk, q.device)).mul(self.offset_range_factor)
             pos = offset.permute(0, 2, 3, 1) + ref
         else:
             pos = (offset.permute(0, 2, 3, 1) + ref).clamp(-1.0, 1.0)

@@ -2,23 +2,31 @@
 
 Every function here is small, stateless and tested on its own. Coordinates follow the
 original implementation: normalised to ``[-1, 1]`` with the last axis ordered ``(y, x)``.
+
+Sizes may be traced: while ``torch.onnx.export`` (the TorchScript exporter) or ``torch.jit.trace``
+records the model, a size read from ``x.shape`` is a 0-dim tensor, and only arithmetic on it stays
+a function of the input size in the recorded graph; a Python ``if`` on it, or ``torch.tensor`` of
+it, is recorded as the constant of the example input. The functions that the backbone calls with
+such sizes (:func:`pad_to_multiple`, :func:`window_partition`, :func:`window_reverse`,
+:func:`shifted_window_mask`, :func:`offset_scale`) therefore compute with tensor arithmetic only,
+so that one exported graph serves every input size.
 """
+
 import math
-from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
 
-def _normalised_centres(length: int, divisor: float, dtype: torch.dtype,
-                        device: torch.device) -> Tensor:
+def _normalised_centres(length: int, divisor: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(i + 0.5) / divisor * 2 - 1`` for ``i in range(length)``, as the original computes it."""
     centres = torch.linspace(0.5, length - 0.5, length, dtype=dtype, device=device)
     return centres.div_(divisor).mul_(2.0).sub_(1.0)
 
 
-def key_reference_points(height: int, width: int, version: str, dtype: torch.dtype = torch.float32,
-                         device: torch.device = None) -> Tensor:
+def key_reference_points(
+    height: int, width: int, version: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
     """Reference points of a deformable block's key grid.
 
     v1 places key ``i`` at ``(i + 0.5) / Hk * 2 - 1`` (cell centres). DAT++ divides by
@@ -41,15 +49,22 @@ def key_reference_points(height: int, width: int, version: str, dtype: torch.dty
         ys = _normalised_centres(height, height, dtype, device)
         xs = _normalised_centres(width, width, dtype, device)
     else:
-        ys = (_normalised_centres(height, height - 1.0, dtype, device)
-              if height > 1 else torch.zeros(1, dtype=dtype, device=device))
-        xs = (_normalised_centres(width, width - 1.0, dtype, device)
-              if width > 1 else torch.zeros(1, dtype=dtype, device=device))
+        ys = (
+            _normalised_centres(height, height - 1.0, dtype, device)
+            if height > 1
+            else torch.zeros(1, dtype=dtype, device=device)
+        )
+        xs = (
+            _normalised_centres(width, width - 1.0, dtype, device)
+            if width > 1
+            else torch.zeros(1, dtype=dtype, device=device)
+        )
     return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
 
 
-def query_grid(height: int, width: int, version: str, dtype: torch.dtype = torch.float32,
-               device: torch.device = None) -> Tensor:
+def query_grid(
+    height: int, width: int, version: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
     """Normalised coordinates of every query position, used by the relative position bias.
 
     v1 uses the cell centres of :func:`key_reference_points`; DAT++ uses the pixel corners
@@ -109,52 +124,97 @@ def relative_position_index(window_size: int) -> Tensor:
     Returns:
         Tensor: ``(w * w, w * w)`` long tensor.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
-                                        indexing='ij')).flatten(1)  # 2, w*w
+    axis = torch.arange(window_size)
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing='ij')).flatten(1)  # 2, w*w
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
     return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
 
 
-def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
-                        device: torch.device = None) -> Tensor:
+def shifted_window_mask(
+    height: int | Tensor, width: int | Tensor, window_size: int, shift_size: int, device: torch.device | None = None
+) -> Tensor:
     """Swin's attention mask for a map rolled by ``-shift_size``: -100 across regions, else 0.
 
+    After the roll, each axis holds three regions, ``[0, L - ws)``, ``[L - ws, L - shift)`` and
+    ``[L - shift, L)``; a position's label is its row region times 3 plus its column region,
+    and pairs of positions in one window with different labels are masked. The labels are
+    computed by comparisons with ``L`` rather than written into slices, so a traced ``L``
+    stays a variable of the exported graph.
+
     Args:
-        height (int): Height of the (padded) map, a multiple of ``window_size``.
-        width (int): Width of the (padded) map, a multiple of ``window_size``.
+        height (int | Tensor): Height of the (padded) map, a multiple of ``window_size``.
+        width (int | Tensor): Width of the (padded) map, a multiple of ``window_size``.
         window_size (int): Window side.
-        shift_size (int): Roll applied before partitioning.
+        shift_size (int): Roll applied before partitioning, ``1 <= shift_size <= window_size``.
         device (torch.device, optional): Output device.
 
     Returns:
-        Tensor: ``(num_windows, ws * ws, ws * ws)`` float mask.
+        Tensor: ``(num_windows, ws * ws, ws * ws)`` float32 mask.
     """
-    region = torch.zeros(1, height, width, 1, device=device)
-    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    label = 0
-    for hs in slices:
-        for ws in slices:
-            region[:, hs, ws, :] = label
-            label += 1
-    labels = window_partition(region, window_size).squeeze(-1)  # nW, ws*ws
-    mask = labels.unsqueeze(1) - labels.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+    def regions(length: int | Tensor) -> Tensor:
+        index = torch.arange(length, device=device)
+        return (index >= length - window_size).long() + (index >= length - shift_size).long()
+
+    labels = regions(height)[:, None] * 3 + regions(width)[None, :]
+    labels = window_partition(labels[None, :, :, None], window_size).squeeze(-1)  # nW, ws*ws
+    different = labels.unsqueeze(1) != labels.unsqueeze(2)
+    return torch.zeros(different.shape, device=device).masked_fill(different, -100.0)
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> Tuple[Tensor, int, int]:
+def shapes_are_traced() -> bool:
+    """Whether the running forward pass is being recorded with traced sizes (``torch.jit.trace``,
+    ``torch.onnx.export``), where a size-dependent Python branch would become a constant."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int | Tensor, int | Tensor]:
     """Zero-pad the bottom/right of an NCHW map so that H and W are multiples of ``multiple``.
+
+    Eager calls skip the pad when nothing is missing; traced calls (:func:`shapes_are_traced`)
+    always pad, by amounts computed from the traced sizes (a zero pad returns the map), so
+    that the recorded graph pads every input size as an eager call would.
+
+    Args:
+        x (Tensor): ``(..., H, W)`` map.
+        multiple (int): What H and W are padded to a multiple of.
 
     Returns:
         tuple: the padded map, and the bottom and right padding.
     """
     pad_b = (multiple - x.shape[-2] % multiple) % multiple
     pad_r = (multiple - x.shape[-1] % multiple) % multiple
-    if pad_b or pad_r:
+    if shapes_are_traced() or pad_b or pad_r:
         x = torch.nn.functional.pad(x, (0, pad_r, 0, pad_b))
     return x, pad_b, pad_r
 
 
-def stripes_with_halo(length: int, size: int, halo: int) -> List[Tuple[int, int, int, int]]:
+def _size_tensor(size: int | Tensor) -> Tensor:
+    """A size as a tensor; a traced size (already a 0-dim tensor) is passed on as it is, so that
+    it stays a variable of the recorded graph."""
+    return size if isinstance(size, Tensor) else torch.tensor(size)
+
+
+def offset_scale(key_height: int | Tensor, key_width: int | Tensor, device: torch.device | None = None) -> Tensor:
+    """``(1, 2, 1, 1)`` float32 tensor ``[1 / Hk, 1 / Wk]``: the v1 offset range per key cell.
+
+    The reciprocals are computed in float64 and rounded to float32, as ``torch.tensor([1.0 / Hk,
+    1.0 / Wk])`` of the original does, but from tensors, so traced sizes stay variables.
+
+    Args:
+        key_height (int | Tensor): Key grid height ``Hk``.
+        key_width (int | Tensor): Key grid width ``Wk``.
+        device (torch.device, optional): Output device.
+
+    Returns:
+        Tensor: ``(1, 2, 1, 1)`` float32.
+    """
+    sizes = torch.stack([_size_tensor(key_height), _size_tensor(key_width)])
+    # float64 on the CPU, where the sizes are (some devices, such as MPS, have no float64).
+    return sizes.to(torch.float64).reciprocal().to(device=device, dtype=torch.float32).reshape(1, 2, 1, 1)
+
+
+def stripes_with_halo(length: int, size: int, halo: int) -> list[tuple[int, int, int, int]]:
     """Cut ``range(length)`` into stripes of ``size`` (the last one shorter), each with the
     ``halo`` neighbours on both sides that exist.
 
@@ -164,11 +224,13 @@ def stripes_with_halo(length: int, size: int, halo: int) -> List[Tuple[int, int,
     """
     if length < 1 or size < 1 or halo < 0:
         raise ValueError(f'expected length >= 1, size >= 1 and halo >= 0, got {length}, {size}, {halo}')
-    return [(start, min(start + size, length), max(0, start - halo), min(length, start + size + halo))
-            for start in range(0, length, size)]
+    return [
+        (start, min(start + size, length), max(0, start - halo), min(length, start + size + halo))
+        for start in range(0, length, size)
+    ]
 
 
-def neighborhood_starts(length: int, kernel_size: int, device: torch.device = None) -> Tensor:
+def neighborhood_starts(length: int, kernel_size: int, device: torch.device | None = None) -> Tensor:
     """First key index of each query's neighbourhood along one axis.
 
     The window of query ``i`` starts at ``clamp(i - k // 2, 0, length - k)``: it shifts at the
@@ -186,8 +248,7 @@ def neighborhood_starts(length: int, kernel_size: int, device: torch.device = No
     return (idx - kernel_size // 2).clamp(0, length - kernel_size)
 
 
-def neighborhood_indices(length: int, kernel_size: int,
-                         device: torch.device = None) -> Tuple[Tensor, Tensor]:
+def neighborhood_indices(length: int, kernel_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """Key indices and bias-table indices of every query's neighbourhood along one axis.
 
     Returns:
@@ -201,8 +262,9 @@ def neighborhood_indices(length: int, kernel_size: int,
     return keys, bias
 
 
-def neighborhood_tiles(length: int, kernel_size: int, tile: int,
-                       device: torch.device = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def neighborhood_tiles(
+    length: int, kernel_size: int, tile: int, device: torch.device | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cut one axis of neighbourhood attention into query tiles with dense key regions.
 
     Tiles hold ``T = min(tile, length)`` consecutive queries and are all full: when ``T`` does
