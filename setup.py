@@ -82,7 +82,7 @@ setup(
     packages=find_namespace_packages(
         include=['projects.dat', 'projects.dat.*'], exclude=['projects.dat.csrc', '*.__pycache__']),
     include_package_data=False,
-    package_data={'projects.dat': ['csrc/*.cpp', 'csrc/*.h']},  # compiled on first use (models/cpu_kernels.py)
+    package_data={'projects.dat': ['csrc/*.cpp', 'csrc/*.h']},  # compiled on first use (ops/cpu_kernels.py)
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     classifiers=[

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from projects.dat.models import cpu_kernels
+from projects.dat.ops import cpu_kernels
 
 
 def _require_cpu_kernels():

@@ -14,24 +14,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from projects.dat import DAT
+from projects.dat import DAT, set_attn_impl
 from projects.dat.converter import convert_original_state_dict
-from projects.dat.models import attention as attn_ops
-from projects.dat.models import cpu_kernels, torch_compat
-from projects.dat.models.attention import (
+from projects.dat.models.dat import ConvFFN, DeformableAttention, NeighborhoodAttention
+from projects.dat.models.geometry import query_grid
+from projects.dat.ops import (
+    ATTN_IMPLS,
+    cpu_kernels,
     deformable_attention,
-    deformable_attention_reference,
     neighborhood_attention,
-    neighborhood_attention_reference,
-    use_fast_attention,
+    select_backend,
+    torch_compat,
 )
-from projects.dat.models.dat import DeformableAttention, NeighborhoodAttention
-from projects.dat.models.geometry import neighborhood_indices, neighborhood_tiles, query_grid
+from projects.dat.ops import deformable as deformable_ops
+from projects.dat.ops import neighborhood as neighborhood_ops
+from projects.dat.ops.neighborhood import neighborhood_tiles
+from projects.dat.ops.reference import (
+    deformable_attention_reference,
+    neighborhood_attention_reference,
+    neighborhood_indices,
+)
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
-needs_custom_ops = pytest.mark.skipif(not torch_compat.HAS_CUSTOM_OPS, reason=(
-    f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fast ops run as plain autograd '
-    'functions, which torch.compile and opcheck do not treat as operators'))
+needs_custom_ops = pytest.mark.skipif(
+    not torch_compat.HAS_CUSTOM_OPS,
+    reason=(
+        f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fast ops run as plain autograd '
+        'functions, which torch.compile and opcheck do not treat as operators'
+    ),
+)
 TINY = {
     'v1': dict(
         version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
@@ -53,12 +64,6 @@ def assert_rel_close(actual, expected, tol=1e-5, name='', floor=1e-6):
     assert err <= tol * max(scale, floor), f'{name}: max error {err:.3e} vs max value {scale:.3e}'
 
 
-def set_impl(model, impl):
-    for module in model.modules():
-        if hasattr(module, 'attn_impl'):
-            module.attn_impl = impl
-
-
 def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread, dtype=torch.float32):
     g = torch.Generator().manual_seed(h * 100 + w * 10 + groups)
     q = torch.randn(b, c, h, w, generator=g, dtype=dtype)
@@ -70,12 +75,20 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
     return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
-def _assert_deformable_matches_reference(inputs, coords, groups, chunk):
+def _fast_impl(bias_impl, require_cpu_kernels):
+    """The attn_impl of a test's backend: the C++ kernels (required to run) or PyTorch."""
+    if bias_impl == 'pytorch':
+        return 'pytorch'
+    require_cpu_kernels()
+    return 'cpu-kernel'
+
+
+def _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl):
     """The fast deformable op's output and gradients equal the reference's (1e-5 relative);
     returns the fast op's gradients of ``inputs`` (q, k, v, pos, table)."""
     q, k, v, pos, rpe = inputs
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, groups)
-    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, groups, chunk_elements=chunk)
+    fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, groups, impl, chunk_elements=chunk)
     assert fast.shape == ref.shape and fast.dtype == ref.dtype
     assert_rel_close(fast, ref, name='output')
     grad_out = torch.randn_like(ref)
@@ -99,48 +112,42 @@ def _assert_deformable_matches_reference(inputs, coords, groups, chunk):
     ],
 )
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_matches_reference(b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl,
-                                      monkeypatch, require_cpu_kernels):
-    if bias_impl == 'pytorch':
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
-    else:
-        require_cpu_kernels()
+def test_deformable_matches_reference(
+    b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl, require_cpu_kernels
+):
+    impl = _fast_impl(bias_impl, require_cpu_kernels)
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
     inputs, coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
-    _assert_deformable_matches_reference(inputs, coords, groups, chunk)
+    _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl)
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_keys_far_outside_the_table(bias_impl, monkeypatch, require_cpu_kernels):
+def test_deformable_keys_far_outside_the_table(bias_impl, require_cpu_kernels):
     """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
     (both taps outside, coordinates clamped), where the bias is 0 and has no gradient, as in
     grid_sample; others have one tap inside."""
-    if bias_impl == 'pytorch':
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
-    else:
-        require_cpu_kernels()
+    impl = _fast_impl(bias_impl, require_cpu_kernels)
     inputs, coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
     pos = inputs[3]
     with torch.no_grad():
         pos[:, :2] = 4.5  # beyond every query's reach: displacements below -1.75 in both axes
-    grad_pos = _assert_deformable_matches_reference(inputs, coords, 2, chunk=50)[3]
+    grad_pos = _assert_deformable_matches_reference(inputs, coords, 2, 50, impl)[3]
     # The keys beyond every query's reach get no gradient; the others do.
     assert grad_pos[:, :2].abs().max() == 0 and grad_pos[:, 2:].abs().min() > 0
 
 
 @pytest.mark.parametrize('chunk', [None, 40])
-def test_deformable_cpu_kernels_equal_pytorch_path(chunk, monkeypatch, require_cpu_kernels):
+def test_deformable_cpu_kernels_equal_pytorch_path(chunk, require_cpu_kernels):
     require_cpu_kernels()
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 16, 9, 11, 4, 2, 3, 4, (13, 15), 'v1', spread=1.2)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
     grad_out = torch.randn(2, 16, 9, 11)
     results = {}
-    for impl in ('cpu_kernels', 'pytorch'):
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1' if impl == 'cpu_kernels' else '0')
-        out = deformable_attention(q, k, v, pos, qy, qx, rpe, 2, chunk_elements=chunk)
+    for impl in ('cpu-kernel', 'pytorch'):
+        out = deformable_attention(q, k, v, pos, qy, qx, rpe, 2, impl, chunk_elements=chunk)
         results[impl] = (out, torch.autograd.grad(out, (q, k, v, pos, rpe), grad_out))
-    (out, grads), (out_pt, grads_pt) = results['cpu_kernels'], results['pytorch']
-    assert_rel_close(out, out_pt, tol=1e-6, name="output")
+    (out, grads), (out_pt, grads_pt) = results['cpu-kernel'], results['pytorch']
+    assert_rel_close(out, out_pt, tol=1e-6, name='output')
     for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads, grads_pt, strict=True):
         assert_rel_close(a, e, tol=1e-6, name=f'grad {name}')
 
@@ -189,16 +196,13 @@ def test_deformable_float64_is_exact_and_passes_gradcheck():
 )
 # The C++ kernel (window by window), or the tiled PyTorch path in one chunk or one tile row per chunk.
 @pytest.mark.parametrize('impl, chunk', [('cpu_kernels', None), ('pytorch', None), ('pytorch', 1)])
-def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, monkeypatch, require_cpu_kernels):
-    if impl == 'pytorch':
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
-    else:
-        require_cpu_kernels()
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, require_cpu_kernels):
+    impl = _fast_impl(impl, require_cpu_kernels)
     g = torch.Generator().manual_seed(h * w)
     q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
     ref = neighborhood_attention_reference(q, k, v, rpb, kernel)
-    fast = neighborhood_attention(q, k, v, rpb, kernel, chunk_elements=chunk)
+    fast = neighborhood_attention(q, k, v, rpb, kernel, impl, chunk_elements=chunk)
     assert_rel_close(fast, ref, name='output')
     grad_out = torch.randn_like(ref)
     for name, a, e in zip(
@@ -210,24 +214,26 @@ def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, 
         assert_rel_close(a, e, name=f'grad {name}')
 
 
-def test_neighborhood_cpu_kernel_equals_tiled_path(monkeypatch, require_cpu_kernels):
+def test_neighborhood_cpu_kernel_equals_tiled_path(require_cpu_kernels):
     require_cpu_kernels()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 16, 19, 32, generator=g).requires_grad_() for _ in range(3))
     rpb = torch.randn(4, 13, 13, generator=g).requires_grad_()
     grad_out = torch.randn(3, 4, 16, 19, 32, generator=g)
     results = {}
-    for impl in ('cpu_kernels', 'pytorch'):
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1' if impl == 'cpu_kernels' else '0')
-        out = neighborhood_attention(q, k, v, rpb, 7)
+    for impl in ('cpu-kernel', 'pytorch'):
+        out = neighborhood_attention(q, k, v, rpb, 7, impl)
         results[impl] = (out, *torch.autograd.grad(out, (q, k, v, rpb), grad_out))
-    for name, a, e in zip(('output', 'grad q', 'grad k', 'grad v', 'grad rpb'), results['cpu_kernels'],
-                          results['pytorch'], strict=True):
+    for name, a, e in zip(
+        ('output', 'grad q', 'grad k', 'grad v', 'grad rpb'), results['cpu-kernel'], results['pytorch'], strict=True
+    ):
         assert_rel_close(a, e, tol=2e-6, name=name)
 
 
-@pytest.mark.parametrize('length, kernel, tile', [(7, 7, 7), (13, 7, 7), (14, 7, 7), (23, 7, 7), (56, 7, 7),
-                                                  (20, 5, 8), (9, 3, 4), (30, 7, 30)])
+@pytest.mark.parametrize(
+    'length, kernel, tile',
+    [(7, 7, 7), (13, 7, 7), (14, 7, 7), (23, 7, 7), (56, 7, 7), (20, 5, 8), (9, 3, 4), (30, 7, 30)],
+)
 def test_neighborhood_tiles_hold_every_window(length, kernel, tile):
     queries, keys, bias, slot = neighborhood_tiles(length, kernel, tile)
     size = min(tile, length)
@@ -254,7 +260,7 @@ def test_backbone_fast_equals_reference(version, size):
     weights = [torch.randn_like(o) for o in model(x)]
 
     def run(impl):
-        set_impl(model, impl)
+        set_attn_impl(model, impl)
         model.zero_grad()
         outs = model(x)
         sum((o * wgt).sum() for o, wgt in zip(outs, weights, strict=False)).backward()
@@ -307,16 +313,18 @@ def test_fast_paths_save_no_attention_matrix():
     x = torch.randn(b, c, h, w, requires_grad=True)
     deform = DeformableAttention(c, 4, 2, key_stride=1, offset_kernel=3, table_size=(14, 14), version='pp')
     num_keys = h * w
-    deform.attn_impl = 'reference'
+    set_attn_impl(deform, 'reference')
     assert _largest_saved(deform, x) >= b * 4 * h * w * num_keys  # the attention matrix
-    deform.attn_impl = 'fast'
-    assert _largest_saved(deform, x) <= b * c * h * w  # nothing bigger than a feature map
+    for impl in ('pytorch', 'fast'):
+        set_attn_impl(deform, impl)
+        assert _largest_saved(deform, x) <= b * c * h * w, impl  # nothing bigger than a feature map
 
     neigh = NeighborhoodAttention(c, 4, 7)
-    neigh.attn_impl = 'reference'
+    set_attn_impl(neigh, 'reference')
     assert _largest_saved(neigh, x) >= b * h * w * 49 * c  # gathered windows (all heads)
-    neigh.attn_impl = 'fast'
-    assert _largest_saved(neigh, x) <= b * c * h * w  # q, k, v and the output, no logits
+    for impl in ('pytorch', 'fast'):
+        set_attn_impl(neigh, impl)
+        assert _largest_saved(neigh, x) <= b * c * h * w, impl  # q, k, v and the output, no logits
 
 
 def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
@@ -339,7 +347,7 @@ def test_amp_keeps_positions_float32_and_agrees(amp_dtype):
     x = torch.randn(2, 3, 64, 96)
     results = {}
     for impl in ('reference', 'fast'):
-        set_impl(model, impl)
+        set_attn_impl(model, impl)
         model.zero_grad()
         with torch.autocast('cpu', dtype=amp_dtype), model.record_sampling_points() as records:
             outs = model(x)
@@ -389,43 +397,63 @@ def test_compile_traces_fast_ops_without_graph_breaks():
 
 
 @needs_custom_ops
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize('use_cpu_kernels', [False, True])
+def test_custom_ops_pass_opcheck(use_cpu_kernels, require_cpu_kernels):
     # Fake implementations must match the real ones to the strides (inductor checks them); the
     # backward operators are checked on their own, with real forward outputs.
+    if use_cpu_kernels:
+        require_cpu_kernels()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 9, 10, 8, generator=g, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 13, 13, generator=g, requires_grad=True)
-    n_args = (q, k, v, rpb, 7, 1 << 22)
+    n_args = (q, k, v, rpb, 7, 1 << 22, use_cpu_kernels)
     torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
     out, lse = torch.ops.dat.neighborhood_attention(*n_args)
     detached = [t.detach() for t in (q, k, v, rpb, out, lse)]
-    torch.library.opcheck(torch.ops.dat.neighborhood_attention_backward.default,
-                          (torch.randn_like(out), *detached, 7, 1 << 22))
+    torch.library.opcheck(
+        torch.ops.dat.neighborhood_attention_backward.default,
+        (torch.randn_like(out), *detached, 7, 1 << 22, use_cpu_kernels),
+    )
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
-    d_args = (q.reshape(4, 1, 4, 30), k.reshape(4, 1, 4, 6), v.reshape(4, 1, 4, 6), pos, coords[:, 0, 0],
-              coords[0, :, 1], rpe, 2, 40)
+    d_args = (
+        q.reshape(4, 1, 4, 30),
+        k.reshape(4, 1, 4, 6),
+        v.reshape(4, 1, 4, 6),
+        pos,
+        coords[:, 0, 0],
+        coords[0, :, 1],
+        rpe,
+        2,
+        40,
+        use_cpu_kernels,
+    )
     torch.library.opcheck(torch.ops.dat.deformable_attention.default, d_args)
     out, lse = torch.ops.dat.deformable_attention(*d_args)
     detached = [t.detach() for t in d_args[:7]]
-    torch.library.opcheck(torch.ops.dat.deformable_attention_backward.default,
-                          (torch.randn_like(out), *detached, out.detach(), lse.detach(), 2, 40))
+    torch.library.opcheck(
+        torch.ops.dat.deformable_attention_backward.default,
+        (torch.randn_like(out), *detached, out.detach(), lse.detach(), 2, 40, use_cpu_kernels),
+    )
 
 
 def test_chunk_budget_is_respected():
-    chunks = attn_ops._deformable_chunks(bg=3, heads_per_group=2, height=10, width=7, num_keys=5, budget=150)
+    chunks = deformable_ops._chunk_ranges(bg=3, heads_per_group=2, height=10, width=7, num_keys=5, budget=150)
     assert chunks[0] == (0, 1, 0, 2) and all(r1 - r0 <= 2 for _, _, r0, r1 in chunks)
     covered = {(b, r) for b0, b1, r0, r1 in chunks for b in range(b0, b1) for r in range(r0, r1)}
     assert covered == {(b, r) for b in range(3) for r in range(10)}
-    assert attn_ops._deformable_chunks(3, 2, 10, 7, 5, 10**6) == [(0, 3, 0, 10)]
+    assert deformable_ops._chunk_ranges(3, 2, 10, 7, 5, 10**6) == [(0, 3, 0, 10)]
 
 
 def test_switch_errors():
-    with pytest.raises(ValueError, match=r"attn_impl must be one of \('auto', 'fast', 'reference'\), got 'flash'"):
+    with pytest.raises(
+        ValueError,
+        match=r"attn_impl must be one of \('auto', 'fast', 'reference', 'pytorch', "
+        r"'cpu-kernel'\), got 'flash'",
+    ):
         DAT(TINY['pp'], attn_impl='flash')
     with pytest.raises(RuntimeError, match=r"attn_impl='fast' is not available on device 'meta'"):
-        use_fast_attention('fast', torch.empty(1, device='meta'))
-    assert not use_fast_attention('auto', torch.empty(1, device='meta'))
-    assert use_fast_attention('auto', torch.empty(1)) and not use_fast_attention('reference', torch.empty(1))
+        select_backend('fast', torch.device('meta'), torch.float32)
+    assert select_backend('auto', torch.device('meta'), torch.float32) == 'reference'
     with pytest.raises(ValueError, match=r'deformable_attention expects q \(B, C, H, W\).*got q \(1, 8, 3, 3\)'):
         deformable_attention(
             torch.randn(1, 8, 3, 3),
@@ -475,17 +503,26 @@ def _replaced(bias, index, value):
     return [value if i == index else t for i, t in enumerate(bias)]
 
 
-@pytest.mark.parametrize('case, match', [
-    ('iy above the table', r'expected the y tap indices iy .* in \[0, 7\], got values from 2 to 8'),
-    ('iy below the table', r'expected the y tap indices iy .* in \[0, 7\], got values from -1 to 2'),
-    ('x_taps beyond the table', r'expected the x tap ranges x_taps .* in \[0, 9\], got values from 2 to 10'),
-    ('ix outside its key\'s x_taps', r'expected the x tap indices ix\[0, 3, 4\] and ix \+ 1 inside '
-                                     r'x_taps\[0, 4\] = \[2, 3\], got ix = 3'),
-    ('table of other heads', r'expected a table \(nb, hg, Th \+ 4, Tw \+ 4\) for the logits\' \(nb, hg\) = \(1, 2\)'),
-    ('lse of other queries', r'expected lse with one value per query \(24 for the logits'),
-    ('int64 indices', r'expected contiguous Int CPU tensors for the tap indices, got a contiguous Long tensor'),
-    ('iy of other rows', r'expected iy and fy \(1, 3, 5\)'),
-])
+@pytest.mark.parametrize(
+    'case, match',
+    [
+        ('iy above the table', r'expected the y tap indices iy .* in \[0, 7\], got values from 2 to 8'),
+        ('iy below the table', r'expected the y tap indices iy .* in \[0, 7\], got values from -1 to 2'),
+        ('x_taps beyond the table', r'expected the x tap ranges x_taps .* in \[0, 9\], got values from 2 to 10'),
+        (
+            "ix outside its key's x_taps",
+            r'expected the x tap indices ix\[0, 3, 4\] and ix \+ 1 inside '
+            r'x_taps\[0, 4\] = \[2, 3\], got ix = 3',
+        ),
+        (
+            'table of other heads',
+            r'expected a table \(nb, hg, Th \+ 4, Tw \+ 4\) for the logits\' \(nb, hg\) = \(1, 2\)',
+        ),
+        ('lse of other queries', r'expected lse with one value per query \(24 for the logits'),
+        ('int64 indices', r'expected contiguous Int CPU tensors for the tap indices, got a contiguous Long tensor'),
+        ('iy of other rows', r'expected iy and fy \(1, 3, 5\)'),
+    ],
+)
 def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_kernels):
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
@@ -501,7 +538,7 @@ def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_
     elif case == 'x_taps beyond the table':
         x_taps[0, 1, 1] = 10
         bias = _replaced(bias, 5, x_taps)
-    elif case == 'ix outside its key\'s x_taps':
+    elif case == "ix outside its key's x_taps":
         ix[0, 3, 4] = 3  # reads columns 3 and 4, the key's row is computed at columns 2..3 only
         bias = _replaced(bias, 3, ix)
     elif case == 'table of other heads':
@@ -515,8 +552,9 @@ def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_
     with pytest.raises(RuntimeError, match=match):
         kernels.deformable_softmax(logits.clone(), 0.5, *bias, lse)
     with pytest.raises(RuntimeError, match=match if 'lse' not in case else 'delta'):
-        kernels.deformable_softmax_backward(logits.clone(), logits.softmax(-1), lse, *bias,
-                                            torch.zeros_like(bias[0]), torch.zeros(1, 2, 5, 2))
+        kernels.deformable_softmax_backward(
+            logits.clone(), logits.softmax(-1), lse, *bias, torch.zeros_like(bias[0]), torch.zeros(1, 2, 5, 2)
+        )
 
 
 def test_deformable_kernel_backward_checks_its_accumulators(require_cpu_kernels):
@@ -527,17 +565,26 @@ def test_deformable_kernel_backward_checks_its_accumulators(require_cpu_kernels)
     with pytest.raises(RuntimeError, match=r"grad_table of the table's shape \[1, 2, 9, 10\], got \[1, 2, 9, 9"):
         kernels.deformable_softmax_backward(logits, probs, lse, *bias, torch.zeros(1, 2, 9, 9), torch.zeros(1, 2, 5, 2))
     with pytest.raises(RuntimeError, match=r'expected grad_coords_heads \(1, 2, 5, 2\), got \[1, 1, 5, 2\]'):
-        kernels.deformable_softmax_backward(logits, probs, lse, *bias, torch.zeros_like(bias[0]),
-                                            torch.zeros(1, 1, 5, 2))
+        kernels.deformable_softmax_backward(
+            logits, probs, lse, *bias, torch.zeros_like(bias[0]), torch.zeros(1, 1, 5, 2)
+        )
 
 
-@pytest.mark.parametrize('heads, kernel, shape, match', [
-    (0, 3, (4, 5, 5, 8), r'expected rpb \(heads, 2k - 1, 2k - 1\) = \(heads, 5, 5\) with heads > 0, got \[0, 5, 5\]'),
-    (3, 3, (4, 5, 5, 8), r'expected a number of heads dividing BH = 4, got 3 heads'),
-    (2, 4, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 4'),
-    (2, -1, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got -1'),
-    (2, 7, (4, 5, 9, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 7'),
-])
+@pytest.mark.parametrize(
+    'heads, kernel, shape, match',
+    [
+        (
+            0,
+            3,
+            (4, 5, 5, 8),
+            r'expected rpb \(heads, 2k - 1, 2k - 1\) = \(heads, 5, 5\) with heads > 0, got \[0, 5, 5\]',
+        ),
+        (3, 3, (4, 5, 5, 8), r'expected a number of heads dividing BH = 4, got 3 heads'),
+        (2, 4, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 4'),
+        (2, -1, (4, 5, 5, 8), r'expected an odd kernel_size > 0 no larger than H and W, got -1'),
+        (2, 7, (4, 5, 9, 8), r'expected an odd kernel_size > 0 no larger than H and W, got 7'),
+    ],
+)
 def test_neighborhood_kernel_rejects_inconsistent_inputs(heads, kernel, shape, match, require_cpu_kernels):
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
@@ -562,43 +609,52 @@ def test_operators_called_directly_check_their_inputs():
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
     q, k, v = q.detach().reshape(4, 1, 4, 30), k.detach().reshape(4, 1, 4, 6), v.detach().reshape(4, 1, 4, 6)
     pos, rpe, qy, qx = pos.detach(), rpe.detach(), coords[:, 0, 0], coords[0, :, 1]
-    attn_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40)  # valid
-    for bad, given in [((q, k, v, pos, qy, qx, rpe, 0, 40), 'groups 0'),
-                       ((q, k, v, pos, qy, qx, rpe, 3, 40), 'groups 3'),
-                       ((q, k, v, pos, qy, qx, rpe[:1], 2, 40), r'table \(1, 7, 9\)'),
-                       ((q, k, v, pos[:, :5], qy, qx, rpe, 2, 40), r'pos \(4, 5, 2\)'),
-                       ((q, k, v, pos, qy[:4], qx, rpe, 2, 40), r'query_y \(4,\)'),
-                       ((q, k, v, pos, qy, qx, rpe, 2, 0), 'chunk 0')]:
+    deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, False)  # valid
+    for bad, given in [
+        ((q, k, v, pos, qy, qx, rpe, 0, 40), 'groups 0'),
+        ((q, k, v, pos, qy, qx, rpe, 3, 40), 'groups 3'),
+        ((q, k, v, pos, qy, qx, rpe[:1], 2, 40), r'table \(1, 7, 9\)'),
+        ((q, k, v, pos[:, :5], qy, qx, rpe, 2, 40), r'pos \(4, 5, 2\)'),
+        ((q, k, v, pos, qy[:4], qx, rpe, 2, 40), r'query_y \(4,\)'),
+        ((q, k, v, pos, qy, qx, rpe, 2, 0), 'chunk 0'),
+    ]:
         with pytest.raises(ValueError, match=r'dat::deformable_attention expects .*' + given):
-            attn_ops._deformable_attention_op(*bad)
+            deformable_ops._deformable_attention_op(*bad, False)
+    # The C++ kernels compute float32 on CPU only: an operator told to use them refuses the rest.
+    with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on a float32 CPU table only; got torch.float64'):
+        deformable_ops._deformable_attention_op(
+            q.double(), k.double(), v.double(), pos.double(), qy.double(), qx.double(), rpe.double(), 2, 40, True
+        )
     x = torch.randn(4, 5, 6, 8)
-    attn_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20)  # valid
-    for rpb, kernel, given in [(torch.randn(0, 5, 5), 3, r'rpb \(0, 5, 5\)'),
-                               (torch.randn(3, 5, 5), 3, 'rpb'),
-                               (torch.randn(2, 3, 3), 2, 'kernel_size 2'),
-                               (torch.randn(2, 13, 13), 7, 'kernel_size 7')]:
+    neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20, False)  # valid
+    with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on float32 CPU inputs only; got torch.float64'):
+        x64 = x.double()
+        neighborhood_ops._neighborhood_attention_op(x64, x64, x64, torch.randn(2, 5, 5).double(), 3, 1 << 20, True)
+    for rpb, kernel, given in [
+        (torch.randn(0, 5, 5), 3, r'rpb \(0, 5, 5\)'),
+        (torch.randn(3, 5, 5), 3, 'rpb'),
+        (torch.randn(2, 3, 3), 2, 'kernel_size 2'),
+        (torch.randn(2, 13, 13), 7, 'kernel_size 7'),
+    ]:
         with pytest.raises(ValueError, match=r'dat::neighborhood_attention expects .*' + given):
-            attn_ops._neighborhood_attention_op(x, x, x, rpb, kernel, 1 << 20)
+            neighborhood_ops._neighborhood_attention_op(x, x, x, rpb, kernel, 1 << 20, False)
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, monkeypatch, require_cpu_kernels):
+def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, require_cpu_kernels):
     """A NaN position never becomes a table index (the kernels would read outside the table): it
     makes the outputs of its image NaN, and leaves the other image's output and gradient as they
     were."""
-    if bias_impl == 'pytorch':
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
-    else:
-        require_cpu_kernels()
+    impl = _fast_impl(bias_impl, require_cpu_kernels)
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 1, 2, 3, (7, 9), 'pp', 0.9)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
-    clean = deformable_attention(q, k, v, pos, qy, qx, rpe, 1, chunk_elements=40)
+    clean = deformable_attention(q, k, v, pos, qy, qx, rpe, 1, impl, chunk_elements=40)
     (grad_q_clean,) = torch.autograd.grad(clean[0].sum(), q)
     nan_pos = pos.detach().clone()
     nan_pos[1, 2] = float('nan')
     nan_pos[1, 4, 1] = float('nan')
     nan_pos.requires_grad_()
-    out = deformable_attention(q, k, v, nan_pos, qy, qx, rpe, 1, chunk_elements=40)
+    out = deformable_attention(q, k, v, nan_pos, qy, qx, rpe, 1, impl, chunk_elements=40)
     assert torch.isnan(out[1]).all()
     assert torch.equal(out[0], clean[0])
     (grad_q,) = torch.autograd.grad(out[0].sum(), q)
@@ -606,20 +662,17 @@ def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl,
 
 
 @pytest.mark.parametrize('impl', ['cpu_kernels', 'pytorch'])
-def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, monkeypatch, require_cpu_kernels):
+def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, require_cpu_kernels):
     """NaN inputs give NaN outputs (the tiled path also at the queries of the NaN key's tile, whose
     masked logits are NaN), and never an error or a read outside the inputs."""
-    if impl == 'pytorch':
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
-    else:
-        require_cpu_kernels()
+    attn_impl = _fast_impl(impl, require_cpu_kernels)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 8, 4, generator=g) for _ in range(3))
     rpb = torch.randn(2, 5, 5, generator=g)
     q[0, 0, 1, 1, 0] = float('nan')
     k[0, 1, 6, 5, 2] = float('nan')
     ref = neighborhood_attention_reference(q, k, v, rpb, 3)
-    out = neighborhood_attention(q, k, v, rpb, 3)
+    out = neighborhood_attention(q, k, v, rpb, 3, attn_impl)
     assert torch.isnan(ref).any() and torch.isnan(out[torch.isnan(ref)]).all()  # no NaN is hidden
     if impl == 'cpu_kernels':  # exactly the k x k windows: NaN nowhere else
         assert torch.equal(torch.isnan(out), torch.isnan(ref))
@@ -629,6 +682,7 @@ def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, monke
 def test_plain_op_fallback_differentiates_like_the_custom_operator():
     """The fallback of torches without custom operators (PlainOp) runs the same forward, setup and
     backward functions through an autograd function, and refuses to differentiate without them."""
+
     def function(x: torch.Tensor, scale: float) -> torch.Tensor:
         return x.sin() * scale
 
@@ -651,3 +705,78 @@ def test_is_autocast_enabled_per_device_type():
     assert not torch_compat.is_autocast_enabled('cpu')
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert torch_compat.is_autocast_enabled('cpu') and not torch_compat.is_autocast_enabled('cuda')
+
+
+# ------------------------------------------------------------ which implementation runs, and the switch
+
+# select_backend's table: (impl, where) -> backend, or the error it raises.
+_BACKEND_TABLE = {
+    'reference': dict(
+        kernels='reference', float64='reference', kernels_off='reference', meta='reference', onnx='reference'
+    ),
+    'auto': dict(kernels='cpu-kernel', float64='pytorch', kernels_off='pytorch', meta='reference', onnx='reference'),
+    'fast': dict(kernels='cpu-kernel', float64='pytorch', kernels_off='pytorch', meta=RuntimeError, onnx=RuntimeError),
+    'pytorch': dict(kernels='pytorch', float64='pytorch', kernels_off='pytorch', meta=RuntimeError, onnx=RuntimeError),
+    'cpu-kernel': dict(
+        kernels='cpu-kernel', float64=RuntimeError, kernels_off=RuntimeError, meta=RuntimeError, onnx=RuntimeError
+    ),
+}
+
+
+@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'meta', 'onnx'])
+@pytest.mark.parametrize('impl', ATTN_IMPLS)
+def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_kernels):
+    if where == 'kernels':
+        require_cpu_kernels()
+    device, dtype = torch.device('meta' if where == 'meta' else 'cpu'), torch.float64 if where == 'float64' else None
+    if where == 'kernels_off':
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
+    if where == 'onnx':
+        monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
+    expected = _BACKEND_TABLE[impl][where]
+    if expected is RuntimeError:
+        with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' (is not available|cannot run the C\+\+)"):
+            select_backend(impl, device, dtype or torch.float32)
+    else:
+        assert select_backend(impl, device, dtype or torch.float32) == expected
+
+
+@pytest.mark.parametrize('impl', ['pytorch', 'cpu-kernel', 'reference'])
+def test_each_backend_of_a_block_computes_the_same(impl, require_cpu_kernels):
+    """Every implementation of the N and D blocks and the ConvFFN gives the reference's numbers."""
+    if impl == 'cpu-kernel':
+        require_cpu_kernels()
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 11, 13)
+    blocks = [
+        NeighborhoodAttention(16, 2, 5),
+        ConvFFN(16),
+        DeformableAttention(16, 2, 2, key_stride=2, offset_kernel=3, table_size=(11, 13), version='pp'),
+    ]
+    for block in blocks:
+        set_attn_impl(block, 'reference')
+        with torch.no_grad():
+            expected = block(x)
+        set_attn_impl(block, impl)
+        with torch.no_grad():
+            assert_rel_close(block(x), expected, name=type(block).__name__)
+
+
+def test_set_attn_impl_switches_and_restores_every_dat_module():
+    model = torch.nn.Sequential(DAT(TINY['pp']), torch.nn.Linear(2, 2))
+    switched = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (DAT, ConvFFN, DeformableAttention, NeighborhoodAttention))
+    }
+    previous = set_attn_impl(model, 'reference')
+    assert set(previous) == switched and set(previous.values()) == {'auto'}
+    assert model[0].attn_impl == 'reference' and model[0].stages[0].blocks[0].attn.impl == 'reference'
+    set_attn_impl(model, {'0.stages.0.blocks.0.attn': 'pytorch'})
+    assert set(set_attn_impl(model, previous).values()) == {'reference', 'pytorch'}
+    assert set(set_attn_impl(model, 'auto').values()) == {'auto'}
+    assert set_attn_impl(torch.nn.Linear(2, 2), 'fast') == {}
+    with pytest.raises(ValueError, match=r"attn_impl must be one of .*got 'flash'"):
+        set_attn_impl(model, 'flash')
+    with pytest.raises(ValueError, match=r"\['1'\] are not DAT modules of this model"):
+        set_attn_impl(model, {'1': 'fast'})

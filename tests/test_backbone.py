@@ -15,7 +15,6 @@ from projects.dat.converter import (
     convert_original_state_dict,
     infer_original_arch,
 )
-from projects.dat.models import cpu_kernels
 from projects.dat.models.dat import CANONICAL_ARCHS
 from projects.dat.models.geometry import (
     relative_position_index,
@@ -23,6 +22,7 @@ from projects.dat.models.geometry import (
     shifted_window_mask,
     stripes_with_halo,
 )
+from projects.dat.ops import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'

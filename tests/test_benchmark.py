@@ -67,19 +67,15 @@ def test_with_cp_reaches_the_backbone():
     assert not any(stage.with_cp for stage in model.stages)
 
 
-def test_fast_pytorch_turns_the_cpu_kernels_off_in_its_worker(monkeypatch):
-    import os
+def test_fast_pytorch_is_the_pytorch_implementation():
+    """``fast-pytorch`` (the name of earlier runs) builds the model with attn_impl='pytorch', the fast
+    path without the C++ kernels, which needs no process of its own."""
+    from projects.dat import set_attn_impl
 
-    from projects.dat.models import cpu_kernels
-
-    # setenv records the variable's state before the test (delenv records nothing where it is
-    # unset), so that build_model's '0' does not leak into later tests.
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '1')
-    model, _ = benchmark.build_model('datpp-t:fast-pytorch', 64, 64)
-    assert os.environ[cpu_kernels.ENV_SWITCH] == '0' and cpu_kernels.load_kernels() is None
-    assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {'fast'}
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', '--no-isolate'])
+    for spec in ('datpp-t:fast-pytorch', 'datpp-t:pytorch'):
+        model, _ = benchmark.build_model(spec, 64, 64)
+        assert model.attn_impl == 'pytorch' and set(set_attn_impl(model, 'pytorch').values()) == {'pytorch'}
+    benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', 'datpp-t:cpu-kernel', '--no-isolate'])
 
 
 def test_table_ratios_compare_with_the_first_model():
@@ -118,14 +114,26 @@ def test_interleaved_run_writes_every_measurement(tmp_path):
     assert results[2]['peak_mem_mib'] > results[0]['peak_mem_mib']
 
 
-@pytest.mark.parametrize('machine_mib, expected', [(None, 'released to the OS'), (1.0, 'released to the OS'),
-                                                  (1e9, 'kept')])
+@pytest.mark.parametrize(
+    'machine_mib, expected', [(None, 'released to the OS'), (1.0, 'released to the OS'), (1e9, 'kept')]
+)
 def test_workers_keep_memory_between_iterations_only_where_it_fits(machine_mib, expected, monkeypatch):
     """Freed memory is kept (as in training: no page faults for fresh pages every iteration)
     unless the workers' peaks together come near the machine's memory, or it is unknown."""
     monkeypatch.setattr(benchmark, '_memory_total_mib', lambda: machine_mib)
-    job = benchmark.Job(model='datpp-t:fast', width=32, height=32, batch=1, mode='fwd', device='cpu', amp=False,
-                        warmup=0, repeats=1, threads=1, compile=False)
+    job = benchmark.Job(
+        model='datpp-t:fast',
+        width=32,
+        height=32,
+        batch=1,
+        mode='fwd',
+        device='cpu',
+        amp=False,
+        warmup=0,
+        repeats=1,
+        threads=1,
+        compile=False,
+    )
     messages = []
     (result,) = benchmark.measure_interleaved([job], log=messages.append)
     assert result['memory_between_iterations'] == expected

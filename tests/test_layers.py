@@ -1,17 +1,19 @@
-"""The layers of models/layers.py against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU
-kernel) against its composition, PointwiseConv2d, GELU2d and the folded depth-wise residual."""
+"""The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU kernel,
+ops/convffn.py) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the folded
+depth-wise residual."""
 
 import pytest
 import torch
 
-from projects.dat.models import cpu_kernels, layers, torch_compat
 from projects.dat.models.dat import ConvFFN
-from projects.dat.models.layers import (
-    GELU2d,
-    PointwiseConv2d,
+from projects.dat.models.layers import GELU2d, PointwiseConv2d
+from projects.dat.ops import convffn as convffn_ops
+from projects.dat.ops import (
+    cpu_kernels,
     depthwise_conv_gelu,
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
+    torch_compat,
 )
 
 
@@ -29,15 +31,19 @@ def _value_and_grads(fn, y, conv, grad):
     return (out, *torch.autograd.grad(out, (y, conv.weight, conv.bias), grad))
 
 
-@pytest.mark.parametrize('batch, channels, height, width, kernel', [
-    (2, 12, 9, 7, 3),
-    (1, 5, 4, 6, 5),  # channels not a multiple of the vector width, a 5x5 kernel
-    (2, 16, 1, 3, 3),  # a one-row map: every tap but the middle row is padding
-    (3, 64, 14, 14, 3),
-])
+@pytest.mark.parametrize(
+    'batch, channels, height, width, kernel',
+    [
+        (2, 12, 9, 7, 3),
+        (1, 5, 4, 6, 5),  # channels not a multiple of the vector width, a 5x5 kernel
+        (2, 16, 1, 3, 3),  # a one-row map: every tap but the middle row is padding
+        (3, 64, 14, 14, 3),
+    ],
+)
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
-def test_fused_hidden_layer_matches_float64_reference(batch, channels, height, width, kernel, memory_format,
-                                                      require_cpu_kernels):
+def test_fused_hidden_layer_matches_float64_reference(
+    batch, channels, height, width, kernel, memory_format, require_cpu_kernels
+):
     require_cpu_kernels()
     torch.manual_seed(0)
     conv64 = _conv(channels, kernel, torch.float64)
@@ -61,8 +67,11 @@ def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kerne
     conv = _conv(32, 3)
     y = torch.randn(2, 32, 10, 11).to(memory_format=torch.channels_last)
     grad = torch.randn(2, 32, 10, 11)
-    for a, e in zip(_value_and_grads(depthwise_conv_gelu, y, conv, grad),
-                    _value_and_grads(depthwise_conv_gelu_reference, y, conv, grad), strict=True):
+    for a, e in zip(
+        _value_and_grads(depthwise_conv_gelu, y, conv, grad),
+        _value_and_grads(depthwise_conv_gelu_reference, y, conv, grad),
+        strict=True,
+    ):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
@@ -92,9 +101,30 @@ def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypat
     conv = _conv(8, 3, torch.float64)
     y = torch.randn(1, 8, 5, 5, dtype=torch.float64)
     assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))  # float64
-    monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
+    with pytest.raises(RuntimeError, match=r"attn_impl='cpu-kernel' cannot run .* got torch.float64 on 'cpu'"):
+        depthwise_conv_gelu(y, conv, 'cpu-kernel')
     conv, y = conv.float(), y.float()
+    assert torch.equal(depthwise_conv_gelu(y, conv, 'pytorch'), depthwise_conv_gelu_reference(y, conv))
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the composition's conv computes in bfloat16
+        assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
+    monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
     assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
+
+
+def test_fused_hidden_layer_of_a_conv_without_bias(require_cpu_kernels):
+    require_cpu_kernels()
+    torch.manual_seed(8)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    y = torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last).requires_grad_()
+    fused = depthwise_conv_gelu(y, conv, 'cpu-kernel')
+    plain = depthwise_conv_gelu_reference(y, conv)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for a, e in zip(
+        torch.autograd.grad(fused.sum(), (y, conv.weight)),
+        torch.autograd.grad(plain.sum(), (y, conv.weight)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute(require_cpu_kernels):
@@ -112,7 +142,7 @@ def test_conv_ffn_fused_and_reference_agree(recompute_hidden, require_cpu_kernel
     require_cpu_kernels()
     torch.manual_seed(3)
     fused = ConvFFN(16, recompute_hidden=recompute_hidden)
-    reference = ConvFFN(16, recompute_hidden=recompute_hidden, attn_impl='reference')
+    reference = ConvFFN(16, recompute_hidden=recompute_hidden, impl='reference')
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(2, 16, 7, 9).to(memory_format=torch.channels_last)
     outs, grads = [], []
@@ -154,8 +184,9 @@ def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     assert out.is_contiguous(memory_format=memory_format)
     grad = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize('kernel', [3, 5])
@@ -174,10 +205,13 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
     assert torch.equal(conv.weight, weight_before)  # the identity is added to a copy
 
 
-
-@pytest.mark.skipif(not torch_compat.HAS_CUSTOM_OPS, reason=(
-    f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fused layer runs as a plain autograd '
-    'function, which torch.compile and opcheck do not treat as an operator'))
+@pytest.mark.skipif(
+    not torch_compat.HAS_CUSTOM_OPS,
+    reason=(
+        f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): the fused layer runs as a plain '
+        'autograd function, which torch.compile and opcheck do not treat as an operator'
+    ),
+)
 def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels):
     require_cpu_kernels()
     torch.manual_seed(6)
@@ -185,13 +219,17 @@ def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(req
     y = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last)
     # The fakes must match the real outputs to the strides; the backward op on its own.
-    torch.library.opcheck(layers._depthwise_conv_gelu_op, (y, conv.weight, conv.bias))
-    torch.library.opcheck(layers._depthwise_conv_gelu_backward_op,
-                          (grad, y.detach(), conv.weight.detach(), conv.bias.detach()))
+    torch.library.opcheck(convffn_ops._depthwise_conv_gelu_op, (y, conv.weight, conv.bias))
+    torch.library.opcheck(
+        convffn_ops._depthwise_conv_gelu_backward_op, (grad, y.detach(), conv.weight.detach(), conv.bias.detach())
+    )
     # fullgraph=True fails on any graph break; aot_eager traces forward and backward.
     compiled = torch.compile(lambda t: depthwise_conv_gelu(t, conv), backend='aot_eager', fullgraph=True)
-    for a, e in zip(_value_and_grads(lambda t, c: compiled(t), y, conv, grad),
-                    _value_and_grads(depthwise_conv_gelu, y, conv, grad), strict=True):
+    for a, e in zip(
+        _value_and_grads(lambda t, c: compiled(t), y, conv, grad),
+        _value_and_grads(depthwise_conv_gelu, y, conv, grad),
+        strict=True,
+    ):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
@@ -200,11 +238,14 @@ def test_fused_hidden_layer_operator_and_kernel_check_their_inputs(require_cpu_k
     kernels = cpu_kernels.load_kernels()
     conv = _conv(8, 3)
     y = torch.randn(1, 8, 5, 6)
-    with pytest.raises(ValueError, match=r'dat::depthwise_conv_gelu expects .* got y \(1, 8, 5, 6\) torch.float32 on '
-                                         r'cpu, weight \(8, 1, 3, 3\), bias \(7,\)'):
-        layers._depthwise_conv_gelu_op(y, conv.weight, conv.bias[:7])
+    with pytest.raises(
+        ValueError,
+        match=r'dat::depthwise_conv_gelu expects .* got y \(1, 8, 5, 6\) torch.float32 on '
+        r'cpu, weight \(8, 1, 3, 3\), bias \(7,\)',
+    ):
+        convffn_ops._depthwise_conv_gelu_op(y, conv.weight, conv.bias[:7])
     with pytest.raises(ValueError, match=r'weight \(8, 1, 2, 2\)'):
-        layers._depthwise_conv_gelu_op(y, torch.randn(8, 1, 2, 2), conv.bias)
+        convffn_ops._depthwise_conv_gelu_op(y, torch.randn(8, 1, 2, 2), conv.bias)
     nhwc = y.permute(0, 2, 3, 1).contiguous()
     with pytest.raises(RuntimeError, match=r'expected weight \(k \* k, C\) for an odd k and C = 8, got \[8, 8\]'):
         kernels.depthwise_conv_gelu_forward(nhwc, torch.randn(8, 8), conv.bias.detach())
@@ -218,7 +259,7 @@ def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
     monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
     conv = _conv(8, 3)
     with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu needs the C\+\+ CPU kernels'):
-        layers._depthwise_conv_gelu_op(torch.randn(1, 8, 5, 6), conv.weight, conv.bias)
+        convffn_ops._depthwise_conv_gelu_op(torch.randn(1, 8, 5, 6), conv.weight, conv.bias)
 
 
 def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_kernels):

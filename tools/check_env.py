@@ -260,8 +260,7 @@ def check_cpu_kernels() -> str:
     """
     import torch
 
-    from projects.dat.models import cpu_kernels
-    from projects.dat.models.attention import deformable_attention, neighborhood_attention
+    from projects.dat.ops import cpu_kernels, deformable_attention, neighborhood_attention
 
     if os.environ.get(cpu_kernels.ENV_SWITCH) == '0':
         return f'turned off ({cpu_kernels.ENV_SWITCH}=0): the fast attention runs in PyTorch'

@@ -22,6 +22,7 @@ function or method of mmengine or of the toolboxes:
 from .checkpoint import register_mmengine_safe_globals, register_safe_url_loader
 from .hooks import AtomicCheckpointHook
 from .models import DAT
+from .models.attn_impl import set_attn_impl
 from .runner import DATRunner
 
 __version__ = '0.2.0'
@@ -29,4 +30,4 @@ __version__ = '0.2.0'
 register_mmengine_safe_globals()
 register_safe_url_loader()
 
-__all__ = ['DAT', 'AtomicCheckpointHook', 'DATRunner', '__version__']
+__all__ = ['DAT', 'AtomicCheckpointHook', 'DATRunner', 'set_attn_impl', '__version__']

@@ -51,6 +51,8 @@ from mmengine.analysis.jit_handles import (
 )
 from torch import Tensor, nn
 
+from .models.attn_impl import set_attn_impl
+
 __all__ = [
     'PAPER_COMPLEXITY',
     'CONVENTIONS',
@@ -106,9 +108,7 @@ def deformable_attention_macs(
     return 2 * batch * height * width * key_height * key_width * dim
 
 
-def window_attention_macs(
-    height: int, width: int, window_size: int, dim: int, batch: int = 1
-) -> int:
+def window_attention_macs(height: int, width: int, window_size: int, dim: int, batch: int = 1) -> int:
     """MACs of ``q.k`` and ``attn.v`` in a Swin window block.
 
     The map is padded to a multiple of the window, so every padded position is a query
@@ -129,9 +129,7 @@ def window_attention_macs(
     return 2 * batch * padded_h * padded_w * window_size**2 * dim
 
 
-def neighborhood_attention_macs(
-    height: int, width: int, kernel_size: int, dim: int, batch: int = 1
-) -> int:
+def neighborhood_attention_macs(height: int, width: int, kernel_size: int, dim: int, batch: int = 1) -> int:
     """MACs of ``q.k`` and ``attn.v`` in a neighbourhood block (maps smaller than the
     kernel are padded up to it).
 
@@ -241,8 +239,9 @@ def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Count
     """Handle of the fast path's op ``dat::neighborhood_attention``.
 
     Its inputs are ``q``, ``k``, ``v`` laid out ``(B * heads, H, W, d)``, ``rpb``,
-    ``kernel_size`` and the chunk size; counted as the reference's two einsums (``q.k`` and
-    ``attn.v`` over ``k * k`` keys), not the products the tiles really compute.
+    ``kernel_size``, the chunk size and whether the C++ kernels run; counted as the reference's
+    two einsums (``q.k`` and ``attn.v`` over ``k * k`` keys), not the products the tiles or
+    kernels really compute.
     """
     batch_heads, h, w, d = get_shape(inputs[0])
     kernel_size = inputs[4].toIValue()
@@ -333,32 +332,27 @@ class Complexity:
 
 @contextmanager
 def attention_impl(model: nn.Module, impl: str | None) -> Iterator[int]:
-    """Temporarily set ``attn_impl`` on every submodule that has that attribute.
+    """Temporarily switch the DAT modules of ``model`` to ``impl`` (:func:`set_attn_impl`).
 
     FLOPs are a property of the math: counting the reference path gives the papers'
     convention whatever fast kernel a model is configured with.
 
     Args:
         model (nn.Module): The model.
-        impl (str, optional): Value to set; None changes nothing.
+        impl (str, optional): Implementation to count with; None changes nothing.
 
     Yields:
         int: The number of modules switched.
     """
-    modules = [m for m in model.modules() if hasattr(m, 'attn_impl')] if impl else []
-    saved = [m.attn_impl for m in modules]
+    previous = set_attn_impl(model, impl) if impl else {}
     try:
-        for m in modules:
-            m.attn_impl = impl
-        yield len(modules)
+        yield len(previous)
     finally:
-        for m, value in zip(modules, saved, strict=True):
-            m.attn_impl = value
+        if previous:
+            set_attn_impl(model, previous)
 
 
-def analyze_complexity(
-    model: nn.Module, inputs: Tensor | tuple[Any, ...], convention: str = 'paper'
-) -> Complexity:
+def analyze_complexity(model: nn.Module, inputs: Tensor | tuple[Any, ...], convention: str = 'paper') -> Complexity:
     """Trace one forward pass of ``model`` and count its MACs and parameters.
 
     Args:
@@ -392,11 +386,7 @@ def analyze_complexity(
         ) from exc
     unsupported = analyzer.unsupported_ops()
     suspicious = Counter(
-        {
-            op: n
-            for op, n in unsupported.items()
-            if any(h in op.split('::')[-1] for h in _MAC_OP_HINTS)
-        }
+        {op: n for op, n in unsupported.items() if any(h in op.split('::')[-1] for h in _MAC_OP_HINTS)}
     )
     return Complexity(
         flops=int(flops),

@@ -10,10 +10,10 @@ at a time.
 Model specs (``--models``):
 
 - ``ARCH[:IMPL][:cp]``: a DAT backbone of ``DAT.arch_zoo`` (``datpp-t``, ``dat-t``, ...) with
-  its four outputs and norms, and ``attn_impl`` IMPL (``auto``, ``fast`` or ``reference``;
-  default ``auto``; ``fast-pytorch`` is ``fast`` with the C++ CPU kernels turned off,
-  ``DAT_CPU_KERNELS=0`` in that model's worker); ``:cp`` turns activation checkpointing on
-  (``with_cp=True``);
+  its four outputs and norms, and ``attn_impl`` IMPL (one of ``projects.dat.ops.ATTN_IMPLS``:
+  ``auto``, ``fast``, ``reference``, ``pytorch``, ``cpu-kernel``; default ``auto``;
+  ``fast-pytorch`` is another name of ``pytorch``, the fast path without the C++ CPU kernels);
+  ``:cp`` turns activation checkpointing on (``with_cp=True``);
 - ``swin-t``: mmdet's ``SwinTransformer`` with the settings of mmdet's
   ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison);
 - ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
@@ -72,12 +72,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from projects.dat import set_attn_impl
+from projects.dat.ops import ATTN_IMPLS
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 MODES = ('fwd', 'fwd+bwd')
-IMPLS = ('auto', 'fast', 'fast-pytorch', 'reference')
+# Spec names of the implementations: attn_impl's values, and the name earlier runs used for 'pytorch'.
+IMPL_ALIASES = {'fast-pytorch': 'pytorch'}
+IMPLS = (*ATTN_IMPLS, *IMPL_ALIASES)
 CHECKPOINTING = {'cp': True, 'nocp': False}
 RESULT_MARKER = 'BENCHMARK_RESULT '
 # Interleaved workers keep their freed memory between iterations while their peaks together
@@ -197,14 +202,10 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
     Returns:
         tuple: the model and the callable to time.
     """
-    from projects.dat.models.dat import DAT
+    from projects.dat import DAT
 
     name, impl, with_cp = parse_model_spec(spec)
-    if impl == 'fast-pytorch':  # read at every call: this process runs this model only
-        from projects.dat.models import cpu_kernels
-
-        os.environ[cpu_kernels.ENV_SWITCH] = '0'
-        impl = 'fast'
+    impl = IMPL_ALIASES.get(impl, impl)
     if name == 'swin-t':
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
@@ -221,9 +222,7 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
 
     model, scope, _ = build_config_model(name, None if with_cp is None else {'model.backbone.with_cp': with_cp})
     if impl is not None:
-        for module in model.modules():
-            if hasattr(module, 'attn_impl'):
-                module.attn_impl = impl
+        set_attn_impl(model, impl)
     if scope == 'mmseg' and getattr(model, 'auxiliary_head', None) is not None:
         model.auxiliary_head = None  # training-only head, not part of the tensor-mode graph
 
@@ -600,9 +599,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.parsed_inputs = [parse_input_spec(s) for s in args.inputs]
     except ValueError as exc:
         parser.error(str(exc))
-    if args.no_isolate and any(impl == 'fast-pytorch' for _, impl, _ in args.parsed_models):
-        parser.error('fast-pytorch turns the C++ kernels off for its whole process: it needs a worker of its own '
-                     '(drop --no-isolate)')
     return args
 
 

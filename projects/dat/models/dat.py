@@ -7,7 +7,7 @@ Papers:
 
 The file reads top-down: normalisation and feed-forward layers, the four attention blocks
 (``L``/``S`` Swin windows, ``N`` neighbourhood, ``D`` deformable), the block and stage, the
-backbone with its variant table. The math of each attention lives in ``attention.py`` and
+backbone with its variant table. The math of each attention lives in ``projects.dat.ops`` and
 the geometry in ``geometry.py``.
 """
 import copy
@@ -29,15 +29,15 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import (
+from ..ops import (
     check_attn_impl,
     deformable_attention,
-    deformable_attention_reference,
+    depthwise_conv_gelu,
+    depthwise_conv_plus_identity,
     neighborhood_attention,
-    neighborhood_attention_reference,
-    use_fast_attention,
     window_attention,
 )
+from ..ops.torch_compat import is_autocast_enabled
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
@@ -51,14 +51,7 @@ from .geometry import (
     window_partition,
     window_reverse,
 )
-from .layers import (
-    GELU2d,
-    PointwiseConv2d,
-    depthwise_conv_gelu,
-    depthwise_conv_gelu_reference,
-    depthwise_conv_plus_identity,
-)
-from .torch_compat import is_autocast_enabled
+from .layers import GELU2d, PointwiseConv2d
 
 VERSIONS = ('v1', 'pp')
 CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
@@ -119,8 +112,8 @@ class ConvFFN(nn.Module):
 
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
-    fused C++ kernel on CPU (float32; :func:`~projects.dat.models.layers.depthwise_conv_gelu`),
-    which never stores the GELU input and keeps only ``y`` for the backward pass. With
+    fused C++ kernel on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`), which never
+    stores the GELU input and keeps only ``y`` for the backward pass. With
     ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is recomputed in the backward
     pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
     after ``fc1`` runs on stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations
@@ -132,24 +125,22 @@ class ConvFFN(nn.Module):
         mlp_ratio (int): Hidden expansion.
         recompute_hidden (bool): Recompute the hidden activations in the backward pass instead
             of storing them. Defaults to False.
-        attn_impl (str): The backbone's implementation switch: ``'reference'`` composes the
-            hidden layer of PyTorch's conv and GELU; ``'auto'`` and ``'fast'`` run the fused kernel
-            where it applies. Defaults to ``'auto'``.
+        impl (str): Implementation of the hidden layer, one of
+            :data:`~projects.dat.ops.ATTN_IMPLS` (see :func:`~projects.dat.ops.select_backend`):
+            the fused kernel or PyTorch's conv and GELU. Defaults to ``'auto'``.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False, attn_impl: str = 'auto'):
+    def __init__(self, dim: int, mlp_ratio: int = 4, recompute_hidden: bool = False, impl: str = 'auto'):
         super().__init__()
         hidden = dim * mlp_ratio
-        self.attn_impl = check_attn_impl(attn_impl)
+        self.impl = check_attn_impl(impl)
         self.fc1 = PointwiseConv2d(dim, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = PointwiseConv2d(hidden, dim)
         self.recompute_hidden = recompute_hidden
 
     def _hidden(self, y: Tensor) -> Tensor:
-        if use_fast_attention(self.attn_impl, y):
-            return depthwise_conv_gelu(y, self.dwconv)
-        return depthwise_conv_gelu_reference(y, self.dwconv)
+        return depthwise_conv_gelu(y, self.dwconv, self.impl)
 
     def _after_fc1(self, y: Tensor) -> Tensor:
         return self.fc2(self._hidden(y))
@@ -232,7 +223,7 @@ class WindowAttention(nn.Module):
 
 
 class NeighborhoodAttention(nn.Module):
-    """Neighbourhood attention (``N`` block of DAT++), NATTEN semantics in plain PyTorch.
+    """Neighbourhood attention (``N`` block of DAT++), NATTEN semantics.
 
     A map smaller than the kernel is zero-padded at the bottom/right before ``qkv`` (the
     padded positions are real keys carrying the ``qkv`` bias) and cropped afterwards.
@@ -241,13 +232,13 @@ class NeighborhoodAttention(nn.Module):
         dim (int): Channels.
         num_heads (int): Attention heads.
         kernel_size (int): Neighbourhood size. Defaults to 7.
-        attn_impl (str): ``'auto'`` (the fast attention where available), ``'fast'`` or
-            ``'reference'``. Defaults to ``'auto'``.
+        impl (str): Implementation of the attention, one of :data:`~projects.dat.ops.ATTN_IMPLS`
+            (see :func:`~projects.dat.ops.select_backend`). Defaults to ``'auto'``.
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, attn_impl: str = 'auto'):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, impl: str = 'auto'):
         super().__init__()
-        self.attn_impl = check_attn_impl(attn_impl)
+        self.impl = check_attn_impl(impl)
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.scale = (dim // num_heads) ** -0.5
@@ -268,8 +259,7 @@ class NeighborhoodAttention(nn.Module):
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)
-        attend = neighborhood_attention if use_fast_attention(self.attn_impl, x) else neighborhood_attention_reference
-        out = attend(q * self.scale, k, v, self.rpb, self.kernel_size)
+        out = neighborhood_attention(q * self.scale, k, v, self.rpb, self.kernel_size, self.impl)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, hp, wp, c)[:, :h, :w]
         return self.proj(out).permute(0, 3, 1, 2)
 
@@ -294,15 +284,15 @@ class DeformableAttention(nn.Module):
         version (str): ``'v1'`` (tanh-bounded offsets, centred grids) or ``'pp'`` (clamped
             positions, corner-aligned query grid).
         offset_range_factor (float): v1 only: offsets are ``tanh(o) * factor / Hk``.
-        attn_impl (str): ``'auto'`` (the fast attention where available), ``'fast'`` or
-            ``'reference'``. Defaults to ``'auto'``.
+        impl (str): Implementation of the attention, one of :data:`~projects.dat.ops.ATTN_IMPLS`
+            (see :func:`~projects.dat.ops.select_backend`). Defaults to ``'auto'``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, key_stride: int, offset_kernel: int,
                  table_size: Tuple[int, int], version: str, offset_range_factor: float = 2.0,
-                 attn_impl: str = 'auto'):
+                 impl: str = 'auto'):
         super().__init__()
-        self.attn_impl = check_attn_impl(attn_impl)
+        self.impl = check_attn_impl(impl)
         group_dim = dim // num_groups
         self.num_heads = num_heads
         self.num_groups = num_groups
@@ -366,13 +356,9 @@ class DeformableAttention(nn.Module):
         sampled = sampled.reshape(b, c, 1, hk * wk)
         k = self.proj_k(sampled).reshape(b, c, hk * wk)
         v = self.proj_v(sampled).reshape(b, c, hk * wk)
-        query_coords = query_grid(h, w, self.version, pos.dtype, q.device)
-        if use_fast_attention(self.attn_impl, x):
-            out = deformable_attention(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords[:, 0, 0],
-                                       query_coords[0, :, 1], self.rpe_table, self.num_groups)
-        else:
-            out = deformable_attention_reference(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords.reshape(h * w, 2),
-                                                 self.rpe_table, self.num_groups)
+        query_coords = query_grid(h, w, self.version, pos.dtype, q.device)  # separable: (H,) x (W,)
+        out = deformable_attention(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords[:, 0, 0], query_coords[0, :, 1],
+                                   self.rpe_table, self.num_groups, self.impl)
         if self.record is not None:
             self.record(dict(positions=pos.detach().reshape(b, self.num_groups, hk, wk, 2),
                              references=ref.detach()))
@@ -390,18 +376,18 @@ class DATBlock(nn.Module):
         mlp_ratio (int): FFN expansion.
         drop_path (float): Stochastic depth rate of both residual branches.
         recompute_ffn (bool): The FFN's ``recompute_hidden``.
-        attn_impl (str): The ConvFFN's ``attn_impl`` (DAT++). Defaults to ``'auto'``.
+        impl (str): The ConvFFN's ``impl`` (DAT++). Defaults to ``'auto'``.
     """
 
     def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 recompute_ffn: bool = False, attn_impl: str = 'auto'):
+                 recompute_ffn: bool = False, impl: str = 'auto'):
         super().__init__()
         self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if version == 'pp' else None
         self.norm1 = LayerNorm2d(dim)
         self.attn = attn
         self.norm2 = LayerNorm2d(dim)
         if version == 'pp':
-            self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn, attn_impl)
+            self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn, impl)
         else:
             self.mlp = TokenMLP(dim, mlp_ratio, recompute_ffn)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -551,8 +537,11 @@ class DAT(BaseModule):
             list, where mmengine would load it non-strictly); other init configs are mmengine's.
         attn_impl (str): Implementation of the ``N`` and ``D`` attention blocks and of DAT++'s
             ConvFFN hidden layer: ``'auto'`` (the fast, memory-lean one wherever it is available,
-            else the reference), ``'fast'`` or ``'reference'`` (the straightforward one). Both
-            compute the same function. Defaults to ``'auto'``.
+            else the reference), ``'fast'``, ``'reference'`` (the straightforward one),
+            ``'pytorch'`` or ``'cpu-kernel'`` (the fast one without or with the C++ CPU kernels);
+            :func:`~projects.dat.ops.select_backend` tells which runs where. All compute the same
+            function. :func:`~projects.dat.set_attn_impl` switches a built model.
+            Defaults to ``'auto'``.
         check_finite (bool): After every forward pass in training mode, check that the
             returned maps are finite; if not, re-run the images module by module
             (:meth:`locate_non_finite`) and log a warning naming the first module (stem,
@@ -633,7 +622,7 @@ class DAT(BaseModule):
             for j, kind in enumerate(spec):
                 attn = self._make_attention(kind, i, table_size)
                 blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j],
-                                       recompute_ffn=recompute_ffn and not with_cp, attn_impl=self.attn_impl))
+                                       recompute_ffn=recompute_ffn and not with_cp, impl=self.attn_impl))
             downsample = Downsample(dims[i - 1], dims[i], self.version) if i > 0 else None
             self.stages.append(DATStage(blocks, downsample, with_cp))
         for i in self.out_indices:

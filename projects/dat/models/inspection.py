@@ -4,7 +4,7 @@ attention weights of chosen queries, for visualisation and debugging.
 Nothing here re-implements the block: :func:`deformable_attention_maps` runs the module's
 own forward pass and reads ``q`` and ``k`` from its projections, the positions from
 :meth:`DeformableAttention.sampling_positions`, and computes the logits of the chosen queries
-with :func:`~projects.dat.models.attention.deformable_attention_logits`, the function the
+with :func:`~projects.dat.ops.deformable_attention_logits`, the function the
 reference attention itself uses; the tests check that ``softmax(logits) @ v`` reproduces the
 block's output.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import deformable_attention_logits
+from ..ops import deformable_attention_logits
 from .dat import DeformableAttention
 from .geometry import query_grid
 

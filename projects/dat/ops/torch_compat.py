@@ -1,5 +1,5 @@
-"""What the attention and layer ops use of PyTorch APIs newer than torch 2.0, with their fallbacks,
-and the detection of a GELU gradient bug of torch 2.0 and 2.1 (:func:`gelu_backward_mishandles_strided_grad`).
+"""What the operators use of PyTorch APIs newer than torch 2.0, with their fallbacks, and the
+detection of a GELU gradient bug of torch 2.0 and 2.1 (:func:`gelu_backward_mishandles_strided_grad`).
 
 The package supports torch >= 2.0 (most mmdet 3 / mmseg 1 environments run torch 2.0 or 2.1).
 Where torch has the custom operator API (``torch.library.custom_op``, torch 2.4), the fast ops
@@ -9,7 +9,9 @@ callable with the same ``register_fake`` / ``register_autograd`` methods, differ
 ``torch.autograd.Function`` over the same forward and backward functions, so the numbers are
 the same.
 """
-from typing import Any, Callable, Optional, Sequence
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,8 @@ class PlainOp:
     def __init__(self, name: str, function: Callable):
         self.name = name
         self.function = function
-        self.backward: Optional[Callable] = None
-        self._setup_context: Optional[Callable] = None
+        self.backward: Callable | None = None
+        self._setup_context: Callable | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
         """Accepted and unused: a fake (meta) implementation serves only custom operators."""
@@ -119,6 +121,24 @@ def is_autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
     per_device = getattr(torch, f'is_autocast_{device_type}_enabled', None)
     return bool(per_device()) if per_device is not None else False
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype autocast computes in on ``device_type`` (meaningful where it is enabled).
+
+    ``torch.get_autocast_dtype(device_type)`` (torch 2.4+), else the per-device functions of
+    older torch.
+
+    Args:
+        device_type (str): A device type, as ``tensor.device.type``.
+
+    Returns:
+        torch.dtype: e.g. ``torch.bfloat16``.
+    """
+    get_dtype = getattr(torch, 'get_autocast_dtype', None)
+    if get_dtype is not None:
+        return get_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == 'cuda' else torch.get_autocast_cpu_dtype()
 
 
 def gelu_backward_mishandles_strided_grad() -> bool:

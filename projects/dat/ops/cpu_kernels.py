@@ -1,4 +1,4 @@
-"""Optional C++ kernels of the fast attention path on CPU, compiled on first use.
+"""The optional C++ CPU kernels of the operators (float32), compiled on first use.
 
 ``csrc/deformable_attention.cpp`` takes the softmax of a chunk of deformable-attention
 logits with the relative position bias (a 4-tap bilinear read of the bias table for every
@@ -6,16 +6,20 @@ query-key pair) added on the fly, and, backwards, the logits' and the bias's gra
 each while a query's logits are in the cache, where the PyTorch path needs gathers,
 scatter-adds, intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
-of each query, where the PyTorch path computes whole tile regions and masks them);
-``csrc/vector_math.h`` holds the float32 helpers (``exp``, sums, dot products) that the compiler
-vectorises. Both agree with the PyTorch paths to float32 round-off (``tests/test_attention_fast.py``).
+of each query, where the PyTorch path computes whole tile regions and masks them).
+``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
+pass over memory, forward and backward. ``csrc/vector_math.h`` holds the float32 helpers
+(``exp``, sums, dot products) that the compiler vectorises. They agree with the PyTorch paths to
+float32 round-off (``tests/test_attention_fast.py``, ``tests/test_layers.py``); which one runs is
+decided by :func:`projects.dat.ops.dispatch.select_backend`.
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
 torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); ``make env`` builds it (``tools/check_env.py``). Where it
-cannot be built, the fast path runs in PyTorch and one warning says why.
+cannot be built, the operators run in PyTorch and one warning says why.
 ``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
 """
+
 import hashlib
 import logging
 import os
@@ -23,7 +27,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -34,7 +37,7 @@ ENV_SWITCH = 'DAT_CPU_KERNELS'
 _loaded = {}
 
 
-def simd_flags() -> Tuple[str, List[str]]:
+def simd_flags() -> tuple[str, list[str]]:
     """The instruction set the kernels are compiled for, and its compiler flags: AVX2 with FMA
     where torch's own CPU kernels run with AVX2 or better (``ATEN_CPU_CAPABILITY`` lowers
     both), else the compiler's baseline. Not ``-march=native``: a cache folder may be shared by
@@ -87,16 +90,24 @@ def build(verbose: bool = False):
     if shutil.which('ninja') is None:  # the venv's ninja, when the venv is not activated
         os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     if not (directory / f'{extension_name()}.so').exists():
-        print_log(f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, '
-                  'about 1-2 min on 2 cores)', logger='current')
+        print_log(
+            f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 1-2 min on 2 cores)',
+            logger='current',
+        )
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
     # -fno-trapping-math: lets the compiler vectorise the clamps of exp_approx (branch-free).
     sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
-    return load(extension_name(), sources, extra_cflags=['-O3', '-fopenmp', '-fno-trapping-math', *simd_flags()[1]],
-                extra_ldflags=['-fopenmp'], build_directory=str(directory), verbose=verbose)
+    return load(
+        extension_name(),
+        sources,
+        extra_cflags=['-O3', '-fopenmp', '-fno-trapping-math', *simd_flags()[1]],
+        extra_ldflags=['-fopenmp'],
+        build_directory=str(directory),
+        verbose=verbose,
+    )
 
 
-def load_kernels() -> Optional[object]:
+def load_kernels() -> object | None:
     """The compiled kernels, or None when turned off (``DAT_CPU_KERNELS=0``) or not buildable."""
     if os.environ.get(ENV_SWITCH, '1') == '0':
         return None
@@ -105,7 +116,10 @@ def load_kernels() -> Optional[object]:
             _loaded['module'] = build()
         except Exception as exc:  # no compiler, no ninja, read-only cache, ...
             _loaded['module'] = None
-            print_log(f'DAT: the C++ CPU kernels are not available ({type(exc).__name__}: '
-                      f'{str(exc).strip()[:500]}); the fast attention runs in PyTorch (slower on CPU, same numbers)',
-                      logger='current', level=logging.WARNING)
+            print_log(
+                f'DAT: the C++ CPU kernels are not available ({type(exc).__name__}: '
+                f'{str(exc).strip()[:500]}); the fast attention runs in PyTorch (slower on CPU, same numbers)',
+                logger='current',
+                level=logging.WARNING,
+            )
     return _loaded['module']

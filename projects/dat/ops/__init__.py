@@ -1,0 +1,46 @@
+"""The operators of DAT and DAT++ as functions, apart from the modules that hold their parameters.
+
+One public entry per operator takes the implementation ``impl`` (the backbone's ``attn_impl``)
+and computes the reference math or a fast backend, as :func:`select_backend` decides
+(:mod:`~projects.dat.ops.dispatch` holds the rule as a table):
+
+- :func:`deformable_attention` (``D`` blocks; :mod:`~projects.dat.ops.deformable`);
+- :func:`neighborhood_attention` (``N`` blocks; :mod:`~projects.dat.ops.neighborhood`);
+- :func:`depthwise_conv_gelu`, ConvFFN's hidden layer (:mod:`~projects.dat.ops.convffn`).
+
+:mod:`~projects.dat.ops.reference` holds the reference math of all of them, and the functions
+that have a single implementation: :func:`window_attention` (``L``/``S`` blocks),
+:func:`depthwise_conv_plus_identity` (the local perception unit) and :func:`gelu_2d`.
+Importing this package defines the custom operators ``torch.ops.dat.*`` (on torch >= 2.4).
+"""
+
+from .convffn import depthwise_conv_gelu
+from .deformable import deformable_attention
+from .dispatch import ATTN_IMPLS, BACKENDS, check_attn_impl, select_backend
+from .neighborhood import neighborhood_attention
+from .reference import (
+    deformable_attention_logits,
+    deformable_attention_reference,
+    depthwise_conv_gelu_reference,
+    depthwise_conv_plus_identity,
+    gelu_2d,
+    neighborhood_attention_reference,
+    window_attention,
+)
+
+__all__ = [
+    'ATTN_IMPLS',
+    'BACKENDS',
+    'check_attn_impl',
+    'select_backend',
+    'deformable_attention',
+    'neighborhood_attention',
+    'depthwise_conv_gelu',
+    'window_attention',
+    'deformable_attention_logits',
+    'deformable_attention_reference',
+    'neighborhood_attention_reference',
+    'depthwise_conv_gelu_reference',
+    'depthwise_conv_plus_identity',
+    'gelu_2d',
+]

@@ -1,0 +1,130 @@
+"""DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``: the public entry and the fused operator.
+
+:func:`depthwise_conv_gelu` runs the PyTorch composition (:func:`~projects.dat.ops.reference.
+depthwise_conv_gelu_reference`) or the custom operator ``torch.ops.dat.depthwise_conv_gelu``, the
+C++ CPU kernel of ``csrc/depthwise_conv_gelu.cpp`` (one pass over memory forward and one
+backward; only ``y`` is kept for the backward pass), as
+:func:`~projects.dat.ops.dispatch.select_backend` decides. The layer has no separate PyTorch fast
+path: the ``pytorch`` backend is the composition.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from . import cpu_kernels, torch_compat
+from .dispatch import select_backend
+from .reference import depthwise_conv_gelu_reference, identity_folded
+
+
+def _check_same_depthwise_conv(conv: nn.Conv2d, y: Tensor):
+    """The kernel computes a depth-wise, odd square kernel, stride-1, zero-padded 'same' conv."""
+    channels, kernel = y.shape[1], conv.weight.shape[-1]
+    if conv.weight.shape != (channels, 1, kernel, kernel) or kernel % 2 == 0:
+        raise ValueError(
+            f'expected a depth-wise conv weight ({channels}, 1, k, k) with an odd k for a '
+            f'{channels}-channel map, got {tuple(conv.weight.shape)}'
+        )
+    same = dict(stride=(1, 1), dilation=(1, 1), padding=(kernel // 2, kernel // 2), padding_mode='zeros')
+    given = {name: getattr(conv, name) for name in same}
+    if given != same:
+        raise ValueError(f"expected a 'same' conv ({same}), got {given}")
+
+
+def _kernel_taps(weight: Tensor) -> Tensor:
+    """The kernel's ``(k * k, C)`` taps: the identity-folded ``(C, 1, k, k)`` weight, tap-major."""
+    return identity_folded(weight).flatten(1).t().contiguous()
+
+
+def _operator_kernels(y: Tensor, weight: Tensor, bias: Tensor):
+    """The C++ kernels, after the checks that the fused operators rely on before they reach them
+    (they may be called directly, as ``torch.ops.dat.*``)."""
+    channels = y.shape[1] if y.dim() == 4 else -1
+    kernel = weight.shape[-1] if weight.dim() == 4 else 0
+    if (
+        y.device.type != 'cpu'
+        or y.dtype != torch.float32
+        or weight.shape != (channels, 1, kernel, kernel)
+        or kernel % 2 == 0
+        or bias.shape != (channels,)
+    ):
+        raise ValueError(
+            'dat::depthwise_conv_gelu expects a float32 CPU map y (B, C, H, W), a depth-wise weight '
+            f'(C, 1, k, k) with an odd k and a bias (C,); got y {tuple(y.shape)} {y.dtype} on {y.device}, '
+            f'weight {tuple(weight.shape)}, bias {tuple(bias.shape)}'
+        )
+    kernels = cpu_kernels.load_kernels()
+    if kernels is None:
+        raise RuntimeError(
+            'dat::depthwise_conv_gelu needs the C++ CPU kernels, which are turned off or could not '
+            'be built (see the log); depthwise_conv_gelu() falls back to PyTorch by itself'
+        )
+    return kernels
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
+def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    kernels = _operator_kernels(y, weight, bias)
+    taps = _kernel_taps(weight)
+    out = kernels.depthwise_conv_gelu_forward(y.permute(0, 2, 3, 1), taps, bias)
+    return out.permute(0, 3, 1, 2)
+
+
+@_depthwise_conv_gelu_op.register_fake
+def _(y, weight, bias):
+    return torch.empty_like(y)
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
+def _depthwise_conv_gelu_backward_op(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = _operator_kernels(y, weight, bias)
+    taps = _kernel_taps(weight)
+    grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
+        grad_out.permute(0, 2, 3, 1).contiguous(), y.permute(0, 2, 3, 1), taps, bias
+    )
+    return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
+
+
+@_depthwise_conv_gelu_backward_op.register_fake
+def _(grad_out, y, weight, bias):
+    return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    return _depthwise_conv_gelu_backward_op(grad_out, *ctx.saved_tensors)
+
+
+_depthwise_conv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tensor:
+    """``GELU(y + conv(y))``, ConvFFN's hidden layer; the same function as
+    :func:`~projects.dat.ops.reference.depthwise_conv_gelu_reference`.
+
+    Runs the fused C++ kernel where :func:`~projects.dat.ops.dispatch.select_backend` picks the
+    ``cpu-kernel`` backend for ``impl`` (float32 maps on CPU, not under autocast, whose conv
+    computes in a half type; the map is made channels-last first if it is not), else the
+    composition.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` map.
+        conv (nn.Conv2d): Depth-wise conv with ``C`` groups, an odd square kernel, stride 1 and
+            padding ``kernel // 2``.
+        impl (str): One of :data:`~projects.dat.ops.dispatch.ATTN_IMPLS`. Defaults to ``'auto'``.
+
+    Returns:
+        Tensor: ``(B, C, H, W)``, channels-last where the kernel ran.
+    """
+    device_type = y.device.type
+    autocast = torch_compat.is_autocast_enabled(device_type)
+    compute_dtype = torch_compat.autocast_dtype(device_type) if autocast else y.dtype
+    if select_backend(impl, y.device, compute_dtype) != 'cpu-kernel':
+        return depthwise_conv_gelu_reference(y, conv)
+    _check_same_depthwise_conv(conv, y)
+    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+    return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, bias)

@@ -1,0 +1,109 @@
+"""Which implementation of an operator runs: one rule for every operator.
+
+Each operator entry (:func:`~projects.dat.ops.deformable_attention`,
+:func:`~projects.dat.ops.neighborhood_attention`, :func:`~projects.dat.ops.depthwise_conv_gelu`)
+takes an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMPLS`) and
+asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
+
+=============== ====================== ============================= ===========
+``impl``        ONNX export, or device CPU, compute dtype float32,   otherwise
+                not CPU / CUDA         C++ kernels built
+=============== ====================== ============================= ===========
+``reference``   reference              reference                     reference
+``auto``        reference              cpu-kernel                    pytorch
+``fast``        error                  cpu-kernel                    pytorch
+``pytorch``     error                  pytorch                       pytorch
+``cpu-kernel``  error                  cpu-kernel                    error
+=============== ====================== ============================= ===========
+
+- ``reference``: the plain PyTorch functions of :mod:`~projects.dat.ops.reference`, which follow
+  the original code operation by operation (the ground truth; what ONNX exports).
+- ``pytorch``: the memory-lean custom operators (``torch.ops.dat.*``) computed in PyTorch.
+- ``cpu-kernel``: the same operators computed by the C++ CPU kernels
+  (:mod:`~projects.dat.ops.cpu_kernels`; ``DAT_CPU_KERNELS=0`` turns them off).
+
+The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,
+float16 and bfloat16 attention inputs, float64 for float64 ones, and the autocast dtype for the
+ConvFFN hidden layer under autocast. Custom operators have no ONNX symbolic, hence the
+reference during export.
+"""
+
+import torch
+
+from . import cpu_kernels, torch_compat
+
+ATTN_IMPLS = ('auto', 'fast', 'reference', 'pytorch', 'cpu-kernel')
+BACKENDS = ('reference', 'pytorch', 'cpu-kernel')
+
+
+def check_attn_impl(impl: str) -> str:
+    """Return ``impl`` if it is one of :data:`ATTN_IMPLS`, else raise a ValueError saying so."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
+    return impl
+
+
+@torch_compat.assume_constant_result
+def cpu_kernels_available() -> bool:
+    """Whether the C++ kernels load; torch.compile evaluates it once instead of tracing the
+    loader (which compiles and logs)."""
+    return cpu_kernels.load_kernels() is not None
+
+
+def attention_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtype of the attention inputs together (half types stay half) and the dtype the
+    positions, bias and softmax are computed in (float64 for float64 inputs, else float32).
+
+    Args:
+        *tensors (Tensor): The attention inputs (q, k, v).
+
+    Returns:
+        tuple: ``(input dtype, compute dtype)``.
+    """
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype, torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The backend that computes an operator (see the table of this module).
+
+    Args:
+        impl (str): One of :data:`ATTN_IMPLS`.
+        device (torch.device): The device of the operator's inputs.
+        compute_dtype (torch.dtype): The dtype the operator computes in; the C++ kernels
+            compute float32.
+
+    Returns:
+        str: One of :data:`BACKENDS`.
+
+    Raises:
+        RuntimeError: Where ``impl`` names a backend that cannot run these inputs.
+    """
+    check_attn_impl(impl)
+    if impl == 'reference':
+        return 'reference'
+    if device.type not in ('cpu', 'cuda') or torch.onnx.is_in_onnx_export():
+        if impl == 'auto':
+            return 'reference'
+        raise RuntimeError(
+            f'attn_impl={impl!r} is not available on device {device.type!r} or during ONNX export; '
+            "use attn_impl='auto' to fall back to the reference path"
+        )
+    if impl == 'pytorch':
+        return 'pytorch'
+    kernel_applies = device.type == 'cpu' and compute_dtype == torch.float32
+    if kernel_applies and cpu_kernels_available():
+        return 'cpu-kernel'
+    if impl == 'cpu-kernel':
+        reason = (
+            'they are turned off or could not be built (see the log)'
+            if kernel_applies
+            else (f'they compute float32 on CPU, got {compute_dtype} on {device.type!r}')
+        )
+        raise RuntimeError(
+            f"attn_impl='cpu-kernel' cannot run the C++ CPU kernels here: {reason}; use "
+            "attn_impl='fast' to fall back to PyTorch"
+        )
+    return 'pytorch'
