@@ -335,7 +335,7 @@ def test_register_is_idempotent():
 def test_register_is_a_no_op_on_old_torch(monkeypatch, version):
     """torch < 2.4 has no add_safe_globals, torch 2.4 no (object, name) entries: nothing is
     registered there and nothing crashes."""
-    monkeypatch.setattr(dat_ckpt, '_safe_globals_registered', False)
+    monkeypatch.setattr(dat_ckpt.allowlist, '_safe_globals_registered', False)
     monkeypatch.setattr(torch, '__version__', torch.torch_version.TorchVersion(version))
     if version < '2.4':
         monkeypatch.delattr(torch.serialization, 'add_safe_globals')
@@ -649,7 +649,7 @@ def test_tmp_files_of_other_users_are_kept(tmp_path, monkeypatch):
     abandoned = tmp_path / '.ckpt.pth.tmp-4242-0badc0de'
     abandoned.write_bytes(b'partial')
     make_old(abandoned)
-    monkeypatch.setattr(dat_ckpt, '_user_id', lambda: os.stat(abandoned).st_uid + 1)
+    monkeypatch.setattr(dat_ckpt.atomic, '_user_id', lambda: os.stat(abandoned).st_uid + 1)
     atomic_save({'w': torch.ones(3)}, tmp_path / 'ckpt.pth')
     assert abandoned.exists()
     monkeypatch.undo()
