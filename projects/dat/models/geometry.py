@@ -20,7 +20,9 @@ from torch import Tensor
 
 def _normalised_centres(length: int, divisor: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(i + 0.5) / divisor * 2 - 1`` for ``i in range(length)``, as the original computes it."""
-    centres = torch.linspace(0.5, length - 0.5, length, dtype=dtype, device=device)
+    # The cast is a no-op in PyTorch; the TorchScript ONNX exporter can write linspace as float64
+    # whatever its dtype (seen at a constant length), which GridSample of ONNX Runtime refuses.
+    centres = torch.linspace(0.5, length - 0.5, length, dtype=dtype, device=device).to(dtype)
     return centres.div_(divisor).mul_(2.0).sub_(1.0)
 
 
