@@ -130,14 +130,13 @@ def window_attention_macs(height: int, width: int, window_size: int, dim: int, b
 
 
 def neighborhood_attention_macs(height: int, width: int, kernel_size: int, dim: int, batch: int = 1) -> int:
-    """MACs of ``q.k`` and ``attn.v`` in a neighbourhood block (maps smaller than the
-    kernel are padded up to it).
+    """MACs of ``q.k`` and ``attn.v`` in a neighbourhood block: ``2 * B * HW * k * k * C``.
 
     Args:
-        height (int): Feature map height.
-        width (int): Feature map width.
-        kernel_size (int): Neighbourhood size.
-        dim (int): Channels.
+        height (int): Feature map height ``H``; a map smaller than the kernel is padded up to it.
+        width (int): Feature map width ``W``, padded likewise.
+        kernel_size (int): Neighbourhood size ``k``: every query attends to ``k * k`` keys.
+        dim (int): Channels ``C`` (heads times head dim).
         batch (int): Batch size. Defaults to 1.
 
     Returns:

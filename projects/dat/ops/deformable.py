@@ -291,47 +291,8 @@ class _Chunk(NamedTuple):
     c1: int
 
 
-def _check_op_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    pos: Tensor,
-    query_y: Tensor,
-    query_x: Tensor,
-    table: Tensor,
-    num_groups: int,
-    chunk: int,
-):
-    """The shapes that the operators (and the C++ kernels behind them) rely on; the operators
-    check them themselves, since they may be called directly (``torch.ops.dat.*``)."""
-    valid = q.dim() == 4 and k.dim() == 4 and table.dim() == 3 and num_groups > 0 and chunk > 0
-    if valid:
-        bg, hg, d, m = q.shape
-        ns = k.shape[-1]
-        valid = (
-            k.shape == (bg, hg, d, ns)
-            and v.shape == k.shape
-            and pos.shape == (bg, ns, 2)
-            and query_y.dim() == 1
-            and query_x.dim() == 1
-            and query_y.numel() * query_x.numel() == m
-            and hg > 0
-            and table.shape[0] == hg * num_groups
-            and bg % num_groups == 0
-            and min(table.shape[1:]) > 0
-        )
-    if not valid:
-        raise ValueError(
-            'dat::deformable_attention expects q (BG, hg, d, H * W), k and v (BG, hg, d, Ns), pos '
-            '(BG, Ns, 2), query_y (H,), query_x (W,), a table (hg * groups, Th, Tw), groups > 0 dividing '
-            f'BG, hg > 0 and chunk > 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
-            f'pos {tuple(pos.shape)}, query_y {tuple(query_y.shape)}, query_x {tuple(query_x.shape)}, '
-            f'table {tuple(table.shape)}, groups {num_groups}, chunk {chunk}'
-        )
-
-
 class _DeformableChunks:
-    """What the forward and the backward operator share: the checked shapes, the table
+    """What the forward and the backward operator share: the checked inputs, the table
     coordinates of every key, the padded tables, the chunks and each chunk's softmax.
 
     Args:
@@ -340,19 +301,35 @@ class _DeformableChunks:
     """
 
     def __init__(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        pos: Tensor,
-        query_y: Tensor,
-        query_x: Tensor,
-        table: Tensor,
-        num_groups: int,
-        chunk: int,
-        use_cpu_kernels: bool,
-    ):
-        _check_op_inputs(q, k, v, pos, query_y, query_x, table, num_groups, chunk)
+        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor,
+        num_groups: int, chunk: int, use_cpu_kernels: bool,
+    ):  # fmt: skip
+        # The shapes that the operators (and the C++ kernels behind them) rely on; the operators
+        # check them themselves, since they may be called directly (torch.ops.dat.*).
+        valid = q.dim() == 4 and k.dim() == 4 and table.dim() == 3 and num_groups > 0 and chunk > 0
+        if valid:
+            bg, hg, d, m = q.shape
+            ns = k.shape[-1]
+            valid = (
+                k.shape == (bg, hg, d, ns)
+                and v.shape == k.shape
+                and pos.shape == (bg, ns, 2)
+                and query_y.dim() == 1
+                and query_x.dim() == 1
+                and query_y.numel() * query_x.numel() == m
+                and hg > 0
+                and table.shape[0] == hg * num_groups
+                and bg % num_groups == 0
+                and min(table.shape[1:]) > 0
+            )
+        if not valid:
+            raise ValueError(
+                'dat::deformable_attention expects q (BG, hg, d, H * W), k and v (BG, hg, d, Ns), pos '
+                '(BG, Ns, 2), query_y (H,), query_x (W,), a table (hg * groups, Th, Tw), groups > 0 dividing '
+                f'BG, hg > 0 and chunk > 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+                f'pos {tuple(pos.shape)}, query_y {tuple(query_y.shape)}, query_x {tuple(query_x.shape)}, '
+                f'table {tuple(table.shape)}, groups {num_groups}, chunk {chunk}'
+            )
         self.kernels = _required_kernels(table) if use_cpu_kernels else None
         self.bg, self.hg, self.d, self.m = q.shape
         self.height, self.width, self.num_keys = query_y.shape[0], query_x.shape[0], k.shape[-1]
@@ -419,17 +396,9 @@ def _required_kernels(table: Tensor):
 
 @torch_compat.custom_op('dat::deformable_attention', mutates_args=())
 def _deformable_attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    pos: Tensor,
-    query_y: Tensor,
-    query_x: Tensor,
-    table: Tensor,
-    num_groups: int,
-    chunk: int,
-    use_cpu_kernels: bool,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int,
+    chunk: int, use_cpu_kernels: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
     hg = chunks.hg
     out = torch.empty_like(q)
@@ -452,20 +421,9 @@ def _(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
 
 @torch_compat.custom_op('dat::deformable_attention_backward', mutates_args=())
 def _deformable_attention_backward_op(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    pos: Tensor,
-    query_y: Tensor,
-    query_x: Tensor,
-    table: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    num_groups: int,
-    chunk: int,
-    use_cpu_kernels: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor,
+    out: Tensor, lse: Tensor, num_groups: int, chunk: int, use_cpu_kernels: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
     if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (*q.shape[:2], q.shape[3]):
         raise ValueError(
