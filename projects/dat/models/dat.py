@@ -42,6 +42,7 @@ from .geometry import (
     key_reference_points,
     offset_conv_padding,
     offset_scale,
+    pad_to_at_least,
     pad_to_multiple,
     query_grid,
     relative_position_index,
@@ -253,9 +254,7 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         x = x.permute(0, 2, 3, 1)
-        pad_b, pad_r = max(0, self.kernel_size - h), max(0, self.kernel_size - w)
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        x = pad_to_at_least(x, self.kernel_size)
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv.unbind(0)

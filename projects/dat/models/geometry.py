@@ -7,9 +7,9 @@ Sizes may be traced: while ``torch.onnx.export`` (the TorchScript exporter) or `
 records the model, a size read from ``x.shape`` is a 0-dim tensor, and only arithmetic on it stays
 a function of the input size in the recorded graph; a Python ``if`` on it, or ``torch.tensor`` of
 it, is recorded as the constant of the example input. The functions that the backbone calls with
-such sizes (:func:`pad_to_multiple`, :func:`window_partition`, :func:`window_reverse`,
-:func:`shifted_window_mask`, :func:`offset_scale`) therefore compute with tensor arithmetic only,
-so that one exported graph serves every input size.
+such sizes (:func:`pad_to_multiple`, :func:`pad_to_at_least`, :func:`window_partition`,
+:func:`window_reverse`, :func:`shifted_window_mask`, :func:`offset_scale`) therefore compute
+with tensor arithmetic only, so that one exported graph serves every input size.
 """
 
 import math
@@ -189,6 +189,31 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int | Tensor, int
     if shapes_are_traced() or pad_b or pad_r:
         x = torch.nn.functional.pad(x, (0, pad_r, 0, pad_b))
     return x, pad_b, pad_r
+
+
+def pad_to_at_least(x: Tensor, size: int) -> Tensor:
+    """Zero-pad the bottom/right of a channels-last ``(B, H, W, C)`` map to at least ``size x size``.
+
+    Eager calls pad only what is missing (nothing for a map of at least ``size``); traced calls
+    (:func:`shapes_are_traced`) always pad, by ``max(0, size - H)`` computed on the traced
+    size, so that the recorded graph pads every input size as an eager call would.
+
+    Args:
+        x (Tensor): ``(B, H, W, C)`` map.
+        size (int): Smallest height and width of the result.
+
+    Returns:
+        Tensor: ``(B, max(H, size), max(W, size), C)``.
+    """
+    height, width = x.shape[1:3]
+    if shapes_are_traced():
+        pad_b = (size - _size_tensor(height)).clamp(min=0)
+        pad_r = (size - _size_tensor(width)).clamp(min=0)
+        return torch.nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    pad_b, pad_r = max(0, size - height), max(0, size - width)
+    if pad_b or pad_r:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    return x
 
 
 def _size_tensor(size: int | Tensor) -> Tensor:
