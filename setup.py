@@ -39,14 +39,16 @@ TOOLBOXES = {
     'cls': ['mmpretrain>=1.0.0,<1.3.0'],
 }
 ALL_TOOLBOXES = sorted({req for reqs in TOOLBOXES.values() for req in reqs})
+# ONNX export (tools/deployment/pytorch2onnx.py) and ONNX Runtime, which checks the exported graph.
+DEPLOY = ['onnx', 'onnxruntime']
 EXTRAS_REQUIRE = {
     **TOOLBOXES,
     'all': ALL_TOOLBOXES,
     'mim': ['openmim'],  # `mim train mmdet|mmseg|mmpretrain <config>`
-    # The tests run all three toolboxes, mim and ruff; torchvision checks mmcv's ops.
-    'tests': sorted({*ALL_TOOLBOXES, 'pytest', 'ruff', 'packaging', 'torchvision', 'pycocotools', 'matplotlib',
-                     'openmim'}),
-    'deploy': ['onnx', 'onnxruntime'],
+    # The tests run all three toolboxes, mim, ruff and the ONNX export; torchvision checks mmcv's ops.
+    'tests': sorted({*ALL_TOOLBOXES, *DEPLOY, 'pytest', 'ruff', 'packaging', 'torchvision', 'pycocotools',
+                     'matplotlib', 'openmim'}),
+    'deploy': DEPLOY,
 }
 
 

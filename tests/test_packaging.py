@@ -175,14 +175,15 @@ def test_toolboxes_tests_and_deploy_are_extras(metadata):
     assert {'ftfy', 'regex'} <= set(_requirements(metadata, 'seg'))  # imported by mmseg.utils
     assert {'pytest', 'ruff', *union} <= set(_requirements(metadata, 'tests'))
     assert {'onnx', 'onnxruntime'} <= set(_requirements(metadata, 'deploy'))
+    assert set(_requirements(metadata, 'deploy')) <= set(_requirements(metadata, 'tests'))  # tests/test_onnx.py
     assert 'openmim' in _requirements(metadata, 'mim')
 
 
 def test_tested_set_lies_inside_the_declared_ranges(metadata):
     """``requirements/constraints.txt`` (what .venv runs) must be an install the metadata allows,
-    and must pin everything the base install and the toolbox extras name."""
+    and must pin everything the base install, the toolbox extras and the deploy extra name."""
     pins = _constraints()
-    declared = {**_requirements(metadata, 'all'), **_requirements(metadata)}
+    declared = {**_requirements(metadata, 'all'), **_requirements(metadata, 'deploy'), **_requirements(metadata)}
     for name, req in declared.items():
         assert name in pins, f'{name} is declared but not pinned in requirements/constraints.txt'
         (pin,) = [spec for spec in pins[name] if spec.operator == '==']
