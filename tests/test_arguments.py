@@ -7,7 +7,7 @@ import torch
 
 import projects.dat.models.dat as dat_module
 from projects.dat import DAT
-from projects.dat.models.dat import CANONICAL_ARCHS, resolve_arch
+from projects.dat.models.variants import CANONICAL_ARCHS, resolve_arch
 
 TINY = {
     'v1': dict(version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2],

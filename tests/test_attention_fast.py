@@ -18,6 +18,7 @@ from projects.dat import DAT, set_attn_impl
 from projects.dat.converter import convert_original_state_dict
 from projects.dat.models.dat import ConvFFN, DeformableAttention, NeighborhoodAttention
 from projects.dat.models.geometry import query_grid
+from projects.dat.models.inspection import record_sampling_points
 from projects.dat.ops import (
     ATTN_IMPLS,
     cpu_kernels,
@@ -349,7 +350,7 @@ def test_amp_keeps_positions_float32_and_agrees(amp_dtype):
     for impl in ('reference', 'fast'):
         set_attn_impl(model, impl)
         model.zero_grad()
-        with torch.autocast('cpu', dtype=amp_dtype), model.record_sampling_points() as records:
+        with torch.autocast('cpu', dtype=amp_dtype), record_sampling_points(model) as records:
             outs = model(x)
         sum(o.float().square().mean() for o in outs).backward()
         assert all(r['positions'].dtype == torch.float32 for r in records.values())

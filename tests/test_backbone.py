@@ -15,13 +15,14 @@ from projects.dat.converter import (
     convert_original_state_dict,
     infer_original_arch,
 )
-from projects.dat.models.dat import CANONICAL_ARCHS
 from projects.dat.models.geometry import (
     relative_position_index,
     shift_size_for,
     shifted_window_mask,
     stripes_with_halo,
 )
+from projects.dat.models.inspection import record_sampling_points
+from projects.dat.models.variants import CANONICAL_ARCHS
 from projects.dat.ops import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_golden_parity(name):
         stage.register_forward_hook(lambda module, args, out: stage_outputs.append(out))
     for case_name, case in golden['cases'].items():
         stage_outputs.clear()
-        with torch.no_grad(), model.record_sampling_points() as records:
+        with torch.no_grad(), record_sampling_points(model) as records:
             pooled = model(case['input'])[0].mean((2, 3))
         logits = pooled @ converted['head.fc.weight'].t() + converted['head.fc.bias']
         torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4, msg=f'{case_name} logits')
@@ -233,12 +234,16 @@ def test_frozen_stages_and_norm_eval():
 
 def test_recording_costs_nothing_outside_context():
     model = DAT(TINY['pp']).eval()
-    with torch.no_grad(), model.record_sampling_points() as records:
+    with torch.no_grad(), record_sampling_points(model) as records:
         model(torch.randn(1, 3, 64, 64))
     assert set(records) == {'stages.0.blocks.1.attn', 'stages.2.blocks.1.attn', 'stages.3.blocks.0.attn',
                             'stages.3.blocks.1.attn'}
     assert records['stages.0.blocks.1.attn']['positions'].shape == (1, 1, 2, 2, 2)
-    assert all(m.record is None for m in model.modules() if hasattr(m, 'record'))
+    assert all('sampling_positions' not in vars(m) for m in model.modules())  # unwrapped on exit
+    recorded = records['stages.0.blocks.1.attn']
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert records['stages.0.blocks.1.attn'] is recorded
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])

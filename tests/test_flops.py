@@ -25,12 +25,13 @@ from projects.dat.flops import (
     window_attention_macs,
 )
 from projects.dat.models.dat import (
-    CANONICAL_ARCHS,
     DeformableAttention,
     NeighborhoodAttention,
     WindowAttention,
 )
 from projects.dat.models.geometry import query_grid
+from projects.dat.models.inspection import record_sampling_points
+from projects.dat.models.variants import CANONICAL_ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_attention_cores_match_closed_forms(version, size):
     for name, m in model.named_modules():
         if isinstance(m, (DeformableAttention, NeighborhoodAttention, WindowAttention)):
             m.register_forward_pre_hook(lambda mod, args, name=name: shapes.__setitem__(name, args[0].shape))
-    with model.record_sampling_points() as records:
+    with record_sampling_points(model) as records:
         result = analyze_complexity(model, torch.randn(1, 3, *size))
     assert len(shapes) == sum(len(s) for s in TINY[version]['stage_spec'])
     for name, (_, dim, h, w) in shapes.items():

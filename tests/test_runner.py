@@ -33,7 +33,6 @@ CONFIGS = {
 
 def _load_tool(name: str):
     """Import ``tools/<name>.py`` under a private module name (``test`` is a stdlib package)."""
-    sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(f'_dat_runner_tools_{name}', TOOLS / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

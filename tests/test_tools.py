@@ -34,6 +34,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from projects.dat import toolboxes
 from projects.dat.synthetic import make_ade20k, make_coco, make_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,6 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason='tests the CPU-on
 
 def _load_tool(name: str):
     """Import ``tools/<name>.py`` under a private module name (``test`` is a stdlib package)."""
-    sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(f'_dat_tools_{name}', TOOLS / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -56,7 +56,6 @@ def _load_tool(name: str):
 
 train_tool = _load_tool('train')
 test_tool = _load_tool('test')
-launch_utils = _load_tool('launch_utils')
 
 
 def _free_port() -> int:
@@ -300,7 +299,7 @@ def test_replace_sync_bn_nested():
         b=[dict(norm_cfg=dict(type='MMSyncBN')), (dict(type='BN'), dict(type='GN'))],
         c='SyncBN',
     )
-    assert launch_utils.replace_sync_bn(cfg) == 2
+    assert toolboxes.replace_sync_bn(cfg) == 2
     assert cfg['a'] == dict(type='BN', requires_grad=True)
     assert cfg['b'][0]['norm_cfg']['type'] == 'BN' and cfg['c'] == 'SyncBN'
 
@@ -321,7 +320,7 @@ def test_adapt_to_device_distributed_cpu():
         )
     )
     with pytest.warns(UserWarning) as record:
-        launch_utils.adapt_to_device(cfg, 'pytorch')
+        toolboxes.adapt_to_device(cfg, 'pytorch')
     messages = ' '.join(str(w.message) for w in record)
     for text in (
         '1 SyncBN config(s) replaced by BN for distributed (gloo)',
@@ -341,7 +340,7 @@ def test_adapt_to_device_distributed_cpu():
 def test_adapt_to_device_single_cpu_keeps_backend():
     cfg = Config(dict(model=dict(norm_cfg=dict(type='SyncBN')), env_cfg=dict(dist_cfg=dict(backend='nccl'))))
     with pytest.warns(UserWarning, match='for non-distributed CPU running'):
-        launch_utils.adapt_to_device(cfg, 'none')
+        toolboxes.adapt_to_device(cfg, 'none')
     assert cfg.model.norm_cfg.type == 'BN'
     assert cfg.env_cfg.dist_cfg.backend == 'nccl' and 'model_wrapper_cfg' not in cfg
 
@@ -350,17 +349,17 @@ def test_adapt_to_device_nothing_to_do_is_silent():
     cfg = Config(dict(model=dict(norm_cfg=dict(type='BN')), optim_wrapper=dict(type='OptimWrapper')))
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        launch_utils.adapt_to_device(cfg, 'none')
+        toolboxes.adapt_to_device(cfg, 'none')
     assert cfg.model.norm_cfg.type == 'BN'
 
 
 def test_bad_scope_and_launcher():
     with pytest.raises(ValueError, match=r"default_scope to one of .* got 'mmocr'"):
-        launch_utils.register_scope_modules(Config(dict(default_scope='mmocr')))
+        toolboxes.register_scope_modules(Config(dict(default_scope='mmocr')))
     with pytest.raises(ValueError, match=r'default_scope to one of .* got None'):
-        launch_utils.register_scope_modules(Config(dict()))
+        toolboxes.register_scope_modules(Config(dict()))
     with pytest.raises(ValueError, match="launcher must be one of .* got 'ray'"):
-        launch_utils.adapt_to_device(Config(dict()), 'ray')
+        toolboxes.adapt_to_device(Config(dict()), 'ray')
 
 
 def test_train_options():

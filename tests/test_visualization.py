@@ -10,7 +10,7 @@ from PIL import Image
 
 from projects.dat import DAT
 from projects.dat.models.dat import DeformableAttention
-from projects.dat.models.inspection import deformable_attention_maps
+from projects.dat.models.inspection import deformable_attention_maps, record_sampling_points
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location(
@@ -126,7 +126,7 @@ def test_attention_maps_reproduce_the_block(version, size):
             m.proj_out.register_forward_pre_hook(
                 lambda mod, args, name=name: captured.__setitem__(name + '.out', args[0])
             )
-    with torch.no_grad(), model.record_sampling_points() as records:
+    with torch.no_grad(), record_sampling_points(model) as records:
         model(torch.randn(1, 3, *size))
     for name, module in vis.deformable_blocks(model).items():
         x, v, expected = captured[name], captured[name + '.v'], captured[name + '.out']

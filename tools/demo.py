@@ -30,18 +30,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.runner import Runner
+
+from projects.dat.synthetic import COCO_CLASSES, make_coco
+from projects.dat.toolboxes import prepare
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(ROOT, 'tools'))
-sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from launch_utils import prepare  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.dataset import pseudo_collate  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-from projects.dat.synthetic import COCO_CLASSES, make_coco  # noqa: E402
 
 DEFAULT_CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_datpp-demo_fpn_synthetic-coco.py')
 POINTS_TOOL = osp.join(ROOT, 'tools', 'visualization', 'vis_deformable_points.py')
@@ -150,11 +148,10 @@ def save_loss_curve(rows: list[dict], path: str) -> None:
 def save_detections(runner: Runner, out_dir: str, num: int) -> list[str]:
     """Draw ground truth | predictions (score >= 0.5) for the first ``num`` val images."""
     import mmcv
-    from mmdet.visualization import DetLocalVisualizer
 
     os.makedirs(out_dir, exist_ok=True)
     dataset = runner.test_dataloader.dataset
-    visualizer = DetLocalVisualizer.get_current_instance()
+    visualizer = runner.visualizer  # the config's DetLocalVisualizer
     visualizer.dataset_meta = dataset.metainfo
     model = runner.model
     model.eval()
@@ -190,10 +187,6 @@ def save_sampling_points(config: str, checkpoint: str, image: str, out_dir: str,
     if not osp.exists(POINTS_TOOL):
         log(f'skipping the sampling-point pictures: {osp.relpath(POINTS_TOOL, ROOT)} is missing')
         return []
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]),
-    )
     paths = []
     for block in ('stages.1.blocks.1.attn', 'stages.3.blocks.1.attn'):
         out = osp.join(out_dir, f'sampling_points_{block.replace(".", "_")}.png')
@@ -213,7 +206,7 @@ def save_sampling_points(config: str, checkpoint: str, image: str, out_dir: str,
             out,
         ]
         log('  ' + ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) else c for c in cmd))
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        subprocess.run(cmd, check=True, cwd=ROOT)
         paths.append(out)
     return paths
 

@@ -2,7 +2,7 @@
 # Train with torchrun on one or several nodes.
 #   tools/dist_train.sh CONFIG GPUS [train.py args...]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and PORT) on every node.
-# Without CUDA the processes run on CPU with the gloo backend (see tools/launch_utils.py).
+# Without CUDA the processes run on CPU with the gloo backend (see projects/dat/toolboxes.py).
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 CONFIG GPUS [train.py args...]" >&2

@@ -18,12 +18,10 @@ predicted label maps (PNG) into the given folder (its ``IoUMetric.output_dir``).
 
 import argparse
 import os.path as osp
-import sys
 
 from mmengine.config import Config, ConfigDict, DictAction
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from launch_utils import LAUNCHERS, build_runner, prepare  # noqa: E402
+from projects.dat.toolboxes import LAUNCHERS, build_runner, prepare
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,12 +15,10 @@ dataset paths of ``train_dataloader`` and ``val_dataloader`` before any dataset 
 
 import argparse
 import os.path as osp
-import sys
 
 from mmengine.config import Config, DictAction
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from launch_utils import LAUNCHERS, build_runner, prepare  # noqa: E402
+from projects.dat.toolboxes import LAUNCHERS, build_runner, prepare
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Conversion of the original DAT / DAT++ checkpoints, and strict loading of converted ones.
+"""Conversion of the original DAT / DAT++ checkpoints into this package's layout.
 
 The original code names tensors ``patch_proj.*``, ``down_projs.i.*``,
 ``stages.i.layer_norms.{2b,2b+1}.norm.*``, ``stages.i.attns.b.*``, ``stages.i.mlps.b.*``,
@@ -8,31 +8,47 @@ of ``models/dat.py`` in LeapLabTHU/DAT); its mmdet 2.x / mmseg 0.x checkpoints
 and the output norms ``backbone.norms.i.norm.*``. :func:`convert_original_state_dict` maps
 them onto :class:`~projects.dat.models.DAT` names, using every source tensor exactly once and
 filling every target tensor, or stops with a list of what is wrong.
+
+Only foreign layouts are translated here; loading converted weights into a backbone is the
+backbone's business (:mod:`projects.dat.models.pretrained`).
 """
+
+from __future__ import annotations
+
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .models.dat import CANONICAL_ARCHS, DAT, resolve_arch
+from .models.dat import DAT
 from .models.geometry import relative_position_index, shift_size_for, shifted_window_mask
+from .models.pretrained import ConversionError
+from .models.variants import ARCH_ZOO, CANONICAL_ARCHS, match_arch_name, resolve_arch
 
-
-class ConversionError(ValueError):
-    """A checkpoint does not match the model it is converted to or loaded into."""
+__all__ = [
+    'ConversionError',
+    'convert_original_state_dict',
+    'group_keys',
+    'infer_original_arch',
+    'original_key',
+    'rename_original_key',
+]
 
 
 # Original name pattern -> our name, per version. Applied to backbone keys without prefix.
 _COMMON_RENAMES = [
     (r'^down_projs\.(\d+)\.0\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.conv.'),
     (r'^down_projs\.(\d+)\.1\.norm\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.norm.'),
-    (r'^stages\.(\d+)\.layer_norms\.(\d+)\.norm\.',
-     lambda m: f'stages.{m[1]}.blocks.{int(m[2]) // 2}.norm{int(m[2]) % 2 + 1}.'),
-    (r'^stages\.(\d+)\.attns\.(\d+)\.conv_offset\.1\.norm\.',
-     lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.conv_offset.1.'),
+    (
+        r'^stages\.(\d+)\.layer_norms\.(\d+)\.norm\.',
+        lambda m: f'stages.{m[1]}.blocks.{int(m[2]) // 2}.norm{int(m[2]) % 2 + 1}.',
+    ),
+    (
+        r'^stages\.(\d+)\.attns\.(\d+)\.conv_offset\.1\.norm\.',
+        lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.conv_offset.1.',
+    ),
     (r'^stages\.(\d+)\.attns\.(\d+)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.attn.'),
     (r'^stages\.(\d+)\.local_perception_units\.(\d+)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.lpu.'),
     (r'^stages\.(\d+)\.mlps\.(\d+)\.chunk\.linear(\d)\.', lambda m: f'stages.{m[1]}.blocks.{m[2]}.mlp.fc{m[3]}.'),
@@ -43,8 +59,12 @@ _COMMON_RENAMES = [
 ]
 _STEM_RENAMES = {
     'v1': [(r'^patch_proj\.0\.', 'stem.conv.'), (r'^patch_proj\.1\.norm\.', 'stem.norm.')],
-    'pp': [(r'^patch_proj\.0\.', 'stem.conv1.'), (r'^patch_proj\.1\.norm\.', 'stem.norm1.'),
-           (r'^patch_proj\.3\.', 'stem.conv2.'), (r'^patch_proj\.4\.norm\.', 'stem.norm2.')],
+    'pp': [
+        (r'^patch_proj\.0\.', 'stem.conv1.'),
+        (r'^patch_proj\.1\.norm\.', 'stem.norm1.'),
+        (r'^patch_proj\.3\.', 'stem.conv2.'),
+        (r'^patch_proj\.4\.norm\.', 'stem.norm2.'),
+    ],
 }
 # Derived buffers of the original v1 code: checked against ours, then dropped.
 _DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
@@ -63,15 +83,21 @@ def rename_original_key(key: str, version: str) -> str:
 # missing tensors as the user's checkpoint names them.
 _INVERSE_STEM_RENAMES = {
     'v1': [(r'^stem\.conv\.', 'patch_proj.0.'), (r'^stem\.norm\.', 'patch_proj.1.norm.')],
-    'pp': [(r'^stem\.conv1\.', 'patch_proj.0.'), (r'^stem\.norm1\.', 'patch_proj.1.norm.'),
-           (r'^stem\.conv2\.', 'patch_proj.3.'), (r'^stem\.norm2\.', 'patch_proj.4.norm.')],
+    'pp': [
+        (r'^stem\.conv1\.', 'patch_proj.0.'),
+        (r'^stem\.norm1\.', 'patch_proj.1.norm.'),
+        (r'^stem\.conv2\.', 'patch_proj.3.'),
+        (r'^stem\.norm2\.', 'patch_proj.4.norm.'),
+    ],
 }
 _INVERSE_MLP_RENAMES = {'v1': r'stages.\1.mlps.\2.chunk.linear\3.', 'pp': r'stages.\1.mlps.\2.linear\3.0.'}
 _INVERSE_COMMON_RENAMES = [
     (r'^stages\.(\d+)\.downsample\.conv\.', lambda m: f'down_projs.{int(m[1]) - 1}.0.'),
     (r'^stages\.(\d+)\.downsample\.norm\.', lambda m: f'down_projs.{int(m[1]) - 1}.1.norm.'),
-    (r'^stages\.(\d+)\.blocks\.(\d+)\.norm([12])\.',
-     lambda m: f'stages.{m[1]}.layer_norms.{2 * int(m[2]) + int(m[3]) - 1}.norm.'),
+    (
+        r'^stages\.(\d+)\.blocks\.(\d+)\.norm([12])\.',
+        lambda m: f'stages.{m[1]}.layer_norms.{2 * int(m[2]) + int(m[3]) - 1}.norm.',
+    ),
     (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.conv_offset\.1\.', r'stages.\1.attns.\2.conv_offset.1.norm.'),
     (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.', r'stages.\1.attns.\2.'),
     (r'^stages\.(\d+)\.blocks\.(\d+)\.lpu\.', r'stages.\1.local_perception_units.\2.'),
@@ -92,10 +118,15 @@ def original_key(key: str, version: str, classifier: bool) -> str:
         str: The original name (without ``backbone.``), or ``key`` if it has none.
     """
     if classifier and key.startswith('norm3.'):
-        return 'cls_norm.norm.' + key[len('norm3.'):]
-    rules = (_INVERSE_STEM_RENAMES[version] + _INVERSE_COMMON_RENAMES
-             + [(r'^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc(\d)\.', _INVERSE_MLP_RENAMES[version]),
-                (r'^norm(\d)\.', r'norms.\1.norm.')])
+        return 'cls_norm.norm.' + key[len('norm3.') :]
+    rules = (
+        _INVERSE_STEM_RENAMES[version]
+        + _INVERSE_COMMON_RENAMES
+        + [
+            (r'^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc(\d)\.', _INVERSE_MLP_RENAMES[version]),
+            (r'^norm(\d)\.', r'norms.\1.norm.'),
+        ]
+    )
     for pattern, repl in rules:
         new, n = re.subn(pattern, repl, key)
         if n:
@@ -103,7 +134,7 @@ def original_key(key: str, version: str, classifier: bool) -> str:
     return key
 
 
-def group_keys(keys: Sequence[str]) -> List[str]:
+def group_keys(keys: Sequence[str]) -> list[str]:
     """List tensor names compactly and completely: names that differ only in one index share a line.
 
     ``stages.2.attns.1.proj_q.weight``, ``stages.2.attns.3.proj_q.weight`` and their biases
@@ -117,7 +148,7 @@ def group_keys(keys: Sequence[str]) -> List[str]:
     Returns:
         list[str]: One line per group, in the order of each group's first key.
     """
-    rests: Dict[Tuple[str, Optional[int]], List[str]] = {}
+    rests: dict[tuple[str, int | None], list[str]] = {}
     for key in keys:
         match = re.match(r'^(stages\.\d+\.[a-z_]+|[a-z_]+)\.(\d+)\.(.+)$', key)
         if match:
@@ -126,11 +157,11 @@ def group_keys(keys: Sequence[str]) -> List[str]:
             module, _, rest = key.rpartition('.')
             index = None
         rests.setdefault((module, index), []).append(rest)
-    groups: Dict[Tuple[str, Tuple[str, ...]], List[Optional[int]]] = {}
+    groups: dict[tuple[str, tuple[str, ...]], list[int | None]] = {}
     for (module, index), names in rests.items():
         groups.setdefault((module, tuple(names)), []).append(index)
 
-    def braces(items: List[str]) -> str:
+    def braces(items: list[str]) -> str:
         return items[0] if len(items) == 1 else '{' + ', '.join(items) + '}'
 
     lines = []
@@ -143,12 +174,12 @@ def group_keys(keys: Sequence[str]) -> List[str]:
     return lines
 
 
-def is_original_state_dict(state_dict: Dict[str, Tensor]) -> bool:
+def is_original_state_dict(state_dict: dict[str, Tensor]) -> bool:
     """True for weights in the original naming (with or without ``backbone.``)."""
     return any(k.split('backbone.', 1)[-1].startswith(('patch_proj.', 'down_projs.')) for k in state_dict)
 
 
-def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int, int]]:
+def infer_original_arch(state_dict: dict[str, Tensor]) -> tuple[dict, tuple[int, int]]:
     """Read version, widths, heads, groups, block pattern and construction size from weights.
 
     Each setting is read from the first of several tensors that tell it, so a checkpoint that
@@ -172,13 +203,16 @@ def infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int,
     except ConversionError:
         raise
     except (KeyError, IndexError, ValueError, TypeError) as error:
-        raise ConversionError(f'Cannot read the DAT layout from this checkpoint: {type(error).__name__}: '
-                              f'{error}') from error
+        raise ConversionError(
+            f'Cannot read the DAT layout from this checkpoint: {type(error).__name__}: {error}'
+        ) from error
     return arch, img_size
 
 
-_ORIGINAL_KEY = re.compile(r'^(patch_proj|down_projs|cls_norm|norms)\.|'
-                           r'^stages\.\d+\.(attns|mlps|layer_norms|local_perception_units)\.\d+\.')
+_ORIGINAL_KEY = re.compile(
+    r'^(patch_proj|down_projs|cls_norm|norms)\.|'
+    r'^stages\.\d+\.(attns|mlps|layer_norms|local_perception_units)\.\d+\.'
+)
 # Tensors under ``stages.i.attns.b.`` that tell a block's type.
 _BLOCK_MARKERS = {
     'D': ('rpe_table', 'conv_offset.', 'proj_q.', 'proj_k.', 'proj_v.'),
@@ -187,7 +221,7 @@ _BLOCK_MARKERS = {
 }
 
 
-def _first_size(state_dict: Dict[str, Tensor], candidates: Sequence[Tuple[str, int]]) -> Optional[int]:
+def _first_size(state_dict: dict[str, Tensor], candidates: Sequence[tuple[str, int]]) -> int | None:
     """Size ``dim`` of the first ``(key, dim)`` of ``candidates`` whose tensor is present."""
     for key, dim in candidates:
         value = state_dict.get(key)
@@ -196,12 +230,15 @@ def _first_size(state_dict: Dict[str, Tensor], candidates: Sequence[Tuple[str, i
     return None
 
 
-def _stage_width(state_dict: Dict[str, Tensor], i: int, version: str) -> Optional[int]:
+def _stage_width(state_dict: dict[str, Tensor], i: int, version: str) -> int | None:
     """``dims[i]`` from the first tensor present that tells it."""
     candidates = []
     if i:
-        candidates += [(f'down_projs.{i - 1}.0.weight', 0), (f'down_projs.{i - 1}.1.norm.weight', 0),
-                       (f'down_projs.{i - 1}.1.norm.bias', 0)]
+        candidates += [
+            (f'down_projs.{i - 1}.0.weight', 0),
+            (f'down_projs.{i - 1}.1.norm.weight', 0),
+            (f'down_projs.{i - 1}.1.norm.bias', 0),
+        ]
     elif version == 'pp':
         candidates += [('patch_proj.3.weight', 0), ('patch_proj.4.norm.weight', 0), ('patch_proj.4.norm.bias', 0)]
     else:
@@ -215,25 +252,36 @@ def _stage_width(state_dict: Dict[str, Tensor], i: int, version: str) -> Optiona
     candidates += [(k, 0) for k in state_dict if pattern.match(k)]
     size = _first_size(state_dict, candidates)
     if size is None and i == 0 and version == 'pp':  # the first stem conv has half the width
-        half = _first_size(state_dict, [('patch_proj.0.weight', 0), ('patch_proj.1.norm.weight', 0),
-                                        ('patch_proj.1.norm.bias', 0), ('patch_proj.3.weight', 1)])
+        half = _first_size(
+            state_dict,
+            [
+                ('patch_proj.0.weight', 0),
+                ('patch_proj.1.norm.weight', 0),
+                ('patch_proj.1.norm.bias', 0),
+                ('patch_proj.3.weight', 1),
+            ],
+        )
         size = None if half is None else 2 * half
     return size
 
 
-def _infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int, int]]:
+def _infer_original_arch(state_dict: dict[str, Tensor]) -> tuple[dict, tuple[int, int]]:
     """:func:`infer_original_arch` without the translation of lookup errors."""
     if not any(_ORIGINAL_KEY.match(k) for k in state_dict):
-        raise ConversionError('Not an original DAT checkpoint: no tensor is named as in the original code '
-                              '(patch_proj.*, down_projs.*, stages.i.attns.b.*, ...); '
-                              f'first keys: {list(state_dict)[:5]}')
-    pp_key = re.compile(r'^patch_proj\.[34]\.|'
-                        r'^stages\.\d+\.(local_perception_units\.|mlps\.\d+\.(dwc|linear\d\.0)\.)')
+        raise ConversionError(
+            'Not an original DAT checkpoint: no tensor is named as in the original code '
+            '(patch_proj.*, down_projs.*, stages.i.attns.b.*, ...); '
+            f'first keys: {list(state_dict)[:5]}'
+        )
+    pp_key = re.compile(
+        r'^patch_proj\.[34]\.|'
+        r'^stages\.\d+\.(local_perception_units\.|mlps\.\d+\.(dwc|linear\d\.0)\.)'
+    )
     version = 'pp' if any(pp_key.match(k) for k in state_dict) else 'v1'
     dims = [_stage_width(state_dict, i, version) for i in range(4)]
-    heads: List[Optional[int]] = [None] * 4
-    groups: List[Optional[int]] = [None] * 4
-    kinds: List[List[Optional[str]]] = [[] for _ in range(4)]
+    heads: list[int | None] = [None] * 4
+    groups: list[int | None] = [None] * 4
+    kinds: list[list[str | None]] = [[] for _ in range(4)]
     window_size, img_size = None, None
     has_masks = any(k.endswith('attn_mask') for k in state_dict)
     for i in range(4):
@@ -244,22 +292,32 @@ def _infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int
                 indices.add(int(match[2]) // (2 if match[1] == 'layer_norms' else 1))
         for b in range(max(indices) + 1 if indices else 0):
             prefix = f'stages.{i}.attns.{b}.'
-            names = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-            kind = next((kind for kind, markers in _BLOCK_MARKERS.items()
-                         if any(n == m or (m.endswith('.') and n.startswith(m)) for n in names for m in markers)),
-                        None)
+            names = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
+            kind = next(
+                (
+                    kind
+                    for kind, markers in _BLOCK_MARKERS.items()
+                    if any(n == m or (m.endswith('.') and n.startswith(m)) for n in names for m in markers)
+                ),
+                None,
+            )
             if kind == 'D':
                 heads[i] = heads[i] or _first_size(state_dict, [(prefix + 'rpe_table', 0)])
-                group_dim = _first_size(state_dict, [(prefix + 'conv_offset.0.weight', 0),
-                                                     (prefix + 'conv_offset.0.bias', 0),
-                                                     (prefix + 'conv_offset.1.norm.weight', 0),
-                                                     (prefix + 'conv_offset.1.norm.bias', 0),
-                                                     (prefix + 'conv_offset.3.weight', 1)])
+                group_dim = _first_size(
+                    state_dict,
+                    [
+                        (prefix + 'conv_offset.0.weight', 0),
+                        (prefix + 'conv_offset.0.bias', 0),
+                        (prefix + 'conv_offset.1.norm.weight', 0),
+                        (prefix + 'conv_offset.1.norm.bias', 0),
+                        (prefix + 'conv_offset.3.weight', 1),
+                    ],
+                )
                 if group_dim and dims[i] and groups[i] is None:
                     groups[i] = dims[i] // group_dim
                 if prefix + 'rpe_table' in state_dict:
                     table = state_dict[prefix + 'rpe_table']
-                    stride = 4 * 2 ** i
+                    stride = 4 * 2**i
                     img_size = ((table.shape[1] + 1) // 2 * stride, (table.shape[2] + 1) // 2 * stride)
             elif kind == 'N':
                 heads[i] = heads[i] or _first_size(state_dict, [(prefix + 'rpb', 0)])
@@ -276,34 +334,49 @@ def _infer_original_arch(state_dict: Dict[str, Tensor]) -> Tuple[dict, Tuple[int
         if kinds[i] and None not in kinds[i] and 'D' not in kinds[i]:
             groups[i] = 0
     window_size = _fill_from_variants(version, dims, heads, groups, kinds, window_size)
-    arch = dict(version=version, dims=dims, heads=heads, groups=groups, stage_spec=[''.join(k) for k in kinds],
-                window_size=window_size)
+    arch = dict(
+        version=version,
+        dims=dims,
+        heads=heads,
+        groups=groups,
+        stage_spec=[''.join(k) for k in kinds],
+        window_size=window_size,
+    )
     return arch, img_size or (224, 224)
 
 
-def _fill_from_variants(version: str, dims: List[Optional[int]], heads: List[Optional[int]],
-                        groups: List[Optional[int]], kinds: List[List[Optional[str]]],
-                        window_size: Optional[int]) -> int:
+def _fill_from_variants(
+    version: str,
+    dims: list[int | None],
+    heads: list[int | None],
+    groups: list[int | None],
+    kinds: list[list[str | None]],
+    window_size: int | None,
+) -> int:
     """Fill the settings no tensor told (None, or a stage without blocks) from the released variants
     that fit every known setting, where they all agree; raise if something stays unknown.
 
     Returns:
         int: The window size (v1's Swin windows; 7 where no tensor or variant tells it).
     """
+
     def fits(variant: dict) -> bool:
         if variant['version'] != version or window_size not in (None, variant['window_size']):
             return False
         for i in range(4):
             spec = variant['stage_spec'][i]
-            if any(known is not None and known != variant[key][i]
-                   for key, known in (('dims', dims[i]), ('heads', heads[i]), ('groups', groups[i]))):
+            if any(
+                known is not None and known != variant[key][i]
+                for key, known in (('dims', dims[i]), ('heads', heads[i]), ('groups', groups[i]))
+            ):
                 return False
-            if kinds[i] and (len(kinds[i]) != len(spec)
-                             or any(k is not None and k != s for k, s in zip(kinds[i], spec, strict=True))):
+            if kinds[i] and (
+                len(kinds[i]) != len(spec) or any(k is not None and k != s for k, s in zip(kinds[i], spec, strict=True))
+            ):
                 return False
         return True
 
-    fitting = [DAT.arch_zoo[name] for name in CANONICAL_ARCHS if fits(DAT.arch_zoo[name])]
+    fitting = [ARCH_ZOO[name] for name in CANONICAL_ARCHS if fits(ARCH_ZOO[name])]
     problems = []
 
     def fill(values: list, key: str, i: int, what: str) -> None:
@@ -315,9 +388,15 @@ def _fill_from_variants(version: str, dims: List[Optional[int]], heads: List[Opt
 
     for i in range(4):
         if dims[i] is None:
-            fill(dims, 'dims', i, f'dims[{i}]: no down_projs.{i - 1}.*, stages.{i}.layer_norms.* or other tensor '
-                                  f'of width dims[{i}] is present' if i else
-                 'dims[0]: no patch_proj.*, stages.0.layer_norms.* or other tensor of width dims[0] is present')
+            fill(
+                dims,
+                'dims',
+                i,
+                f'dims[{i}]: no down_projs.{i - 1}.*, stages.{i}.layer_norms.* or other tensor '
+                f'of width dims[{i}] is present'
+                if i
+                else 'dims[0]: no patch_proj.*, stages.0.layer_norms.* or other tensor of width dims[0] is present',
+            )
         if not kinds[i] or None in kinds[i]:
             options = {v['stage_spec'][i] for v in fitting}
             if len(options) == 1:
@@ -326,32 +405,31 @@ def _fill_from_variants(version: str, dims: List[Optional[int]], heads: List[Opt
                 problems.append(f'stage_spec[{i}]: no tensor of stage {i} (stages.{i}.*) is present')
             else:
                 unknown = [b for b, k in enumerate(kinds[i]) if k is None]
-                problems.append(f'stage_spec[{i}]: no attention tensor of block(s) {unknown} '
-                                f'(stages.{i}.attns.b.*) is present, so their type (L, S, N or D) is unknown')
+                problems.append(
+                    f'stage_spec[{i}]: no attention tensor of block(s) {unknown} '
+                    f'(stages.{i}.attns.b.*) is present, so their type (L, S, N or D) is unknown'
+                )
         if heads[i] is None:
-            fill(heads, 'heads', i, f'heads[{i}]: no bias table (rpe_table, rpb or relative_position_bias_table) '
-                                    f'of stage {i} is present')
+            fill(
+                heads,
+                'heads',
+                i,
+                f'heads[{i}]: no bias table (rpe_table, rpb or relative_position_bias_table) of stage {i} is present',
+            )
         if groups[i] is None:
             fill(groups, 'groups', i, f'groups[{i}]: no conv_offset.* tensor of a D block of stage {i} is present')
     if problems:
-        raise ConversionError('Cannot read the DAT layout from this checkpoint, and no released variant fits '
-                              'the tensors that are present:\n  ' + '\n  '.join(problems))
+        raise ConversionError(
+            'Cannot read the DAT layout from this checkpoint, and no released variant fits '
+            'the tensors that are present:\n  ' + '\n  '.join(problems)
+        )
     if window_size is None:
         options = {v['window_size'] for v in fitting}
         window_size = options.pop() if len(options) == 1 else 7
     return window_size
 
 
-def match_arch_name(arch: dict) -> Optional[str]:
-    """The released variant (``'dat-t'``, ..., ``'datpp-b'``) with these settings, if any."""
-    for name in CANONICAL_ARCHS:
-        settings = DAT.arch_zoo[name]
-        if all(settings[k] == v for k, v in arch.items()):
-            return name
-    return None
-
-
-def _check_derived_buffer(key: str, value: Tensor, window: int) -> Optional[str]:
+def _check_derived_buffer(key: str, value: Tensor, window: int) -> str | None:
     """Compare an original derived buffer with ours; return a problem description or None."""
     if key.endswith('relative_position_index'):
         expected = relative_position_index(window)
@@ -363,7 +441,7 @@ def _check_derived_buffer(key: str, value: Tensor, window: int) -> Optional[str]
     return None
 
 
-def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], dict]:
+def convert_original_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
     """Convert original weights (ImageNet classifier or mmdet 2.x / mmseg 0.x model).
 
     ImageNet checkpoints become an mmpretrain ``ImageClassifier`` state dict
@@ -383,8 +461,11 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
             every problem.
     """
     dense = any(k.startswith('backbone.') for k in state_dict)
-    backbone_src = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')} \
-        if dense else {k: v for k, v in state_dict.items() if not k.startswith('cls_head.')}
+    backbone_src = (
+        {k[len('backbone.') :]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+        if dense
+        else {k: v for k, v in state_dict.items() if not k.startswith('cls_head.')}
+    )
     arch, img_size = infer_original_arch(backbone_src)
     name = match_arch_name(arch)
     if dense:
@@ -395,8 +476,8 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
     model = DAT(arch=name or arch, out_indices=out_indices or (0, 1, 2, 3), img_size=img_size)
     targets = model.state_dict()
 
-    problems: List[str] = []
-    converted: Dict[str, Tensor] = {}
+    problems: list[str] = []
+    converted: dict[str, Tensor] = {}
     offered = set()  # targets some source tensor was renamed to (filled, or of the wrong shape)
     for key, value in backbone_src.items():
         if key.endswith(_DERIVED_BUFFERS):
@@ -418,11 +499,14 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
     if not dense:
         missing += [k for k in ('cls_head.weight', 'cls_head.bias') if k not in state_dict]
     if missing:
-        layout = f'the {name} layout' if name else f"this custom {arch['version']} layout"
-        problems.append(f'the checkpoint lacks {len(missing)} of the {len(targets) + (0 if dense else 2)} tensors of '
-                        f'{layout} (as read from the tensors present)'
-                        + (" (names after 'backbone.')" if dense else '') + ':\n    '
-                        + '\n    '.join(group_keys(missing)))
+        layout = f'the {name} layout' if name else f'this custom {arch["version"]} layout'
+        problems.append(
+            f'the checkpoint lacks {len(missing)} of the {len(targets) + (0 if dense else 2)} tensors of '
+            f'{layout} (as read from the tensors present)'
+            + (" (names after 'backbone.')" if dense else '')
+            + ':\n    '
+            + '\n    '.join(group_keys(missing))
+        )
     if problems:
         raise ConversionError('Conversion failed:\n  ' + '\n  '.join(problems))
 
@@ -435,85 +519,11 @@ def convert_original_state_dict(state_dict: Dict[str, Tensor]) -> Tuple[Dict[str
             raise ConversionError(f'Expected cls_head.weight and cls_head.bias, got {sorted(head)}')
         result['head.fc.weight'] = head['cls_head.weight']
         result['head.fc.bias'] = head['cls_head.bias']
-    info = dict(version=arch['version'], arch=name or arch, img_size=list(img_size),
-                kind='dense' if dense else 'classifier', out_indices=list(out_indices))
+    info = dict(
+        version=arch['version'],
+        arch=name or arch,
+        img_size=list(img_size),
+        kind='dense' if dense else 'classifier',
+        out_indices=list(out_indices),
+    )
     return result, info
-
-
-def resize_bias_table(key: str, table: Tensor, shape: torch.Size) -> Tensor:
-    """Resize a bias table to another window / construction size (bicubic, as the original).
-
-    ``rpe_table`` ``(heads, Th, Tw)`` and ``rpb`` are resized as images;
-    ``relative_position_bias_table`` ``((2w-1)^2, heads)`` as a ``(2w-1) x (2w-1)`` image
-    per head.
-    """
-    if key.endswith('relative_position_bias_table'):
-        side, new_side = math.isqrt(table.shape[0]), math.isqrt(shape[0])
-        grid = table.t().reshape(1, -1, side, side)
-        return F.interpolate(grid, (new_side, new_side), mode='bicubic').reshape(-1, new_side * new_side).t()
-    return F.interpolate(table[None], tuple(shape[1:]), mode='bicubic')[0]
-
-
-_TABLE_KEYS = ('rpe_table', 'relative_position_bias_table', 'rpb')
-
-
-def load_pretrained_backbone(model: DAT, checkpoint: str, prefix: Optional[str] = 'backbone.',
-                             logger=None) -> None:
-    """Load converted weights into a DAT backbone strictly.
-
-    Bias tables of another shape are resized (bicubic) with a logged message; output norms
-    absent from the checkpoint (a classifier has only ``norm3``) keep their initialisation,
-    also logged. Anything else that is missing, unexpected or of another shape is an error.
-
-    Args:
-        model (DAT): The backbone.
-        checkpoint (str): Path or URL of a converted checkpoint. Files are loaded with
-            ``weights_only=True``; an ``http(s)://`` URL is fully unpickled only if it starts
-            with a prefix in ``DAT_TRUSTED_CHECKPOINT_URLS`` (see
-            :func:`projects.dat.checkpoint.load_from_http_weights_only`).
-        prefix (str, optional): Prefix of the backbone keys in the checkpoint.
-        logger: An mmengine logger, or None for ``print``.
-    """
-    from mmengine.runner.checkpoint import CheckpointLoader
-
-    from .checkpoint import extract_state_dict, load_from_http_weights_only, load_original_checkpoint
-
-    log = logger.info if logger is not None else print
-    # weights_only=True on every path; only a URL under DAT_TRUSTED_CHECKPOINT_URLS is trusted.
-    if str(checkpoint).startswith(('http://', 'https://')):
-        ckpt = load_from_http_weights_only(checkpoint, map_location='cpu')
-    elif '://' in str(checkpoint):  # other storage (s3://, open-mmlab://, ...): mmengine's loaders
-        ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    else:  # local files get the clear errors of the safe loader
-        ckpt = load_original_checkpoint(checkpoint)
-    state_dict = extract_state_dict(ckpt)
-    if is_original_state_dict(state_dict):
-        raise ConversionError(f'{checkpoint} is an original DAT checkpoint; convert it first with '
-                              'tools/model_converters/dat_official.py SRC DST')
-    if prefix:
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not state_dict:
-            raise ConversionError(f'No key of {checkpoint} starts with prefix {prefix!r}')
-    targets = model.state_dict()
-    problems, loaded = [], {}
-    for key, value in state_dict.items():
-        if key not in targets:
-            problems.append(f'unexpected key {key}')
-        elif targets[key].shape != value.shape:
-            if key.endswith(_TABLE_KEYS) and value.dim() == targets[key].dim():
-                log(f'Resizing {key} from {tuple(value.shape)} to {tuple(targets[key].shape)} (bicubic)')
-                loaded[key] = resize_bias_table(key, value.float(), targets[key].shape).to(value.dtype)
-            else:
-                problems.append(f'{key}: shape {tuple(value.shape)} != model {tuple(targets[key].shape)}')
-        else:
-            loaded[key] = value
-    missing = [k for k in targets if k not in loaded]
-    fresh_norms = [k for k in missing if re.match(r'norm\d\.', k)]
-    problems += [f'missing key {k}' for k in missing if k not in fresh_norms]
-    if problems:
-        raise ConversionError(f'Checkpoint {checkpoint} does not fit DAT(arch={model.arch_name!r}, '
-                              f'dims={model.num_features}):\n  ' + '\n  '.join(problems))
-    model.load_state_dict(loaded, strict=False)
-    log(f'Loaded {len(loaded)} tensors from {checkpoint}'
-        + (f'; newly initialised output norms: {sorted({k.split(".")[0] for k in fresh_norms})}'
-           if fresh_norms else ''))

@@ -66,18 +66,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from projects.dat import set_attn_impl
 from projects.dat.ops import ATTN_IMPLS
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 MODES = ('fwd', 'fwd+bwd')
 # Spec names of the implementations: attn_impl's values, and the name earlier runs used for 'pytorch'.
@@ -203,22 +200,16 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
         tuple: the model and the callable to time.
     """
     from projects.dat import DAT
+    from projects.dat.toolboxes import build_config_model, build_toolbox_model, dummy_data_sample
 
     name, impl, with_cp = parse_model_spec(spec)
     impl = IMPL_ALIASES.get(impl, impl)
     if name == 'swin-t':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-
-        register_all_modules(init_default_scope=False)
-        model = MODELS.build(SWIN_T)
+        model = build_toolbox_model(SWIN_T, 'mmdet')
         return model, model
     if not name.endswith('.py'):
         model = DAT(name, attn_impl=impl or 'auto', with_cp=bool(with_cp))
         return model, model
-
-    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-    from get_flops import _data_sample, build_config_model
 
     model, scope, _ = build_config_model(name, None if with_cp is None else {'model.backbone.with_cp': with_cp})
     if impl is not None:
@@ -227,7 +218,7 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
         model.auxiliary_head = None  # training-only head, not part of the tensor-mode graph
 
     def run(inputs: torch.Tensor) -> Any:
-        samples = None if scope == 'mmpretrain' else [_data_sample(scope, height, width) for _ in inputs]
+        samples = None if scope == 'mmpretrain' else [dummy_data_sample(scope, height, width) for _ in inputs]
         return model(inputs, samples, mode='tensor')
 
     return model, run
@@ -441,10 +432,7 @@ class Worker:
         self.job = job
         self.stderr = tempfile.TemporaryFile(mode='w+')
         cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(asdict(job))]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
-        )
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self._read()
 
     def _read(self) -> dict[str, Any]:

@@ -29,7 +29,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os.path as osp
@@ -40,43 +39,20 @@ from functools import partial
 from typing import Any
 
 import torch
-from mmengine.config import Config, DictAction
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import DefaultScope
+from mmengine.config import DictAction
 from torch import nn
 
 from projects.dat.flops import CONVENTIONS, PAPER_COMPLEXITY, analyze_complexity, attention_impl
-from projects.dat.models.dat import CANONICAL_ARCHS, DAT
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from launch_utils import SCOPES, register_scope_modules, replace_sync_bn  # noqa: E402
+from projects.dat.models.dat import DAT
+from projects.dat.models.variants import ARCH_ZOO, CANONICAL_ARCHS, canonical_arch
+from projects.dat.toolboxes import build_config_model, build_toolbox_model, dummy_data_sample
 
 # Input size per toolbox when --shape is not given (the papers' measuring sizes:
 # 1280x800 for COCO detectors, 512x2048 for ADE20K segmentors).
 DEFAULT_SHAPES = {'mmpretrain': (224, 224), 'mmdet': (800, 1280), 'mmseg': (512, 2048)}
 
 
-def canonical_arch(name: str) -> str:
-    """The canonical variant name of an arch name or alias (``'dat-tiny'`` -> ``'dat-t'``).
-
-    Raises:
-        ValueError: For a name that is not in ``DAT.arch_zoo``.
-    """
-    key = name.lower()
-    if key not in DAT.arch_zoo:
-        raise ValueError(
-            f'Unknown --arch {name!r}; expected one of {list(CANONICAL_ARCHS)}, '
-            "their long aliases (e.g. 'dat-tiny') or 'all'"
-        )
-    for canonical in CANONICAL_ARCHS:
-        if DAT.arch_zoo[canonical] == DAT.arch_zoo[key]:
-            return canonical
-    return key
-
-
-def build_arch_model(
-    arch: str, img_size: int, backbone_only: bool = False, num_classes: int = 1000
-) -> nn.Module:
+def build_arch_model(arch: str, img_size: int, backbone_only: bool = False, num_classes: int = 1000) -> nn.Module:
     """The papers' ImageNet classifier of a variant, or its dense-task backbone.
 
     Args:
@@ -90,70 +66,13 @@ def build_arch_model(
     """
     if backbone_only:
         return DAT(arch, img_size=img_size)
-    from mmpretrain.models import GlobalAveragePooling, ImageClassifier, LinearClsHead
-    from mmpretrain.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-    backbone = DAT(arch, out_indices=(3,), img_size=img_size)
-    # The classifier builds its data preprocessor and loss from mmpretrain's registry,
-    # whatever scope an earlier config made current.
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return ImageClassifier(
-            backbone=backbone,
-            neck=GlobalAveragePooling(),
-            head=LinearClsHead(num_classes=num_classes, in_channels=backbone.num_features[-1]),
-        )
-
-
-def build_config_model(
-    config: str, cfg_options: dict | None = None
-) -> tuple[nn.Module, str, Config]:
-    """Build the model of an mmdet / mmseg / mmpretrain config (no weights are loaded).
-
-    Args:
-        config (str): Config file path.
-        cfg_options (dict, optional): Overrides, as ``--cfg-options``.
-
-    Returns:
-        tuple: The model, the config's scope and the config.
-    """
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'Config file {config!r} does not exist')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if cfg.get('default_scope') not in SCOPES:
-        raise ValueError(
-            f'{config}: default_scope must be one of {SCOPES} to pick the toolbox, '
-            f'got {cfg.get("default_scope")!r}'
-        )
-    scope = register_scope_modules(cfg)
-    replace_sync_bn(cfg.model)  # SyncBN needs a process group; the counts are the same
-    models = importlib.import_module(f'{scope}.registry').MODELS
-    model = revert_sync_batchnorm(models.build(cfg.model))
-    return model, scope, cfg
-
-
-def _data_sample(scope: str, height: int, width: int) -> Any:
-    shape = (height, width)
-    meta = dict(
-        img_shape=shape,
-        ori_shape=shape,
-        pad_shape=shape,
-        batch_input_shape=shape,
-        scale_factor=(1.0, 1.0),
+    classifier = dict(
+        type='ImageClassifier',
+        backbone=dict(type='DAT', arch=arch, out_indices=(3,), img_size=img_size),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=ARCH_ZOO[arch]['dims'][-1]),
     )
-    if scope == 'mmdet':
-        from mmdet.structures import DetDataSample
-
-        return DetDataSample(metainfo=meta)
-    if scope == 'mmseg':
-        from mmseg.structures import SegDataSample
-
-        return SegDataSample(metainfo=meta)
-    from mmpretrain.structures import DataSample
-
-    return DataSample(metainfo=meta)
+    return build_toolbox_model(classifier, 'mmpretrain')
 
 
 def padded_shape(model: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
@@ -191,7 +110,7 @@ def count_model(
         model.auxiliary_head = None  # training-only
     if scope is not None or hasattr(model, 'data_preprocessor'):
         original_forward = model.forward
-        samples = None if scope in (None, 'mmpretrain') else [_data_sample(scope, height, width)]
+        samples = None if scope in (None, 'mmpretrain') else [dummy_data_sample(scope, height, width)]
         model.forward = partial(original_forward, data_samples=samples, mode='tensor')
     try:
         with attention_impl(model, attn) as switched:
@@ -240,14 +159,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         '--img-size',
         type=int,
-        help='--arch only: construction size of the deformable bias tables '
-        '(default 384 for *-384 archs, else 224)',
+        help='--arch only: construction size of the deformable bias tables (default 384 for *-384 archs, else 224)',
     )
     parser.add_argument(
         '--backbone-only',
         action='store_true',
-        help='count the backbone alone (with --arch: the dense-task backbone '
-        'with its four output norms)',
+        help='count the backbone alone (with --arch: the dense-task backbone with its four output norms)',
     )
     parser.add_argument('--num-classes', type=int, default=1000, help='--arch: head classes')
     parser.add_argument(
@@ -271,9 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help='also print the per-module table of mmengine down to this depth',
     )
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value'
-    )
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
     args = parser.parse_args(argv)
     if bool(args.arch) == bool(args.configs):
         parser.error('give either --arch NAME ... or one or more config files')
@@ -283,10 +198,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.arch:
         names = list(CANONICAL_ARCHS) if [a.lower() for a in args.arch] == ['all'] else args.arch
-        try:
-            args.arch = [canonical_arch(a) for a in names]
-        except ValueError as exc:
-            parser.error(str(exc))
+        unknown = [a for a in names if a.lower() not in ARCH_ZOO]
+        if unknown:
+            parser.error(
+                f'Unknown --arch {unknown[0]!r}; expected one of {list(CANONICAL_ARCHS)}, '
+                "their long aliases (e.g. 'dat-tiny') or 'all'"
+            )
+        args.arch = [canonical_arch(a) for a in names]
     return args
 
 
@@ -313,10 +231,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        '| ' + ' | '.join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + ' |'
-        for line in lines
-    ]
+    out = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + ' |' for line in lines]
     out.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     return '\n'.join(out)
 
@@ -332,9 +247,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for index, (kind, target) in enumerate(jobs, 1):
         start = time.time()
-        print(
-            f'[{index}/{len(jobs)}] {target}: building and tracing ...', file=sys.stderr, flush=True
-        )
+        print(f'[{index}/{len(jobs)}] {target}: building and tracing ...', file=sys.stderr, flush=True)
         paper = None
         if kind == 'arch':
             img_size = args.img_size or (384 if target.endswith('-384') else 224)

@@ -10,12 +10,8 @@ See ``projects/dat/synthetic.py`` for the layouts and the content of the images.
 """
 
 import argparse
-import os.path as osp
-import sys
 
-sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..', '..')))
-
-from projects.dat.synthetic import make_dataset  # noqa: E402
+from projects.dat.synthetic import make_dataset
 
 DEFAULTS = dict(coco=(64, 16, (160, 160)), ade20k=(32, 8, (128, 128)), imagenet=(16, 4, (64, 64)))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -38,6 +37,8 @@ from torch import Tensor, nn  # noqa: E402
 
 from projects.dat.models.dat import DAT, DeformableAttention  # noqa: E402
 from projects.dat.models.inspection import deformable_attention_maps  # noqa: E402
+from projects.dat.models.pretrained import load_pretrained_backbone  # noqa: E402
+from projects.dat.toolboxes import build_config_model  # noqa: E402
 
 # ImageNet statistics in RGB order (the default of the three toolboxes' configs).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -82,15 +83,10 @@ def resolve_block(backbone: DAT, block_name: str | None) -> tuple[str, Deformabl
     for candidate in (name, name + '.attn'):
         if candidate in blocks:
             return candidate, blocks[candidate]
-    raise ValueError(
-        f'{block_name!r} is not a deformable attention block of this model; '
-        f'choose one of {list(blocks)}'
-    )
+    raise ValueError(f'{block_name!r} is not a deformable attention block of this model; choose one of {list(blocks)}')
 
 
-def normalised_to_pixels(
-    points: Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]
-) -> np.ndarray:
+def normalised_to_pixels(points: Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
     """Map normalised ``(y, x)`` points of a feature map to image pixel ``(y, x)``.
 
     With ``align_corners=True`` -1 and +1 are the centres of the first and last feature
@@ -162,9 +158,7 @@ def visualize_deformable_points(
     if image_tensor.dim() == 3:
         image_tensor = image_tensor[None]
     if image_tensor.dim() != 4 or image_tensor.shape[:2] != (1, 3):
-        raise ValueError(
-            f'image_tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image_tensor.shape)}'
-        )
+        raise ValueError(f'image_tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image_tensor.shape)}')
     backbone = find_backbone(model)
     name, module = resolve_block(backbone, block_name)
     img_h, img_w = image_tensor.shape[-2:]
@@ -240,9 +234,7 @@ def visualize_deformable_points(
             zorder=5,
             label=f'group {g}' if len(group_ids) <= 8 else None,
         )
-    ax.set_title(
-        f'sampling positions ({len(group_ids)} of {module.num_groups} groups)', fontsize=10
-    )
+    ax.set_title(f'sampling positions ({len(group_ids)} of {module.num_groups} groups)', fontsize=10)
     ax.legend(
         loc='upper center',
         bbox_to_anchor=(0.5, -0.01),
@@ -297,9 +289,7 @@ def visualize_deformable_points(
     low = np.minimum(drawn.min(0), (-0.5, -0.5)) - 0.02 * img_h
     high = np.maximum(drawn.max(0), (img_h - 0.5, img_w - 0.5)) + 0.02 * img_h
     for ax in axes:
-        ax.add_patch(
-            plt.Rectangle((-0.5, -0.5), img_w, img_h, fill=False, edgecolor='black', linewidth=0.8)
-        )
+        ax.add_patch(plt.Rectangle((-0.5, -0.5), img_w, img_h, fill=False, edgecolor='black', linewidth=0.8))
         ax.set_xlim(low[1], high[1])
         ax.set_ylim(high[0], low[0])
         ax.set_xticks([])
@@ -329,12 +319,7 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
     base = rng.uniform(60, 200, size=3)
     slope = rng.uniform(-60, 60, size=(2, 3))
-    img = (
-        base
-        + yy[..., None] * slope[0]
-        + xx[..., None] * slope[1]
-        + rng.normal(0, 6, (height, width, 3))
-    )
+    img = base + yy[..., None] * slope[0] + xx[..., None] * slope[1] + rng.normal(0, 6, (height, width, 3))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(4):
@@ -358,9 +343,7 @@ def load_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(img)
 
 
-def to_tensor(
-    image: np.ndarray, mean: Sequence[float], std: Sequence[float], bgr: bool = False
-) -> Tensor:
+def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float], bgr: bool = False) -> Tensor:
     """``(H, W, 3)`` uint8 RGB -> normalised ``(1, 3, H, W)`` float tensor."""
     x = torch.from_numpy(np.array(image, dtype=np.float32))
     if bgr:
@@ -375,29 +358,16 @@ def build_from_config(config: str, checkpoint: str | None) -> tuple[nn.Module, d
     Returns:
         tuple: The model and its ``data_preprocessor`` settings (mean, std, channel order).
     """
-    from mmengine.config import Config
     from mmengine.runner import load_checkpoint
 
-    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-    from launch_utils import register_scope_modules, replace_sync_bn
-
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config {config!r} does not exist')
-    cfg = Config.fromfile(config)
-    scope = register_scope_modules(cfg)
-    replace_sync_bn(cfg.model)
-    import importlib
-
-    model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
+    model, scope, cfg = build_config_model(config)
     if checkpoint:
         load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
     pre = cfg.model.get('data_preprocessor') or {}
     # mmdet / mmseg load BGR images and convert them when bgr_to_rgb is set; mmpretrain
     # uses to_rgb. Our images are RGB: feed BGR only when the model was trained on BGR.
     rgb = pre.get('bgr_to_rgb', pre.get('to_rgb', scope == 'mmpretrain'))
-    return model, dict(
-        mean=pre.get('mean', IMAGENET_MEAN), std=pre.get('std', IMAGENET_STD), bgr=not rgb
-    )
+    return model, dict(mean=pre.get('mean', IMAGENET_MEAN), std=pre.get('std', IMAGENET_STD), bgr=not rgb)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -415,9 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default='backbone.',
         help='--arch: prefix of the backbone keys in the checkpoint',
     )
-    parser.add_argument(
-        '--block', help='deformable attention, e.g. stages.2.blocks.1.attn (default: the last one)'
-    )
+    parser.add_argument('--block', help='deformable attention, e.g. stages.2.blocks.1.attn (default: the last one)')
     parser.add_argument(
         '--query',
         type=float,
@@ -456,8 +424,6 @@ def main(argv: Sequence[str] | None = None) -> str:
         img_size = 384 if args.arch.lower().endswith('-384') else 224
         model = DAT(args.arch, img_size=img_size)
         if args.checkpoint:
-            from projects.dat.converter import load_pretrained_backbone
-
             load_pretrained_backbone(model, args.checkpoint, prefix=args.prefix or None)
         pre = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, bgr=False)
         source = args.arch

@@ -7,16 +7,14 @@ Papers:
 
 The file reads top-down: normalisation and feed-forward layers, the four attention blocks
 (``L``/``S`` Swin windows, ``N`` neighbourhood, ``D`` deformable), the block and stage, the
-backbone with its variant table. The math of each attention lives in ``projects.dat.ops`` and
-the geometry in ``geometry.py``.
+backbone. The math of each attention lives in ``projects.dat.ops`` and the geometry in
+``geometry.py``; the variant table and its checks in ``variants.py``, the loading of
+pretrained weights in ``pretrained.py``.
 """
-import copy
 import logging
-import math
-import numbers
 import os
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +51,9 @@ from .geometry import (
     window_reverse,
 )
 from .layers import GELU2d, PointwiseConv2d
+from .pretrained import load_pretrained_backbone
+from .variants import ARCH_ZOO, check_drop_path_rate, is_int, resolve_arch
 
-VERSIONS = ('v1', 'pp')
-CANONICAL_ARCHS = ('dat-t', 'dat-s', 'dat-b', 'dat-b-384', 'datpp-t', 'datpp-s', 'datpp-b')
-BLOCK_TYPES = 'LSND'
 # Hidden activations per stripe of the DAT++ feed-forward at inference (see ConvFFN).
 FFN_STRIPE_BYTES = 1 << 22
 
@@ -311,8 +308,6 @@ class DeformableAttention(nn.Module):
             PointwiseConv2d(group_dim, 2, bias=False))
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
-        # Set by DAT.record_sampling_points(); None costs nothing in the forward pass.
-        self.record = None
 
     def extra_repr(self) -> str:
         return (f'heads={self.num_heads}, groups={self.num_groups}, key_stride={self.key_stride}, '
@@ -358,9 +353,6 @@ class DeformableAttention(nn.Module):
         query_coords = query_grid(h, w, self.version, pos.dtype, q.device)  # separable: (H,) x (W,)
         out = deformable_attention(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords[:, 0, 0], query_coords[0, :, 1],
                                    self.rpe_table, self.num_groups, self.impl)
-        if self.record is not None:
-            self.record(dict(positions=pos.detach().reshape(b, self.num_groups, hk, wk, 2),
-                             references=ref.detach()))
         return self.proj_out(out)
 
 
@@ -477,20 +469,6 @@ class DATStage(nn.Module):
         return x
 
 
-def _variant(version: str, dims: Sequence[int], heads: Sequence[int], groups: Sequence[int],
-             stage_spec: Sequence[str], drop_path_rate: float, window_size: int = 7) -> dict:
-    strides = (1, 1, 1, 1) if version == 'v1' else (8, 4, 2, 1)
-    return dict(version=version, dims=list(dims), heads=list(heads), groups=list(groups),
-                stage_spec=list(stage_spec), drop_path_rate=drop_path_rate, window_size=window_size,
-                key_strides=list(strides), offset_kernels=[9, 7, 5, 3],
-                offset_range_factor=2.0 if version == 'v1' else None, neighborhood_size=7, mlp_ratio=4)
-
-
-_V1_T = ['LS', 'LS', 'LD' * 3, 'LD']
-_V1_S = ['LS', 'LS', 'LD' * 9, 'LD']
-_PP = ['ND', 'ND' * 2, 'ND' * 9, 'DD']
-
-
 def _registered_by_earlier_import(name: str) -> bool:
     """Whether ``MODELS[name]`` is this module's class ``name`` from an earlier execution of this
     module (``importlib.reload``); then the new class replaces it, anything else keeps the name."""
@@ -551,34 +529,19 @@ class DAT(BaseModule):
             Defaults to False.
     """
 
-    arch_zoo = {
-        **dict.fromkeys(['dat-t', 'dat-tiny'],
-                        _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_T, 0.2)),
-        **dict.fromkeys(['dat-s', 'dat-small'],
-                        _variant('v1', [96, 192, 384, 768], [3, 6, 12, 24], [0, 0, 3, 6], _V1_S, 0.3)),
-        **dict.fromkeys(['dat-b', 'dat-base'],
-                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5)),
-        **dict.fromkeys(['dat-b-384', 'dat-base-384'],
-                        _variant('v1', [128, 256, 512, 1024], [4, 8, 16, 32], [0, 0, 4, 8], _V1_S, 0.5,
-                                 window_size=12)),
-        **dict.fromkeys(['datpp-t', 'datpp-tiny'],
-                        _variant('pp', [64, 128, 256, 512], [2, 4, 8, 16], [1, 2, 4, 8], _PP, 0.2)),
-        **dict.fromkeys(['datpp-s', 'datpp-small'],
-                        _variant('pp', [96, 192, 384, 768], [3, 6, 12, 24], [1, 2, 3, 6], _PP, 0.4)),
-        **dict.fromkeys(['datpp-b', 'datpp-base'],
-                        _variant('pp', [128, 256, 512, 1024], [4, 8, 16, 32], [2, 4, 8, 16], _PP, 0.7)),
-    }
+    # Name (canonical or alias) -> settings of the released variants (see variants.py).
+    arch_zoo = ARCH_ZOO
 
     def __init__(self,
-                 arch: Union[str, dict] = 'datpp-t',
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: Optional[float] = None,
+                 arch: str | dict = 'datpp-t',
+                 out_indices: int | Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float | None = None,
                  with_cp: bool = False,
                  recompute_ffn: bool = True,
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
-                 img_size: Union[int, Tuple[int, int]] = 224,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 img_size: int | tuple[int, int] = 224,
+                 init_cfg: dict | list[dict] | None = None,
                  attn_impl: str = 'auto',
                  check_finite: bool = False):
         _check_init_cfg(init_cfg)
@@ -590,7 +553,7 @@ class DAT(BaseModule):
         s = self.arch_settings
         self.version = s['version']
         self.out_indices = tuple(_check_out_indices(out_indices))
-        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
+        if not is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be an int in -1..4, got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
         for name, value in (('with_cp', with_cp), ('recompute_ffn', recompute_ffn), ('norm_eval', norm_eval),
@@ -606,7 +569,7 @@ class DAT(BaseModule):
         if drop_path_rate is None:
             drop_path_rate = s['drop_path_rate']
         else:
-            _check_drop_path_rate(drop_path_rate, 'drop_path_rate')
+            check_drop_path_rate(drop_path_rate, 'drop_path_rate')
         self.drop_path_rate = float(drop_path_rate)
 
         dims = s['dims']
@@ -628,7 +591,7 @@ class DAT(BaseModule):
             self.add_module(f'norm{i}', LayerNorm2d(dims[i]))
         self._freeze_stages()
 
-    def _make_attention(self, kind: str, stage: int, table_size: Tuple[int, int]) -> nn.Module:
+    def _make_attention(self, kind: str, stage: int, table_size: tuple[int, int]) -> nn.Module:
         s = self.arch_settings
         dim, heads = s['dims'][stage], s['heads'][stage]
         if kind in 'LS':
@@ -639,7 +602,7 @@ class DAT(BaseModule):
                                    s['offset_kernels'][stage], table_size, self.version,
                                    s['offset_range_factor'], self.attn_impl)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Return the normalised outputs of the stages in ``out_indices``.
 
         Args:
@@ -698,29 +661,9 @@ class DAT(BaseModule):
                 return name
         return 'no module when re-run (a non-deterministic overflow)'
 
-    @contextmanager
-    def record_sampling_points(self) -> Iterator[Dict[str, dict]]:
-        """Record the sampling positions and reference points of every deformable block.
-
-        Yields a dict filled by each forward pass run inside the context, keyed by module
-        name (e.g. ``'stages.2.blocks.1.attn'``), each value ``dict(positions=(B, g, Hk, Wk, 2),
-        references=(Hk, Wk, 2))`` normalised to ``[-1, 1]`` with the last axis ``(y, x)``.
-        Outside the context nothing is recorded.
-        """
-        records: Dict[str, dict] = {}
-        modules = {name: m for name, m in self.named_modules() if isinstance(m, DeformableAttention)}
-        for name, module in modules.items():
-            module.record = lambda value, name=name: records.__setitem__(name, value)
-        try:
-            yield records
-        finally:
-            for module in modules.values():
-                module.record = None
-
     def init_weights(self) -> None:
         """Load a ``Pretrained`` init_cfg strictly (see :func:`load_pretrained_backbone`)."""
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            from ..converter import load_pretrained_backbone
             load_pretrained_backbone(self, self.init_cfg['checkpoint'], prefix=self.init_cfg.get('prefix'),
                                      logger=MMLogger.get_current_instance())
             self._is_init = True
@@ -748,39 +691,29 @@ class DAT(BaseModule):
         return self
 
 
-def _is_int(value) -> bool:
-    """An ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python, never a count here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_drop_path_rate(rate, name: str) -> None:
-    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
-        raise ValueError(f'{name} must be a number in [0, 1), got {rate!r}')
-
-
-def _check_img_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+def _check_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
     pair = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(not _is_int(v) or v < 32 for v in pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(not is_int(v) or v < 32 for v in pair):
         raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= 32 (one pixel per '
                          f'stage-3 bias-table cell), got {img_size!r}')
     return tuple(pair)
 
 
-def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
+def _check_out_indices(out_indices: int | Sequence[int]) -> list[int]:
     given = out_indices
-    if _is_int(out_indices):
+    if is_int(out_indices):
         out_indices = [out_indices]
     if not isinstance(out_indices, (list, tuple)):
         raise ValueError(f'out_indices must be an int or a sequence of increasing distinct ints in 0..3, '
                          f'got {given!r}')
     out_indices = list(out_indices)
-    if not out_indices or any(not _is_int(i) or not 0 <= i <= 3 for i in out_indices) \
+    if not out_indices or any(not is_int(i) or not 0 <= i <= 3 for i in out_indices) \
             or out_indices != sorted(set(out_indices)):
         raise ValueError(f'out_indices must be increasing distinct ints in 0..3, got {given!r}')
     return out_indices
 
 
-def _check_init_cfg(init_cfg: Optional[Union[dict, List[dict]]]) -> None:
+def _check_init_cfg(init_cfg: dict | list[dict] | None) -> None:
     """A ``Pretrained`` init_cfg must name its checkpoint, and come alone (as a dict).
 
     :meth:`DAT.init_weights` loads a ``Pretrained`` dict strictly; in a list, mmengine's generic
@@ -808,78 +741,3 @@ def _check_init_cfg(init_cfg: Optional[Union[dict, List[dict]]]) -> None:
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"init_cfg['prefix'] must be a str such as 'backbone.' or None, got {prefix!r}")
 
-
-_REQUIRED_ARCH_KEYS = ('version', 'dims', 'heads', 'groups', 'stage_spec')
-_PER_STAGE_KEYS = ('dims', 'heads', 'groups', 'stage_spec', 'key_strides', 'offset_kernels')
-
-
-def resolve_arch(arch: Union[str, dict]) -> dict:
-    """Settings of a named variant, or a validated copy of a custom settings dict.
-
-    Raises:
-        ValueError: For an unknown name, missing or unknown keys, or settings of the wrong
-            kind or range (each message names the key, what it expects and what it got).
-        TypeError: If ``arch`` is neither a str nor a dict.
-    """
-    if isinstance(arch, str):
-        key = arch.lower()
-        if key not in DAT.arch_zoo:
-            raise ValueError(f'Unknown DAT arch {arch!r}; expected one of {list(CANONICAL_ARCHS)} '
-                             '(or their long aliases such as dat-tiny) or a dict of settings')
-        return copy.deepcopy(DAT.arch_zoo[key])
-    if not isinstance(arch, dict):
-        raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-    missing = [k for k in _REQUIRED_ARCH_KEYS if k not in arch]
-    if missing:
-        raise ValueError(f'Custom DAT arch is missing keys {missing}; it needs {list(_REQUIRED_ARCH_KEYS)}')
-    version = arch['version']
-    if not isinstance(version, str) or version not in VERSIONS:
-        raise ValueError(f"arch['version'] must be one of {VERSIONS}, got {version!r}")
-    # The variant's defaults for the optional keys; the per-stage values all come from ``arch``.
-    settings = _variant(version, [], [], [], [], 0.0)
-    unknown = set(arch) - set(settings)
-    if unknown:
-        raise ValueError(f'Unknown keys in custom DAT arch: {sorted(unknown)}; known: {sorted(settings)}')
-    settings.update(copy.deepcopy(arch))
-    _check_arch_settings(settings)
-    return settings
-
-
-def _check_arch_settings(settings: dict) -> None:
-    """Raise a ValueError naming the first setting of the wrong kind or range."""
-    for key in _PER_STAGE_KEYS:
-        if not isinstance(settings[key], (list, tuple)) or len(settings[key]) != 4:
-            raise ValueError(f"arch['{key}'] must be a list of 4 entries (one per stage), got {settings[key]!r}")
-    positive = {k: settings[k] for k in ('dims', 'heads', 'key_strides', 'offset_kernels')}
-    positive.update({k: [settings[k]] for k in ('window_size', 'mlp_ratio')})
-    for key, values in positive.items():
-        if any(not _is_int(v) or v < 1 for v in values):
-            raise ValueError(f"arch['{key}'] must hold positive ints, got {settings[key]!r}")
-    if settings['version'] == 'pp' and settings['dims'][0] % 2:
-        raise ValueError(f"arch['dims'][0] must be even for DAT++ (the stem's first conv has dims[0] / 2 channels), "
-                         f"got {settings['dims'][0]}")
-    size = settings['neighborhood_size']
-    if not _is_int(size) or size < 1 or size % 2 == 0:
-        raise ValueError(f"arch['neighborhood_size'] must be an odd positive int (the neighbourhood is centred "
-                         f'on its query), got {size!r}')
-    if any(not _is_int(g) or g < 0 for g in settings['groups']):
-        raise ValueError(f"arch['groups'] must hold ints >= 0 (0 for stages without D blocks), "
-                         f"got {settings['groups']!r}")
-    _check_drop_path_rate(settings['drop_path_rate'], "arch['drop_path_rate']")
-    factor = settings['offset_range_factor']
-    if settings['version'] == 'v1':
-        if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not 0.0 < factor < math.inf:
-            raise ValueError(f"arch['offset_range_factor'] must be a finite number > 0 for v1 (offsets are "
-                             f"tanh(o) * factor / key-grid size; the released models use 2.0), got {factor!r}")
-    elif factor is not None:
-        raise ValueError(f"arch['offset_range_factor'] applies to v1 only (DAT++ clamps the sampling positions "
-                         f"to the map instead); leave it out or None for version 'pp', got {factor!r}")
-    for i, (dim, heads, groups, spec) in enumerate(zip(settings['dims'], settings['heads'],
-                                                       settings['groups'], settings['stage_spec'], strict=True)):
-        if not isinstance(spec, str) or not spec or any(kind not in BLOCK_TYPES for kind in spec):
-            raise ValueError(f"stage_spec[{i}] must be a non-empty string of the block letters "
-                             f"{list(BLOCK_TYPES)}, one per block (e.g. 'ND' or 'LS'), got {spec!r}")
-        if dim % heads:
-            raise ValueError(f'dims[{i}]={dim} must be divisible by heads[{i}]={heads}')
-        if 'D' in spec and (groups < 1 or heads % groups or dim % groups):
-            raise ValueError(f'groups[{i}]={groups} must be >= 1 and divide heads[{i}]={heads} and dims[{i}]={dim}')

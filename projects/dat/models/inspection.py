@@ -1,26 +1,83 @@
-"""Look inside a deformable attention block: sampling positions, reference points and the
-attention weights of chosen queries, for visualisation and debugging.
+"""Look inside the deformable attention blocks: sampling positions, reference points and the
+attention weights of chosen queries, for visualisation, debugging and tests.
 
-Nothing here re-implements the block: :func:`deformable_attention_maps` runs the module's
-own forward pass and reads ``q`` and ``k`` from its projections, the positions from
-:meth:`DeformableAttention.sampling_positions`, and computes the logits of the chosen queries
-with :func:`~projects.dat.ops.deformable_attention_logits`, the function the
-reference attention itself uses; the tests check that ``softmax(logits) @ v`` reproduces the
-block's output.
+Nothing here re-implements a block, and nothing costs anything outside these functions: while
+they run, each :class:`DeformableAttention` records what its own forward pass computes
+(:meth:`DeformableAttention.sampling_positions` is wrapped for the duration, the projections
+are read through forward hooks). :func:`record_sampling_points` records the positions of every
+deformable block of a model; :func:`deformable_attention_maps` runs one block and also
+computes the logits of chosen queries with
+:func:`~projects.dat.ops.deformable_attention_logits`, the function the reference
+attention itself uses; the tests check that ``softmax(logits) @ v`` reproduces the block's
+output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import deformable_attention_logits
 from .dat import DeformableAttention
 from .geometry import query_grid
 
-__all__ = ['DeformableAttentionMaps', 'deformable_attention_maps']
+__all__ = ['DeformableAttentionMaps', 'deformable_attention_maps', 'record_sampling_points']
+
+# What a block computed: positions (B, groups, Hk, Wk, 2) and references (Hk, Wk, 2).
+SamplingPoints = dict[str, Tensor]
+
+
+@contextmanager
+def _recording_sampling_positions(
+    modules: dict[str, DeformableAttention], record: Callable[[str, SamplingPoints], None]
+) -> Iterator[None]:
+    """Within the context, every call of ``module.sampling_positions`` also calls
+    ``record(name, dict(positions=..., references=...))`` with its detached results.
+
+    The method is wrapped on the instances only (the class is untouched) and unwrapped on exit,
+    also when the forward pass raises.
+    """
+    for name, module in modules.items():
+
+        def sampling_positions(q: Tensor, name: str = name, module: DeformableAttention = module):
+            pos, ref = type(module).sampling_positions(module, q)
+            hk, wk = pos.shape[1:3]
+            positions = pos.detach().reshape(-1, module.num_groups, hk, wk, 2)
+            record(name, dict(positions=positions, references=ref.detach()))
+            return pos, ref
+
+        module.sampling_positions = sampling_positions
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.sampling_positions
+
+
+@contextmanager
+def record_sampling_points(model: nn.Module) -> Iterator[dict[str, SamplingPoints]]:
+    """Record the sampling positions and reference points of every deformable block of ``model``.
+
+    Yields a dict filled by each forward pass run inside the context, keyed by module name
+    (e.g. ``'stages.2.blocks.1.attn'``), each value ``dict(positions=(B, groups, Hk, Wk, 2),
+    references=(Hk, Wk, 2))``, normalised to ``[-1, 1]`` with the last axis ``(y, x)``, in the
+    dtype the block computes them in (float32 under autocast). A later forward pass replaces
+    the values. Outside the context nothing is recorded.
+
+    Args:
+        model: A model holding :class:`DeformableAttention` modules (e.g. a ``DAT``).
+
+    Yields:
+        The records, filled as the forward passes run.
+    """
+    records: dict[str, SamplingPoints] = {}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, DeformableAttention)}
+    with _recording_sampling_positions(modules, records.__setitem__):
+        yield records
 
 
 @dataclass
@@ -86,33 +143,28 @@ def deformable_attention_maps(
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
         queries = torch.stack([rows.flatten(), cols.flatten()], dim=1)
     queries = torch.as_tensor(queries, dtype=torch.long).reshape(-1, 2).cpu()
-    if (
-        queries.numel() == 0
-        or (queries < 0).any()
-        or (queries[:, 0] >= h).any()
-        or (queries[:, 1] >= w).any()
-    ):
-        raise ValueError(
-            f'queries must be (row, col) pairs inside the {h}x{w} map, got {queries.tolist()}'
-        )
+    if queries.numel() == 0 or (queries < 0).any() or (queries[:, 0] >= h).any() or (queries[:, 1] >= w).any():
+        raise ValueError(f'queries must be (row, col) pairs inside the {h}x{w} map, got {queries.tolist()}')
 
     captured: dict[str, Tensor] = {}
+    points: dict[str, SamplingPoints] = {}
     hooks = [
         module.proj_q.register_forward_hook(lambda m, i, o: captured.__setitem__('q', o)),
         module.proj_k.register_forward_hook(lambda m, i, o: captured.__setitem__('k', o)),
     ]
     try:
-        module(x)
+        with _recording_sampling_positions({'block': module}, points.__setitem__):
+            module(x)
     finally:
         for hook in hooks:
             hook.remove()
-    if 'q' not in captured or 'k' not in captured:
+    if 'q' not in captured or 'k' not in captured or 'block' not in points:
         raise RuntimeError(
-            'the deformable block did not call proj_q and proj_k in its forward pass'
+            'the deformable block did not call proj_q, proj_k and sampling_positions in its forward pass'
         )
     q, k = captured['q'], captured['k']
-    pos, ref = module.sampling_positions(q)
-    hk, wk = pos.shape[1:3]
+    pos, ref = points['block']['positions'], points['block']['references']
+    hk, wk = pos.shape[2:4]
 
     index = (queries[:, 0] * w + queries[:, 1]).to(x.device)
     q_sel = q.reshape(b, c, h * w)[:, :, index]
@@ -126,7 +178,7 @@ def deformable_attention_maps(
         module.num_groups,
     )
     return DeformableAttentionMaps(
-        positions=pos.reshape(b, module.num_groups, hk, wk, 2),
+        positions=pos,
         references=ref,
         attention=logits.softmax(dim=-1),
         queries=queries,

@@ -1,15 +1,28 @@
-"""Glue shared by ``tools/train.py`` and ``tools/test.py``.
+"""What the tools share to run configs of mmdetection, mmsegmentation and mmpretrain.
 
-One entry point serves mmdetection, mmsegmentation and mmpretrain: the config's
-``default_scope`` picks the toolbox whose modules are registered. On machines without CUDA the
-config is adapted so that the same config runs on CPU, in one process or several (gloo):
-SyncBN becomes BN, mixed precision (``AmpOptimWrapper``, CUDA only in mmengine) becomes fp32,
-the ``nccl`` backend becomes ``gloo`` and the process group is started here, because
-mmengine's launcher calls ``torch.cuda.set_device``.
+One entry point serves the three toolboxes: a config's ``default_scope`` picks the toolbox
+whose modules are registered (:func:`register_scope_modules`). The toolboxes are optional
+extras: the package reaches into one only by that scope name (here, and in
+:mod:`projects.dat.data_checks` for the dataset classes), never by an import of its own.
+
+- Launching (``tools/train.py``, ``tools/test.py``, ``tools/demo.py``): on machines without
+  CUDA the config is adapted so that the same config runs on CPU, in one process or several
+  (gloo): SyncBN becomes BN, mixed precision (``AmpOptimWrapper``, CUDA only in mmengine)
+  becomes fp32, the ``nccl`` backend becomes ``gloo`` and the process group is started here,
+  because mmengine's launcher calls ``torch.cuda.set_device`` (:func:`prepare`); the runner is
+  the config's ``runner_type`` or :class:`~projects.dat.runner.DATRunner`
+  (:func:`build_runner`).
+- Building models without running them (``tools/analysis_tools``, ``tools/visualization``):
+  the model of a config (:func:`build_config_model`), a model of a toolbox from a model config
+  (:func:`build_toolbox_model`) and the data samples its ``mode='tensor'`` forward pass takes
+  (:func:`dummy_data_sample`).
 """
+
+from __future__ import annotations
 
 import importlib
 import os
+import os.path as osp
 import subprocess
 import warnings
 from datetime import timedelta
@@ -18,7 +31,24 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
-from mmengine.registry import RUNNERS
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import RUNNERS, DefaultScope
+from mmengine.runner import Runner
+from torch import nn
+
+__all__ = [
+    'LAUNCHERS',
+    'SCOPES',
+    'adapt_to_device',
+    'build_config_model',
+    'build_runner',
+    'build_toolbox_model',
+    'dummy_data_sample',
+    'init_cpu_dist',
+    'prepare',
+    'register_scope_modules',
+    'replace_sync_bn',
+]
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
@@ -32,6 +62,9 @@ def register_scope_modules(cfg: Config) -> str:
 
     Returns:
         str: the scope.
+
+    Raises:
+        ValueError: If ``default_scope`` is missing or not one of :data:`SCOPES`.
     """
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
@@ -169,7 +202,7 @@ def _export_env(key: str, value: str) -> None:
     os.environ.setdefault(key, str(value))
 
 
-def build_runner(cfg: Config):
+def build_runner(cfg: Config) -> Runner:
     """The runner of ``cfg``: the one its ``runner_type`` names (our configs: ``DATRunner``), else
     ``DATRunner``, so that the dataset paths of any config are checked before the run uses them
     (see :mod:`projects.dat.runner`).
@@ -180,7 +213,7 @@ def build_runner(cfg: Config):
     Returns:
         Runner: the runner, not yet started.
     """
-    from projects.dat.runner import DATRunner
+    from .runner import DATRunner
 
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
@@ -206,3 +239,94 @@ def prepare(cfg: Config, launcher: str, local_rank: int | None = None) -> str:
     adapt_to_device(cfg, launcher)
     init_cpu_dist(cfg, launcher)
     return scope
+
+
+def build_config_model(config: str, cfg_options: dict | None = None) -> tuple[nn.Module, str, Config]:
+    """Build the model of an mmdet / mmseg / mmpretrain config (no weights are loaded).
+
+    SyncBN layers become BN (SyncBN needs a process group; the computation is the same in one
+    process).
+
+    Args:
+        config (str): Config file path.
+        cfg_options (dict, optional): Overrides, as ``--cfg-options``.
+
+    Returns:
+        tuple: The model, the config's scope and the config.
+
+    Raises:
+        FileNotFoundError: If ``config`` is not a file.
+        ValueError: If the config's ``default_scope`` is not one of :data:`SCOPES`.
+    """
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'Config file {config!r} does not exist')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if cfg.get('default_scope') not in SCOPES:
+        raise ValueError(
+            f'{config}: default_scope must be one of {SCOPES} to pick the toolbox, got {cfg.get("default_scope")!r}'
+        )
+    scope = register_scope_modules(cfg)
+    replace_sync_bn(cfg.model)
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    model = revert_sync_batchnorm(models.build(cfg.model))
+    return model, scope, cfg
+
+
+def build_toolbox_model(model_cfg: dict, scope: str) -> nn.Module:
+    """Build a model config (e.g. ``dict(type='ImageClassifier', ...)``) from a toolbox's registry.
+
+    The toolbox's modules are registered, without changing the current default scope; the
+    model and what it builds inside (data preprocessor, losses) come from the toolbox's
+    registry whatever scope an earlier config made current.
+
+    Args:
+        model_cfg (dict): The model's config.
+        scope (str): One of :data:`SCOPES`.
+
+    Returns:
+        nn.Module: The model.
+
+    Raises:
+        ValueError: If ``scope`` is not one of :data:`SCOPES`.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=False)
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        return models.build(model_cfg)
+
+
+# The data sample class each toolbox's models take: (module, class name).
+_DATA_SAMPLES = {
+    'mmdet': ('mmdet.structures', 'DetDataSample'),
+    'mmseg': ('mmseg.structures', 'SegDataSample'),
+    'mmpretrain': ('mmpretrain.structures', 'DataSample'),
+}
+
+
+def dummy_data_sample(scope: str, height: int, width: int) -> Any:
+    """A data sample without annotations for an unpadded, unscaled ``height x width`` input.
+
+    What a toolbox's ``model(inputs, [sample], mode='tensor')`` needs to run (image, original,
+    padded and batch shapes, scale factor 1).
+
+    Args:
+        scope (str): One of :data:`SCOPES`.
+        height (int): Input height.
+        width (int): Input width.
+
+    Returns:
+        The toolbox's data sample (``DetDataSample``, ``SegDataSample`` or ``DataSample``).
+
+    Raises:
+        ValueError: If ``scope`` is not one of :data:`SCOPES`.
+    """
+    if scope not in _DATA_SAMPLES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    module, name = _DATA_SAMPLES[scope]
+    shape = (height, width)
+    meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape, scale_factor=(1.0, 1.0))
+    return getattr(importlib.import_module(module), name)(metainfo=meta)
