@@ -30,7 +30,8 @@ import json
 import os
 import os.path as osp
 import re
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = ['DatasetPathError', 'AnnotationFormatError', 'check_dataset_paths']
 
@@ -64,14 +65,14 @@ def _is_remote(path: str) -> bool:
     return '://' in path or path.startswith(('s3:', 'petrel:', 'openmmlab:', 'http:'))
 
 
-def _join(root: Optional[str], path: str) -> str:
+def _join(root: str | None, path: str) -> str:
     """mmengine's rule: a relative path is joined to a non-empty ``data_root``."""
     if root and not osp.isabs(path):
         return osp.join(root, path)
     return path
 
 
-def _dataset_class(ds_cfg: Mapping, default_scope: Optional[str]) -> Optional[type]:
+def _dataset_class(ds_cfg: Mapping, default_scope: str | None) -> type | None:
     """The class a dataset config builds, looked up in its toolbox's registry (or None)."""
     kind = ds_cfg.get('type')
     if isinstance(kind, type):
@@ -90,11 +91,11 @@ def _dataset_class(ds_cfg: Mapping, default_scope: Optional[str]) -> Optional[ty
         return None
 
 
-def _mro_names(cls: Optional[type]) -> List[str]:
+def _mro_names(cls: type | None) -> list[str]:
     return [c.__name__ for c in inspect.getmro(cls)] if cls is not None else []
 
 
-def _downloads_itself(ds_cfg: Mapping, cls: Optional[type]) -> bool:
+def _downloads_itself(ds_cfg: Mapping, cls: type | None) -> bool:
     if 'download' in ds_cfg:
         return bool(ds_cfg['download'])
     if cls is None:
@@ -106,7 +107,7 @@ def _downloads_itself(ds_cfg: Mapping, cls: Optional[type]) -> bool:
     return param is not None and bool(param.default)
 
 
-def _walk_datasets(node: Any, key: str) -> Iterator[Tuple[str, Mapping]]:
+def _walk_datasets(node: Any, key: str) -> Iterator[tuple[str, Mapping]]:
     """Yield ``(config key, dataset config)`` for a dataset config and what it wraps."""
     if isinstance(node, (list, tuple)):
         for i, item in enumerate(node):
@@ -125,13 +126,13 @@ def _walk_datasets(node: Any, key: str) -> Iterator[Tuple[str, Mapping]]:
 class _Checker:
     """Collects missing paths and format problems over all datasets of a config."""
 
-    def __init__(self, default_scope: Optional[str]) -> None:
+    def __init__(self, default_scope: str | None) -> None:
         self.default_scope = default_scope
         # path -> [config keys naming it, what was expected, how it was resolved]
-        self.missing: Dict[str, list] = {}
-        self.problems: List[str] = []
-        self.checked: List[Tuple[str, str]] = []
-        self.coco_files: List[Tuple[str, str, bool]] = []
+        self.missing: dict[str, list] = {}
+        self.problems: list[str] = []
+        self.checked: list[tuple[str, str]] = []
+        self.coco_files: list[tuple[str, str, bool]] = []
 
     def exists(self, key: str, path: str, what: str, detail: str = '') -> bool:
         """Record a missing ``path``; return whether it exists."""
@@ -144,7 +145,7 @@ class _Checker:
             self.missing[path] = [[key], what, detail]
         return False
 
-    def messages(self) -> List[str]:
+    def messages(self) -> list[str]:
         lines = []
         for path, (keys, what, detail) in self.missing.items():
             also = f' (also {", ".join(keys[1:])})' if len(keys) > 1 else ''
@@ -276,7 +277,7 @@ def check_coco_annotation(path: str, key: str = 'ann_file', need_annotations: bo
         raise AnnotationFormatError(f'{prefix}, each a list; got {wrong}')
 
 
-def _scan_top_level_keys(path: str, keys: Sequence[str]) -> Optional[set]:
+def _scan_top_level_keys(path: str, keys: Sequence[str]) -> set | None:
     """Which of ``keys`` occur as ``"key"`` in a large JSON file (None: not an object)."""
     needles = {k: f'"{k}"'.encode() for k in keys}
     overlap = max(len(n) for n in needles.values())
@@ -296,7 +297,7 @@ def _scan_top_level_keys(path: str, keys: Sequence[str]) -> Optional[set]:
     return found
 
 
-def check_dataset_paths(cfg: Mapping, loaders: Sequence[str] = DATALOADER_KEYS) -> List[Tuple[str, str]]:
+def check_dataset_paths(cfg: Mapping, loaders: Sequence[str] = DATALOADER_KEYS) -> list[tuple[str, str]]:
     """Check the local files and folders that the datasets of ``cfg`` will read.
 
     For each dataloader in ``loaders`` present in the config (and the evaluator that goes

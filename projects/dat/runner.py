@@ -72,8 +72,13 @@ class DATRunner(Runner):
             val_evaluator=self._val_evaluator,
             test_evaluator=self._test_evaluator,
         )
-        config = {key: value for key, value in config.items() if key == 'default_scope' or isinstance(value, Mapping)
-                  or (key.endswith('evaluator') and isinstance(value, (list, tuple)))}
+        config = {
+            key: value
+            for key, value in config.items()
+            if key == 'default_scope'
+            or isinstance(value, Mapping)
+            or (key.endswith('evaluator') and isinstance(value, (list, tuple)))
+        }
         checked = check_dataset_paths(config, loaders)
         self.logger.info(f'DATRunner: checked {len(checked)} dataset path(s) of {", ".join(loaders)}: all exist')
         return checked
@@ -101,5 +106,4 @@ def _registered_by_earlier_import(registered) -> bool:
 
 # Registration only adds the name; a name taken by anything else raises KeyError (no override).
 if RUNNERS.module_dict.get('DATRunner') is not DATRunner:
-    RUNNERS.register_module(module=DATRunner,
-                            force=_registered_by_earlier_import(RUNNERS.module_dict.get('DATRunner')))
+    RUNNERS.register_module(module=DATRunner, force=_registered_by_earlier_import(RUNNERS.module_dict.get('DATRunner')))
