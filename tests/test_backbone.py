@@ -1,4 +1,5 @@
 """Backbone tests: golden parity with the original code, conversion, training behaviour, errors."""
+
 import argparse
 import math
 import re
@@ -33,18 +34,37 @@ needs_shared = pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden
 
 # Parameter counts of the released ImageNet classifiers (millions, 1000-class head; LeapLabTHU/DAT),
 # which the papers round (arXiv 2201.00520, 2309.01430).
-SPEC_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
-               'datpp-t': 23.96, 'datpp-s': 53.13, 'datpp-b': 93.69}
-KEY_FILES = {'dat_tiny': ('dat-t', 224), 'dat_small': ('dat-s', 224), 'dat_base': ('dat-b', 224),
-             'dat_base_384': ('dat-b-384', 384), 'dat_pp_tiny': ('datpp-t', 224),
-             'dat_pp_small': ('datpp-s', 224), 'dat_pp_base': ('datpp-b', 224),
-             'dat_pp_base_384': ('datpp-b', 224)}  # DAT++ 384 keeps the 224 tables
+SPEC_PARAMS = {
+    'dat-t': 28.32,
+    'dat-s': 49.70,
+    'dat-b': 87.88,
+    'dat-b-384': 88.18,
+    'datpp-t': 23.96,
+    'datpp-s': 53.13,
+    'datpp-b': 93.69,
+}
+KEY_FILES = {
+    'dat_tiny': ('dat-t', 224),
+    'dat_small': ('dat-s', 224),
+    'dat_base': ('dat-b', 224),
+    'dat_base_384': ('dat-b-384', 384),
+    'dat_pp_tiny': ('datpp-t', 224),
+    'dat_pp_small': ('datpp-s', 224),
+    'dat_pp_base': ('datpp-b', 224),
+    'dat_pp_base_384': ('datpp-b', 224),
+}  # DAT++ 384 keeps the 224 tables
 
 TINY = {
-    'v1': dict(version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2],
-               stage_spec=['LS', 'L', 'LD', 'D']),
-    'pp': dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2],
-               stage_spec=['ND', 'N', 'ND', 'DD']),
+    'v1': dict(
+        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
+    ),
+    'pp': dict(
+        version='pp',
+        dims=[16, 32, 64, 128],
+        heads=[1, 2, 2, 4],
+        groups=[1, 1, 2, 2],
+        stage_spec=['ND', 'N', 'ND', 'DD'],
+    ),
 }
 
 
@@ -55,8 +75,10 @@ def load_golden(name):
 def build_from_original(state_dict, out_indices=(3,)):
     converted, info = convert_original_state_dict(state_dict)
     model = DAT(arch=info['arch'], out_indices=out_indices, img_size=tuple(info['img_size']))
-    model.load_state_dict({k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')},
-                          strict=out_indices == (3,))
+    model.load_state_dict(
+        {k[len('backbone.') :]: v for k, v in converted.items() if k.startswith('backbone.')},
+        strict=out_indices == (3,),
+    )
     return model.eval(), converted, info
 
 
@@ -138,9 +160,12 @@ def test_convert_dense_checkpoint_and_strictness():
     broken = dict(original)
     del broken['backbone.stages.2.attns.3.proj_q.bias']
     broken['backbone.stages.0.attns.0.extra'] = torch.zeros(1)
-    with pytest.raises(ConversionError, match=r'(?s)unused source tensor stages\.0\.attns\.0\.extra.*'
-                                               r'lacks 1 of the 593 tensors of the datpp-t layout.*:\n'
-                                               r'    stages\.2\.attns\.3\.proj_q\.bias$'):
+    with pytest.raises(
+        ConversionError,
+        match=r'(?s)unused source tensor stages\.0\.attns\.0\.extra.*'
+        r'lacks 1 of the 593 tensors of the datpp-t layout.*:\n'
+        r'    stages\.2\.attns\.3\.proj_q\.bias$',
+    ):
         convert_original_state_dict(broken)
 
 
@@ -236,8 +261,12 @@ def test_recording_costs_nothing_outside_context():
     model = DAT(TINY['pp']).eval()
     with torch.no_grad(), record_sampling_points(model) as records:
         model(torch.randn(1, 3, 64, 64))
-    assert set(records) == {'stages.0.blocks.1.attn', 'stages.2.blocks.1.attn', 'stages.3.blocks.0.attn',
-                            'stages.3.blocks.1.attn'}
+    assert set(records) == {
+        'stages.0.blocks.1.attn',
+        'stages.2.blocks.1.attn',
+        'stages.3.blocks.0.attn',
+        'stages.3.blocks.1.attn',
+    }
     assert records['stages.0.blocks.1.attn']['positions'].shape == (1, 1, 2, 2, 2)
     assert all('sampling_positions' not in vars(m) for m in model.modules())  # unwrapped on exit
     recorded = records['stages.0.blocks.1.attn']
@@ -253,18 +282,21 @@ def test_builds_through_toolbox_registries(scope):
     assert isinstance(model, DAT) and len(model(torch.randn(1, 3, 64, 64))) == 3
 
 
-@pytest.mark.parametrize('kwargs, error, match', [
-    (dict(arch='dat-x'), ValueError, r"Unknown DAT arch 'dat-x'; expected one of \['dat-t'"),
-    (dict(arch=dict(version='v1', dims=[8] * 4)), ValueError, r"missing keys \['heads', 'groups', 'stage_spec'\]"),
-    (dict(arch=dict(TINY['pp'], version='v3')), ValueError, r"arch\['version'\] must be one of"),
-    (dict(arch=dict(TINY['pp'], stage_spec=['NX', 'N', 'N', 'N'])), ValueError, r"stage_spec\[0\] must be"),
-    (dict(arch=dict(TINY['pp'], groups=[1, 1, 3, 2])), ValueError, r'groups\[2\]=3 must be >= 1 and divide'),
-    (dict(arch=dict(TINY['pp'], colour='red')), ValueError, r"Unknown keys in custom DAT arch: \['colour'\]"),
-    (dict(out_indices=(0, 4)), ValueError, r'out_indices must be increasing distinct ints in 0..3, got \(0, 4\)'),
-    (dict(out_indices=(2, 1)), ValueError, r'out_indices must be increasing'),
-    (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in -1..4, got 5'),
-    (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be a number in \[0, 1\), got 1.5'),
-])
+@pytest.mark.parametrize(
+    'kwargs, error, match',
+    [
+        (dict(arch='dat-x'), ValueError, r"Unknown DAT arch 'dat-x'; expected one of \['dat-t'"),
+        (dict(arch=dict(version='v1', dims=[8] * 4)), ValueError, r"missing keys \['heads', 'groups', 'stage_spec'\]"),
+        (dict(arch=dict(TINY['pp'], version='v3')), ValueError, r"arch\['version'\] must be one of"),
+        (dict(arch=dict(TINY['pp'], stage_spec=['NX', 'N', 'N', 'N'])), ValueError, r'stage_spec\[0\] must be'),
+        (dict(arch=dict(TINY['pp'], groups=[1, 1, 3, 2])), ValueError, r'groups\[2\]=3 must be >= 1 and divide'),
+        (dict(arch=dict(TINY['pp'], colour='red')), ValueError, r"Unknown keys in custom DAT arch: \['colour'\]"),
+        (dict(out_indices=(0, 4)), ValueError, r'out_indices must be increasing distinct ints in 0..3, got \(0, 4\)'),
+        (dict(out_indices=(2, 1)), ValueError, r'out_indices must be increasing'),
+        (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in -1..4, got 5'),
+        (dict(drop_path_rate=1.5), ValueError, r'drop_path_rate must be a number in \[0, 1\), got 1.5'),
+    ],
+)
 def test_construction_errors(kwargs, error, match):
     kwargs.setdefault('arch', TINY['pp'])
     with pytest.raises(error, match=match):
@@ -332,13 +364,18 @@ def test_converter_cli(tmp_path):
     assert 'detected DAT ++ (pp)' in done.stdout and 'construction size 224x224' in done.stdout
     converted = torch.load(dst, weights_only=True)
     assert converted['meta']['dat']['kind'] == 'classifier'
-    model = DAT(converted['meta']['dat']['arch'], out_indices=(3,),
-                init_cfg=dict(type='Pretrained', checkpoint=str(dst), prefix='backbone.'))
+    model = DAT(
+        converted['meta']['dat']['arch'],
+        out_indices=(3,),
+        init_cfg=dict(type='Pretrained', checkpoint=str(dst), prefix='backbone.'),
+    )
     model.init_weights()
     case = golden['cases']['x96']
     with torch.no_grad():
-        logits = model.eval()(case['input'])[0].mean((2, 3)) @ converted['state_dict']['head.fc.weight'].t() \
+        logits = (
+            model.eval()(case['input'])[0].mean((2, 3)) @ converted['state_dict']['head.fc.weight'].t()
             + converted['state_dict']['head.fc.bias']
+        )
     torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4)
 
 
@@ -350,6 +387,7 @@ def test_infer_original_arch_of_golden():
 
 def test_non_finite_values_are_reported_with_their_block(monkeypatch):
     import projects.dat.models.dat as dat_module
+
     messages = []
     monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: messages.append(msg))
     model = DAT(TINY['pp'], check_finite=True)
@@ -359,8 +397,9 @@ def test_non_finite_values_are_reported_with_their_block(monkeypatch):
     assert messages == []  # no check (and no cost) outside training
     outs = model.train()(torch.randn(1, 3, 64, 64))
     assert not torch.isfinite(outs[-1]).all()
-    assert messages == ['DAT: non-finite values in the backbone output, first produced by '
-                        'stages.2.blocks.1 (DeformableAttention)']
+    assert messages == [
+        'DAT: non-finite values in the backbone output, first produced by stages.2.blocks.1 (DeformableAttention)'
+    ]
 
 
 @pytest.mark.parametrize('length, size, halo', [(1, 1, 1), (7, 3, 1), (9, 3, 1), (10, 4, 2), (5, 8, 1), (6, 1, 0)])

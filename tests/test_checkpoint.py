@@ -174,9 +174,7 @@ def build_runner(
             dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=3),
             dict(type='MultiStepLR', milestones=[5], gamma=0.5, by_epoch=False),
         ],
-        train_cfg=dict(
-            by_epoch=False, max_iters=max_iters, val_interval=interval if val else max_iters + 1
-        ),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=interval if val else max_iters + 1),
         default_hooks=dict(checkpoint=checkpoint, logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=list(hooks),
         resume=resume,
@@ -276,9 +274,7 @@ def test_resume_restores_iteration_and_state(trained, tmp_path):
 
 def test_resume_from_explicit_load_from(trained, tmp_path):
     record = RecordIterHook()
-    runner = build_runner(
-        tmp_path, max_iters=3, resume=True, load_from=str(trained / 'iter_2.pth'), hooks=[record]
-    )
+    runner = build_runner(tmp_path, max_iters=3, resume=True, load_from=str(trained / 'iter_2.pth'), hooks=[record])
     runner.train()
     assert record.iters == [2]
 
@@ -318,9 +314,7 @@ def test_numpy_1x_names_are_accepted(tmp_path):
     )
     data = (tmp_path / 'np2.pth').read_bytes()
     assert b'numpy._core.multiarray\n' in data
-    (tmp_path / 'np1.pth').write_bytes(
-        data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
-    )
+    (tmp_path / 'np1.pth').write_bytes(data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n'))
     loaded = torch.load(tmp_path / 'np1.pth')
     assert loaded['buf'].mean() == 1.5 and loaded['s'] == 2.5
 
@@ -353,10 +347,13 @@ def crafted_history_buffer(path, methods, **state):
     """Save a pickle of a HistoryBuffer whose state is ``state`` plus ``statistics_methods``."""
     from mmengine.logging import HistoryBuffer
 
-    state = dict(
-        dict(max_length=10, _log_history=np.array([1.0, 3.0]), _count_history=np.array([1, 1])),
-        statistics_methods=methods,
-    ) | state
+    state = (
+        dict(
+            dict(max_length=10, _log_history=np.array([1.0, 3.0]), _count_history=np.array([1, 1])),
+            statistics_methods=methods,
+        )
+        | state
+    )
 
     class Crafted:
         __class__ = property(lambda self: HistoryBuffer)  # pickled under HistoryBuffer's name
@@ -548,9 +545,7 @@ def test_max_keep_ckpts_deletes_only_after_saving(tmp_path, disk_full, checkpoin
 
 
 def test_save_best_keeps_one_best_file(tmp_path):
-    build_runner(
-        tmp_path, max_iters=6, interval=2, val=True, save_best='toy/mse', max_keep_ckpts=2
-    ).train()
+    build_runner(tmp_path, max_iters=6, interval=2, val=True, save_best='toy/mse', max_keep_ckpts=2).train()
     names = sorted(p.name for p in tmp_path.glob('*.pth'))
     assert [n for n in names if n.startswith('iter_')] == ['iter_4.pth', 'iter_6.pth']
     assert len([n for n in names if n.startswith('best_')]) == 1
@@ -826,9 +821,7 @@ def test_original_legacy_format_needs_trust(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r'argparse\.Namespace.*--trust-checkpoint'):
         load_original_checkpoint(path)
-    assert torch.equal(
-        extract_state_dict(load_original_checkpoint(path, trusted=True))['w'], torch.ones(2)
-    )
+    assert torch.equal(extract_state_dict(load_original_checkpoint(path, trusted=True))['w'], torch.ones(2))
 
 
 def test_original_trusted_missing_module(tmp_path):
@@ -1009,8 +1002,9 @@ def test_url_with_code_is_refused_by_pretrained_init_cfg(malicious):
     assert_refused_without_running(error.value, url, marker)
 
 
-TINY_ARCH = dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2],
-                 stage_spec=['ND', 'N', 'ND', 'DD'])
+TINY_ARCH = dict(
+    version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2], stage_spec=['ND', 'N', 'ND', 'DD']
+)
 
 
 def test_clean_url_loads_through_pretrained_init_cfg(served):
@@ -1210,9 +1204,7 @@ def _child_main(argv: list[str]) -> None:
 
         def killing_open(file, mode='r', *a, **kw):
             f = real_open(file, mode, *a, **kw)
-            if args.kill_while_writing in osp.basename(os.fspath(file)) and (
-                'w' in mode or 'x' in mode
-            ):
+            if args.kill_while_writing in osp.basename(os.fspath(file)) and ('w' in mode or 'x' in mode):
                 return KillingWriter(f)
             return f
 

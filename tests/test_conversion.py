@@ -1,5 +1,6 @@
 """Conversion of original checkpoints that lack tensors: the error lists every missing tensor by
 its original name, grouped; the names are the inverse of the converter's renaming."""
+
 import re
 import subprocess
 import sys
@@ -20,10 +21,16 @@ from projects.dat.converter import (
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_KEYS = REPO.parent / 'shared' / 'reference' / 'official_keys'
 TINY = {
-    'v1': dict(version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2],
-               stage_spec=['LS', 'L', 'LD', 'D']),
-    'pp': dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2],
-               stage_spec=['ND', 'N', 'ND', 'DD']),
+    'v1': dict(
+        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
+    ),
+    'pp': dict(
+        version='pp',
+        dims=[16, 32, 64, 128],
+        heads=[1, 2, 2, 4],
+        groups=[1, 1, 2, 2],
+        stage_spec=['ND', 'N', 'ND', 'DD'],
+    ),
 }
 
 
@@ -51,8 +58,10 @@ def test_original_key_inverts_the_renaming(version, dense):
 
 
 @pytest.mark.skipif(not OFFICIAL_KEYS.is_dir(), reason='../shared (official key lists) not present')
-@pytest.mark.parametrize('name, arch', [('dat_tiny', 'dat-t'), ('dat_base_384', 'dat-b-384'),
-                                        ('dat_pp_tiny', 'datpp-t'), ('dat_pp_base', 'datpp-b')])
+@pytest.mark.parametrize(
+    'name, arch',
+    [('dat_tiny', 'dat-t'), ('dat_base_384', 'dat-b-384'), ('dat_pp_tiny', 'datpp-t'), ('dat_pp_base', 'datpp-b')],
+)
 def test_original_key_gives_the_released_names(name, arch):
     lines = (OFFICIAL_KEYS / f'{name}.txt').read_text().splitlines()
     official = {line.split()[0] for line in lines if line and not line.startswith('#') and '[buffer]' not in line}
@@ -62,11 +71,24 @@ def test_original_key_gives_the_released_names(name, arch):
 
 
 def test_group_keys_lists_every_key_compactly():
-    keys = ['patch_proj.0.weight', 'patch_proj.0.bias', 'patch_proj.3.weight', 'patch_proj.3.bias',
-            'stages.2.attns.1.proj_q.weight', 'stages.2.attns.3.proj_q.weight', 'stages.2.attns.5.rpe_table',
-            'cls_norm.norm.weight', 'cls_head.bias']
-    assert group_keys(keys) == ['patch_proj.{0, 3}.{weight, bias}', 'stages.2.attns.{1, 3}.proj_q.weight',
-                                'stages.2.attns.5.rpe_table', 'cls_norm.norm.weight', 'cls_head.bias']
+    keys = [
+        'patch_proj.0.weight',
+        'patch_proj.0.bias',
+        'patch_proj.3.weight',
+        'patch_proj.3.bias',
+        'stages.2.attns.1.proj_q.weight',
+        'stages.2.attns.3.proj_q.weight',
+        'stages.2.attns.5.rpe_table',
+        'cls_norm.norm.weight',
+        'cls_head.bias',
+    ]
+    assert group_keys(keys) == [
+        'patch_proj.{0, 3}.{weight, bias}',
+        'stages.2.attns.{1, 3}.proj_q.weight',
+        'stages.2.attns.5.rpe_table',
+        'cls_norm.norm.weight',
+        'cls_head.bias',
+    ]
     assert group_keys([]) == []
 
 
@@ -78,8 +100,10 @@ def test_missing_down_projection_is_named():
         convert_original_state_dict(state)
     message = str(error.value)
     assert 'KeyError' not in message
-    assert message == ('Conversion failed:\n  the checkpoint lacks 1 of the 176 tensors of this custom pp layout '
-                       '(as read from the tensors present):\n    down_projs.0.0.weight')
+    assert message == (
+        'Conversion failed:\n  the checkpoint lacks 1 of the 176 tensors of this custom pp layout '
+        '(as read from the tensors present):\n    down_projs.0.0.weight'
+    )
 
 
 def test_many_missing_tensors_are_listed_in_groups_with_other_problems():
@@ -91,8 +115,9 @@ def test_many_missing_tensors_are_listed_in_groups_with_other_problems():
     with pytest.raises(ConversionError) as error:
         convert_original_state_dict(state)
     lines = str(error.value).splitlines()
-    assert lines[1] == ('  unused source tensor stages.1.attns.0.extra (-> stages.1.blocks.0.attn.extra, '
-                        'no such parameter)')
+    assert lines[1] == (
+        '  unused source tensor stages.1.attns.0.extra (-> stages.1.blocks.0.attn.extra, no such parameter)'
+    )
     assert re.match(rf'  the checkpoint lacks {len(removed)} of the \d+ tensors of this custom v1 layout', lines[2])
     assert lines[3:] == [
         '    patch_proj.1.{norm.weight, norm.bias}',
@@ -110,7 +135,7 @@ def test_a_released_variant_fills_a_stage_without_tensors():
         convert_original_state_dict(state)
     assert str(error.value).splitlines() == [
         'Conversion failed:',
-        "  the checkpoint lacks 52 of the 593 tensors of the datpp-t layout (as read from the tensors present) "
+        '  the checkpoint lacks 52 of the 593 tensors of the datpp-t layout (as read from the tensors present) '
         "(names after 'backbone.'):",
         '    stages.3.local_perception_units.{0, 1}.{weight, bias}',
         '    stages.3.layer_norms.{0, 1, 2, 3}.{norm.weight, norm.bias}',
@@ -125,9 +150,12 @@ def test_a_released_variant_fills_a_stage_without_tensors():
 def test_unreadable_layout_says_what_is_missing():
     state = original_checkpoint(TINY['pp'])
     state = {k: v for k, v in state.items() if not k.startswith('stages.2.attns.1.')}
-    with pytest.raises(ConversionError, match=r'(?s)Cannot read the DAT layout.*no released variant fits.*\n'
-                                              r'  stage_spec\[2\]: no attention tensor of block\(s\) \[1\] '
-                                              r'\(stages\.2\.attns\.b\.\*\) is present'):
+    with pytest.raises(
+        ConversionError,
+        match=r'(?s)Cannot read the DAT layout.*no released variant fits.*\n'
+        r'  stage_spec\[2\]: no attention tensor of block\(s\) \[1\] '
+        r'\(stages\.2\.attns\.b\.\*\) is present',
+    ):
         convert_original_state_dict(state)
     with pytest.raises(ConversionError, match='Not an original DAT checkpoint: no tensor is named as in the original'):
         convert_original_state_dict({'backbone.stem.conv1.weight': torch.ones(1)})
@@ -139,9 +167,16 @@ def test_converter_cli_lists_missing_tensors(tmp_path):
         del state[key]
     src, dst = tmp_path / 'partial.pth', tmp_path / 'out' / 'converted.pth'
     torch.save(dict(model=state), src)
-    result = subprocess.run([sys.executable, str(REPO / 'tools/model_converters/dat_official.py'), str(src), str(dst)],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'tools/model_converters/dat_official.py'), str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 1 and not dst.exists()
-    assert result.stderr == ('error: Conversion failed:\n  the checkpoint lacks 3 of the 176 tensors of this custom '
-                             'pp layout (as read from the tensors present):\n    stages.0.attns.1.rpe_table\n'
-                             '    down_projs.0.0.weight\n    stages.2.attns.1.rpe_table\n')
+    assert result.stderr == (
+        'error: Conversion failed:\n  the checkpoint lacks 3 of the 176 tensors of this custom '
+        'pp layout (as read from the tensors present):\n    stages.0.attns.1.rpe_table\n'
+        '    down_projs.0.0.weight\n    stages.2.attns.1.rpe_table\n'
+    )

@@ -48,9 +48,23 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy(path, source)
     proc = subprocess.run(
-        [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '-q',
-         '-w', str(tmp), str(source)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'wheel',
+            '--no-deps',
+            '--no-build-isolation',
+            '--no-index',
+            '-q',
+            '-w',
+            str(tmp),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (built,) = tmp.glob('projects_dat-*.whl')
     return built
@@ -133,8 +147,7 @@ def test_citation_and_changelog_name_this_version(metadata):
     assert cited == {'https://arxiv.org/abs/2201.00520', 'https://arxiv.org/abs/2309.01430'}
     for ref in citation['references']:
         assert [a['family-names'] for a in ref['authors']] == ['Xia', 'Pan', 'Song', 'Li', 'Huang']
-    headings = [line[3:].strip() for line in (REPO / 'CHANGELOG.md').read_text().splitlines()
-                if line.startswith('## ')]
+    headings = [line[3:].strip() for line in (REPO / 'CHANGELOG.md').read_text().splitlines() if line.startswith('## ')]
     assert headings[0] == metadata['Version'], 'CHANGELOG.md: the newest section must be this version'
 
 
@@ -145,8 +158,11 @@ def test_install_requires_are_ranges_of_what_the_package_imports(metadata):
     # mmcv and mmengine as mmdet 3.3 declares them (mmcv: without its release candidates).
     assert base['mmcv'].specifier == SpecifierSet('>=2.0.0,<2.2.0')
     assert base['mmengine'].specifier == SpecifierSet('>=0.7.1,<1.0.0')
-    pinned = [line for line in metadata.get_all('Requires-Dist')
-              if any(spec.operator in ('==', '===') for spec in Requirement(line).specifier)]
+    pinned = [
+        line
+        for line in metadata.get_all('Requires-Dist')
+        if any(spec.operator in ('==', '===') for spec in Requirement(line).specifier)
+    ]
     assert pinned == [], 'exact pins belong in requirements/constraints.txt'
 
     # Every third-party module that projects/dat imports is declared, and nothing else.
@@ -197,9 +213,23 @@ def test_wheel_installs_into_this_environment_without_changing_it(wheel, tmp_pat
     pip would add projects-dat and touch nothing else (a dry run, no index)."""
     report = tmp_path / 'report.json'
     proc = subprocess.run(
-        [sys.executable, '-m', 'pip', 'install', '--dry-run', '--no-index', '--disable-pip-version-check', '-q',
-         '--report', str(report), f'{wheel}[all,tests,mim]'],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'install',
+            '--dry-run',
+            '--no-index',
+            '--disable-pip-version-check',
+            '-q',
+            '--report',
+            str(report),
+            f'{wheel}[all,tests,mim]',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     would_install = [item['metadata']['name'] for item in json.loads(report.read_text())['install']]
     assert would_install == ['projects-dat']
@@ -210,7 +240,7 @@ NAMESPACE_CASES = {
     'dat-first_foreign-appended': ('projects.dat', 'projects.other', 'append'),
     'other-first_foreign-prepended': ('projects.other', 'projects.dat', 'prepend'),
 }
-NAMESPACE_CHECK = '''
+NAMESPACE_CHECK = """
 import importlib, sys
 first, second, where, foreign = sys.argv[1:]
 if where == 'append':
@@ -225,7 +255,7 @@ assert MODELS.get('DAT') is projects.dat.DAT
 print(projects.__file__)
 print(projects.dat.__file__)
 print(projects.other.__file__)
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -246,20 +276,35 @@ def wheel_venv(wheel, tmp_path_factory) -> tuple[Path, Path]:
     venv = tmp_path_factory.mktemp('venv')
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
     python = venv / 'bin' / 'python'
-    site = Path(subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / 'outer_environment.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
     proc = subprocess.run(
         [sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', '--target', str(site), str(wheel)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return python, site
 
 
 def _run_namespace_check(python: Path, case: str, foreign: Path, cwd: Path) -> tuple[Path, Path, Path]:
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    proc = subprocess.run([str(python), '-c', NAMESPACE_CHECK, *NAMESPACE_CASES[case], str(foreign)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(python), '-c', NAMESPACE_CHECK, *NAMESPACE_CASES[case], str(foreign)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     namespace_file, dat_file, other_file = proc.stdout.strip().splitlines()[-3:]
     assert namespace_file == 'None', 'projects must be a namespace package'

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / 'projects' / 'dat'
 
 # Records the registrations of the process as JSON-able dicts. Registries are found from the
 # registry modules of mmengine and the toolboxes, following parents and children.
-SNAPSHOT = r'''
+SNAPSHOT = r"""
 import importlib, json, sys
 import torch
 import mmengine.registry
@@ -78,25 +78,24 @@ def snapshot():
                                     for g in torch.serialization.get_safe_globals())
         if hasattr(torch.serialization, 'get_safe_globals') else None,
     }
-'''
+"""
 
 
 def _run(code: str, tmp_path) -> list[dict]:
     """Run ``SNAPSHOT + code`` in a fresh interpreter outside the repository; ``code`` prints
     snapshots, one JSON line each, prefixed with ``SNAPSHOT``."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    proc = subprocess.run([sys.executable, '-c', SNAPSHOT + code], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, '-c', SNAPSHOT + code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line[len('SNAPSHOT'):]) for line in proc.stdout.splitlines() if line.startswith('SNAPSHOT')]
+    return [json.loads(line[len('SNAPSHOT') :]) for line in proc.stdout.splitlines() if line.startswith('SNAPSHOT')]
 
 
 @pytest.fixture(scope='module')
 def before_and_after_import(tmp_path_factory) -> tuple[dict, dict]:
     before, after = _run(
-        "print('SNAPSHOT' + json.dumps(snapshot()))\n"
-        'import projects.dat\n'
-        "print('SNAPSHOT' + json.dumps(snapshot()))\n",
+        "print('SNAPSHOT' + json.dumps(snapshot()))\nimport projects.dat\nprint('SNAPSHOT' + json.dumps(snapshot()))\n",
         tmp_path_factory.mktemp('import'),
     )
     return before, after
@@ -123,8 +122,9 @@ def test_registered_names_are_new_and_ours(before_and_after_import):
         # A toolbox registry looks up its own names before its root's: the same name in any
         # registry of the family would shadow ours (or be shadowed) under that default scope.
         family = after['families'][registry]
-        holders = [r for r, entries in before['registries'].items()
-                   if after['families'][r] == family and key in entries]
+        holders = [
+            r for r, entries in before['registries'].items() if after['families'][r] == family and key in entries
+        ]
         assert holders == [], f'{key} (ours, in {registry}) is already registered in {holders}'
 
 
@@ -147,14 +147,15 @@ def test_custom_operators_live_in_a_namespace_of_their_own(before_and_after_impo
     before, after = before_and_after_import
     assert not [op for op in before['ops'] if op.startswith('dat::')], 'the dat:: namespace is taken'
     added = sorted(set(after['ops']) - set(before['ops']))
-    defined = sorted(set(re.findall(r"custom_op\('(dat::\w+)'", ''.join(
-        path.read_text() for path in PACKAGE.rglob('*.py')))))
+    defined = sorted(
+        set(re.findall(r"custom_op\('(dat::\w+)'", ''.join(path.read_text() for path in PACKAGE.rglob('*.py'))))
+    )
     assert defined, 'no custom operator found in the sources: has the way they are defined changed?'
     # Without torch.library.custom_op (torch < 2.4) the same functions run as plain callables.
     assert added == (defined if after['has_custom_ops'] else [])
 
 
-IMPORT_TWICE = r'''
+IMPORT_TWICE = r"""
 import pathlib
 from mmengine.config import Config
 configs = []
@@ -173,7 +174,7 @@ for name in sorted(n for n in sys.modules if n == 'projects.dat' or n.startswith
 print('SNAPSHOT' + json.dumps(snapshot()))
 from mmengine.registry import MODELS
 assert MODELS.get('DAT') is sys.modules['projects.dat.models.dat'].DAT, 'the registry holds a stale class'
-'''
+"""
 
 
 def test_importing_twice_is_harmless(tmp_path):
@@ -184,6 +185,7 @@ def test_importing_twice_is_harmless(tmp_path):
         assert again['backends'] == after_configs['backends']
         assert again['schemes'] == after_configs['schemes']
         assert [op for op in again['ops'] if op.startswith('dat::')] == [
-            op for op in after_configs['ops'] if op.startswith('dat::')]
+            op for op in after_configs['ops'] if op.startswith('dat::')
+        ]
         # The allow-list holds each object once: a reload must not add a second copy of ours.
         assert again['safe_global_names'] == after_configs['safe_global_names']

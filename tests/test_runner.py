@@ -81,16 +81,31 @@ def test_train_py_checks_a_config_without_runner_type(tmp_path):
     train = _load_tool('train')
     missing = tmp_path / 'no_such_imagenet'
     with pytest.raises(DatasetPathError, match=_missing_pattern('train_dataloader', missing)):
-        train.main([str(config), '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-                    *_missing_root_options(missing, ('train_dataloader', 'val_dataloader'))])
+        train.main(
+            [
+                str(config),
+                '--work-dir',
+                str(tmp_path / 'work'),
+                '--cfg-options',
+                *_missing_root_options(missing, ('train_dataloader', 'val_dataloader')),
+            ]
+        )
 
 
 def test_test_py_checks_the_test_data_before_the_checkpoint(tmp_path):
     test = _load_tool('test')
     missing = tmp_path / 'no_such_imagenet'
     with pytest.raises(DatasetPathError, match=_missing_pattern('test_dataloader', missing)):
-        test.main([str(CONFIGS['mmpretrain']), str(tmp_path / 'no_such_checkpoint.pth'), '--work-dir',
-                   str(tmp_path / 'work'), '--cfg-options', *_missing_root_options(missing, ('test_dataloader',))])
+        test.main(
+            [
+                str(CONFIGS['mmpretrain']),
+                str(tmp_path / 'no_such_checkpoint.pth'),
+                '--work-dir',
+                str(tmp_path / 'work'),
+                '--cfg-options',
+                *_missing_root_options(missing, ('test_dataloader',)),
+            ]
+        )
 
 
 def test_test_py_needs_only_the_test_data(tmp_path):
@@ -99,11 +114,21 @@ def test_test_py_needs_only_the_test_data(tmp_path):
     make_imagenet(str(root), num_train=1, num_val=1, size=(32, 32), progress=False)
     test = _load_tool('test')
     checkpoint = tmp_path / 'no_such_checkpoint.pth'
-    options = [f'test_dataloader.dataset.data_root={root}/',
-               *_missing_root_options(tmp_path / 'no_such_train_set', ('train_dataloader', 'val_dataloader'))]
+    options = [
+        f'test_dataloader.dataset.data_root={root}/',
+        *_missing_root_options(tmp_path / 'no_such_train_set', ('train_dataloader', 'val_dataloader')),
+    ]
     with pytest.raises(FileNotFoundError, match='no_such_checkpoint') as error:
-        test.main([str(CONFIGS['mmpretrain']), str(checkpoint), '--work-dir', str(tmp_path / 'work'),
-                   '--cfg-options', *options])
+        test.main(
+            [
+                str(CONFIGS['mmpretrain']),
+                str(checkpoint),
+                '--work-dir',
+                str(tmp_path / 'work'),
+                '--cfg-options',
+                *options,
+            ]
+        )
     assert not isinstance(error.value, DatasetPathError)
     log = '\n'.join(p.read_text() for p in (tmp_path / 'work').glob('*/*.log'))
     assert 'DATRunner: checked 2 dataset path(s) of test_dataloader: all exist' in log
@@ -127,26 +152,53 @@ def _run_outside_repo(cmd, tmp_path, timeout=240) -> subprocess.CompletedProcess
 def test_mim_train_stops_on_a_missing_data_root(tmp_path):
     missing = tmp_path / 'no_such_coco'
     mim = Path(sys.executable).parent / 'mim'
-    proc = _run_outside_repo([mim, 'train', 'mmdet', CONFIGS['mmdet'], '--gpus', '0', '--work-dir', tmp_path / 'work',
-                              '--cfg-options', *_missing_root_options(missing, ('train_dataloader',))], tmp_path)
+    proc = _run_outside_repo(
+        [
+            mim,
+            'train',
+            'mmdet',
+            CONFIGS['mmdet'],
+            '--gpus',
+            '0',
+            '--work-dir',
+            tmp_path / 'work',
+            '--cfg-options',
+            *_missing_root_options(missing, ('train_dataloader',)),
+        ],
+        tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert 'projects.dat.data_checks.DatasetPathError' in output or 'DatasetPathError:' in output, output[-3000:]
     assert re.search(_missing_pattern('train_dataloader', missing), output), output[-3000:]
 
 
-@pytest.mark.parametrize('scope, script, loader', [
-    ('mmseg', 'train', 'train_dataloader'),
-    ('mmpretrain', 'train', 'val_dataloader'),
-    ('mmdet', 'test', 'test_dataloader'),
-    ('mmpretrain', 'test', 'test_dataloader'),
-])
+@pytest.mark.parametrize(
+    'scope, script, loader',
+    [
+        ('mmseg', 'train', 'train_dataloader'),
+        ('mmpretrain', 'train', 'val_dataloader'),
+        ('mmdet', 'test', 'test_dataloader'),
+        ('mmpretrain', 'test', 'test_dataloader'),
+    ],
+)
 def test_toolbox_scripts_stop_on_a_missing_data_root(scope, script, loader, tmp_path):
     """The toolboxes' own tools/train.py and tools/test.py, as ``mim train|test SCOPE`` runs them."""
     missing = tmp_path / 'no_such_data'
     args = [str(tmp_path / 'no_such_checkpoint.pth')] if script == 'test' else []
-    proc = _run_outside_repo([sys.executable, _toolbox_script(scope, script), CONFIGS[scope], *args, '--work-dir',
-                              tmp_path / 'work', '--cfg-options', *_missing_root_options(missing, (loader,))], tmp_path)
+    proc = _run_outside_repo(
+        [
+            sys.executable,
+            _toolbox_script(scope, script),
+            CONFIGS[scope],
+            *args,
+            '--work-dir',
+            tmp_path / 'work',
+            '--cfg-options',
+            *_missing_root_options(missing, (loader,)),
+        ],
+        tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert 'DatasetPathError' in output, output[-3000:]

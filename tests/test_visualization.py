@@ -117,12 +117,8 @@ def test_attention_maps_reproduce_the_block(version, size):
     captured = {}
     for name, m in model.named_modules():
         if isinstance(m, DeformableAttention):
-            m.register_forward_pre_hook(
-                lambda mod, args, name=name: captured.__setitem__(name, args[0])
-            )
-            m.proj_v.register_forward_hook(
-                lambda mod, i, o, name=name: captured.__setitem__(name + '.v', o)
-            )
+            m.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0]))
+            m.proj_v.register_forward_hook(lambda mod, i, o, name=name: captured.__setitem__(name + '.v', o))
             m.proj_out.register_forward_pre_hook(
                 lambda mod, args, name=name: captured.__setitem__(name + '.out', args[0])
             )
@@ -165,21 +161,15 @@ def test_errors(tmp_path):
     model = _tiny('pp')
     image = torch.randn(3, 64, 64)
     with pytest.raises(ValueError, match='is not a deformable attention block of this model'):
-        vis.visualize_deformable_points(
-            model, image, 'stages.0.blocks.0.attn', None, str(tmp_path / 'x.png')
-        )
+        vis.visualize_deformable_points(model, image, 'stages.0.blocks.0.attn', None, str(tmp_path / 'x.png'))
     with pytest.raises(ValueError, match='query must be'):
         vis.visualize_deformable_points(model, image, None, (64, 3), str(tmp_path / 'x.png'))
     with pytest.raises(ValueError, match='image_tensor must be'):
         vis.visualize_deformable_points(model, image[:2], None, None, str(tmp_path / 'x.png'))
     with pytest.raises(ValueError, match='groups must be in 0..1'):
-        vis.visualize_deformable_points(
-            model, image, None, None, str(tmp_path / 'x.png'), groups=[2]
-        )
+        vis.visualize_deformable_points(model, image, None, None, str(tmp_path / 'x.png'), groups=[2])
     with pytest.raises(TypeError, match='expected a DAT backbone'):
-        vis.visualize_deformable_points(
-            torch.nn.Linear(2, 2), image, None, None, str(tmp_path / 'x.png')
-        )
+        vis.visualize_deformable_points(torch.nn.Linear(2, 2), image, None, None, str(tmp_path / 'x.png'))
     module = model.stages[3].blocks[0].attn
     with pytest.raises(ValueError, match='queries must be'):
         deformable_attention_maps(module, torch.randn(1, 128, 2, 2), torch.tensor([[2, 0]]))

@@ -267,8 +267,10 @@ def check_cpu_kernels() -> str:
     try:
         cpu_kernels.build()
     except Exception as exc:
-        raise CheckFailed(f'the C++ CPU kernels do not build ({type(exc).__name__}: {str(exc)[-800:]}); a C++ '
-                          'compiler (g++) and ninja are needed, or set DAT_CPU_KERNELS=0 to run without them') from exc
+        raise CheckFailed(
+            f'the C++ CPU kernels do not build ({type(exc).__name__}: {str(exc)[-800:]}); a C++ '
+            'compiler (g++) and ninja are needed, or set DAT_CPU_KERNELS=0 to run without them'
+        ) from exc
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 5, 6, generator=gen)
     k, v = torch.randn(2, 2, 8, 12, generator=gen).unbind(0)
@@ -281,12 +283,14 @@ def check_cpu_kernels() -> str:
         with mock.patch.dict(os.environ, {cpu_kernels.ENV_SWITCH: switch}):
             outs[switch] = (
                 deformable_attention(q, k, v, pos, torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 6), table, 2),
-                neighborhood_attention(nq, nk, nv, rpb, 3))
+                neighborhood_attention(nq, nk, nv, rpb, 3),
+            )
     for name, kernel_out, pytorch_out in zip(('deformable', 'neighbourhood'), outs['1'], outs['0'], strict=True):
         if not torch.allclose(kernel_out, pytorch_out, rtol=1e-5, atol=1e-6):
             diff = (kernel_out - pytorch_out).abs().max().item()
-            raise CheckFailed(f'the C++ CPU kernels disagree with the PyTorch path ({name} attention, '
-                              f'max difference {diff:.3e})')
+            raise CheckFailed(
+                f'the C++ CPU kernels disagree with the PyTorch path ({name} attention, max difference {diff:.3e})'
+            )
     return f'built, agree with the PyTorch path (cached in {cpu_kernels.build_directory()})'
 
 

@@ -12,6 +12,7 @@ Example::
     python tools/model_converters/dat_official.py dat_pp_tiny_in1k_224.pth \
         checkpoints/datpp-t_in1k_converted.pth --trust-checkpoint
 """
+
 import argparse
 import os
 import sys
@@ -24,9 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', help='original checkpoint (.pth)')
     parser.add_argument('dst', help='where to write the converted checkpoint')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='allow full unpickling of SRC (runs code from the file: only for files '
-                             'from a trusted source such as the official release)')
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='allow full unpickling of SRC (runs code from the file: only for files '
+        'from a trusted source such as the official release)',
+    )
     return parser.parse_args(argv)
 
 
@@ -40,9 +44,11 @@ def main(argv=None) -> int:
     except (CheckpointError, ConversionError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
-    arch = info['arch'] if isinstance(info['arch'], str) else f"custom {info['arch']}"
-    print(f"      detected DAT {'v1' if info['version'] == 'v1' else '++'} ({info['version']}), arch {arch}, "
-          f"construction size {info['img_size'][0]}x{info['img_size'][1]}, {info['kind']} checkpoint")
+    arch = info['arch'] if isinstance(info['arch'], str) else f'custom {info["arch"]}'
+    print(
+        f'      detected DAT {"v1" if info["version"] == "v1" else "++"} ({info["version"]}), arch {arch}, '
+        f'construction size {info["img_size"][0]}x{info["img_size"][1]}, {info["kind"]} checkpoint'
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     atomic_save(dict(state_dict=converted, meta=dict(dat=info, source=os.path.basename(args.src))), args.dst)
     print(f'[3/3] wrote {len(converted)} tensors to {args.dst}')
