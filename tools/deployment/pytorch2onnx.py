@@ -52,16 +52,18 @@ import torch
 from mmengine.config import DictAction
 from torch import Tensor, nn
 
-sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'analysis_tools'))
-from get_flops import CANONICAL_ARCHS, DEFAULT_SHAPES, build_config_model, canonical_arch  # noqa: E402
-
-from projects.dat import DAT  # noqa: E402
+from projects.dat import DAT
+from projects.dat.models.variants import CANONICAL_ARCHS, canonical_arch
+from projects.dat.toolboxes import build_config_model
 
 # GridSample (deformable sampling and bias) is an ONNX operator from opset 16; the
 # TorchScript-based exporter writes opsets up to 20.
 MIN_OPSET, MAX_OPSET = 16, 20
 DEFAULT_OPSET = 17
 INPUT_NAME = 'input'
+# Export size of a detector's or segmentor's backbone when --shape is not given (the sizes at
+# which the papers measure them, as tools/analysis_tools/get_flops.py).
+DENSE_TASK_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
 SHAPE_PATTERN = re.compile(r'^(?:(\d+)x)?(\d+)x(\d+)$')
 
 
@@ -134,7 +136,12 @@ def build_model(
         return ClassifierScores(model).eval(), ['logits'], tuple(model.backbone.img_size), what
     backbone = model.backbone
     names = [f'feat{i}' for i in backbone.out_indices]
-    return backbone, names, DEFAULT_SHAPES[scope], f'backbone of the {scope} {type(model).__name__} (only the backbone)'
+    return (
+        backbone,
+        names,
+        DENSE_TASK_SHAPES[scope],
+        f'backbone of the {scope} {type(model).__name__} (only the backbone)',
+    )
 
 
 def _outputs(result: Tensor | Sequence[Tensor]) -> list[Tensor]:
