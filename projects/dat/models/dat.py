@@ -14,7 +14,6 @@ pretrained weights in ``pretrained.py``.
 import logging
 import os
 from collections.abc import Sequence
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -285,7 +284,7 @@ class DeformableAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, key_stride: int, offset_kernel: int,
-                 table_size: Tuple[int, int], version: str, offset_range_factor: float = 2.0,
+                 table_size: tuple[int, int], version: str, offset_range_factor: float = 2.0,
                  impl: str = 'auto'):
         super().__init__()
         self.impl = check_attn_impl(impl)
@@ -314,7 +313,7 @@ class DeformableAttention(nn.Module):
                 f'offset_kernel={self.offset_kernel}, version={self.version}, '
                 f'table={tuple(self.rpe_table.shape[1:])}')
 
-    def sampling_positions(self, q: Tensor) -> Tuple[Tensor, Tensor]:
+    def sampling_positions(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Key positions predicted from the queries, and the key grid's reference points.
 
         Args:
@@ -452,7 +451,7 @@ class DATStage(nn.Module):
         with_cp (bool): Recompute each block's activations in the backward pass.
     """
 
-    def __init__(self, blocks: List[nn.Module], downsample: Optional[nn.Module] = None, with_cp: bool = False):
+    def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None = None, with_cp: bool = False):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
