@@ -36,28 +36,16 @@ from projects.dat.models.geometry import (
     shifted_window_mask,
     window_partition,
 )
+from projects.dat.models.variants import resolve_arch
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'deployment' / 'pytorch2onnx.py'
 TOLERANCE = 1e-4
 HAS_ONNX = importlib.util.find_spec('onnx') is not None and importlib.util.find_spec('onnxruntime') is not None
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs onnx and onnxruntime (pip install '.[deploy]')")
-# DAT-T with fewer blocks: every v1 block type and padding at 200x328.
-SMALL_V1 = dict(
-    version='v1',
-    dims=[96, 192, 384, 768],
-    heads=[3, 6, 12, 24],
-    groups=[0, 0, 3, 6],
-    stage_spec=['LS', 'LS', 'LD', 'LD'],
-)
-# DAT-T++ with fewer blocks.
-SMALL_PP_T = dict(
-    version='pp',
-    dims=[64, 128, 256, 512],
-    heads=[2, 4, 8, 16],
-    groups=[1, 2, 4, 8],
-    stage_spec=['ND', 'ND', 'ND', 'DD'],
-)
+# DAT-T and DAT-T++ with one block pair per stage (DAT-T: every v1 block type, padding at 200x328).
+SMALL_V1 = {**resolve_arch('dat-t'), 'stage_spec': ['LS', 'LS', 'LD', 'LD']}
+SMALL_PP_T = {**resolve_arch('datpp-t'), 'stage_spec': ['ND', 'ND', 'ND', 'DD']}
 # A small DAT++ with every block type, for the tests of the switch.
 SMALL_PP = dict(
     version='pp', dims=[32, 64, 64, 64], heads=[1, 2, 2, 2], groups=[1, 1, 1, 1], stage_spec=['ND', 'D', 'N', 'D']
