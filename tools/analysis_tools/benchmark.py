@@ -489,8 +489,10 @@ def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any
                 w.call('keep-memory')
             log(f'  workers keep their memory between iterations (peaks {sum(peaks) / 1024:.1f} GiB together)')
         else:
-            log(f'  workers return freed memory to the OS after every iteration (peaks {sum(peaks) / 1024:.1f} GiB '
-                'together, too close to the machine\'s memory to keep)')
+            log(
+                f'  workers return freed memory to the OS after every iteration (peaks {sum(peaks) / 1024:.1f} GiB '
+                "together, too close to the machine's memory to keep)"
+            )
         repeats = jobs[0].repeats
         for i in range(repeats):
             timings = [f'{w.job.model} {w.call("time")["seconds"] * 1e3:.0f} ms' for w in workers]
