@@ -4,8 +4,10 @@ A worktree is checked out for each commit, and ``benchmark.py`` of that worktree
 own package (``PYTHONPATH`` set to the worktree) once per round, the commits alternating (the
 order flips every round, so that neither always runs first after the other). A first, untimed
 run of each commit builds its C++ kernels and warms the caches. The table gives, per model,
-input and mode, the median over all timed iterations of every round of each commit and their
-ratio new/old; the JSON keeps the commits, the exact benchmark command and every round's
+input and mode, the median over all timed iterations of every round of each commit, their
+ratio new/old, and the median of the per-round ratios (round i of the two commits ran back to
+back, under the same load; this one is the less sensitive to a load that changes during the
+sitting); the JSON keeps the commits, the exact benchmark command and every round's
 results.
 
 Example (everything after ``--`` goes to ``benchmark.py``)::
@@ -61,7 +63,8 @@ def case_key(result: dict[str, Any]) -> str:
 
 def summarise(rounds: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
     """Per case: the median latency over every timed iteration of all rounds of each commit,
-    the per-round medians, and the ratio new/old of the overall medians."""
+    the per-round medians, the ratio new/old of the overall medians, and the median of the
+    per-round ratios."""
     cases = {}
     for side in ('old', 'new'):
         for round_results in rounds[side]:
@@ -75,17 +78,22 @@ def summarise(rounds: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, A
             row[f'{side}_median_ms'] = statistics.median(t for run in entry[side] for t in run)
             row[f'{side}_round_medians_ms'] = [statistics.median(run) for run in entry[side]]
         row['new_over_old'] = row['new_median_ms'] / row['old_median_ms']
+        # Round i of each commit ran back to back: their ratio sees the same machine load.
+        pairs = zip(row['new_round_medians_ms'], row['old_round_medians_ms'], strict=True)
+        row['round_ratios'] = [n / o for n, o in pairs]
+        row['median_round_ratio'] = statistics.median(row['round_ratios'])
         summary.append(row)
     return summary
 
 
 def format_table(summary: list[dict[str, Any]], old: str, new: str) -> str:
     width = max(len(row['case']) for row in summary)
-    lines = [f'{"case":<{width}}  {"old " + old[:7] + " ms":>16}  {"new " + new[:7] + " ms":>16}  new/old']
+    header = f'{"case":<{width}}  {"old " + old[:7] + " ms":>16}  {"new " + new[:7] + " ms":>16}  new/old'
+    lines = [header + '  median of round ratios']
     for row in summary:
         lines.append(
             f'{row["case"]:<{width}}  {row["old_median_ms"]:>16.1f}  {row["new_median_ms"]:>16.1f}  '
-            f'{row["new_over_old"]:.3f}'
+            f'{row["new_over_old"]:7.3f}  {row["median_round_ratio"]:.3f}'
         )
     return '\n'.join(lines)
 
