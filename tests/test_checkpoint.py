@@ -1181,34 +1181,10 @@ def _child_main(argv: list[str]) -> None:
     parser.add_argument('--no-atomic', action='store_true', help="mmengine's CheckpointHook instead of ours")
     args = parser.parse_args(argv)
     if args.kill_while_writing:
-        real_open = builtins.open
+        # Imported here, in the child only: the module registers test hooks in mmengine's HOOKS.
+        from fixtures.dat_test_hooks import kill_while_writing
 
-        class KillingWriter:
-            def __init__(self, f):
-                self._f = f
-
-            def write(self, data):
-                self._f.write(data[: len(data) // 2])
-                self._f.flush()
-                os.fsync(self._f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-
-            def __getattr__(self, name):
-                return getattr(self._f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self._f.close()
-
-        def killing_open(file, mode='r', *a, **kw):
-            f = real_open(file, mode, *a, **kw)
-            if args.kill_while_writing in osp.basename(os.fspath(file)) and ('w' in mode or 'x' in mode):
-                return KillingWriter(f)
-            return f
-
-        builtins.open = killing_open
+        kill_while_writing(args.kill_while_writing)
     hooks = [KillHook(args.kill_after_iter)] if args.kill_after_iter is not None else []
     build_runner(
         args.work_dir,

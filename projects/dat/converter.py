@@ -57,15 +57,25 @@ _COMMON_RENAMES = [
     (r'^norms\.(\d+)\.norm\.', lambda m: f'norm{m[1]}.'),
     (r'^cls_norm\.norm\.', lambda m: 'norm3.'),
 ]
-_STEM_RENAMES = {
-    'v1': [(r'^patch_proj\.0\.', 'stem.conv.'), (r'^patch_proj\.1\.norm\.', 'stem.norm.')],
+# Stem tensor prefixes, original -> ours (plain prefixes: both directions are derived from them).
+_STEM_PREFIXES = {
+    'v1': [('patch_proj.0.', 'stem.conv.'), ('patch_proj.1.norm.', 'stem.norm.')],
     'pp': [
-        (r'^patch_proj\.0\.', 'stem.conv1.'),
-        (r'^patch_proj\.1\.norm\.', 'stem.norm1.'),
-        (r'^patch_proj\.3\.', 'stem.conv2.'),
-        (r'^patch_proj\.4\.norm\.', 'stem.norm2.'),
+        ('patch_proj.0.', 'stem.conv1.'),
+        ('patch_proj.1.norm.', 'stem.norm1.'),
+        ('patch_proj.3.', 'stem.conv2.'),
+        ('patch_proj.4.norm.', 'stem.norm2.'),
     ],
 }
+
+
+def _prefix_renames(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Regex rules ``(pattern, replacement)`` that replace each plain prefix ``a`` by ``b``
+    (the replacements hold no backslash)."""
+    return [('^' + re.escape(a), b) for a, b in pairs]
+
+
+_STEM_RENAMES = {version: _prefix_renames(pairs) for version, pairs in _STEM_PREFIXES.items()}
 # Derived buffers of the original v1 code: checked against ours, then dropped.
 _DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 
@@ -82,13 +92,7 @@ def rename_original_key(key: str, version: str) -> str:
 # Our name pattern -> original name, per version: the inverse of the renames above, to name
 # missing tensors as the user's checkpoint names them.
 _INVERSE_STEM_RENAMES = {
-    'v1': [(r'^stem\.conv\.', 'patch_proj.0.'), (r'^stem\.norm\.', 'patch_proj.1.norm.')],
-    'pp': [
-        (r'^stem\.conv1\.', 'patch_proj.0.'),
-        (r'^stem\.norm1\.', 'patch_proj.1.norm.'),
-        (r'^stem\.conv2\.', 'patch_proj.3.'),
-        (r'^stem\.norm2\.', 'patch_proj.4.norm.'),
-    ],
+    version: _prefix_renames([(ours, orig) for orig, ours in pairs]) for version, pairs in _STEM_PREFIXES.items()
 }
 _INVERSE_MLP_RENAMES = {'v1': r'stages.\1.mlps.\2.chunk.linear\3.', 'pp': r'stages.\1.mlps.\2.linear\3.0.'}
 _INVERSE_COMMON_RENAMES = [

@@ -39,6 +39,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
 from .checkpoint import atomic_open, atomic_write_bytes
+from .registration import is_reloaded, register_class
 
 __all__ = ['ATOMIC_BACKEND_NAME', 'AtomicCheckpointHook', 'AtomicLocalBackend']
 
@@ -226,23 +227,11 @@ class AtomicCheckpointHook(CheckpointHook):
         deferred.flush({os.fspath(p) for p in written if p is not None})
 
 
-def _same_class(registered: Any, obj: type) -> bool:
-    """Whether ``registered`` is ``obj`` from an earlier import of this module (e.g. a reload)."""
-    return registered is not None and (registered.__module__, registered.__qualname__) == (
-        obj.__module__,
-        obj.__qualname__,
-    )
-
-
 # Registration only adds names; a name taken by anything else raises KeyError (no override).
 if _file_backends.get(ATOMIC_BACKEND_NAME) is not AtomicLocalBackend:
     register_backend(
         ATOMIC_BACKEND_NAME,
         AtomicLocalBackend,
-        force=_same_class(_file_backends.get(ATOMIC_BACKEND_NAME), AtomicLocalBackend),
+        force=is_reloaded(_file_backends.get(ATOMIC_BACKEND_NAME), AtomicLocalBackend),
     )
-if HOOKS.module_dict.get('AtomicCheckpointHook') is not AtomicCheckpointHook:
-    HOOKS.register_module(
-        module=AtomicCheckpointHook,
-        force=_same_class(HOOKS.module_dict.get('AtomicCheckpointHook'), AtomicCheckpointHook),
-    )
+register_class(HOOKS, AtomicCheckpointHook)

@@ -30,6 +30,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .data_checks import check_dataset_paths
+from .registration import register_class
 
 __all__ = ['DATRunner', 'TRAIN_LOADERS', 'VAL_LOADERS', 'TEST_LOADERS']
 
@@ -99,11 +100,5 @@ class DATRunner(Runner):
         return super().test()
 
 
-def _registered_by_earlier_import(registered) -> bool:
-    """Whether ``registered`` is ``DATRunner`` from an earlier execution of this module (a reload)."""
-    return registered is not None and (registered.__module__, registered.__qualname__) == (__name__, 'DATRunner')
-
-
 # Registration only adds the name; a name taken by anything else raises KeyError (no override).
-if RUNNERS.module_dict.get('DATRunner') is not DATRunner:
-    RUNNERS.register_module(module=DATRunner, force=_registered_by_earlier_import(RUNNERS.module_dict.get('DATRunner')))
+register_class(RUNNERS, DATRunner)

@@ -106,6 +106,14 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _check_common(num_train: int, num_val: int, size: Sequence[int], noise: float) -> tuple[int, int]:
+    """Check the arguments every generator takes; return the image (height, width)."""
+    _check_positive('num_train', num_train)
+    _check_noise(noise)
+    _check_positive('num_val', num_val)
+    return _check_size(size)
+
+
 def _progress(total: int, enabled: bool) -> Callable[[], None]:
     """Return a function that advances a progress bar of ``total`` steps (or does nothing)."""
     if not enabled or total == 0:
@@ -263,11 +271,8 @@ def make_coco(
     Returns:
         dict[str, str]: paths of the written annotation files, keys 'train' and 'val'.
     """
-    _check_positive('num_train', num_train)
-    _check_noise(noise)
-    _check_positive('num_val', num_val)
+    height, width = _check_common(num_train, num_val, size, noise)
     _check_positive('max_objects', max_objects)
-    height, width = _check_size(size)
     unknown = [c for c in classes if c not in SHAPES]
     if unknown or not classes:
         raise ValueError(f'classes must be a non-empty subset of {sorted(SHAPES)}, got {tuple(classes)}')
@@ -368,10 +373,7 @@ def make_ade20k(
     Returns:
         dict[str, str]: image folders written, keys 'train' and 'val'.
     """
-    _check_positive('num_train', num_train)
-    _check_noise(noise)
-    _check_positive('num_val', num_val)
-    height, width = _check_size(size)
+    height, width = _check_common(num_train, num_val, size, noise)
     if not 2 <= num_classes <= len(ADE20K_CLASSES):
         raise ValueError(f'num_classes must be in 2..{len(ADE20K_CLASSES)}, got {num_classes}')
     step = _progress(num_train + num_val, progress)
@@ -419,10 +421,7 @@ def make_imagenet(
     Returns:
         dict[str, str]: paths of the annotation lists, keys 'train' and 'val'.
     """
-    _check_positive('num_train', num_train)
-    _check_noise(noise)
-    _check_positive('num_val', num_val)
-    height, width = _check_size(size)
+    height, width = _check_common(num_train, num_val, size, noise)
     unknown = [c for c in classes if c not in SHAPES]
     if unknown or len(classes) < 2:
         raise ValueError(f'classes must be at least 2 of {sorted(SHAPES)}, got {tuple(classes)}')

@@ -11,6 +11,7 @@ backbone. The math of each attention lives in ``projects.dat.ops`` and the geome
 ``geometry.py``; the variant table and its checks in ``variants.py``, the loading of
 pretrained weights in ``pretrained.py``.
 """
+
 import logging
 import os
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from ..ops import (
     window_attention,
 )
 from ..ops.torch_compat import is_autocast_enabled
+from ..registration import register_class
 from .geometry import (
     key_reference_points,
     offset_conv_padding,
@@ -149,13 +151,20 @@ class ConvFFN(nn.Module):
         rows = max(1, FFN_STRIPE_BYTES // (batch * hidden * width * y.element_size()))
         if rows >= height or y.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
             return self._after_fc1(y)
-        out = torch.empty(batch, self.fc2.out_channels, height, width, dtype=y.dtype, device=y.device,
-                          memory_format=torch.channels_last)
+        out = torch.empty(
+            batch,
+            self.fc2.out_channels,
+            height,
+            width,
+            dtype=y.dtype,
+            device=y.device,
+            memory_format=torch.channels_last,
+        )
         for top, bottom, halo_top, halo_bottom in stripes_with_halo(height, rows, halo=1):
             # The conv's zero padding is right at the map's edges; inside, the halo rows are read
             # and the output rows next to the stripe's padding are dropped.
             hidden = self._hidden(y[:, :, halo_top:halo_bottom])
-            out[:, :, top:bottom] = self.fc2(hidden[:, :, top - halo_top:bottom - halo_top])
+            out[:, :, top:bottom] = self.fc2(hidden[:, :, top - halo_top : bottom - halo_top])
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -283,9 +292,18 @@ class DeformableAttention(nn.Module):
             (see :func:`~projects.dat.ops.select_backend`). Defaults to ``'auto'``.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_groups: int, key_stride: int, offset_kernel: int,
-                 table_size: tuple[int, int], version: str, offset_range_factor: float = 2.0,
-                 impl: str = 'auto'):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_groups: int,
+        key_stride: int,
+        offset_kernel: int,
+        table_size: tuple[int, int],
+        version: str,
+        offset_range_factor: float = 2.0,
+        impl: str = 'auto',
+    ):
         super().__init__()
         self.impl = check_attn_impl(impl)
         group_dim = dim // num_groups
@@ -300,18 +318,27 @@ class DeformableAttention(nn.Module):
         self.proj_v = PointwiseConv2d(dim, dim)
         self.proj_out = PointwiseConv2d(dim, dim)
         self.conv_offset = nn.Sequential(
-            nn.Conv2d(group_dim, group_dim, offset_kernel, key_stride,
-                      offset_conv_padding(offset_kernel, key_stride), groups=group_dim),
+            nn.Conv2d(
+                group_dim,
+                group_dim,
+                offset_kernel,
+                key_stride,
+                offset_conv_padding(offset_kernel, key_stride),
+                groups=group_dim,
+            ),
             LayerNorm2d(group_dim),
             GELU2d(),
-            PointwiseConv2d(group_dim, 2, bias=False))
+            PointwiseConv2d(group_dim, 2, bias=False),
+        )
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
 
     def extra_repr(self) -> str:
-        return (f'heads={self.num_heads}, groups={self.num_groups}, key_stride={self.key_stride}, '
-                f'offset_kernel={self.offset_kernel}, version={self.version}, '
-                f'table={tuple(self.rpe_table.shape[1:])}')
+        return (
+            f'heads={self.num_heads}, groups={self.num_groups}, key_stride={self.key_stride}, '
+            f'offset_kernel={self.offset_kernel}, version={self.version}, '
+            f'table={tuple(self.rpe_table.shape[1:])}'
+        )
 
     def sampling_positions(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Key positions predicted from the queries, and the key grid's reference points.
@@ -344,14 +371,27 @@ class DeformableAttention(nn.Module):
             pos, ref = self.sampling_positions(q)
         hk, wk = pos.shape[1:3]
         group_dim = c // self.num_groups
-        sampled = F.grid_sample(x.reshape(b * self.num_groups, group_dim, h, w).to(pos.dtype), pos[..., (1, 0)],
-                                mode='bilinear', align_corners=True)
+        sampled = F.grid_sample(
+            x.reshape(b * self.num_groups, group_dim, h, w).to(pos.dtype),
+            pos[..., (1, 0)],
+            mode='bilinear',
+            align_corners=True,
+        )
         sampled = sampled.reshape(b, c, 1, hk * wk)
         k = self.proj_k(sampled).reshape(b, c, hk * wk)
         v = self.proj_v(sampled).reshape(b, c, hk * wk)
         query_coords = query_grid(h, w, self.version, pos.dtype, q.device)  # separable: (H,) x (W,)
-        out = deformable_attention(q, k, v, pos.reshape(-1, hk * wk, 2), query_coords[:, 0, 0], query_coords[0, :, 1],
-                                   self.rpe_table, self.num_groups, self.impl)
+        out = deformable_attention(
+            q,
+            k,
+            v,
+            pos.reshape(-1, hk * wk, 2),
+            query_coords[:, 0, 0],
+            query_coords[0, :, 1],
+            self.rpe_table,
+            self.num_groups,
+            self.impl,
+        )
         return self.proj_out(out)
 
 
@@ -369,8 +409,16 @@ class DATBlock(nn.Module):
         impl (str): The ConvFFN's ``impl`` (DAT++). Defaults to ``'auto'``.
     """
 
-    def __init__(self, attn: nn.Module, dim: int, version: str, mlp_ratio: int = 4, drop_path: float = 0.0,
-                 recompute_ffn: bool = False, impl: str = 'auto'):
+    def __init__(
+        self,
+        attn: nn.Module,
+        dim: int,
+        version: str,
+        mlp_ratio: int = 4,
+        drop_path: float = 0.0,
+        recompute_ffn: bool = False,
+        impl: str = 'auto',
+    ):
         super().__init__()
         self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if version == 'pp' else None
         self.norm1 = LayerNorm2d(dim)
@@ -402,8 +450,11 @@ class Downsample(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, version: str):
-        conv = (nn.Conv2d(in_channels, out_channels, 2, 2, bias=False) if version == 'v1'
-                else nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False))
+        conv = (
+            nn.Conv2d(in_channels, out_channels, 2, 2, bias=False)
+            if version == 'v1'
+            else nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False)
+        )
         super().__init__()
         self.conv = conv
         self.norm = LayerNorm2d(out_channels)
@@ -468,14 +519,6 @@ class DATStage(nn.Module):
         return x
 
 
-def _registered_by_earlier_import(name: str) -> bool:
-    """Whether ``MODELS[name]`` is this module's class ``name`` from an earlier execution of this
-    module (``importlib.reload``); then the new class replaces it, anything else keeps the name."""
-    registered = MODELS.module_dict.get(name)
-    return registered is not None and (registered.__module__, registered.__qualname__) == (__name__, name)
-
-
-@MODELS.register_module(force=_registered_by_earlier_import('DAT'))
 class DAT(BaseModule):
     """DAT / DAT++ backbone for classification, detection and segmentation.
 
@@ -495,9 +538,9 @@ class DAT(BaseModule):
             Defaults to the variant's rate (None).
         with_cp (bool): Activation checkpointing per block. Defaults to False.
         recompute_ffn (bool): Keep only the first hidden tensor of each FFN for the backward
-            pass and recompute the rest but the last layer (DAT++: depth-wise conv and GELU,
-            about 23 % less training memory at 1344x800 for about 2 % more time, see
-            ``docs/benchmarks.md``; v1: the GELU). Has no effect with ``with_cp`` (whole
+            pass and recompute the rest but the last layer (DAT++: depth-wise conv and GELU;
+            v1: the GELU): less training memory for a little more time, measured in
+            ``docs/benchmarks.md``. Has no effect with ``with_cp`` (whole
             blocks are recomputed then) or without gradients. Defaults to True.
         frozen_stages (int): As mmdet's Swin: -1 freezes nothing, ``k >= 0`` freezes the stem
             and stages ``0 .. k-1`` (with their output norms). Defaults to -1.
@@ -531,32 +574,38 @@ class DAT(BaseModule):
     # Name (canonical or alias) -> settings of the released variants (see variants.py).
     arch_zoo = ARCH_ZOO
 
-    def __init__(self,
-                 arch: str | dict = 'datpp-t',
-                 out_indices: int | Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: float | None = None,
-                 with_cp: bool = False,
-                 recompute_ffn: bool = True,
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 img_size: int | tuple[int, int] = 224,
-                 init_cfg: dict | list[dict] | None = None,
-                 attn_impl: str = 'auto',
-                 check_finite: bool = False):
+    def __init__(
+        self,
+        arch: str | dict = 'datpp-t',
+        out_indices: int | Sequence[int] = (0, 1, 2, 3),
+        drop_path_rate: float | None = None,
+        with_cp: bool = False,
+        recompute_ffn: bool = True,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        img_size: int | tuple[int, int] = 224,
+        init_cfg: dict | list[dict] | None = None,
+        attn_impl: str = 'auto',
+        check_finite: bool = False,
+    ):
         _check_init_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)
         self.attn_impl = check_attn_impl(attn_impl)
         self.arch_settings = resolve_arch(arch)
         # What messages call the variant: its name, or the custom settings' version.
-        self.arch_name = arch.lower() if isinstance(arch, str) else f"custom {arch['version']}"
+        self.arch_name = arch.lower() if isinstance(arch, str) else f'custom {arch["version"]}'
         s = self.arch_settings
         self.version = s['version']
         self.out_indices = tuple(_check_out_indices(out_indices))
         if not is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be an int in -1..4, got {frozen_stages!r}')
         self.frozen_stages = frozen_stages
-        for name, value in (('with_cp', with_cp), ('recompute_ffn', recompute_ffn), ('norm_eval', norm_eval),
-                            ('check_finite', check_finite)):
+        for name, value in (
+            ('with_cp', with_cp),
+            ('recompute_ffn', recompute_ffn),
+            ('norm_eval', norm_eval),
+            ('check_finite', check_finite),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be a bool (True or False), got {value!r}')
         self.norm_eval = norm_eval
@@ -578,12 +627,21 @@ class DAT(BaseModule):
         self.stem = Stem(dims[0], self.version)
         self.stages = nn.ModuleList()
         for i, spec in enumerate(s['stage_spec']):
-            table_size = (img_h // 4 // 2 ** i, img_w // 4 // 2 ** i)
+            table_size = (img_h // 4 // 2**i, img_w // 4 // 2**i)
             blocks = []
             for j, kind in enumerate(spec):
                 attn = self._make_attention(kind, i, table_size)
-                blocks.append(DATBlock(attn, dims[i], self.version, s['mlp_ratio'], rates[sum(depths[:i]) + j],
-                                       recompute_ffn=recompute_ffn and not with_cp, impl=self.attn_impl))
+                blocks.append(
+                    DATBlock(
+                        attn,
+                        dims[i],
+                        self.version,
+                        s['mlp_ratio'],
+                        rates[sum(depths[:i]) + j],
+                        recompute_ffn=recompute_ffn and not with_cp,
+                        impl=self.attn_impl,
+                    )
+                )
             downsample = Downsample(dims[i - 1], dims[i], self.version) if i > 0 else None
             self.stages.append(DATStage(blocks, downsample, with_cp))
         for i in self.out_indices:
@@ -597,9 +655,17 @@ class DAT(BaseModule):
             return WindowAttention(dim, heads, s['window_size'], shifted=kind == 'S')
         if kind == 'N':
             return NeighborhoodAttention(dim, heads, s['neighborhood_size'], self.attn_impl)
-        return DeformableAttention(dim, heads, s['groups'][stage], s['key_strides'][stage],
-                                   s['offset_kernels'][stage], table_size, self.version,
-                                   s['offset_range_factor'], self.attn_impl)
+        return DeformableAttention(
+            dim,
+            heads,
+            s['groups'][stage],
+            s['key_strides'][stage],
+            s['offset_kernels'][stage],
+            table_size,
+            self.version,
+            s['offset_range_factor'],
+            self.attn_impl,
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Return the normalised outputs of the stages in ``out_indices``.
@@ -617,8 +683,7 @@ class DAT(BaseModule):
             raise ValueError(f'DAT expects non-empty images of at least 1x1 pixels, got {tuple(x.shape)}')
         weight = self.stem.norm.weight if self.version == 'v1' else self.stem.norm1.weight
         if x.dtype != weight.dtype and not is_autocast_enabled(x.device.type):
-            raise ValueError(f'DAT expects images of the parameters\' dtype {weight.dtype} (or autocast), '
-                             f'got {x.dtype}')
+            raise ValueError(f"DAT expects images of the parameters' dtype {weight.dtype} (or autocast), got {x.dtype}")
         images = x
         x = self.stem(x)
         outs = []
@@ -631,8 +696,11 @@ class DAT(BaseModule):
         # One synchronising check per training step (hence opt-in); the search for the culprit
         # runs only when it fails.
         if self.check_finite and self.training and not torch.stack([o.isfinite().all() for o in outs]).all():
-            print_log(f'DAT: non-finite values in the backbone output, first produced by '
-                      f'{self.locate_non_finite(images)}', logger='current', level=logging.WARNING)
+            print_log(
+                f'DAT: non-finite values in the backbone output, first produced by {self.locate_non_finite(images)}',
+                logger='current',
+                level=logging.WARNING,
+            )
         return tuple(outs)
 
     @torch.no_grad()
@@ -663,8 +731,12 @@ class DAT(BaseModule):
     def init_weights(self) -> None:
         """Load a ``Pretrained`` init_cfg strictly (see :func:`load_pretrained_backbone`)."""
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            load_pretrained_backbone(self, self.init_cfg['checkpoint'], prefix=self.init_cfg.get('prefix'),
-                                     logger=MMLogger.get_current_instance())
+            load_pretrained_backbone(
+                self,
+                self.init_cfg['checkpoint'],
+                prefix=self.init_cfg.get('prefix'),
+                logger=MMLogger.get_current_instance(),
+            )
             self._is_init = True
             return
         super().init_weights()
@@ -693,8 +765,10 @@ class DAT(BaseModule):
 def _check_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
     pair = (img_size, img_size) if isinstance(img_size, int) else img_size
     if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(not is_int(v) or v < 32 for v in pair):
-        raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= 32 (one pixel per '
-                         f'stage-3 bias-table cell), got {img_size!r}')
+        raise ValueError(
+            f'img_size must be an int or an (H, W) pair of ints >= 32 (one pixel per '
+            f'stage-3 bias-table cell), got {img_size!r}'
+        )
     return tuple(pair)
 
 
@@ -703,11 +777,13 @@ def _check_out_indices(out_indices: int | Sequence[int]) -> list[int]:
     if is_int(out_indices):
         out_indices = [out_indices]
     if not isinstance(out_indices, (list, tuple)):
-        raise ValueError(f'out_indices must be an int or a sequence of increasing distinct ints in 0..3, '
-                         f'got {given!r}')
+        raise ValueError(f'out_indices must be an int or a sequence of increasing distinct ints in 0..3, got {given!r}')
     out_indices = list(out_indices)
-    if not out_indices or any(not is_int(i) or not 0 <= i <= 3 for i in out_indices) \
-            or out_indices != sorted(set(out_indices)):
+    if (
+        not out_indices
+        or any(not is_int(i) or not 0 <= i <= 3 for i in out_indices)
+        or out_indices != sorted(set(out_indices))
+    ):
         raise ValueError(f'out_indices must be increasing distinct ints in 0..3, got {given!r}')
     return out_indices
 
@@ -722,21 +798,27 @@ def _check_init_cfg(init_cfg: dict | list[dict] | None) -> None:
         return
     if isinstance(init_cfg, (list, tuple)):
         if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in init_cfg):
-            raise ValueError('DAT loads a Pretrained init_cfg strictly only when it is given alone, as a dict: '
-                             "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.'); "
-                             f'got a list {init_cfg!r}')
+            raise ValueError(
+                'DAT loads a Pretrained init_cfg strictly only when it is given alone, as a dict: '
+                "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.'); "
+                f'got a list {init_cfg!r}'
+            )
         return
     if not isinstance(init_cfg, dict):
-        raise TypeError(f'init_cfg must be a dict, a list of dicts or None, got {type(init_cfg).__name__} '
-                        f'{init_cfg!r}')
+        raise TypeError(f'init_cfg must be a dict, a list of dicts or None, got {type(init_cfg).__name__} {init_cfg!r}')
     if init_cfg.get('type') != 'Pretrained':
         return
     checkpoint = init_cfg.get('checkpoint')
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
-        raise ValueError('A Pretrained init_cfg needs checkpoint=<path or URL of a converted checkpoint>, e.g. '
-                         "init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', "
-                         f"prefix='backbone.'); got {init_cfg!r}")
+        raise ValueError(
+            'A Pretrained init_cfg needs checkpoint=<path or URL of a converted checkpoint>, e.g. '
+            "init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', "
+            f"prefix='backbone.'); got {init_cfg!r}"
+        )
     prefix = init_cfg.get('prefix')
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"init_cfg['prefix'] must be a str such as 'backbone.' or None, got {prefix!r}")
 
+
+# Registration only adds the name; a name taken by anything else raises KeyError (no override).
+register_class(MODELS, DAT)
