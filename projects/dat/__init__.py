@@ -25,7 +25,7 @@ from .models import DAT
 from .models.attn_impl import set_attn_impl
 from .runner import DATRunner
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 register_mmengine_safe_globals()
 register_safe_url_loader()
