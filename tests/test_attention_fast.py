@@ -21,6 +21,7 @@ from projects.dat.models.geometry import query_grid
 from projects.dat.models.inspection import record_sampling_points
 from projects.dat.ops import (
     ATTN_IMPLS,
+    chunking,
     cpu_kernels,
     deformable_attention,
     neighborhood_attention,
@@ -443,6 +444,25 @@ def test_chunk_budget_is_respected():
     covered = {(b, r) for b0, b1, r0, r1 in chunks for b in range(b0, b1) for r in range(r0, r1)}
     assert covered == {(b, r) for b in range(3) for r in range(10)}
     assert deformable_ops._chunk_ranges(3, 2, 10, 7, 5, 10**6) == [(0, 3, 0, 10)]
+
+
+def test_chunk_size_per_device(monkeypatch):
+    """CPU keeps each operator's cache-sized chunk; CUDA takes a fixed large chunk, smaller where
+    its buffers would take more than their share of a small GPU's memory, never smaller than on CPU.
+    Computed from numbers: no CUDA call (the GPU's memory is given)."""
+    gib, cpu = 1 << 30, deformable_ops.DEFORMABLE_CHUNK_ELEMENTS
+    buffers = deformable_ops.DEFORMABLE_CHUNK_BUFFERS
+    assert chunking.default_chunk_elements(torch.device('cpu'), torch.float32, cpu, buffers) == cpu
+    assert chunking.cuda_chunk_elements(141 * gib, buffers, 4, cpu) == chunking.CUDA_CHUNK_ELEMENTS
+    small = chunking.cuda_chunk_elements(16 * gib, buffers, 4, cpu)
+    assert small == int(16 * gib * chunking.CUDA_MEMORY_FRACTION) // (buffers * 4)
+    assert cpu < small < chunking.CUDA_CHUNK_ELEMENTS
+    assert small * buffers * 4 <= 16 * gib * chunking.CUDA_MEMORY_FRACTION
+    assert chunking.cuda_chunk_elements(gib // 4, buffers, 4, cpu) == cpu
+    # On a torch.device('cuda') the GPU's memory is asked for (here given), and float64 halves the chunk.
+    monkeypatch.setattr(chunking, '_cuda_total_memory', lambda device: 16 * gib)
+    assert chunking.default_chunk_elements(torch.device('cuda', 0), torch.float32, cpu, buffers) == small
+    assert chunking.default_chunk_elements(torch.device('cuda', 0), torch.float64, cpu, buffers) == small // 2
 
 
 def test_switch_errors():
