@@ -1,11 +1,11 @@
 # Every target sets up (or checks, in seconds) the environment in .venv first.
-# Usage: make demo | make test | make lint | make env
+# Usage: make demo | make test | make lint | make env | make gpu-wheels
 #        make test PYTEST_ARGS='-k environment -x'
 
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test demo lint format
+.PHONY: env test demo lint format gpu-wheels
 
 env:
 	bash tools/setup_env.sh
@@ -23,3 +23,7 @@ lint: env
 format: env
 	$(VENV_PY) -m ruff format .
 	$(VENV_PY) -m ruff check --fix .
+
+# The wheels that tools/gpu_check.sh installs on a GPU machine without network, into .whl/.
+gpu-wheels: env
+	bash tools/gpu_wheels.sh

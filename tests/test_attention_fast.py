@@ -5,6 +5,10 @@ Agreement is checked in float32 as a relative error against the largest referenc
 maps, several groups, both DAT versions, and through whole backbones (including the golden
 tensors of the original code). Memory: the fast paths must not save any tensor of the size
 of the attention matrix (deformable) or of the windows' logits (neighbourhood).
+
+The tests that take ``device`` (``tests/conftest.py``) run on CPU and, where a GPU is visible,
+on CUDA (with TF32 off), where the fast paths run in PyTorch; the inputs are made on CPU and
+moved, so that both devices see the same numbers.
 """
 
 import logging
@@ -21,6 +25,7 @@ from projects.dat.models.geometry import query_grid
 from projects.dat.models.inspection import record_sampling_points
 from projects.dat.ops import (
     ATTN_IMPLS,
+    chunking,
     cpu_kernels,
     deformable_attention,
     neighborhood_attention,
@@ -37,6 +42,7 @@ from projects.dat.ops.reference import (
 )
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+CPU = torch.device('cpu')
 needs_custom_ops = pytest.mark.skipif(
     not torch_compat.HAS_CUSTOM_OPS,
     reason=(
@@ -65,21 +71,25 @@ def assert_rel_close(actual, expected, tol=1e-5, name='', floor=1e-6):
     assert err <= tol * max(scale, floor), f'{name}: max error {err:.3e} vs max value {scale:.3e}'
 
 
-def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread, dtype=torch.float32):
+def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread, dtype=torch.float32, device=CPU):
+    """Random deformable-attention inputs (made on CPU, then moved to ``device``) requiring grad,
+    and the query grid."""
     g = torch.Generator().manual_seed(h * 100 + w * 10 + groups)
     q = torch.randn(b, c, h, w, generator=g, dtype=dtype)
     k = torch.randn(b, c, hk * wk, generator=g, dtype=dtype)
     v = torch.randn(b, c, hk * wk, generator=g, dtype=dtype)
     pos = (torch.rand(b * groups, hk * wk, 2, generator=g, dtype=dtype) * 2 - 1) * spread
     rpe = torch.randn(heads, *table, generator=g, dtype=dtype)
-    coords = query_grid(h, w, version, dtype)
-    return [t.requires_grad_() for t in (q, k, v, pos, rpe)], coords
+    coords = query_grid(h, w, version, dtype).to(device)
+    return [t.to(device).requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
-def _fast_impl(bias_impl, require_cpu_kernels):
-    """The attn_impl of a test's backend: the C++ kernels (required to run) or PyTorch."""
+def _fast_impl(bias_impl, require_cpu_kernels, device=CPU):
+    """The attn_impl of a test's backend: the C++ kernels (required to run; CPU only) or PyTorch."""
     if bias_impl == 'pytorch':
         return 'pytorch'
+    if device.type != 'cpu':
+        pytest.skip(f'the C++ kernels compute on CPU only, not on {device.type}')
     require_cpu_kernels()
     return 'cpu-kernel'
 
@@ -114,21 +124,21 @@ def _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl):
 )
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
 def test_deformable_matches_reference(
-    b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl, require_cpu_kernels
+    b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl, device, require_cpu_kernels
 ):
-    impl = _fast_impl(bias_impl, require_cpu_kernels)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
-    inputs, coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1)
+    inputs, coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1, device=device)
     _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl)
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_keys_far_outside_the_table(bias_impl, require_cpu_kernels):
+def test_deformable_keys_far_outside_the_table(bias_impl, device, require_cpu_kernels):
     """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
     (both taps outside, coordinates clamped), where the bias is 0 and has no gradient, as in
     grid_sample; others have one tap inside."""
-    impl = _fast_impl(bias_impl, require_cpu_kernels)
-    inputs, coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    inputs, coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0, device=device)
     pos = inputs[3]
     with torch.no_grad():
         pos[:, :2] = 4.5  # beyond every query's reach: displacements below -1.75 in both axes
@@ -171,9 +181,11 @@ def test_unbuildable_cpu_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch
     assert 'g++: not found' in messages[0][0] and 'runs in PyTorch' in messages[0][0]
 
 
-def test_deformable_float64_is_exact_and_passes_gradcheck():
+def test_deformable_float64_is_exact_and_passes_gradcheck(device):
     # Keys up to 2x beyond [-1, 1]: some displacements fall beyond the zero padding of the table.
-    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 4, 3, 4, 2, 2, 2, 2, (5, 5), 'pp', 2.0, torch.float64)
+    (q, k, v, pos, rpe), coords = _deformable_inputs(
+        1, 4, 3, 4, 2, 2, 2, 2, (5, 5), 'pp', 2.0, torch.float64, device=device
+    )
     ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 2)
     fast = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 2, chunk_elements=8)
     assert_rel_close(fast, ref, tol=1e-12)
@@ -197,11 +209,11 @@ def test_deformable_float64_is_exact_and_passes_gradcheck():
 )
 # The C++ kernel (window by window), or the tiled PyTorch path in one chunk or one tile row per chunk.
 @pytest.mark.parametrize('impl, chunk', [('cpu_kernels', None), ('pytorch', None), ('pytorch', 1)])
-def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, require_cpu_kernels):
-    impl = _fast_impl(impl, require_cpu_kernels)
+def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, device, require_cpu_kernels):
+    impl = _fast_impl(impl, require_cpu_kernels, device)
     g = torch.Generator().manual_seed(h * w)
-    q, k, v = (torch.randn(b, heads, h, w, d, generator=g).requires_grad_() for _ in range(3))
-    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).requires_grad_()
+    q, k, v = (torch.randn(b, heads, h, w, d, generator=g).to(device).requires_grad_() for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(device).requires_grad_()
     ref = neighborhood_attention_reference(q, k, v, rpb, kernel)
     fast = neighborhood_attention(q, k, v, rpb, kernel, impl, chunk_elements=chunk)
     assert_rel_close(fast, ref, name='output')
@@ -254,10 +266,11 @@ def test_neighborhood_tiles_hold_every_window(length, kernel, tile):
 
 @pytest.mark.parametrize('version', ['v1', 'pp'])
 @pytest.mark.parametrize('size', [(1, 1), (33, 47), (64, 96), (112, 137)])
-def test_backbone_fast_equals_reference(version, size):
+def test_backbone_fast_equals_reference(version, size, device):
     torch.manual_seed(0)
     model = DAT(TINY[version], drop_path_rate=0.0, attn_impl='reference')
-    x = torch.randn(2, 3, *size)
+    x = torch.randn(2, 3, *size).to(device)
+    model.to(device)
     weights = [torch.randn_like(o) for o in model(x)]
 
     def run(impl):
@@ -284,14 +297,15 @@ def test_backbone_fast_equals_reference(version, size):
 @pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
 @pytest.mark.parametrize('impl', ['reference', 'fast'])
 @pytest.mark.parametrize('name', ['dat_v1_small', 'dat_pp_small'])
-def test_golden_parity_with_each_impl(name, impl):
+def test_golden_parity_with_each_impl(name, impl, device):
     golden = torch.load(GOLDEN / f'{name}.pt', weights_only=True)
     converted, info = convert_original_state_dict(golden['state_dict'])
     model = DAT(info['arch'], out_indices=(3,), img_size=tuple(info['img_size']), attn_impl=impl).eval()
     model.load_state_dict({k[len('backbone.') :]: v for k, v in converted.items() if k.startswith('backbone.')})
+    model.to(device)
     for case_name, case in golden['cases'].items():
         with torch.no_grad():
-            pooled = model(case['input'])[0].mean((2, 3))
+            pooled = model(case['input'].to(device))[0].mean((2, 3)).cpu()
         logits = pooled @ converted['head.fc.weight'].t() + converted['head.fc.bias']
         torch.testing.assert_close(logits, case['logits'], atol=1e-4, rtol=1e-4, msg=f'{case_name} logits ({impl})')
 
@@ -308,11 +322,11 @@ def _largest_saved(module, x):
     return max(sizes)
 
 
-def test_fast_paths_save_no_attention_matrix():
+def test_fast_paths_save_no_attention_matrix(device):
     torch.manual_seed(0)
     b, c, h, w = 2, 32, 28, 36
-    x = torch.randn(b, c, h, w, requires_grad=True)
-    deform = DeformableAttention(c, 4, 2, key_stride=1, offset_kernel=3, table_size=(14, 14), version='pp')
+    x = torch.randn(b, c, h, w).to(device).requires_grad_()
+    deform = DeformableAttention(c, 4, 2, key_stride=1, offset_kernel=3, table_size=(14, 14), version='pp').to(device)
     num_keys = h * w
     set_attn_impl(deform, 'reference')
     assert _largest_saved(deform, x) >= b * 4 * h * w * num_keys  # the attention matrix
@@ -320,7 +334,7 @@ def test_fast_paths_save_no_attention_matrix():
         set_attn_impl(deform, impl)
         assert _largest_saved(deform, x) <= b * c * h * w, impl  # nothing bigger than a feature map
 
-    neigh = NeighborhoodAttention(c, 4, 7)
+    neigh = NeighborhoodAttention(c, 4, 7).to(device)
     set_attn_impl(neigh, 'reference')
     assert _largest_saved(neigh, x) >= b * h * w * 49 * c  # gathered windows (all heads)
     for impl in ('pytorch', 'fast'):
@@ -339,18 +353,20 @@ def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
         return False
 
 
-@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])
-def test_amp_keeps_positions_float32_and_agrees(amp_dtype):
-    if not _cpu_autocast_supports(amp_dtype):
+@pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16], ids=['bfloat16', 'float16'])
+def test_amp_keeps_positions_float32_and_agrees(amp_dtype, device):
+    if device.type == 'cpu' and not _cpu_autocast_supports(amp_dtype):
         pytest.skip(f'torch {torch.__version__} has no CPU autocast to {amp_dtype}')
+    if device.type == 'cuda' and amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip(f'{torch.cuda.get_device_name(device)} has no bfloat16')
     torch.manual_seed(0)
-    model = DAT(TINY['pp'], drop_path_rate=0.0)
-    x = torch.randn(2, 3, 64, 96)
+    model = DAT(TINY['pp'], drop_path_rate=0.0).to(device)
+    x = torch.randn(2, 3, 64, 96).to(device)
     results = {}
     for impl in ('reference', 'fast'):
         set_attn_impl(model, impl)
         model.zero_grad()
-        with torch.autocast('cpu', dtype=amp_dtype), record_sampling_points(model) as records:
+        with torch.autocast(device.type, dtype=amp_dtype), record_sampling_points(model) as records:
             outs = model(x)
         sum(o.float().square().mean() for o in outs).backward()
         assert all(r['positions'].dtype == torch.float32 for r in records.values())
@@ -363,12 +379,12 @@ def test_amp_keeps_positions_float32_and_agrees(amp_dtype):
         assert (fast - f32).norm() <= 0.03 * f32.norm()
 
 
-def test_with_cp_matches_on_fast_path():
+def test_with_cp_matches_on_fast_path(device):
     torch.manual_seed(0)
-    model = DAT(TINY['pp'], drop_path_rate=0.0)
-    model_cp = DAT(TINY['pp'], drop_path_rate=0.0, with_cp=True)
+    model = DAT(TINY['pp'], drop_path_rate=0.0).to(device)
+    model_cp = DAT(TINY['pp'], drop_path_rate=0.0, with_cp=True).to(device)
     model_cp.load_state_dict(model.state_dict())
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64).to(device)
     for m in (model, model_cp):
         sum(o.square().mean() for o in m(x)).backward()
     for (name, p), p_cp in zip(model.named_parameters(), model_cp.parameters(), strict=False):
@@ -376,10 +392,11 @@ def test_with_cp_matches_on_fast_path():
 
 
 @needs_custom_ops
-def test_compile_traces_fast_ops_without_graph_breaks():
+def test_compile_traces_fast_ops_without_graph_breaks(device):
     # fullgraph=True fails on any graph break; aot_eager traces forward and backward through
-    # the custom operators and their fake implementations without a C++ compiler.
-    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 5, 6, 2, 1, 2, 2, (7, 7), 'pp', 0.9)
+    # the custom operators and their fake implementations without a C++ compiler. On CUDA the
+    # query of the GPU's memory for the chunk size must not break the graph either.
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 5, 6, 2, 1, 2, 2, (7, 7), 'pp', 0.9, device=device)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
 
     def both(q, k, v, pos, rpe):
@@ -399,14 +416,14 @@ def test_compile_traces_fast_ops_without_graph_breaks():
 
 @needs_custom_ops
 @pytest.mark.parametrize('use_cpu_kernels', [False, True])
-def test_custom_ops_pass_opcheck(use_cpu_kernels, require_cpu_kernels):
+def test_custom_ops_pass_opcheck(use_cpu_kernels, device, require_cpu_kernels):
     # Fake implementations must match the real ones to the strides (inductor checks them); the
     # backward operators are checked on their own, with real forward outputs.
     if use_cpu_kernels:
-        require_cpu_kernels()
+        _fast_impl('cpu_kernels', require_cpu_kernels, device)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(4, 9, 10, 8, generator=g, requires_grad=True) for _ in range(3))
-    rpb = torch.randn(2, 13, 13, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(4, 9, 10, 8, generator=g).to(device).requires_grad_() for _ in range(3))
+    rpb = torch.randn(2, 13, 13, generator=g).to(device).requires_grad_()
     n_args = (q, k, v, rpb, 7, 1 << 22, use_cpu_kernels)
     torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
     out, lse = torch.ops.dat.neighborhood_attention(*n_args)
@@ -415,7 +432,7 @@ def test_custom_ops_pass_opcheck(use_cpu_kernels, require_cpu_kernels):
         torch.ops.dat.neighborhood_attention_backward.default,
         (torch.randn_like(out), *detached, 7, 1 << 22, use_cpu_kernels),
     )
-    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9, device=device)
     d_args = (
         q.reshape(4, 1, 4, 30),
         k.reshape(4, 1, 4, 6),
@@ -445,6 +462,25 @@ def test_chunk_budget_is_respected():
     assert deformable_ops._chunk_ranges(3, 2, 10, 7, 5, 10**6) == [(0, 3, 0, 10)]
 
 
+def test_chunk_size_per_device(monkeypatch):
+    """CPU keeps each operator's cache-sized chunk; CUDA takes a fixed large chunk, smaller where
+    its buffers would take more than their share of a small GPU's memory, never smaller than on CPU.
+    Computed from numbers: no CUDA call (the GPU's memory is given)."""
+    gib, cpu = 1 << 30, deformable_ops.DEFORMABLE_CHUNK_ELEMENTS
+    buffers = deformable_ops.DEFORMABLE_CHUNK_BUFFERS
+    assert chunking.default_chunk_elements(torch.device('cpu'), torch.float32, cpu, buffers) == cpu
+    assert chunking.cuda_chunk_elements(141 * gib, buffers, 4, cpu) == chunking.CUDA_CHUNK_ELEMENTS
+    small = chunking.cuda_chunk_elements(16 * gib, buffers, 4, cpu)
+    assert small == int(16 * gib * chunking.CUDA_MEMORY_FRACTION) // (buffers * 4)
+    assert cpu < small < chunking.CUDA_CHUNK_ELEMENTS
+    assert small * buffers * 4 <= 16 * gib * chunking.CUDA_MEMORY_FRACTION
+    assert chunking.cuda_chunk_elements(gib // 4, buffers, 4, cpu) == cpu
+    # On a torch.device('cuda') the GPU's memory is asked for (here given), and float64 halves the chunk.
+    monkeypatch.setattr(chunking, '_cuda_total_memory', lambda device: 16 * gib)
+    assert chunking.default_chunk_elements(torch.device('cuda', 0), torch.float32, cpu, buffers) == small
+    assert chunking.default_chunk_elements(torch.device('cuda', 0), torch.float64, cpu, buffers) == small // 2
+
+
 def test_switch_errors():
     with pytest.raises(
         ValueError,
@@ -472,15 +508,15 @@ def test_switch_errors():
 
 
 @needs_custom_ops
-def test_backbone_in_eval_mode_traces_as_one_graph(monkeypatch):
+def test_backbone_in_eval_mode_traces_as_one_graph(device, monkeypatch):
     # The wrappers of the custom operators decide in Python which path runs; dynamo must not
     # trace into the kernels' loader (it compiles and logs: a graph break at every block), also
-    # when the kernels are not loaded yet.
+    # when the kernels are not loaded yet, nor into the query of the GPU's memory on CUDA.
     monkeypatch.setattr(cpu_kernels, '_loaded', {})
     torch._dynamo.reset()
-    model = DAT(TINY['pp']).eval()
+    model = DAT(TINY['pp']).eval().to(device)
     with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+        explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64).to(device))
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
@@ -642,12 +678,12 @@ def test_operators_called_directly_check_their_inputs():
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, require_cpu_kernels):
+def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, device, require_cpu_kernels):
     """A NaN position never becomes a table index (the kernels would read outside the table): it
     makes the outputs of its image NaN, and leaves the other image's output and gradient as they
     were."""
-    impl = _fast_impl(bias_impl, require_cpu_kernels)
-    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 1, 2, 3, (7, 9), 'pp', 0.9)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 1, 2, 3, (7, 9), 'pp', 0.9, device=device)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
     clean = deformable_attention(q, k, v, pos, qy, qx, rpe, 1, impl, chunk_elements=40)
     (grad_q_clean,) = torch.autograd.grad(clean[0].sum(), q)
@@ -663,15 +699,16 @@ def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl,
 
 
 @pytest.mark.parametrize('impl', ['cpu_kernels', 'pytorch'])
-def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, require_cpu_kernels):
+def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, device, require_cpu_kernels):
     """NaN inputs give NaN outputs (the tiled path also at the queries of the NaN key's tile, whose
     masked logits are NaN), and never an error or a read outside the inputs."""
-    attn_impl = _fast_impl(impl, require_cpu_kernels)
+    attn_impl = _fast_impl(impl, require_cpu_kernels, device)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 8, 4, generator=g) for _ in range(3))
-    rpb = torch.randn(2, 5, 5, generator=g)
+    rpb = torch.randn(2, 5, 5, generator=g).to(device)
     q[0, 0, 1, 1, 0] = float('nan')
     k[0, 1, 6, 5, 2] = float('nan')
+    q, k, v = q.to(device), k.to(device), v.to(device)
     ref = neighborhood_attention_reference(q, k, v, rpb, 3)
     out = neighborhood_attention(q, k, v, rpb, 3, attn_impl)
     assert torch.isnan(ref).any() and torch.isnan(out[torch.isnan(ref)]).all()  # no NaN is hidden
@@ -710,26 +747,59 @@ def test_is_autocast_enabled_per_device_type():
 
 # ------------------------------------------------------------ which implementation runs, and the switch
 
-# select_backend's table: (impl, where) -> backend, or the error it raises.
+# select_backend's table: (impl, where) -> backend, or the error it raises. 'cuda' is decided from
+# the device alone (no GPU needed).
 _BACKEND_TABLE = {
     'reference': dict(
-        kernels='reference', float64='reference', kernels_off='reference', meta='reference', onnx='reference'
+        kernels='reference',
+        float64='reference',
+        kernels_off='reference',
+        cuda='reference',
+        meta='reference',
+        onnx='reference',
     ),
-    'auto': dict(kernels='cpu-kernel', float64='pytorch', kernels_off='pytorch', meta='reference', onnx='reference'),
-    'fast': dict(kernels='cpu-kernel', float64='pytorch', kernels_off='pytorch', meta=RuntimeError, onnx=RuntimeError),
-    'pytorch': dict(kernels='pytorch', float64='pytorch', kernels_off='pytorch', meta=RuntimeError, onnx=RuntimeError),
+    'auto': dict(
+        kernels='cpu-kernel',
+        float64='pytorch',
+        kernels_off='pytorch',
+        cuda='pytorch',
+        meta='reference',
+        onnx='reference',
+    ),
+    'fast': dict(
+        kernels='cpu-kernel',
+        float64='pytorch',
+        kernels_off='pytorch',
+        cuda='pytorch',
+        meta=RuntimeError,
+        onnx=RuntimeError,
+    ),
+    'pytorch': dict(
+        kernels='pytorch',
+        float64='pytorch',
+        kernels_off='pytorch',
+        cuda='pytorch',
+        meta=RuntimeError,
+        onnx=RuntimeError,
+    ),
     'cpu-kernel': dict(
-        kernels='cpu-kernel', float64=RuntimeError, kernels_off=RuntimeError, meta=RuntimeError, onnx=RuntimeError
+        kernels='cpu-kernel',
+        float64=RuntimeError,
+        kernels_off=RuntimeError,
+        cuda=RuntimeError,
+        meta=RuntimeError,
+        onnx=RuntimeError,
     ),
 }
 
 
-@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'meta', 'onnx'])
+@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'cuda', 'meta', 'onnx'])
 @pytest.mark.parametrize('impl', ATTN_IMPLS)
 def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_kernels):
     if where == 'kernels':
         require_cpu_kernels()
-    device, dtype = torch.device('meta' if where == 'meta' else 'cpu'), torch.float64 if where == 'float64' else None
+    device = torch.device(where if where in ('cuda', 'meta') else 'cpu')
+    dtype = torch.float64 if where == 'float64' else None
     if where == 'kernels_off':
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
     if where == 'onnx':
@@ -743,18 +813,19 @@ def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_
 
 
 @pytest.mark.parametrize('impl', ['pytorch', 'cpu-kernel', 'reference'])
-def test_each_backend_of_a_block_computes_the_same(impl, require_cpu_kernels):
+def test_each_backend_of_a_block_computes_the_same(impl, device, require_cpu_kernels):
     """Every implementation of the N and D blocks and the ConvFFN gives the reference's numbers."""
     if impl == 'cpu-kernel':
-        require_cpu_kernels()
+        _fast_impl('cpu_kernels', require_cpu_kernels, device)
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 11, 13)
+    x = torch.randn(2, 16, 11, 13).to(device)
     blocks = [
         NeighborhoodAttention(16, 2, 5),
         ConvFFN(16),
         DeformableAttention(16, 2, 2, key_stride=2, offset_kernel=3, table_size=(11, 13), version='pp'),
     ]
     for block in blocks:
+        block.to(device)
         set_attn_impl(block, 'reference')
         with torch.no_grad():
             expected = block(x)

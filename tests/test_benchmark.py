@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis_tools'))
@@ -61,9 +62,9 @@ def test_input_specs():
 
 
 def test_with_cp_reaches_the_backbone():
-    model, _ = benchmark.build_model('datpp-t:fast:cp', 64, 64)
+    model, _, _ = benchmark.build_model('datpp-t:fast:cp', 64, 64)
     assert all(stage.with_cp for stage in model.stages)
-    model, _ = benchmark.build_model('datpp-t:fast', 64, 64)
+    model, _, _ = benchmark.build_model('datpp-t:fast', 64, 64)
     assert not any(stage.with_cp for stage in model.stages)
 
 
@@ -73,9 +74,44 @@ def test_fast_pytorch_is_the_pytorch_implementation():
     from projects.dat import set_attn_impl
 
     for spec in ('datpp-t:fast-pytorch', 'datpp-t:pytorch'):
-        model, _ = benchmark.build_model(spec, 64, 64)
+        model, _, _ = benchmark.build_model(spec, 64, 64)
         assert model.attn_impl == 'pytorch' and set(set_attn_impl(model, 'pytorch').values()) == {'pytorch'}
     benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', 'datpp-t:cpu-kernel', '--no-isolate'])
+
+
+def _no_mmdet(model_cfg, scope):
+    raise ModuleNotFoundError("No module named 'mmcv._ext'")  # mmdet's models on an mmcv without its ops
+
+
+def test_swin_t_is_timms_where_mmdet_cannot_be_imported(monkeypatch):
+    """The fallback of a machine whose mmcv has no compiled ops (tools/gpu_check.sh): timm's Swin-T
+    with mmdet's output norms has the parameters of mmdet's Swin-T, shape for shape, and its outputs
+    (NCHW, contiguous) at any input size; the results say which one ran."""
+    timm = pytest.importorskip('timm')
+    from projects.dat import toolboxes
+
+    mmdet_swin, _, source = benchmark.build_model('swin-t', 64, 96)
+    assert source == 'mmdet SwinTransformer'
+    monkeypatch.setattr(toolboxes, 'build_toolbox_model', _no_mmdet)
+    timm_swin, _, source = benchmark.build_model('swin-t', 64, 96)
+    assert isinstance(timm_swin, benchmark.TimmSwinT)
+    assert source.startswith(f'timm {timm.__version__} swin_tiny_patch4_window7_224') and 'mmcv._ext' in source
+    assert sorted(p.shape for p in timm_swin.parameters()) == sorted(p.shape for p in mmdet_swin.parameters())
+    x = torch.randn(1, 3, 64, 96)
+    timm_swin.eval()
+    mmdet_swin.eval()  # mmdet's train() returns None
+    with torch.no_grad():
+        for ours, theirs in zip(timm_swin(x), mmdet_swin(x), strict=True):
+            assert ours.shape == theirs.shape and ours.is_contiguous()
+
+
+def test_swin_t_without_mmdet_or_timm_says_what_is_missing(monkeypatch):
+    from projects.dat import toolboxes
+
+    monkeypatch.setattr(toolboxes, 'build_toolbox_model', _no_mmdet)
+    monkeypatch.setitem(sys.modules, 'timm', None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match=r'swin-t needs mmdet \(.*mmcv._ext.*\) or timm'):
+        benchmark.build_model('swin-t', 64, 64)
 
 
 def test_table_ratios_compare_with_the_first_model():
@@ -106,6 +142,7 @@ def test_interleaved_run_writes_every_measurement(tmp_path):
         ('datpp-t:reference', 'fwd+bwd'), ('datpp-t:fast', 'fwd+bwd'),
     ]  # fmt: skip
     for r in results:
+        assert r['model_source'] == 'projects.dat DAT datpp-t'
         assert len(r['latency_ms']['all']) == 2 and r['latency_ms']['median'] > 0
         assert r['images_per_s'] == pytest.approx(2e3 / r['latency_ms']['median'])
         assert r['peak_mem_mib'] >= 0 and r['memory_method']

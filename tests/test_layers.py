@@ -1,6 +1,11 @@
 """The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU kernel,
 ops/convffn.py) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the folded
-depth-wise residual."""
+depth-wise residual.
+
+The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
+the ConvFFN hidden layer is the composition (the C++ kernel is CPU-only), the other layers are the
+same code. Inputs are made on CPU and moved.
+"""
 
 import pytest
 import torch
@@ -17,8 +22,8 @@ from projects.dat.ops import (
 )
 
 
-def _conv(channels, kernel, dtype=torch.float32):
-    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).to(dtype)
+def _conv(channels, kernel, dtype=torch.float32, device='cpu'):
+    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).to(device, dtype)
     with torch.no_grad():  # taps of the size of the identity that is folded in
         conv.weight.normal_(0.0, 0.5)
         conv.bias.normal_(0.0, 0.5)
@@ -42,18 +47,20 @@ def _value_and_grads(fn, y, conv, grad):
 )
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
 def test_fused_hidden_layer_matches_float64_reference(
-    batch, channels, height, width, kernel, memory_format, require_cpu_kernels
+    batch, channels, height, width, kernel, memory_format, device, require_cpu_kernels
 ):
-    require_cpu_kernels()
+    if device.type == 'cpu':
+        require_cpu_kernels()
     torch.manual_seed(0)
-    conv64 = _conv(channels, kernel, torch.float64)
-    conv32 = _conv(channels, kernel)
+    conv64 = _conv(channels, kernel, torch.float64, device)
+    conv32 = _conv(channels, kernel, device=device)
     conv32.load_state_dict(conv64.state_dict())
-    y = (torch.randn(batch, channels, height, width, dtype=torch.float64) * 2).to(memory_format=memory_format)
-    grad = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    y = (torch.randn(batch, channels, height, width, dtype=torch.float64) * 2).to(device, memory_format=memory_format)
+    grad = torch.randn(batch, channels, height, width, dtype=torch.float64).to(device)
     expected = _value_and_grads(depthwise_conv_gelu_reference, y, conv64, grad)
     actual = _value_and_grads(depthwise_conv_gelu, y.float(), conv32, grad.float())
-    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+    if device.type == 'cpu':  # the kernel's output; elsewhere the composition keeps the input's layout
+        assert actual[0].is_contiguous(memory_format=torch.channels_last)
     for name, a, e in zip(('out', 'grad_y', 'grad_weight', 'grad_bias'), actual, expected, strict=True):
         assert a.shape == e.shape and a.dtype == torch.float32, name
         scale = e.abs().max().item()
@@ -138,13 +145,14 @@ def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute(require_cpu_kerne
 
 
 @pytest.mark.parametrize('recompute_hidden', [False, True])
-def test_conv_ffn_fused_and_reference_agree(recompute_hidden, require_cpu_kernels):
-    require_cpu_kernels()
+def test_conv_ffn_fused_and_reference_agree(recompute_hidden, device, require_cpu_kernels):
+    if device.type == 'cpu':
+        require_cpu_kernels()
     torch.manual_seed(3)
-    fused = ConvFFN(16, recompute_hidden=recompute_hidden)
-    reference = ConvFFN(16, recompute_hidden=recompute_hidden, impl='reference')
+    fused = ConvFFN(16, recompute_hidden=recompute_hidden).to(device)
+    reference = ConvFFN(16, recompute_hidden=recompute_hidden, impl='reference').to(device)
     reference.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 16, 7, 9).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 7, 9).to(device, memory_format=torch.channels_last)
     outs, grads = [], []
     for ffn in (fused, reference):
         xi = x.clone().requires_grad_()
@@ -159,13 +167,13 @@ def test_conv_ffn_fused_and_reference_agree(recompute_hidden, require_cpu_kernel
 
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize('bias', [True, False])
-def test_pointwise_conv_equals_the_conv(memory_format, bias):
+def test_pointwise_conv_equals_the_conv(memory_format, bias, device):
     torch.manual_seed(4)
-    pointwise = PointwiseConv2d(6, 5, bias=bias)
-    conv = torch.nn.Conv2d(6, 5, 1, bias=bias)
+    pointwise = PointwiseConv2d(6, 5, bias=bias).to(device)
+    conv = torch.nn.Conv2d(6, 5, 1, bias=bias).to(device)
     conv.load_state_dict(pointwise.state_dict())  # same parameter names and shapes
-    x = torch.randn(2, 6, 4, 7).to(memory_format=memory_format)
-    grad = torch.randn(2, 5, 4, 7)
+    x = torch.randn(2, 6, 4, 7).to(device, memory_format=memory_format)
+    grad = torch.randn(2, 5, 4, 7).to(device)
     results = []
     for module in (pointwise, conv):
         xi = x.clone().requires_grad_()
@@ -177,8 +185,8 @@ def test_pointwise_conv_equals_the_conv(memory_format, bias):
 
 
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
-def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format):
-    x = torch.randn(2, 6, 5, 4).to(memory_format=memory_format).requires_grad_()
+def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format, device):
+    x = torch.randn(2, 6, 5, 4).to(device, memory_format=memory_format).requires_grad_()
     out = GELU2d()(x)
     expected = torch.nn.GELU()(x)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
@@ -190,10 +198,10 @@ def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format):
 
 
 @pytest.mark.parametrize('kernel', [3, 5])
-def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel):
+def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel, device):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6)
-    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6).to(device)
+    x = torch.randn(2, 6, 9, 7).to(device).requires_grad_()
     weight_before = conv.weight.detach().clone()
     folded = depthwise_conv_plus_identity(x, conv)
     grads = torch.autograd.grad(folded.square().sum(), (x, conv.weight, conv.bias))
@@ -275,11 +283,11 @@ def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_k
 
 @pytest.mark.parametrize('grad_format', [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
-def test_gelu2d_gradient_for_any_layout_of_the_incoming_gradient(memory_format, grad_format):
+def test_gelu2d_gradient_for_any_layout_of_the_incoming_gradient(memory_format, grad_format, device):
     """Also on torch 2.0 / 2.1, whose GELU backward gets strided gradients wrong (pytorch/pytorch#112006)."""
     torch.manual_seed(7)
-    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    grad = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=grad_format)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64).to(device)
+    grad = torch.randn(2, 8, 5, 6, dtype=torch.float64).to(device).contiguous(memory_format=grad_format)
     (expected,) = torch.autograd.grad(torch.nn.functional.gelu(x.requires_grad_()), x, grad)
     x32 = x.detach().float().contiguous(memory_format=memory_format).requires_grad_()
     (actual,) = torch.autograd.grad(GELU2d()(x32), x32, grad.float())

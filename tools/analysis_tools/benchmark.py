@@ -15,7 +15,10 @@ Model specs (``--models``):
   ``fast-pytorch`` is another name of ``pytorch``, the fast path without the C++ CPU kernels);
   ``:cp`` turns activation checkpointing on (``with_cp=True``);
 - ``swin-t``: mmdet's ``SwinTransformer`` with the settings of mmdet's
-  ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison);
+  ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison); where mmdet cannot
+  be imported (e.g. an mmcv without its compiled ops), timm's ``swin_tiny_patch4_window7_224``,
+  the same architecture, with mmdet's four output norms (:class:`TimmSwinT`); each result's
+  ``model_source`` says which ran;
 - ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
   run in ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing); the
   backward pass starts from the sum of the means of its outputs. ``:cp`` / ``:nocp`` override
@@ -27,23 +30,24 @@ height, as mmdet writes image scales).
 Protocol (the original DAT code's): ``--warmup`` untimed iterations (default 50), then
 ``--repeats`` timed ones (default 30), each timed on its own (CUDA synchronised); the table
 shows the median latency per iteration and images/s = batch / median; the JSON output keeps
-every iteration's time. ``--quick`` runs 2 +
-5 for a small CPU. Forward runs in eval mode under ``torch.no_grad()``; forward+backward in
-train mode with the gradients of all parameters. Between timed iterations a worker keeps the
-memory it freed, as a training loop does, unless the workers' peaks together come near the
-machine's memory (then each returns its freed memory to the OS after its iteration, so that the
-idle ones hold little; the log and the JSON say which). Returning it is not what a training
-loop does, and not free: the next iteration page-faults its memory in afresh. Workers that keep
-it run one untimed iteration more after the warm-up (which ends by returning memory, so that
-idle workers stay small while the others warm up).
+every iteration's time, and is written after every group of measurements (a run stopped early
+keeps what it measured). ``--quick`` runs 2 + 5 for a small CPU. Forward runs in eval mode
+under ``torch.no_grad()``; forward+backward in train mode with the gradients of all parameters.
+Between timed iterations a worker keeps the memory it freed, as a training loop does, unless the
+workers' peaks together come near the machine's memory (then each returns its freed memory to
+the OS after its iteration, so that the idle ones hold little; the log and the JSON say which).
+Returning it is not what a training loop does, and not free: the next iteration page-faults its
+memory in afresh. Workers that keep it run one untimed iteration more after the warm-up (which
+ends by returning memory, so that idle workers stay small while the others warm up).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
-before the first iteration. On CPU the peak resident set size of the worker process during
-the warm-up and timed iterations minus its resident size just before them (after building
-the model and the input): the high-water mark is reset through ``/proc/self/clear_refs``
-(Linux) and read from ``VmHWM`` in ``/proc/self/status``. This counts what the process
-really holds (glibc may keep freed blocks, so it is an upper bound of the tensors alive at
-the peak), in MiB.
+before the first iteration (and, as ``peak_reserved_mib``, the peak of what PyTorch's caching
+allocator held minus what it held then; its cache is emptied before each model is built). On
+CPU the peak resident set size of the worker process during the warm-up and timed iterations
+minus its resident size just before them (after building the model and the input): the
+high-water mark is reset through ``/proc/self/clear_refs`` (Linux) and read from ``VmHWM`` in
+``/proc/self/status``. This counts what the process really holds (glibc may keep freed blocks,
+so it is an upper bound of the tensors alive at the peak), in MiB.
 
 Examples::
 
@@ -188,8 +192,63 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
-    """The module to time and a function ``run(inputs)`` returning its output.
+class TimmSwinT(nn.Module):
+    """Swin-T from timm with the outputs of mmdet's backbone: the four stages' maps, each through a
+    LayerNorm, NCHW.
+
+    timm's ``swin_tiny_patch4_window7_224`` has mmdet's Swin-T architecture (patch 4, window 7,
+    depths 2-2-6-2, 3-6-12-24 heads, 96-768 channels). ``strict_img_size=False`` takes any input
+    size (maps padded to whole windows, shift masks built for each input, as mmdet does) and
+    ``always_partition=True`` keeps window 7 and shift 3 in every stage, also where a map is a
+    single window (mmdet does not shrink them either). mmdet adds a LayerNorm to each output; so
+    does this module. For where mmdet cannot be imported (its models import mmcv's compiled ops).
+    """
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.body = timm.create_model(
+            'swin_tiny_patch4_window7_224',
+            pretrained=False,
+            features_only=True,
+            strict_img_size=False,
+            always_partition=True,
+            drop_path_rate=SWIN_T['drop_path_rate'],
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(channels) for channels in self.body.feature_info.channels())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # timm's Swin features are NHWC; mmdet's backbone returns contiguous NCHW maps.
+        return tuple(norm(f).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.norms, self.body(x), strict=True))
+
+
+def build_swin_t() -> tuple[nn.Module, str]:
+    """Swin-T with the settings of mmdet's Swin-T Mask R-CNN backbone: mmdet's
+    ``SwinTransformer``, or :class:`TimmSwinT` where mmdet cannot be imported.
+
+    Returns:
+        tuple: The model and what it is (``model_source`` of the results).
+
+    Raises:
+        ImportError: Where neither mmdet nor timm can be imported.
+    """
+    from projects.dat.toolboxes import build_toolbox_model
+
+    try:
+        return build_toolbox_model(SWIN_T, 'mmdet'), 'mmdet SwinTransformer'
+    except ImportError as exc:
+        mmdet_error = f'{type(exc).__name__}: {exc}'
+    try:
+        import timm
+    except ImportError as exc:
+        raise ImportError(f'swin-t needs mmdet ({mmdet_error}) or timm ({type(exc).__name__}: {exc})') from exc
+    source = f'timm {timm.__version__} swin_tiny_patch4_window7_224 (mmdet could not be imported: {mmdet_error})'
+    return TimmSwinT(), source
+
+
+def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any, str]:
+    """The module to time, a function ``run(inputs)`` returning its output, and what was built.
 
     Args:
         spec (str): A model spec (see the module docstring).
@@ -197,19 +256,20 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
         width (int): Input width.
 
     Returns:
-        tuple: the model and the callable to time.
+        tuple: the model, the callable to time, and the model's source (``model_source`` of the
+        results: for ``swin-t`` whether mmdet's or timm's Swin-T was built).
     """
     from projects.dat import DAT
-    from projects.dat.toolboxes import build_config_model, build_toolbox_model, dummy_data_sample
+    from projects.dat.toolboxes import build_config_model, dummy_data_sample
 
     name, impl, with_cp = parse_model_spec(spec)
     impl = IMPL_ALIASES.get(impl, impl)
     if name == 'swin-t':
-        model = build_toolbox_model(SWIN_T, 'mmdet')
-        return model, model
+        model, source = build_swin_t()
+        return model, model, source
     if not name.endswith('.py'):
         model = DAT(name, attn_impl=impl or 'auto', with_cp=bool(with_cp))
-        return model, model
+        return model, model, f'projects.dat DAT {name}'
 
     model, scope, _ = build_config_model(name, None if with_cp is None else {'model.backbone.with_cp': with_cp})
     if impl is not None:
@@ -221,7 +281,7 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any]:
         samples = None if scope == 'mmpretrain' else [dummy_data_sample(scope, height, width) for _ in inputs]
         return model(inputs, samples, mode='tensor')
 
-    return model, run
+    return model, run, f'{scope} {type(model).__name__} of {name}'
 
 
 def _rss_mib() -> float:
@@ -278,8 +338,11 @@ class Session:
         t0 = time.perf_counter()
         self.job = job
         self.device = torch.device(job.device)
+        if self.device.type == 'cuda':  # blocks cached by an earlier job of this process (--no-isolate)
+            gc.collect()
+            torch.cuda.empty_cache()
         torch.manual_seed(0)
-        self.model, run = build_model(job.model, job.height, job.width)
+        self.model, run, self.model_source = build_model(job.model, job.height, job.width)
         self.model.to(self.device)
         self.backward = job.mode == 'fwd+bwd'
         self.model.train(self.backward)
@@ -301,6 +364,7 @@ class Session:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base_mem = torch.cuda.memory_allocated(self.device) / 2**20
+            self.base_reserved = torch.cuda.memory_reserved(self.device) / 2**20
             self.memory_method = 'torch.cuda.max_memory_allocated - allocated before the first iteration'
         else:
             self.base_mem = _rss_mib()
@@ -355,8 +419,10 @@ class Session:
 
     def result(self) -> dict[str, Any]:
         """Latency statistics, images/s and peak memory of the timed iterations."""
+        extra = {}
         if self.device.type == 'cuda':
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mem
+            extra['peak_reserved_mib'] = torch.cuda.max_memory_reserved(self.device) / 2**20 - self.base_reserved
         elif self.memory_method.startswith('peak RSS'):
             peak = _peak_rss_mib() - self.base_mem
         else:
@@ -367,6 +433,7 @@ class Session:
         median = statistics.median(times)
         return dict(
             job=asdict(self.job),
+            model_source=self.model_source,
             setup_s=self.setup_s,
             compile_s=self.compile_s,
             graph_breaks=self.graph_breaks,
@@ -382,6 +449,7 @@ class Session:
             peak_mem_mib=peak,
             memory_method=self.memory_method,
             memory_between_iterations='released to the OS' if self.release_memory else 'kept',
+            **extra,
         )
 
 
@@ -527,6 +595,7 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
         pass
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(torch.device(device))
+        info['cuda'] = torch.version.cuda
     return info
 
 
@@ -592,6 +661,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_json(path: str, machine: dict[str, Any], args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    """Write the machine, the arguments and the results so far to ``path`` (whole or not at all:
+    through a temporary file renamed over it)."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(dict(machine=machine, args=vars(args) | dict(parsed_models=None), results=results), f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.worker:
@@ -619,7 +697,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f'{label}: {", ".join(j.model for j in group)}', flush=True)
         t0 = time.perf_counter()
         if args.no_isolate:
-            group_results = [measure(j) for j in group]
+            group_results = []
+            for j in group:
+                print(f'  {j.model} (build + {j.warmup} warm-up + {j.repeats} timed iterations) ...', flush=True)
+                group_results.append(measure(j))
         else:
             group_results = measure_interleaved(group, log=lambda msg: print(msg, flush=True))
         for r in group_results:
@@ -631,13 +712,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             )
         print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
         results += group_results
+        if args.json:  # after every group: a run stopped early keeps what it measured
+            write_json(args.json, machine, args, results)
     machine['load_average_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
     print()
     print(format_table(results))
     print(f'\nPeak memory: {results[0]["memory_method"]}' if results else '')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(machine=machine, args=vars(args) | dict(parsed_models=None), results=results), f, indent=2)
+        write_json(args.json, machine, args, results)
     return results
 
 

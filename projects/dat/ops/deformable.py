@@ -41,12 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_kernels, torch_compat
+from .chunking import default_chunk_elements
 from .dispatch import attention_dtypes, select_backend
 from .reference import deformable_attention_reference
 
-# Elements of one chunk of logits (queries x keys x heads) processed at a time; the forward
-# pass keeps about 3 such buffers alive, the backward 6.
+# Elements of one chunk of logits (queries x keys x heads) processed at a time on CPU (sized for
+# its caches; CUDA: see ops/chunking.py); the forward pass keeps about 3 such buffers alive, the
+# backward DEFORMABLE_CHUNK_BUFFERS.
 DEFORMABLE_CHUNK_ELEMENTS = 1 << 20
+DEFORMABLE_CHUNK_BUFFERS = 6
 
 
 def _table_coordinates(query: Tensor, key: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -542,7 +545,8 @@ def deformable_attention(
         num_groups (int): Number of offset groups.
         impl (str): One of :data:`~projects.dat.ops.dispatch.ATTN_IMPLS`. Defaults to ``'auto'``.
         chunk_elements (int, optional): Logits per chunk of the fast backends. Defaults to
-            :data:`DEFORMABLE_CHUNK_ELEMENTS`.
+            :data:`DEFORMABLE_CHUNK_ELEMENTS` on CPU and to a memory budget on CUDA
+            (:func:`~projects.dat.ops.chunking.default_chunk_elements`).
 
     Returns:
         Tensor: ``(B, C, H, W)`` attention output before the output projection, in the
@@ -573,6 +577,8 @@ def deformable_attention(
             f'table {tuple(rpe_table.shape)}, groups {num_groups}'
         )
     hg, d = heads // num_groups, c // heads
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(q.device, acc, DEFORMABLE_CHUNK_ELEMENTS, DEFORMABLE_CHUNK_BUFFERS)
     out, _ = _deformable_attention_op(
         q.to(dtype).reshape(b * num_groups, hg, d, h * w).contiguous(),
         k.to(dtype).reshape(b * num_groups, hg, d, num_keys).contiguous(),
@@ -582,7 +588,7 @@ def deformable_attention(
         query_x.to(acc).contiguous(),
         rpe_table.to(acc).contiguous(),
         num_groups,
-        chunk_elements or DEFORMABLE_CHUNK_ELEMENTS,
+        chunk_elements,
         backend == 'cpu-kernel',
     )
     return out.view(b, c, h, w)

@@ -24,12 +24,15 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels, torch_compat
+from .chunking import default_chunk_elements
 from .dispatch import attention_dtypes, select_backend
 from .reference import neighborhood_attention_reference, neighborhood_starts
 
-# Logits (batch x heads x tile queries x region keys) of one chunk of the pytorch backend; the
-# backward pass keeps about 3 such buffers alive.
+# Logits (batch x heads x tile queries x region keys) of one chunk of the pytorch backend on CPU
+# (CUDA: see ops/chunking.py); the backward pass keeps about NEIGHBORHOOD_CHUNK_BUFFERS such
+# buffers alive.
 NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 22
+NEIGHBORHOOD_CHUNK_BUFFERS = 3
 
 
 def neighborhood_tiles(
@@ -353,7 +356,8 @@ def neighborhood_attention(
         kernel_size (int): Neighbourhood size ``k`` (odd); H and W must be at least ``k``.
         impl (str): One of :data:`~projects.dat.ops.dispatch.ATTN_IMPLS`. Defaults to ``'auto'``.
         chunk_elements (int, optional): Logits per chunk of the pytorch backend. Defaults to
-            :data:`NEIGHBORHOOD_CHUNK_ELEMENTS`.
+            :data:`NEIGHBORHOOD_CHUNK_ELEMENTS` on CPU and to a memory budget on CUDA
+            (:func:`~projects.dat.ops.chunking.default_chunk_elements`).
 
     Returns:
         Tensor: ``(B, heads, H, W, d)``.
@@ -380,13 +384,16 @@ def neighborhood_attention(
     def batch_heads(t: Tensor) -> Tensor:
         return t.to(acc).reshape(b * heads, h, w, d).contiguous()
 
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(q.device, acc, NEIGHBORHOOD_CHUNK_ELEMENTS, NEIGHBORHOOD_CHUNK_BUFFERS)
+
     out, _ = _neighborhood_attention_op(
         batch_heads(q),
         batch_heads(k),
         batch_heads(v),
         rpb.to(acc).contiguous(),
         kernel_size,
-        chunk_elements or NEIGHBORHOOD_CHUNK_ELEMENTS,
+        chunk_elements,
         backend == 'cpu-kernel',
     )
     return out.view(b, heads, h, w, d).to(dtype)
