@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis_tools'))
 
 import benchmark  # noqa: E402
+import plot_benchmark  # noqa: E402
 
 DET_CONFIG = str(ROOT / 'configs' / 'detection' / 'mask_rcnn' / 'mask-rcnn_datpp-t_fpn_1x_coco.py')
 
@@ -227,3 +228,27 @@ def test_bad_arguments_exit_with_a_message():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "Unknown attention implementation 'slow'" in proc.stderr
+
+
+@pytest.mark.parametrize('x', ['pixels', 'macs'])
+def test_plot_of_a_benchmark_json(tmp_path, x):
+    """The plot script draws synthetic results (two models, two inputs, both modes) into a PNG."""
+    results = [
+        _result(model, ms * scale, mib * scale, None if model == 'c' and x == 'macs' else 1e9 * scale, w, h, 1, mode)
+        for model, ms, mib in (('datpp-t:fast', 100.0, 50.0), ('swin-t', 80.0, 60.0), ('c', 90.0, 70.0))
+        for (w, h, scale) in ((224, 224, 1.0), (1344, 800, 20.0))
+        for mode in ('fwd', 'fwd+bwd')
+    ]
+    data = tmp_path / 'bench.json'
+    data.write_text(json.dumps(dict(machine=dict(cpu='test CPU', threads=2, torch='2.x'), results=results)))
+    out = tmp_path / 'bench.png'
+    assert plot_benchmark.main([str(data), '--out', str(out), '--x', x]) == str(out)
+    assert out.read_bytes().startswith(b'\x89PNG') and out.stat().st_size > 10_000
+    if x == 'macs':
+        messages = []
+        plot_benchmark.plot(results, ['test'], 'macs', log=messages.append)
+        assert messages == [
+            f'c {size} {mode}: no MAC count, left out'
+            for size in ('224@1', '1344x800@1')
+            for mode in ('fwd', 'fwd+bwd')
+        ]
