@@ -54,8 +54,8 @@ that neither the timings nor the memory peaks see them (:func:`count_macs`). Eve
 implementation of a model has the same count (the fused operators are counted as the reference
 operations they replace). Backbones are counted at batch 1 and the count multiplied by the batch,
 which is exact (they compute each image on its own); a config's model is counted at the full
-batch on the timed input (its heads' work can depend on the data, e.g. the proposals an RPN
-keeps). A model that cannot be counted gets no MACs and the reason (``macs_method``, and a note
+batch, on the input the workers time on CPU (its heads' work can depend on the data, e.g. the
+proposals an RPN keeps). A model that cannot be counted gets no MACs and the reason (``macs_method``, and a note
 under the table). The backward pass is not counted: MACs / first compares forward passes in
 both modes.
 
@@ -313,7 +313,8 @@ def _count_or_reason(name: str, width: int, height: int, batch: int, threads: in
     try:
         return count_macs(name, width, height, batch)
     except Exception as exc:  # the tracer and the models raise many types
-        return dict(macs=None, macs_method=f'not counted: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}')
+        first_line = (str(exc).splitlines() or [''])[0][:300]
+        return dict(macs=None, macs_method=f'not counted: {type(exc).__name__}: {first_line}')
 
 
 def count_all_macs(jobs: Sequence[Job], isolate: bool = True, log: Any = print) -> dict[tuple, dict[str, Any]]:
@@ -780,9 +781,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for j, r in zip(group, group_results, strict=True):
             r.update(macs_of(j, mac_counts))
             extra = f', compile {r["compile_s"]:.1f} s, {r["graph_breaks"]} graph breaks' if job.compile else ''
+            gmacs = 'MACs not counted' if r['macs'] is None else f'{r["macs"] / 1e9:.2f} GMACs'
             print(
                 f'  {r["job"]["model"]}: {r["latency_ms"]["median"]:.1f} ms/iter (median), '
-                f'{r["images_per_s"]:.2f} images/s, peak {r["peak_mem_mib"]:.0f} MiB{extra}',
+                f'{r["images_per_s"]:.2f} images/s, peak {r["peak_mem_mib"]:.0f} MiB, {gmacs}{extra}',
                 flush=True,
             )
         print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
