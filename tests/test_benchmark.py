@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis_tools'))
 
 import benchmark  # noqa: E402
+import plot_benchmark  # noqa: E402
 
 DET_CONFIG = str(ROOT / 'configs' / 'detection' / 'mask_rcnn' / 'mask-rcnn_datpp-t_fpn_1x_coco.py')
 
@@ -114,14 +115,90 @@ def test_swin_t_without_mmdet_or_timm_says_what_is_missing(monkeypatch):
         benchmark.build_model('swin-t', 64, 64)
 
 
-def test_table_ratios_compare_with_the_first_model():
-    def result(model, ms, mib):
-        job = dict(model=model, width=64, height=64, batch=2, mode='fwd')
-        return dict(job=job, latency_ms=dict(median=ms, min=ms, max=ms), images_per_s=2e3 / ms, peak_mem_mib=mib)
+def _result(model, ms, mib, macs, width=64, height=64, batch=2, mode='fwd'):
+    job = dict(model=model, width=width, height=height, batch=batch, mode=mode)
+    return dict(
+        job=job,
+        latency_ms=dict(median=ms, min=0.9 * ms, max=1.2 * ms),
+        images_per_s=batch * 1e3 / ms,
+        peak_mem_mib=mib,
+        macs=macs,
+        macs_method='not counted: RuntimeError: cannot trace' if macs is None else 'counted',
+    )
 
-    table = benchmark.format_table([result('a', 100.0, 50.0), result('b', 25.0, 100.0)]).splitlines()
-    assert table[2].endswith('| 1.00 | 1.00 |')
-    assert table[3].endswith('| 0.25 | 2.00 |')
+
+def test_table_ratios_compare_with_the_first_model():
+    results = [_result('a', 100.0, 50.0, 4e9), _result('b', 25.0, 100.0, 3e9), _result('c', 50.0, 25.0, None)]
+    table = benchmark.format_table(results).splitlines()
+    assert table[0].split(' | ')[3:5] == ['GMACs', 'latency ms (median)']
+    assert table[2].startswith('| a | 64x64@2 | fwd | 4.00 |') and table[2].endswith('| 1.00 | 1.00 | 1.00 |')
+    # time / first, MACs / first, memory / first
+    assert table[3].startswith('| b | 64x64@2 | fwd | 3.00 |') and table[3].endswith('| 0.25 | 0.75 | 2.00 |')
+    # A model without MACs says so, and why, under the table.
+    assert table[4].startswith('| c | 64x64@2 | fwd | n/a |') and table[4].endswith('| 0.50 | n/a | 0.50 |')
+    assert table[-1] == 'MACs of c: not counted: RuntimeError: cannot trace'
+
+
+def _job(model, width=64, height=48, batch=2, mode='fwd'):
+    return benchmark.Job(
+        model=model,
+        width=width,
+        height=height,
+        batch=batch,
+        mode=mode,
+        device='cpu',
+        amp=False,
+        warmup=0,
+        repeats=1,
+        threads=torch.get_num_threads(),
+        compile=False,
+    )
+
+
+def test_macs_are_the_flops_module_count_at_the_benchmark_input():
+    """One count per model and input, whatever the implementation and mode; a backbone is counted
+    at batch 1 times the batch, which must equal projects.dat.flops's count of the reference path
+    at the full batch (for DAT-T++ and Swin-T alike)."""
+    from projects.dat import DAT
+    from projects.dat.flops import analyze_complexity
+    from projects.dat.toolboxes import build_toolbox_model
+
+    fast = _job('datpp-t:fast')
+    jobs = [fast, _job('datpp-t:reference'), _job('datpp-t:fast', mode='fwd+bwd'), _job('swin-t')]
+    messages = []
+    counts = benchmark.count_all_macs(jobs, isolate=False, log=messages.append)
+    assert sorted(counts) == [('datpp-t', 64, 48, 1), ('swin-t', 64, 48, 1)] and len(messages) == 2
+
+    inputs = torch.randn(2, 3, 48, 64)
+    dat = analyze_complexity(DAT('datpp-t', attn_impl='reference').eval(), inputs).flops
+    swin_t = build_toolbox_model(benchmark.SWIN_T, 'mmdet')
+    swin_t.eval()  # its train() returns None
+    swin = analyze_complexity(swin_t, inputs).flops
+    for job, expected in zip(jobs, (dat, dat, dat, swin), strict=True):
+        macs = benchmark.macs_of(job, counts)
+        assert macs['macs'] == expected, job.model
+        assert macs['macs_method'].endswith('counted at batch 1, times 2 (the backbone computes each image on its own)')
+
+
+def test_models_that_cannot_be_counted_say_why(monkeypatch):
+    def untraceable(*args):
+        raise RuntimeError('torch.jit.trace could not trace X')
+
+    monkeypatch.setattr(benchmark, 'count_macs', untraceable)
+    counts = benchmark.count_all_macs([_job('swin-t')], isolate=False, log=lambda msg: None)
+    assert benchmark.macs_of(_job('swin-t'), counts) == dict(
+        macs=None, macs_method='not counted: RuntimeError: torch.jit.trace could not trace X'
+    )
+
+
+def test_config_models_are_counted_at_the_full_batch():
+    """A config's heads may depend on the data: its count is made at the batch it runs at."""
+    config = str(ROOT / 'configs' / 'classification' / 'datpp-t_8xb128_in1k.py')
+    job = _job(f'{config}:fast', width=64, height=64, batch=2)
+    assert benchmark.mac_count_key(job.model, 64, 64, 2) == (config, 64, 64, 2)
+    counts = benchmark.count_all_macs([job], isolate=False, log=lambda msg: None)
+    macs = benchmark.macs_of(job, counts)
+    assert macs['macs'] > 0 and macs['macs_method'].endswith('counted at batch 2')
 
 
 def test_interleaved_run_writes_every_measurement(tmp_path):
@@ -141,6 +218,10 @@ def test_interleaved_run_writes_every_measurement(tmp_path):
         ('datpp-t:reference', 'fwd'), ('datpp-t:fast', 'fwd'),
         ('datpp-t:reference', 'fwd+bwd'), ('datpp-t:fast', 'fwd+bwd'),
     ]  # fmt: skip
+    # One MAC count (in its own process) for both implementations of the model, in both modes.
+    assert proc.stdout.count('MACs of datpp-t at 64x48:') == 1
+    assert len({r['macs'] for r in results}) == 1 and results[0]['macs'] > 0
+    assert '| datpp-t:fast | 64x48@2 | fwd | ' + f'{results[0]["macs"] / 1e9:.2f} |' in proc.stdout
     for r in results:
         assert r['model_source'] == 'projects.dat DAT datpp-t'
         assert len(r['latency_ms']['all']) == 2 and r['latency_ms']['median'] > 0
@@ -183,3 +264,27 @@ def test_bad_arguments_exit_with_a_message():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "Unknown attention implementation 'slow'" in proc.stderr
+
+
+@pytest.mark.parametrize('x', ['pixels', 'macs'])
+def test_plot_of_a_benchmark_json(tmp_path, x):
+    """The plot script draws synthetic results (two models, two inputs, both modes) into a PNG."""
+    results = [
+        _result(model, ms * scale, mib * scale, None if model == 'c' and x == 'macs' else 1e9 * scale, w, h, 1, mode)
+        for model, ms, mib in (('datpp-t:fast', 100.0, 50.0), ('swin-t', 80.0, 60.0), ('c', 90.0, 70.0))
+        for (w, h, scale) in ((224, 224, 1.0), (1344, 800, 20.0))
+        for mode in ('fwd', 'fwd+bwd')
+    ]
+    data = tmp_path / 'bench.json'
+    data.write_text(json.dumps(dict(machine=dict(cpu='test CPU', threads=2, torch='2.x'), results=results)))
+    out = tmp_path / 'bench.png'
+    assert plot_benchmark.main([str(data), '--out', str(out), '--x', x]) == str(out)
+    assert out.read_bytes().startswith(b'\x89PNG') and out.stat().st_size > 10_000
+    if x == 'macs':
+        messages = []
+        plot_benchmark.plot(results, ['test'], 'macs', log=messages.append)
+        assert messages == [
+            f'c {size} {mode}: no MAC count, left out'
+            for size in ('224@1', '1344x800@1')
+            for mode in ('fwd', 'fwd+bwd')
+        ]

@@ -293,3 +293,17 @@ def test_window_closed_form_pads():
     assert neighborhood_attention_macs(3, 9, 7, 8) == 2 * 7 * 9 * 49 * 8
     assert deformable_attention_macs(2, 3, 4, 5, 6, batch=2) == 2 * 2 * 6 * 20 * 6
     assert math.isclose(PAPER_COMPLEXITY['datpp-t'][1], 4.29)
+
+
+def test_inference_stripes_of_the_conv_ffn_are_counted_once(monkeypatch):
+    """At inference on CPU the ConvFFN runs in stripes of rows whose convs read their neighbour
+    rows again; a traced forward pass takes the whole maps, so the count is the math's."""
+    from projects.dat.models import dat as dat_module
+
+    batch, dim, height, width = 2, 4, 9, 7
+    ffn = dat_module.ConvFFN(dim).eval()
+    monkeypatch.setattr(dat_module, 'FFN_STRIPE_BYTES', 2 * batch * 4 * dim * width * 4)  # 2-row stripes
+    counted = analyze_complexity(ffn, torch.randn(batch, dim, height, width)).by_operator
+    hidden_pixels = batch * 4 * dim * height * width
+    # The 3x3 depth-wise conv without halo rows, fc1 and fc2 (as convs or, channels-last, as linear).
+    assert counted['conv'] + counted['linear'] == hidden_pixels * (9 + 2 * dim)

@@ -414,7 +414,8 @@ def step_benchmark(run: Run) -> None:
             path = run.scratch / f'bench_{len(all_results)}_{"amp" if amp else "fp32"}_{models[0]}.json'
             cmd = [sys.executable, BENCHMARK, '--models', *models, '--inputs', *run.plan.bench_inputs]
             cmd += ['--modes', 'fwd', 'fwd+bwd', '--device', run.device, '--warmup', str(run.plan.warmup)]
-            cmd += ['--repeats', str(run.plan.repeats), '--no-isolate', '--json', str(path)]
+            # MACs depend on the input alone: a CPU run of benchmark.py counts them.
+            cmd += ['--repeats', str(run.plan.repeats), '--no-isolate', '--no-macs', '--json', str(path)]
             cmd += ['--amp'] if amp else []
             cmd += ['--threads', str(run.plan.bench_threads)] if run.plan.bench_threads else []
             result = run.command(step, cmd, limit)

@@ -49,6 +49,21 @@ high-water mark is reset through ``/proc/self/clear_refs`` (Linux) and read from
 ``/proc/self/status``. This counts what the process really holds (glibc may keep freed blocks,
 so it is an upper bound of the tensors alive at the peak), in MiB.
 
+MACs: every result carries the multiply-accumulates of one forward pass of its model at its
+input (``macs``, and the table's GMACs and MACs / first), counted by one counter for every model,
+:func:`projects.dat.flops.analyze_complexity` with the papers' convention (convolutions, linear
+layers and matrix products, norms and bilinear sampling; not softmax or element-wise ops). They
+are counted once per model and input, in a process of their own before the workers start, so
+that neither the timings nor the memory peaks see them (:func:`count_macs`). Every attention
+implementation of a model has the same count (the fused operators are counted as the reference
+operations they replace). Backbones are counted at batch 1 and the count multiplied by the batch,
+which is exact (they compute each image on its own); a config's model is counted at the full
+batch, on the input the workers time on CPU (its heads' work can depend on the data, e.g. the
+proposals an RPN keeps). A model that cannot be counted gets no MACs and the reason (``macs_method``, and a note
+under the table). The backward pass is not counted: MACs / first compares forward passes in
+both modes. ``--no-macs`` skips the counts (``tools/gpu_check.sh``: they do not depend on the
+device, and tracing at 1344x800 on the CPU would take much of its time budget).
+
 Examples::
 
     python tools/analysis_tools/benchmark.py --models datpp-t:reference datpp-t:fast swin-t \\
@@ -78,6 +93,7 @@ import torch
 from torch import nn
 
 from projects.dat import set_attn_impl
+from projects.dat.flops import analyze_complexity
 from projects.dat.ops import ATTN_IMPLS
 
 MODES = ('fwd', 'fwd+bwd')
@@ -284,6 +300,136 @@ def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any, str
     return model, run, f'{scope} {type(model).__name__} of {name}'
 
 
+def seeded_model_and_input(spec: str, width: int, height: int, batch: int, device: str = 'cpu') -> tuple:
+    """The model of a spec and a random input, seeded: the same weights and input in every process.
+
+    Returns:
+        tuple: the model (on ``device``), the callable to time and what the model is (see
+        :func:`build_model`), and the ``(batch, 3, height, width)`` input.
+    """
+    torch.manual_seed(0)
+    model, run, source = build_model(spec, height, width)
+    model.to(device)
+    return model, run, source, torch.randn(batch, 3, height, width, device=device)
+
+
+def mac_count_key(spec: str, width: int, height: int, batch: int) -> tuple[str, int, int, int]:
+    """What a MAC count depends on: the model (without implementation or checkpointing: the
+    same math), the input size, and the batch for a config (1 for a backbone, whose count is
+    multiplied by the batch).
+
+    Returns:
+        tuple: ``(name, width, height, batch to count at)``.
+    """
+    name = parse_model_spec(spec)[0]
+    return name, width, height, batch if name.endswith('.py') else 1
+
+
+def count_macs(name: str, width: int, height: int, batch: int) -> dict[str, Any]:
+    """Multiply-accumulates of one forward pass, by :func:`projects.dat.flops.analyze_complexity`.
+
+    The model is built as the benchmark builds it (seeded, with its default attention
+    implementation and checkpointing), in eval mode, and traced on CPU at ``batch`` (see the
+    module docstring for which batch).
+
+    Args:
+        name (str): A model spec's name field: a DAT arch, ``swin-t`` or a config file.
+        width (int): Input width.
+        height (int): Input height.
+        batch (int): The batch to count at.
+
+    Returns:
+        dict: ``macs`` (int) and ``macs_method`` (how they were counted).
+
+    Raises:
+        RuntimeError: If the model cannot be traced, or the trace met ops that look like
+            products but are not counted (the count would be too low).
+    """
+    model, run, _, inputs = seeded_model_and_input(name, width, height, batch)
+    model.eval()  # not chained: mmdet's SwinTransformer.train returns None
+    complexity = analyze_complexity(model if run is model else _Forward(model, run), inputs, 'paper')
+    if complexity.suspicious_ops:
+        raise RuntimeError(f'uncounted ops that look like products: {dict(complexity.suspicious_ops)}')
+    return dict(
+        macs=complexity.flops,
+        macs_method=f'projects.dat.flops, paper convention, forward pass in eval mode, counted at batch {batch}',
+    )
+
+
+class _Forward(nn.Module):
+    """A model whose forward pass is a callable of it (a config model's tensor-mode call), to trace."""
+
+    def __init__(self, model: nn.Module, run: Any):
+        super().__init__()
+        self.model = model
+        self.run = run
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        return self.run(inputs)
+
+
+def _count_or_reason(name: str, width: int, height: int, batch: int, threads: int) -> dict[str, Any]:
+    """:func:`count_macs`, or no MACs and why not."""
+    torch.set_num_threads(threads)
+    try:
+        return count_macs(name, width, height, batch)
+    except Exception as exc:  # the tracer and the models raise many types
+        first_line = (str(exc).splitlines() or [''])[0][:300]
+        return dict(macs=None, macs_method=f'not counted: {type(exc).__name__}: {first_line}')
+
+
+def count_all_macs(jobs: Sequence[Job], isolate: bool = True, log: Any = print) -> dict[tuple, dict[str, Any]]:
+    """The MAC count of every model and input of ``jobs``, each counted once.
+
+    Args:
+        jobs (Sequence[Job]): The measurements.
+        isolate (bool): Count in a process of its own per model and input (nothing of the trace
+            stays in this process); else here.
+        log (callable): Progress printer.
+
+    Returns:
+        dict: ``{mac_count_key: dict(macs, macs_method)}``; ``macs`` is None where the model
+        could not be counted, and ``macs_method`` says why.
+    """
+    counts: dict[tuple, dict[str, Any]] = {}
+    for job in jobs:
+        key = mac_count_key(job.model, job.width, job.height, job.batch)
+        if key in counts:
+            continue
+        t0 = time.perf_counter()
+        args = dict(name=key[0], width=key[1], height=key[2], batch=key[3], threads=job.threads)
+        counts[key] = _count_in_subprocess(args) if isolate else _count_or_reason(**args)
+        macs = counts[key]['macs']
+        summary = f'{macs / 1e9:.2f} GMACs at batch {key[3]}' if macs is not None else counts[key]['macs_method']
+        log(f'  MACs of {key[0]} at {key[1]}x{key[2]}: {summary} ({time.perf_counter() - t0:.0f} s)')
+    return counts
+
+
+def _count_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, osp.abspath(__file__), '--count-macs', json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    return dict(macs=None, macs_method=f'not counted: the counting process exited with {proc.returncode}: {tail}')
+
+
+NOT_COUNTED = dict(macs=None, macs_method='not counted: --no-macs')
+
+
+def macs_of(job: Job, counts: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """``macs`` (None if not counted) and ``macs_method`` of a job, from :func:`count_all_macs`'s counts."""
+    key = mac_count_key(job.model, job.width, job.height, job.batch)
+    count = counts[key]
+    if count['macs'] is None or key[3] == job.batch:
+        return dict(count)
+    return dict(
+        macs=count['macs'] * job.batch // key[3],
+        macs_method=count['macs_method'] + f', times {job.batch} (the backbone computes each image on its own)',
+    )
+
+
 def _rss_mib() -> float:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
@@ -341,12 +487,11 @@ class Session:
         if self.device.type == 'cuda':  # blocks cached by an earlier job of this process (--no-isolate)
             gc.collect()
             torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        self.model, run, self.model_source = build_model(job.model, job.height, job.width)
-        self.model.to(self.device)
+        self.model, run, self.model_source, self.inputs = seeded_model_and_input(
+            job.model, job.width, job.height, job.batch, job.device
+        )
         self.backward = job.mode == 'fwd+bwd'
         self.model.train(self.backward)
-        self.inputs = torch.randn(job.batch, 3, job.height, job.width, device=self.device)
         self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
         self.compile_s = self.graph_breaks = None
         if job.compile:
@@ -600,13 +745,17 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table; the ratios compare each model with the first one of the same input and mode."""
+    """Markdown table; the ratios compare each model with the first one of the same input and mode.
+
+    Models without a MAC count show ``n/a``, and a note under the table says why.
+    """
     lines = [
-        '| model | input (WxH@B) | mode | latency ms (median) | min-max ms | images/s | peak MiB | '
-        'time / first | memory / first |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| model | input (WxH@B) | mode | GMACs | latency ms (median) | min-max ms | images/s | peak MiB | '
+        'time / first | MACs / first | memory / first |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     first: dict[tuple, dict] = {}
+    not_counted: dict[str, str] = {}
     for r in results:
         j = r['job']
         key = (j['width'], j['height'], j['batch'], j['mode'])
@@ -614,11 +763,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lat = r['latency_ms']
         t_ratio = lat['median'] / base['latency_ms']['median']
         m_ratio = r['peak_mem_mib'] / base['peak_mem_mib'] if base['peak_mem_mib'] > 0 else float('nan')
+        macs, base_macs = r.get('macs'), base.get('macs')
+        gmacs = f'{macs / 1e9:.2f}' if macs is not None else 'n/a'
+        mac_ratio = f'{macs / base_macs:.2f}' if macs is not None and base_macs else 'n/a'
+        if macs is None:
+            not_counted[j['model']] = r.get('macs_method', 'not counted (no MAC count in these results)')
         lines.append(
-            f'| {j["model"]} | {j["width"]}x{j["height"]}@{j["batch"]} | {j["mode"]} | {lat["median"]:.1f} | '
+            f'| {j["model"]} | {j["width"]}x{j["height"]}@{j["batch"]} | {j["mode"]} | {gmacs} | {lat["median"]:.1f} | '
             f'{lat["min"]:.1f}-{lat["max"]:.1f} | {r["images_per_s"]:.2f} | {r["peak_mem_mib"]:.0f} | '
-            f'{t_ratio:.2f} | {m_ratio:.2f} |'
+            f'{t_ratio:.2f} | {mac_ratio} | {m_ratio:.2f} |'
         )
+    lines += [f'\nMACs of {model}: {reason}' for model, reason in not_counted.items()]
     return '\n'.join(lines)
 
 
@@ -645,7 +800,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', help='time torch.compile(model); reports graph breaks')
     parser.add_argument('--no-isolate', action='store_true', help='measure in this process (memory less meaningful)')
     parser.add_argument('--json', help='write all results and the machine description to this file')
+    parser.add_argument(
+        '--no-macs', action='store_true', help='do not count MACs (they depend on the input only, not on the device)'
+    )
     parser.add_argument('--worker', help=argparse.SUPPRESS)
+    parser.add_argument('--count-macs', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats = 2, 5
@@ -654,7 +813,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device} requested but CUDA is not available')
     try:
-        args.parsed_models = [parse_model_spec(m) for m in args.models] if not args.worker else []
+        internal = args.worker or args.count_macs
+        args.parsed_models = [parse_model_spec(m) for m in args.models] if not internal else []
         args.parsed_inputs = [parse_input_spec(s) for s in args.inputs]
     except ValueError as exc:
         parser.error(str(exc))
@@ -675,6 +835,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.worker:
         serve(Job(**json.loads(args.worker)))
         return []
+    if args.count_macs:
+        print(RESULT_MARKER + json.dumps(_count_or_reason(**json.loads(args.count_macs))), flush=True)
+        return []
     groups = [
         [
             Job(model, w, h, b, mode, args.device, args.amp, args.warmup, args.repeats, args.threads, args.compile)
@@ -690,6 +853,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f'iterations each ({"in this process" if args.no_isolate else "one worker process per model, interleaved"})',
         flush=True,
     )
+    if args.no_macs:
+        mac_counts = None
+    else:
+        print('MACs of every model and input (forward pass; counted once each, before the timing):', flush=True)
+        mac_counts = count_all_macs([j for group in groups for j in group], isolate=not args.no_isolate)
     results = []
     for i, group in enumerate(groups, 1):
         job = group[0]
@@ -703,11 +871,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 group_results.append(measure(j))
         else:
             group_results = measure_interleaved(group, log=lambda msg: print(msg, flush=True))
-        for r in group_results:
+        for j, r in zip(group, group_results, strict=True):
+            r.update(macs_of(j, mac_counts) if mac_counts is not None else NOT_COUNTED)
             extra = f', compile {r["compile_s"]:.1f} s, {r["graph_breaks"]} graph breaks' if job.compile else ''
+            gmacs = 'MACs not counted' if r['macs'] is None else f'{r["macs"] / 1e9:.2f} GMACs'
             print(
                 f'  {r["job"]["model"]}: {r["latency_ms"]["median"]:.1f} ms/iter (median), '
-                f'{r["images_per_s"]:.2f} images/s, peak {r["peak_mem_mib"]:.0f} MiB{extra}',
+                f'{r["images_per_s"]:.2f} images/s, peak {r["peak_mem_mib"]:.0f} MiB, {gmacs}{extra}',
                 flush=True,
             )
         print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
@@ -717,7 +887,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     machine['load_average_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
     print()
     print(format_table(results))
-    print(f'\nPeak memory: {results[0]["memory_method"]}' if results else '')
+    if results:
+        print(f'\nPeak memory: {results[0]["memory_method"]}')
+        print("MACs: one forward pass, projects.dat.flops (the papers' convention); backbones: batch 1 x the batch")
     if args.json:
         write_json(args.json, machine, args, results)
     return results

@@ -45,6 +45,7 @@ from .geometry import (
     pad_to_multiple,
     query_grid,
     relative_position_index,
+    shapes_are_traced,
     shift_size_for,
     shifted_window_mask,
     stripes_with_halo,
@@ -117,7 +118,8 @@ class ConvFFN(nn.Module):
     pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
     after ``fc1`` runs on stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations
     each, which stay in the CPU's cache instead of the whole maps going through memory one layer
-    after the other (the same numbers: each stripe's conv reads its neighbour rows).
+    after the other (the same numbers: each stripe's conv reads its neighbour rows); not while
+    the forward pass is traced (:func:`~.geometry.shapes_are_traced`).
 
     Args:
         dim (int): Channels.
@@ -149,7 +151,10 @@ class ConvFFN(nn.Module):
         keep them in and would only launch more kernels)."""
         batch, hidden, height, width = y.shape
         rows = max(1, FFN_STRIPE_BYTES // (batch * hidden * width * y.element_size()))
-        if rows >= height or y.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
+        # A traced graph (ONNX export, torch.jit.trace, FLOP counting) gets the plain computation:
+        # traced stripes would be fixed to the traced size, and a FLOP count would include the
+        # halo rows each stripe's conv reads again.
+        if rows >= height or y.device.type != 'cpu' or shapes_are_traced():
             return self._after_fc1(y)
         out = torch.empty(
             batch,
