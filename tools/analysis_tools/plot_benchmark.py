@@ -4,9 +4,10 @@ Reads one or more JSON files written by ``benchmark.py --json`` and draws a grid
 column per mode (``fwd``, ``fwd+bwd``), one row for the median latency (bars: the fastest and
 slowest timed iteration) and one for the peak memory, against the pixels of one iteration's
 input (width x height x batch) or, with ``--x macs``, against the model's MACs at that input.
-One line per model spec (``datpp-t:fast``, ``swin-t``, ...), log-log axes. The figure's footer
-names the JSON files and the machines they were measured on (CPU or GPU, threads, torch). Written with matplotlib's Agg
-backend (no display needed).
+One line per model spec (``datpp-t:fast``, ``swin-t``, ...) and batch (a line joins the input
+sizes of one batch; each batch has its marker), log-log axes. The figure's footer names the
+JSON files and the machines they were measured on (CPU or GPU, threads, torch). Written with
+matplotlib's Agg backend (no display needed).
 
 A result whose model, input and mode appear in an earlier file replaces it (and says so).
 With ``--x macs``, results without a MAC count (files of an older ``benchmark.py``, models it
@@ -21,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -78,7 +80,7 @@ def x_value(result: dict[str, Any], x: str) -> float | None:
 
 
 def plot(results: Sequence[dict[str, Any]], sources: Sequence[str], x: str = 'pixels', log: Any = print) -> Figure:
-    """The figure: latency and peak memory per mode, one line per model spec.
+    """The figure: latency and peak memory per mode, one line per model spec (and batch).
 
     Args:
         results (Sequence[dict]): ``benchmark.py`` results.
@@ -102,22 +104,28 @@ def plot(results: Sequence[dict[str, Any]], sources: Sequence[str], x: str = 'pi
         raise ValueError(f'no result to plot against {x}')
     modes = [m for m in MODES if any(r['job']['mode'] == m for r in placed)]
     models = list(dict.fromkeys(r['job']['model'] for r in placed))
+    batches = sorted({r['job']['batch'] for r in placed})
     fig = Figure(figsize=(5.5 * len(modes), 8.5), layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(modes), squeeze=False)
     for col, mode in enumerate(modes):
         time_ax, mem_ax = axes[0][col], axes[1][col]
-        for model in models:
+        for (i, model), (j, batch) in itertools.product(enumerate(models), enumerate(batches)):
             points = sorted(
-                (x_value(r, x), r) for r in placed if r['job']['model'] == model and r['job']['mode'] == mode
+                (x_value(r, x), r)
+                for r in placed
+                if (r['job']['model'], r['job']['batch'], r['job']['mode']) == (model, batch, mode)
             )
             if not points:
                 continue
+            # A model's colour; a batch's marker and line style: a line joins the inputs of one batch only.
+            style = dict(color=f'C{i % 10}', marker='os^D'[j % 4], linestyle=('-', '--', ':', '-.')[j % 4])
+            label = model if len(batches) == 1 else f'{model}, batch {batch}'
             xs = [p for p, _ in points]
             lat = [r['latency_ms'] for _, r in points]
             spread = [[v['median'] - v['min'] for v in lat], [v['max'] - v['median'] for v in lat]]
-            line = time_ax.errorbar(xs, [v['median'] for v in lat], yerr=spread, marker='o', capsize=3, label=model)[0]
-            mem_ax.plot(xs, [r['peak_mem_mib'] for _, r in points], marker='o', color=line.get_color(), label=model)
+            time_ax.errorbar(xs, [v['median'] for v in lat], yerr=spread, capsize=3, label=label, **style)
+            mem_ax.plot(xs, [r['peak_mem_mib'] for _, r in points], label=label, **style)
             if x == 'macs':  # the models' points of one input lie apart: name each point's input
                 for value, r in points:
                     for ax, y in ((time_ax, r['latency_ms']['median']), (mem_ax, r['peak_mem_mib'])):
@@ -131,12 +139,15 @@ def plot(results: Sequence[dict[str, Any]], sources: Sequence[str], x: str = 'pi
             ax.set_yscale('log')
             ax.set_xlabel(X_AXES[x])
             ax.grid(True, which='both', alpha=0.3)
-            ax.legend(fontsize=8)
             if x == 'pixels':
                 inputs = {x_value(r, x): input_label(r['job']) for r in placed if r['job']['mode'] == mode}
-                ax.set_xticks(list(inputs), [f'{label}\n{px / 1e6:.2f} Mpx' for px, label in inputs.items()])
+                ticks = [f'{label} ({px / 1e6:.2f} Mpx)' for px, label in inputs.items()]
+                ax.set_xticks(list(inputs), ticks, rotation=30, ha='right', fontsize=8)
                 ax.minorticks_off()
-    fig.suptitle('Latency and peak memory against input size')
+    legend = {}  # one entry per line, from whichever panel has it
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(legend.values(), legend.keys(), loc='outside upper center', ncols=min(len(legend), 3), fontsize=8)
     fig.supxlabel('data: ' + '\n'.join(sources), fontsize=8)
     return fig
 
