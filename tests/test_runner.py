@@ -117,6 +117,10 @@ def test_test_py_needs_only_the_test_data(tmp_path):
     options = [
         f'test_dataloader.dataset.data_root={root}/',
         *_missing_root_options(tmp_path / 'no_such_train_set', ('train_dataloader', 'val_dataloader')),
+        # mmengine reuses the logger, and so the log file, of an earlier runner with the same
+        # experiment name; names are made to the second, so a runner built in the same second
+        # by the test before would take this run's log.
+        f'experiment_name={tmp_path.name}',
     ]
     with pytest.raises(FileNotFoundError, match='no_such_checkpoint') as error:
         test.main(
