@@ -24,6 +24,7 @@ from PIL import Image
 from projects.dat.synthetic import (
     ADE20K_CLASSES,
     COCO_CLASSES,
+    FORMATS,
     IMAGENET_CLASSES,
     make_ade20k,
     make_coco,
@@ -106,6 +107,28 @@ def test_image_does_not_depend_on_count(tmp_path):
     make_coco(str(tmp_path / 'many'), num_train=5, num_val=3, size=(64, 64), progress=False)
     for name in ('train2017/000000000001.jpg', 'val2017/000000000000.jpg'):
         assert (tmp_path / 'few' / name).read_bytes() == (tmp_path / 'many' / name).read_bytes()
+
+
+@pytest.mark.parametrize('kind', sorted(FORMATS))
+def test_unset_sizes_take_the_format_defaults(kind):
+    fmt = FORMATS[kind]
+    dataset = fmt(num_train=None, num_val=2, size=None)
+    assert (dataset.num_train, dataset.num_val) == (fmt.NUM_TRAIN, 2)
+    assert (dataset.height, dataset.width) == fmt.SIZE
+
+
+def test_progress_counts_every_image(tmp_path):
+    totals, steps = [], []
+
+    def progress(total, enabled):
+        totals.append(total)
+        return lambda: steps.append(1)
+
+    dataset = FORMATS['imagenet'](num_train=2, num_val=1, size=(32, 32))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr('projects.dat.synthetic._progress', progress)
+        dataset.write(str(tmp_path))
+    assert totals == [len(IMAGENET_CLASSES) * 3] and len(steps) == totals[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +317,7 @@ def test_loads_as_mmpretrain_imagenet(imagenet_root):
         (lambda d: make_coco(d, num_train=0), 'num_train must be an integer >= 1'),
         (
             lambda d: make_coco(d, classes=('circle', 'hexagon')),
-            'classes must be a non-empty subset',
+            'classes must be at least 1 of',
         ),
         (lambda d: make_ade20k(d, num_classes=1), 'num_classes must be in 2..8, got 1'),
         (lambda d: make_imagenet(d, classes=('triangle', 'circle')), 'classes must be sorted'),

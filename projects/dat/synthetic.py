@@ -36,7 +36,9 @@ import json
 import math
 import os
 import os.path as osp
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,6 +48,11 @@ __all__ = [
     'COCO_CLASSES',
     'ADE20K_CLASSES',
     'IMAGENET_CLASSES',
+    'FORMATS',
+    'SyntheticShapes',
+    'SyntheticCoco',
+    'SyntheticADE20K',
+    'SyntheticImageNet',
     'make_coco',
     'make_ade20k',
     'make_imagenet',
@@ -104,14 +111,6 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     if len(size) != 2 or any(not isinstance(s, (int, np.integer)) or s < 32 for s in size):
         raise ValueError(f'size must be (height, width) with both >= 32, got {tuple(size)}')
     return int(size[0]), int(size[1])
-
-
-def _check_common(num_train: int, num_val: int, size: Sequence[int], noise: float) -> tuple[int, int]:
-    """Check the arguments every generator takes; return the image (height, width)."""
-    _check_positive('num_train', num_train)
-    _check_noise(noise)
-    _check_positive('num_val', num_val)
-    return _check_size(size)
 
 
 def _progress(total: int, enabled: bool) -> Callable[[], None]:
@@ -242,62 +241,126 @@ def _coco_image(
     return img, objects
 
 
-def make_coco(
-    out_dir: str,
-    num_train: int = 64,
-    num_val: int = 16,
-    size: Sequence[int] = (160, 160),
-    seed: int = 0,
-    classes: Sequence[str] = COCO_CLASSES,
-    max_objects: int = 4,
-    noise: float = 12.0,
-    progress: bool = True,
-) -> dict[str, str]:
-    """Write a COCO-instances dataset of shapes (boxes and polygon masks).
+class SyntheticShapes(ABC):
+    """A small dataset of shapes in one toolbox's format: what the three formats share.
+
+    A subclass sets the format's default sizes (``NUM_TRAIN``, ``NUM_VAL``, ``SIZE``) and writes
+    one split; this class checks the arguments, seeds one generator per image and drives the
+    splits and the progress bar.
 
     Args:
-        out_dir (str): dataset root (created; existing files of the same names are replaced).
-        num_train (int): number of training images. Defaults to 64.
-        num_val (int): number of validation images. Defaults to 16.
-        size (Sequence[int]): image (height, width). Defaults to (160, 160).
+        num_train (int, optional): images of the training split (per class where the format has
+            a folder per class). Defaults to the format's ``NUM_TRAIN``.
+        num_val (int, optional): images of the validation split, likewise. Defaults to the
+            format's ``NUM_VAL``.
+        size (Sequence[int], optional): image (height, width), both >= 32. Defaults to the
+            format's ``SIZE``.
         seed (int): base random seed. Defaults to 0.
-        classes (Sequence[str]): shape kinds used as categories (ids 1..K in this order),
-            each from ``SHAPES``. Defaults to ``COCO_CLASSES``.
-        max_objects (int): at most this many objects per image (at least 1). Defaults to 4.
-        noise (float): standard deviation of the background's pixel noise (grey levels); objects
-            get half of it. Defaults to 12.0.
-        progress (bool): show a progress bar. Defaults to True.
-
-    Returns:
-        dict[str, str]: paths of the written annotation files, keys 'train' and 'val'.
+        noise (float): standard deviation of the background's pixel noise (grey levels, 0 to
+            100); objects get half of it. Defaults to 12.0.
     """
-    height, width = _check_common(num_train, num_val, size, noise)
-    _check_positive('max_objects', max_objects)
+
+    NUM_TRAIN: ClassVar[int]
+    NUM_VAL: ClassVar[int]
+    SIZE: ClassVar[tuple[int, int]]
+
+    def __init__(
+        self,
+        num_train: int | None = None,
+        num_val: int | None = None,
+        size: Sequence[int] | None = None,
+        seed: int = 0,
+        noise: float = 12.0,
+    ) -> None:
+        self.num_train = self.NUM_TRAIN if num_train is None else num_train
+        self.num_val = self.NUM_VAL if num_val is None else num_val
+        _check_positive('num_train', self.num_train)
+        _check_positive('num_val', self.num_val)
+        self.height, self.width = _check_size(self.SIZE if size is None else size)
+        _check_noise(noise)
+        self.seed = seed
+        self.noise = noise
+
+    def write(self, out_dir: str, progress: bool = True) -> dict[str, str]:
+        """Write the training and the validation split.
+
+        Args:
+            out_dir (str): dataset root (created; existing files of the same names are replaced).
+            progress (bool): show a progress bar. Defaults to True.
+
+        Returns:
+            dict[str, str]: per split ('train', 'val'), the file or folder a toolbox config names
+            (see the subclass).
+        """
+        step = _progress(self.images_per_sample() * (self.num_train + self.num_val), progress)
+        return {
+            split: self.write_split(out_dir, split, count, step)
+            for split, count in (('train', self.num_train), ('val', self.num_val))
+        }
+
+    def images_per_sample(self) -> int:
+        """How many images one unit of ``num_train``/``num_val`` stands for (1, or the classes)."""
+        return 1
+
+    def rng(self, split: str, *index: int) -> np.random.Generator:
+        """The generator of one image: seeded with (seed, split, index), so that an image does
+        not depend on how many others are written."""
+        return np.random.default_rng([self.seed, _SPLIT_IDS[split], *index])
+
+    @abstractmethod
+    def write_split(self, out_dir: str, split: str, count: int, step: Callable[[], None]) -> str:
+        """Write ``count`` samples of ``split``, call ``step`` after each image, return its path."""
+
+
+def _check_classes(classes: Sequence[str], minimum: int) -> None:
     unknown = [c for c in classes if c not in SHAPES]
-    if unknown or not classes:
-        raise ValueError(f'classes must be a non-empty subset of {sorted(SHAPES)}, got {tuple(classes)}')
-    os.makedirs(osp.join(out_dir, 'annotations'), exist_ok=True)
-    categories = [dict(id=i + 1, name=c, supercategory='shape') for i, c in enumerate(classes)]
-    step = _progress(num_train + num_val, progress)
-    written = {}
-    for split, count in (('train', num_train), ('val', num_val)):
+    if unknown or len(classes) < minimum:
+        raise ValueError(f'classes must be at least {minimum} of {sorted(SHAPES)}, got {tuple(classes)}')
+
+
+class SyntheticCoco(SyntheticShapes):
+    """COCO instances (mmdet ``CocoDataset``): shapes with boxes and polygon masks.
+
+    ``write`` returns the annotation files, ``OUT/annotations/instances_{train,val}2017.json``.
+
+    Args:
+        classes (Sequence[str]): shape kinds used as categories (ids 1..K in this order), each
+            from ``SHAPES``. Defaults to ``COCO_CLASSES``.
+        max_objects (int): at most this many objects per image (at least 1). Defaults to 4.
+        **kwargs: the arguments of ``SyntheticShapes``; 64 training and 16 validation images
+            of 160x160 unless given.
+    """
+
+    NUM_TRAIN, NUM_VAL, SIZE = 64, 16, (160, 160)
+
+    def __init__(self, classes: Sequence[str] = COCO_CLASSES, max_objects: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_classes(classes, 1)
+        _check_positive('max_objects', max_objects)
+        self.classes = tuple(classes)
+        self.max_objects = max_objects
+
+    def write_split(self, out_dir: str, split: str, count: int, step: Callable[[], None]) -> str:
         img_dir = osp.join(out_dir, f'{split}2017')
         os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(osp.join(out_dir, 'annotations'), exist_ok=True)
         images, annotations = [], []
         for idx in range(count):
-            rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
-            img, objects = _coco_image(rng, height, width, classes, max_objects, noise)
+            img, objects = _coco_image(
+                self.rng(split, idx), self.height, self.width, self.classes, self.max_objects, self.noise
+            )
             file_name = f'{idx:012d}.jpg'
             _save_image(img, osp.join(img_dir, file_name))
-            images.append(dict(id=idx, file_name=file_name, height=height, width=width))
+            images.append(dict(id=idx, file_name=file_name, height=self.height, width=self.width))
             for obj in objects:
                 annotations.append(dict(id=len(annotations) + 1, image_id=idx, **obj))
             step()
+        categories = [dict(id=i + 1, name=c, supercategory='shape') for i, c in enumerate(self.classes)]
         ann_path = osp.join(out_dir, 'annotations', f'instances_{split}2017.json')
         with open(ann_path, 'w') as f:
             json.dump(
                 dict(
-                    info=dict(description=f'synthetic shapes, seed {seed}'),
+                    info=dict(description=f'synthetic shapes, seed {self.seed}'),
                     licenses=[],
                     images=images,
                     annotations=annotations,
@@ -305,8 +368,7 @@ def make_coco(
                 ),
                 f,
             )
-        written[split] = ann_path
-    return written
+        return ann_path
 
 
 def _ade_image(
@@ -343,131 +405,127 @@ def _ade_image(
     return img, label
 
 
-def make_ade20k(
-    out_dir: str,
-    num_train: int = 32,
-    num_val: int = 8,
-    size: Sequence[int] = (128, 128),
-    seed: int = 0,
-    num_classes: int = 5,
-    noise: float = 12.0,
-    progress: bool = True,
-) -> dict[str, str]:
-    """Write an ADE20K-style semantic segmentation dataset.
+class SyntheticADE20K(SyntheticShapes):
+    """ADE20K semantic segmentation (mmseg ``ADE20KDataset``).
 
     Label maps are uint8 PNGs with 0 = other (ignored under ``reduce_zero_label=True``) and
     ADE20K ids 1..K (``ADE20K_CLASSES[:K]``): class 1 fills the top of each scene, class 2
-    the bottom, classes 3..K are shapes.
+    the bottom, classes 3..K are shapes. ``write`` returns the image folders,
+    ``OUT/images/{training,validation}``.
 
     Args:
-        out_dir (str): dataset root (created; existing files of the same names are replaced).
-        num_train (int): number of training images. Defaults to 32.
-        num_val (int): number of validation images. Defaults to 8.
-        size (Sequence[int]): image (height, width). Defaults to (128, 128).
-        seed (int): base random seed. Defaults to 0.
         num_classes (int): K, between 2 and ``len(ADE20K_CLASSES)``. Defaults to 5.
-        noise (float): standard deviation of the background's pixel noise (grey levels); objects
-            get half of it. Defaults to 12.0.
-        progress (bool): show a progress bar. Defaults to True.
-
-    Returns:
-        dict[str, str]: image folders written, keys 'train' and 'val'.
+        **kwargs: the arguments of ``SyntheticShapes``; 32 training and 8 validation images
+            of 128x128 unless given.
     """
-    height, width = _check_common(num_train, num_val, size, noise)
-    if not 2 <= num_classes <= len(ADE20K_CLASSES):
-        raise ValueError(f'num_classes must be in 2..{len(ADE20K_CLASSES)}, got {num_classes}')
-    step = _progress(num_train + num_val, progress)
-    written = {}
-    for split, folder, count in (('train', 'training', num_train), ('val', 'validation', num_val)):
+
+    NUM_TRAIN, NUM_VAL, SIZE = 32, 8, (128, 128)
+
+    def __init__(self, num_classes: int = 5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 2 <= num_classes <= len(ADE20K_CLASSES):
+            raise ValueError(f'num_classes must be in 2..{len(ADE20K_CLASSES)}, got {num_classes}')
+        self.num_classes = num_classes
+
+    def write_split(self, out_dir: str, split: str, count: int, step: Callable[[], None]) -> str:
+        folder = dict(train='training', val='validation')[split]
         img_dir = osp.join(out_dir, 'images', folder)
         ann_dir = osp.join(out_dir, 'annotations', folder)
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(ann_dir, exist_ok=True)
         for idx in range(count):
-            rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
-            img, label = _ade_image(rng, height, width, num_classes, noise)
+            img, label = _ade_image(self.rng(split, idx), self.height, self.width, self.num_classes, self.noise)
             name = f'ADE_{folder[0:5]}_{idx:08d}'
             _save_image(img, osp.join(img_dir, name + '.jpg'))
             Image.fromarray(label).save(osp.join(ann_dir, name + '.png'))
             step()
-        written[split] = img_dir
-    return written
+        return img_dir
 
 
-def make_imagenet(
-    out_dir: str,
-    num_train: int = 16,
-    num_val: int = 4,
-    size: Sequence[int] = (64, 64),
-    seed: int = 0,
-    classes: Sequence[str] = IMAGENET_CLASSES,
-    noise: float = 12.0,
-    progress: bool = True,
-) -> dict[str, str]:
-    """Write an ImageNet-style classification dataset (one shape per image).
+class SyntheticImageNet(SyntheticShapes):
+    """ImageNet-style classification (mmpretrain ``ImageNet``): one shape per image.
+
+    ``num_train`` and ``num_val`` count images per class. ``write`` returns the annotation
+    lists, ``OUT/meta/{train,val}.txt``.
 
     Args:
-        out_dir (str): dataset root (created; existing files of the same names are replaced).
-        num_train (int): training images per class. Defaults to 16.
-        num_val (int): validation images per class. Defaults to 4.
-        size (Sequence[int]): image (height, width). Defaults to (64, 64).
-        seed (int): base random seed. Defaults to 0.
-        classes (Sequence[str]): shape kinds used as classes (label = position), each from
-            ``SHAPES``. Defaults to ``IMAGENET_CLASSES``.
-        noise (float): standard deviation of the background's pixel noise (grey levels); objects
-            get half of it. Defaults to 12.0.
-        progress (bool): show a progress bar. Defaults to True.
-
-    Returns:
-        dict[str, str]: paths of the annotation lists, keys 'train' and 'val'.
+        classes (Sequence[str]): shape kinds used as classes (label = position), at least 2,
+            each from ``SHAPES``, sorted (mmpretrain labels folders in sorted order).
+            Defaults to ``IMAGENET_CLASSES``.
+        **kwargs: the arguments of ``SyntheticShapes``; 16 training and 4 validation images per
+            class of 64x64 unless given.
     """
-    height, width = _check_common(num_train, num_val, size, noise)
-    unknown = [c for c in classes if c not in SHAPES]
-    if unknown or len(classes) < 2:
-        raise ValueError(f'classes must be at least 2 of {sorted(SHAPES)}, got {tuple(classes)}')
-    if sorted(classes) != list(classes):
-        raise ValueError(
-            f'classes must be sorted (folder order defines the labels in mmpretrain), got {tuple(classes)}'
-        )
-    os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
-    step = _progress(len(classes) * (num_train + num_val), progress)
-    written = {}
-    for split, per_class in (('train', num_train), ('val', num_val)):
+
+    NUM_TRAIN, NUM_VAL, SIZE = 16, 4, (64, 64)
+
+    def __init__(self, classes: Sequence[str] = IMAGENET_CLASSES, **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_classes(classes, 2)
+        if sorted(classes) != list(classes):
+            raise ValueError(
+                f'classes must be sorted (folder order defines the labels in mmpretrain), got {tuple(classes)}'
+            )
+        self.classes = tuple(classes)
+
+    def images_per_sample(self) -> int:
+        return len(self.classes)
+
+    def write_split(self, out_dir: str, split: str, count: int, step: Callable[[], None]) -> str:
+        height, width = self.height, self.width
         lines = []
-        for label, kind in enumerate(classes):
+        for label, kind in enumerate(self.classes):
             os.makedirs(osp.join(out_dir, split, kind), exist_ok=True)
-            for idx in range(per_class):
-                rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, idx])
-                img = _background(rng, height, width, noise)
-                side = min(height, width)
-                r = rng.uniform(0.25, 0.45) * side
+            for idx in range(count):
+                rng = self.rng(split, label, idx)
+                img = _background(rng, height, width, self.noise)
+                r = rng.uniform(0.25, 0.45) * min(height, width)
                 cx = rng.uniform(r, width - r)
                 cy = rng.uniform(r, height - r)
                 polygon = render_shape_polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi), rng.uniform(0.7, 1.4))
-                _paint(img, _rasterize(polygon, height, width), SHAPES[kind], rng, noise / 2)
+                _paint(img, _rasterize(polygon, height, width), SHAPES[kind], rng, self.noise / 2)
                 rel = f'{kind}/{split}_{idx:06d}.JPEG'
                 _save_image(img, osp.join(out_dir, split, rel))
                 lines.append(f'{rel} {label}')
                 step()
+        os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
         meta = osp.join(out_dir, 'meta', f'{split}.txt')
         with open(meta, 'w') as f:
             f.write('\n'.join(lines) + '\n')
-        written[split] = meta
-    return written
+        return meta
 
 
-def make_dataset(kind: str, out_dir: str, **kwargs) -> dict[str, str]:
-    """Dispatch to ``make_coco``, ``make_ade20k`` or ``make_imagenet`` by name.
+# The formats by the names the CLI and ``make_dataset`` take.
+FORMATS: dict[str, type[SyntheticShapes]] = dict(coco=SyntheticCoco, ade20k=SyntheticADE20K, imagenet=SyntheticImageNet)
+
+
+def make_dataset(kind: str, out_dir: str, progress: bool = True, **kwargs) -> dict[str, str]:
+    """Write a synthetic dataset of one of ``FORMATS``.
 
     Args:
         kind (str): 'coco', 'ade20k' or 'imagenet'.
-        out_dir (str): dataset root.
-        **kwargs: arguments of the chosen generator.
+        out_dir (str): dataset root (created; existing files of the same names are replaced).
+        progress (bool): show a progress bar. Defaults to True.
+        **kwargs: the arguments of the format's class (``SyntheticCoco``, ``SyntheticADE20K``,
+            ``SyntheticImageNet``).
 
     Returns:
-        dict[str, str]: what the generator returns.
+        dict[str, str]: what the format's ``write`` returns.
     """
-    makers = dict(coco=make_coco, ade20k=make_ade20k, imagenet=make_imagenet)
-    if kind not in makers:
-        raise ValueError(f'dataset kind must be one of {sorted(makers)}, got {kind!r}')
-    return makers[kind](out_dir, **kwargs)
+    if kind not in FORMATS:
+        raise ValueError(f'dataset kind must be one of {sorted(FORMATS)}, got {kind!r}')
+    return FORMATS[kind](**kwargs).write(out_dir, progress)
+
+
+def make_coco(out_dir: str, progress: bool = True, **kwargs) -> dict[str, str]:
+    """``make_dataset('coco', ...)``: the arguments of ``SyntheticCoco``; returns the annotation files."""
+    return make_dataset('coco', out_dir, progress, **kwargs)
+
+
+def make_ade20k(out_dir: str, progress: bool = True, **kwargs) -> dict[str, str]:
+    """``make_dataset('ade20k', ...)``: the arguments of ``SyntheticADE20K``; returns the image folders."""
+    return make_dataset('ade20k', out_dir, progress, **kwargs)
+
+
+def make_imagenet(out_dir: str, progress: bool = True, **kwargs) -> dict[str, str]:
+    """``make_dataset('imagenet', ...)``: the arguments of ``SyntheticImageNet``; returns the annotation lists."""
+    return make_dataset('imagenet', out_dir, progress, **kwargs)
