@@ -40,8 +40,7 @@ def profiles():
     result = {}
     for name in ('datpp', 'swin'):
         profile = _small_model(name)
-        profile.plain.append(profile.plain_step())  # also the warm-up
-        profile.plain.append(profile.plain_step())
+        profile.plain.append(profile.plain_step())  # also the warm-up of the profiled step
         profile.profiled.append(profile.profiled_step())
         result[name] = profile
     return result
@@ -101,6 +100,10 @@ def test_tables(profiles):
     detail = profile_layers.format_table(summaries[1:], 'stage+kind+group').splitlines()
     assert detail[2].startswith('| stem | - | stem |')  # stem first, then the stages in order
     assert 'overhead x' in profile_layers.format_steps(summaries)
+    ops = summaries[1]['ops']
+    assert ops and all(len(key.split('|')) == 5 and ms >= profile_layers.MIN_OP_MS for key, ms in ops.items())
+    top = profile_layers.format_top_ops(summaries[1], count=3).splitlines()
+    assert len(top) == 5 and top[0].startswith('| datpp: kind | group | phase | op |')
 
 
 def test_arguments():

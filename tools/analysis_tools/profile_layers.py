@@ -142,6 +142,10 @@ SWIN_BLOCK_RULES = (
     (r'ffn\.layers\.0\.1', None, 'FFN hidden'),
     (r'ffn\.layers(\..*)?', None, 'FFN fc'),
 )
+# The JSON keeps each op's median self time per group and phase where it is at least MIN_OP_MS, under the key
+# 'stage|kind|group|phase|op' (one line each: a step has thousands of smaller ones).
+MIN_OP_MS = 1.0
+OP_KEY_SEPARATOR = '|'
 # The columns a table sums the groups by (format_table's ``by``).
 TABLE_FIELDS = {'group': ('group',), 'stage+group': ('stage', 'group'), 'stage+kind+group': ('stage', 'kind', 'group')}
 BLOCK_PATH = re.compile(r'stages\.(\d+)\.blocks\.(\d+)(?:\.(.*))?')
@@ -416,7 +420,8 @@ class ModelProfile:
         return result
 
     def summary(self) -> dict[str, Any]:
-        """Medians over the rounds: per group forward and backward ms, MACs; the step's times."""
+        """Medians over the rounds: per group forward and backward ms and MACs; per op (at least
+        :data:`MIN_OP_MS`) self ms; the step's times."""
         keys = sorted({k for r in self.profiled for phase in ('fwd', 'bwd') for k in r[phase]} | set(self.macs))
         groups = []
         for key in keys:
@@ -424,12 +429,11 @@ class ModelProfile:
             bwd = statistics.median(r['bwd'].get(key, 0.0) for r in self.profiled)
             stage, kind, group = key
             groups.append(dict(stage=stage, kind=kind, group=group, fwd_ms=fwd, bwd_ms=bwd, macs=self.macs.get(key, 0)))
-        op_keys = {k for r in self.profiled for k in r['ops']}
-        ops = []
-        for key in sorted(op_keys):
+        ops = {}
+        for key in sorted({k for r in self.profiled for k in r['ops']}):
             self_ms = statistics.median(r['ops'].get(key, 0.0) for r in self.profiled)
-            if self_ms >= 0.05:  # keeps the JSON small; the rest are below the profiler's resolution
-                ops.append(dict(zip(('stage', 'kind', 'group', 'phase', 'op'), key, strict=True), self_ms=self_ms))
+            if self_ms >= MIN_OP_MS:
+                ops[OP_KEY_SEPARATOR.join(key)] = round(self_ms, 2)
         return dict(
             model=self.spec,
             model_source=self.source,
@@ -519,8 +523,9 @@ def format_top_ops(summary: dict[str, Any], count: int = 15) -> str:
     """The ``count`` largest ops of a model by self time, summed over the stages: which kernels
     a group's time is (median ms over the rounds, and % of the profiled step)."""
     sums: dict[tuple, float] = defaultdict(float)
-    for op in summary['ops']:
-        sums[(op['kind'], op['group'], op['phase'], op['op'])] += op['self_ms']
+    for key, self_ms in summary['ops'].items():
+        _, kind, group, phase, op = key.split(OP_KEY_SEPARATOR)
+        sums[(kind, group, phase, op)] += self_ms
     lines = [f'| {summary["model"]}: kind | group | phase | op | self ms | % step |', '|---|---|---|---|---|---|']
     for key, ms in sorted(sums.items(), key=lambda item: -item[1])[:count]:
         lines.append('| ' + ' | '.join(key) + f' | {ms:.0f} | {100 * ms / summary["profiled_step_ms"]:.1f} |')
