@@ -21,7 +21,7 @@ shift masks, query grids, reference points), ``offset net`` and ``key sampling``
 (``grid_sample`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s local perception unit),
 ``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++: depth-wise conv and GELU,
 fused; Swin: GELU), ``residual`` (the blocks' additions and drop path), ``output norms`` (the
-four output LayerNorms and the layout of the outputs), ``loss``; and two that are no module's:
+four output LayerNorms and the layout of the outputs), ``loss``; and three that are no module's:
 ``Python between ops`` (forward: interpreter time between ops, module calls and this tool's
 hooks), ``AccumulateGrad`` (backward: storing the parameters' gradients) and ``autograd engine``
 (backward: time between autograd nodes, and nodes no forward op of the step created). Rows are
@@ -32,7 +32,7 @@ Method. Module forward pre- and post-hooks open and close a ``record_function`` 
 after the module on every module, so each forward op's innermost module is its enclosing scope;
 the op's group follows from that module's path and, for modules that run several kinds of
 ops themselves (an attention module's fused core, ``grid_sample`` and layout ops), from the
-outermost op's name (:func:`classify`). Backward time is attributed through autograd's sequence
+outermost op's name (:meth:`Grouping.classify`). Backward time is attributed through autograd's sequence
 numbers: the profiler gives each forward op the sequence number of the autograd node it creates,
 and the node's ``autograd::engine::evaluate_function`` event in the backward pass carries the
 same number, so each node's time (its backward kernel, the accumulation of its gradient into
@@ -43,9 +43,12 @@ times add up to the step.
 
 Limits. The profiler adds a fixed cost to every op (microseconds), which inflates groups of many
 small ops (``attn layout``, ``residual``) more than groups of few large ones; every round also
-times the step without profiler and hooks, and the tables give both (``overhead``). With the
-``reference`` attention path the ``D`` blocks' bias read is a ``grid_sample`` of their own and is
-counted as ``key sampling`` (time and MACs); the groups are exact for the fast paths. Swin-T's
+times the step without profiler and hooks, and the tables give both (``overhead``). The groups
+are exact for the fast paths, whose attention cores are single operators; on the ``reference``
+path the cores are plain PyTorch ops in the attention modules' own scopes, where the time of the
+``D`` blocks' bias read (a ``grid_sample``) counts as ``key sampling`` and that of the softmax as
+``attn layout`` (their MACs are grouped right). Each group's and op's median is taken on its own,
+so the medians need not add up exactly to the median step. Swin-T's
 patch merging ends a stage; it is shown in the stage it feeds, as DAT's ``Downsample`` is.
 
 Protocol: the models are built once; ``--warmup`` rounds run one step of each model without the
@@ -57,7 +60,7 @@ one process (DAT-T++ and Swin-T at 1344x800 need about 3 GiB each for a step).
 Examples::
 
     python tools/analysis_tools/profile_layers.py --models swin-t datpp-t:fast --inputs 512x832@1 \\
-        --warmup 1 --repeats 3 --threads 1 --json docs/bench/profile_layers_512x832.json
+        --warmup 1 --repeats 3 --threads 1 --json docs/bench/cpu_profile_layers_512x832.json
 """
 
 from __future__ import annotations
