@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from projects.dat import benchmarking
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis_tools'))
 
@@ -34,7 +36,7 @@ DET_CONFIG = str(ROOT / 'configs' / 'detection' / 'mask_rcnn' / 'mask-rcnn_datpp
     ],
 )
 def test_model_specs(spec, expected):
-    assert benchmark.parse_model_spec(spec) == expected
+    assert benchmarking.parse_model_spec(spec) == expected
 
 
 @pytest.mark.parametrize(
@@ -50,22 +52,22 @@ def test_model_specs(spec, expected):
 )
 def test_bad_model_specs(spec, match):
     with pytest.raises(ValueError, match=match):
-        benchmark.parse_model_spec(spec)
+        benchmarking.parse_model_spec(spec)
 
 
 def test_input_specs():
-    assert benchmark.parse_input_spec('224@32') == (224, 224, 32)
-    assert benchmark.parse_input_spec('1344x800@1') == (1344, 800, 1)
-    assert benchmark.parse_input_spec('96') == (96, 96, 1)  # batch 1 when omitted
+    assert benchmarking.parse_input_spec('224@32') == (224, 224, 32)
+    assert benchmarking.parse_input_spec('1344x800@1') == (1344, 800, 1)
+    assert benchmarking.parse_input_spec('96') == (96, 96, 1)  # batch 1 when omitted
     for bad in ('0@1', '224@0', 'axb@1'):
         with pytest.raises(ValueError):
-            benchmark.parse_input_spec(bad)
+            benchmarking.parse_input_spec(bad)
 
 
 def test_with_cp_reaches_the_backbone():
-    model, _, _ = benchmark.build_model('datpp-t:fast:cp', 64, 64)
+    model, _, _ = benchmarking.build_model('datpp-t:fast:cp', 64, 64)
     assert all(stage.with_cp for stage in model.stages)
-    model, _, _ = benchmark.build_model('datpp-t:fast', 64, 64)
+    model, _, _ = benchmarking.build_model('datpp-t:fast', 64, 64)
     assert not any(stage.with_cp for stage in model.stages)
 
 
@@ -75,7 +77,7 @@ def test_fast_pytorch_is_the_pytorch_implementation():
     from projects.dat import set_attn_impl
 
     for spec in ('datpp-t:fast-pytorch', 'datpp-t:pytorch'):
-        model, _, _ = benchmark.build_model(spec, 64, 64)
+        model, _, _ = benchmarking.build_model(spec, 64, 64)
         assert model.attn_impl == 'pytorch' and set(set_attn_impl(model, 'pytorch').values()) == {'pytorch'}
     benchmark.parse_args(['--models', 'datpp-t:fast-pytorch', 'datpp-t:cpu-kernel', '--no-isolate'])
 
@@ -89,13 +91,11 @@ def test_swin_t_is_timms_where_mmdet_cannot_be_imported(monkeypatch):
     with mmdet's output norms has the parameters of mmdet's Swin-T, shape for shape, and its outputs
     (NCHW, contiguous) at any input size; the results say which one ran."""
     timm = pytest.importorskip('timm')
-    from projects.dat import toolboxes
-
-    mmdet_swin, _, source = benchmark.build_model('swin-t', 64, 96)
+    mmdet_swin, _, source = benchmarking.build_model('swin-t', 64, 96)
     assert source == 'mmdet SwinTransformer'
-    monkeypatch.setattr(toolboxes, 'build_toolbox_model', _no_mmdet)
-    timm_swin, _, source = benchmark.build_model('swin-t', 64, 96)
-    assert isinstance(timm_swin, benchmark.TimmSwinT)
+    monkeypatch.setattr(benchmarking, 'build_toolbox_model', _no_mmdet)
+    timm_swin, _, source = benchmarking.build_model('swin-t', 64, 96)
+    assert isinstance(timm_swin, benchmarking.TimmSwinT)
     assert source.startswith(f'timm {timm.__version__} swin_tiny_patch4_window7_224') and 'mmcv._ext' in source
     assert sorted(p.shape for p in timm_swin.parameters()) == sorted(p.shape for p in mmdet_swin.parameters())
     x = torch.randn(1, 3, 64, 96)
@@ -107,12 +107,10 @@ def test_swin_t_is_timms_where_mmdet_cannot_be_imported(monkeypatch):
 
 
 def test_swin_t_without_mmdet_or_timm_says_what_is_missing(monkeypatch):
-    from projects.dat import toolboxes
-
-    monkeypatch.setattr(toolboxes, 'build_toolbox_model', _no_mmdet)
+    monkeypatch.setattr(benchmarking, 'build_toolbox_model', _no_mmdet)
     monkeypatch.setitem(sys.modules, 'timm', None)  # import timm raises ImportError
     with pytest.raises(ImportError, match=r'swin-t needs mmdet \(.*mmcv._ext.*\) or timm'):
-        benchmark.build_model('swin-t', 64, 64)
+        benchmarking.build_model('swin-t', 64, 64)
 
 
 def _result(model, ms, mib, macs, width=64, height=64, batch=2, mode='fwd'):
@@ -171,7 +169,7 @@ def test_macs_are_the_flops_module_count_at_the_benchmark_input():
 
     inputs = torch.randn(2, 3, 48, 64)
     dat = analyze_complexity(DAT('datpp-t', attn_impl='reference').eval(), inputs).flops
-    swin_t = build_toolbox_model(benchmark.SWIN_T, 'mmdet')
+    swin_t = build_toolbox_model(benchmarking.SWIN_T, 'mmdet')
     swin_t.eval()  # its train() returns None
     swin = analyze_complexity(swin_t, inputs).flops
     for job, expected in zip(jobs, (dat, dat, dat, swin), strict=True):

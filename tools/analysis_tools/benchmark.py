@@ -17,7 +17,7 @@ Model specs (``--models``):
 - ``swin-t``: mmdet's ``SwinTransformer`` with the settings of mmdet's
   ``mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py`` backbone (the usual comparison); where mmdet cannot
   be imported (e.g. an mmcv without its compiled ops), timm's ``swin_tiny_patch4_window7_224``,
-  the same architecture, with mmdet's four output norms (:class:`TimmSwinT`); each result's
+  the same architecture, with mmdet's four output norms (:class:`projects.dat.benchmarking.TimmSwinT`); each result's
   ``model_source`` says which ran;
 - ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
   run in ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing); the
@@ -80,7 +80,6 @@ import gc
 import json
 import os
 import os.path as osp
-import platform
 import statistics
 import subprocess
 import sys
@@ -92,38 +91,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from projects.dat import set_attn_impl
+from projects.dat.benchmarking import (
+    machine_description,
+    parse_input_spec,
+    parse_model_spec,
+    seeded_model_and_input,
+    tensor_leaves,
+)
 from projects.dat.flops import analyze_complexity
-from projects.dat.ops import ATTN_IMPLS
 
 MODES = ('fwd', 'fwd+bwd')
-# Spec names of the implementations: attn_impl's values, and the name earlier runs used for 'pytorch'.
-IMPL_ALIASES = {'fast-pytorch': 'pytorch'}
-IMPLS = (*ATTN_IMPLS, *IMPL_ALIASES)
-CHECKPOINTING = {'cp': True, 'nocp': False}
 RESULT_MARKER = 'BENCHMARK_RESULT '
 # Interleaved workers keep their freed memory between iterations while their peaks together
 # stay below this fraction of the machine's memory.
 KEEP_MEMORY_FRACTION = 0.75
-
-# mmdet configs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, without the pretrained init.
-SWIN_T = dict(
-    type='SwinTransformer',
-    embed_dims=96,
-    depths=[2, 2, 6, 2],
-    num_heads=[3, 6, 12, 24],
-    window_size=7,
-    mlp_ratio=4,
-    qkv_bias=True,
-    qk_scale=None,
-    drop_rate=0.0,
-    attn_drop_rate=0.0,
-    drop_path_rate=0.2,
-    patch_norm=True,
-    out_indices=(0, 1, 2, 3),
-    with_cp=False,
-    convert_weights=True,
-)
 
 
 @dataclass
@@ -141,176 +122,6 @@ class Job:
     repeats: int
     threads: int
     compile: bool
-
-
-def parse_model_spec(spec: str) -> tuple[str, str | None, bool | None]:
-    """``'datpp-t:fast'`` -> ``('datpp-t', 'fast', None)``; ``'datpp-t:reference:cp'`` ->
-    ``('datpp-t', 'reference', True)``; ``'swin-t'`` -> ``('swin-t', None, None)``.
-
-    The optional third field is ``cp`` (activation checkpointing on) or ``nocp`` (off); without
-    it a DAT backbone runs without checkpointing and a config keeps its own ``with_cp``.
-
-    Raises:
-        ValueError: For an unknown model, implementation or checkpointing field.
-    """
-    from projects.dat.models.dat import DAT
-
-    name, *fields = spec.split(':')
-    if len(fields) > 2:
-        raise ValueError(f'Model spec {spec!r} has more than three fields; expected NAME[:IMPL][:cp|nocp]')
-    impl = fields[0] if fields and fields[0] else None
-    checkpointing = fields[1] if len(fields) == 2 else None
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f'Unknown attention implementation {impl!r} in model spec {spec!r}; expected one of {IMPLS}')
-    if checkpointing is not None and checkpointing not in CHECKPOINTING:
-        raise ValueError(
-            f'Unknown checkpointing field {checkpointing!r} in model spec {spec!r}; expected one of '
-            f'{tuple(CHECKPOINTING)}'
-        )
-    if name == 'swin-t':
-        if fields:
-            raise ValueError(f'swin-t takes no attention implementation or checkpointing field, got {spec!r}')
-    elif name.endswith('.py'):
-        if not osp.isfile(name):
-            raise ValueError(f'Config file {name!r} of model spec {spec!r} does not exist')
-    elif name.lower() not in DAT.arch_zoo:
-        raise ValueError(
-            f'Unknown model {name!r} in spec {spec!r}; expected a DAT arch '
-            f'({", ".join(sorted(DAT.arch_zoo))}), swin-t or a config file (.py)'
-        )
-    return name, impl, None if checkpointing is None else CHECKPOINTING[checkpointing]
-
-
-def parse_input_spec(spec: str) -> tuple[int, int, int]:
-    """``'224@32'`` -> ``(224, 224, 32)``; ``'1344x800@1'`` -> ``(1344, 800, 1)`` (W, H, B).
-
-    Raises:
-        ValueError: For another format or non-positive numbers.
-    """
-    try:
-        size, _, batch = spec.partition('@')
-        width, _, height = size.lower().partition('x')
-        w, h, b = int(width), int(height or width), int(batch or 1)
-    except ValueError:
-        w = h = b = 0
-    if min(w, h, b) <= 0:
-        raise ValueError(f'Input spec must be S@B or WxH@B with positive ints (e.g. 224@32, 1344x800@1), got {spec!r}')
-    return w, h, b
-
-
-def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensor_leaves(item)]
-    return []
-
-
-class TimmSwinT(nn.Module):
-    """Swin-T from timm with the outputs of mmdet's backbone: the four stages' maps, each through a
-    LayerNorm, NCHW.
-
-    timm's ``swin_tiny_patch4_window7_224`` has mmdet's Swin-T architecture (patch 4, window 7,
-    depths 2-2-6-2, 3-6-12-24 heads, 96-768 channels). ``strict_img_size=False`` takes any input
-    size (maps padded to whole windows, shift masks built for each input, as mmdet does) and
-    ``always_partition=True`` keeps window 7 and shift 3 in every stage, also where a map is a
-    single window (mmdet does not shrink them either). mmdet adds a LayerNorm to each output; so
-    does this module. For where mmdet cannot be imported (its models import mmcv's compiled ops).
-    """
-
-    def __init__(self):
-        super().__init__()
-        import timm
-
-        self.body = timm.create_model(
-            'swin_tiny_patch4_window7_224',
-            pretrained=False,
-            features_only=True,
-            strict_img_size=False,
-            always_partition=True,
-            drop_path_rate=SWIN_T['drop_path_rate'],
-        )
-        self.norms = nn.ModuleList(nn.LayerNorm(channels) for channels in self.body.feature_info.channels())
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # timm's Swin features are NHWC; mmdet's backbone returns contiguous NCHW maps.
-        return tuple(norm(f).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.norms, self.body(x), strict=True))
-
-
-def build_swin_t() -> tuple[nn.Module, str]:
-    """Swin-T with the settings of mmdet's Swin-T Mask R-CNN backbone: mmdet's
-    ``SwinTransformer``, or :class:`TimmSwinT` where mmdet cannot be imported.
-
-    Returns:
-        tuple: The model and what it is (``model_source`` of the results).
-
-    Raises:
-        ImportError: Where neither mmdet nor timm can be imported.
-    """
-    from projects.dat.toolboxes import build_toolbox_model
-
-    try:
-        return build_toolbox_model(SWIN_T, 'mmdet'), 'mmdet SwinTransformer'
-    except ImportError as exc:
-        mmdet_error = f'{type(exc).__name__}: {exc}'
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError(f'swin-t needs mmdet ({mmdet_error}) or timm ({type(exc).__name__}: {exc})') from exc
-    source = f'timm {timm.__version__} swin_tiny_patch4_window7_224 (mmdet could not be imported: {mmdet_error})'
-    return TimmSwinT(), source
-
-
-def build_model(spec: str, height: int, width: int) -> tuple[nn.Module, Any, str]:
-    """The module to time, a function ``run(inputs)`` returning its output, and what was built.
-
-    Args:
-        spec (str): A model spec (see the module docstring).
-        height (int): Input height (whole models: the data samples' image shape).
-        width (int): Input width.
-
-    Returns:
-        tuple: the model, the callable to time, and the model's source (``model_source`` of the
-        results: for ``swin-t`` whether mmdet's or timm's Swin-T was built).
-    """
-    from projects.dat import DAT
-    from projects.dat.toolboxes import build_config_model, dummy_data_sample
-
-    name, impl, with_cp = parse_model_spec(spec)
-    impl = IMPL_ALIASES.get(impl, impl)
-    if name == 'swin-t':
-        model, source = build_swin_t()
-        return model, model, source
-    if not name.endswith('.py'):
-        model = DAT(name, attn_impl=impl or 'auto', with_cp=bool(with_cp))
-        return model, model, f'projects.dat DAT {name}'
-
-    model, scope, _ = build_config_model(name, None if with_cp is None else {'model.backbone.with_cp': with_cp})
-    if impl is not None:
-        set_attn_impl(model, impl)
-    if scope == 'mmseg' and getattr(model, 'auxiliary_head', None) is not None:
-        model.auxiliary_head = None  # training-only head, not part of the tensor-mode graph
-
-    def run(inputs: torch.Tensor) -> Any:
-        samples = None if scope == 'mmpretrain' else [dummy_data_sample(scope, height, width) for _ in inputs]
-        return model(inputs, samples, mode='tensor')
-
-    return model, run, f'{scope} {type(model).__name__} of {name}'
-
-
-def seeded_model_and_input(spec: str, width: int, height: int, batch: int, device: str = 'cpu') -> tuple:
-    """The model of a spec and a random input, seeded: the same weights and input in every process.
-
-    Returns:
-        tuple: the model (on ``device``), the callable to time and what the model is (see
-        :func:`build_model`), and the ``(batch, 3, height, width)`` input.
-    """
-    torch.manual_seed(0)
-    model, run, source = build_model(spec, height, width)
-    model.to(device)
-    return model, run, source, torch.randn(batch, 3, height, width, device=device)
 
 
 def mac_count_key(spec: str, width: int, height: int, batch: int) -> tuple[str, int, int, int]:
@@ -528,7 +339,7 @@ class Session:
         ):
             outputs = self.run(self.inputs)
         if self.backward:
-            loss = sum(t.float().mean() for t in _tensor_leaves(outputs))
+            loss = sum(t.float().mean() for t in tensor_leaves(outputs))
             loss.backward()
             for p in self.model.parameters():
                 p.grad = None
@@ -714,34 +525,6 @@ def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any
     finally:
         for w in workers:
             w.close()
-
-
-def machine_description(device: str, threads: int) -> dict[str, Any]:
-    """CPU / GPU, memory, software versions and load, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    info = dict(
-        cpu=cpu,
-        logical_cpus=os.cpu_count(),
-        threads=threads,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        platform=platform.platform(),
-    )
-    try:
-        with open('/proc/meminfo') as f:
-            info['memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
-        info['load_average'] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device.startswith('cuda') and torch.cuda.is_available():
-        info['gpu'] = torch.cuda.get_device_name(torch.device(device))
-        info['cuda'] = torch.version.cuda
-    return info
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

@@ -1,7 +1,7 @@
 """Where a training step's time goes: forward and backward time per module group, against MACs.
 
 For each model spec (``benchmark.py``'s: ``datpp-t:fast``, ``swin-t``, ...; built and seeded by
-its builders) and input, one training step as ``benchmark.py`` times it (train mode, the loss is
+:mod:`projects.dat.benchmarking`, as ``benchmark.py`` builds them) and input, one training step as ``benchmark.py`` times it (train mode, the loss is
 the sum of the means of the outputs, gradients of all parameters) runs under
 ``torch.profiler``; every forward and backward op is attributed to a group, such as stage 2's
 ``D`` blocks' attention core or Swin-T's stage 2 FFN linear layers, and each group gets
@@ -69,10 +69,8 @@ import argparse
 import contextlib
 import json
 import os
-import os.path as osp
 import re
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -83,12 +81,8 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from projects.dat import DAT
+from projects.dat import DAT, benchmarking
 from projects.dat.flops import analyze_complexity
-
-# The model builders, input parsing and loss of benchmark.py: the same models as its tables.
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-import benchmark  # noqa: E402
 
 GROUPS = (
     'stem',
@@ -168,7 +162,7 @@ class Grouping:
 
     Args:
         model (nn.Module): A :class:`~projects.dat.DAT` or mmdet's ``SwinTransformer`` (not
-            ``benchmark.TimmSwinT``, whose module paths differ).
+            ``benchmarking.TimmSwinT``, whose module paths differ).
 
     Raises:
         ValueError: For another model.
@@ -254,7 +248,7 @@ def train_step(model: nn.Module, run: Any, inputs: torch.Tensor) -> tuple[float,
     t0 = time.perf_counter()
     with record_function(FORWARD_SCOPE):
         outputs = run(inputs)
-        loss = sum(t.float().mean() for t in benchmark._tensor_leaves(outputs))
+        loss = sum(t.float().mean() for t in benchmarking.tensor_leaves(outputs))
     t1 = time.perf_counter()
     with record_function(BACKWARD_SCOPE):
         loss.backward()
@@ -389,9 +383,9 @@ class ModelProfile:
     Args:
         name (str): What the tables call it (a model spec).
         model (nn.Module): A DAT or mmdet ``SwinTransformer`` (see :class:`Grouping`).
-        run (callable): ``run(inputs)`` returns the outputs (``benchmark.build_model``'s).
+        run (callable): ``run(inputs)`` returns the outputs (``benchmarking.build_model``'s).
         inputs (Tensor): The ``(B, 3, H, W)`` input.
-        source (str): What the model is (``benchmark.build_model``'s ``model_source``).
+        source (str): What the model is (``benchmarking.build_model``'s ``model_source``).
     """
 
     def __init__(self, name: str, model: nn.Module, run: Any, inputs: torch.Tensor, source: str):
@@ -406,7 +400,7 @@ class ModelProfile:
     @classmethod
     def from_spec(cls, spec: str, width: int, height: int, batch: int) -> ModelProfile:
         """The model and seeded input of a ``benchmark.py`` model spec, as ``benchmark.py`` builds them."""
-        model, run, source, inputs = benchmark.seeded_model_and_input(spec, width, height, batch)
+        model, run, source, inputs = benchmarking.seeded_model_and_input(spec, width, height, batch)
         return cls(spec, model, run, inputs, source)
 
     def plain_step(self) -> float:
@@ -569,10 +563,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f'--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}')
     try:
         for spec in args.models:
-            name, _, checkpointing = benchmark.parse_model_spec(spec)
+            name, _, checkpointing = benchmarking.parse_model_spec(spec)
             if name.endswith('.py') or checkpointing:
                 parser.error(f'{spec!r}: profile_layers takes backbones without activation checkpointing')
-        args.parsed_inputs = [benchmark.parse_input_spec(s) for s in args.inputs]
+        args.parsed_inputs = [benchmarking.parse_input_spec(s) for s in args.inputs]
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -581,7 +575,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = benchmark.machine_description('cpu', args.threads)
+    machine = benchmarking.machine_description('cpu', args.threads)
     print(f'Machine: {json.dumps(machine)}', flush=True)
     results = []
     for width, height, batch in args.parsed_inputs:
