@@ -46,9 +46,12 @@ EXTRAS_REQUIRE = {
     'all': ALL_TOOLBOXES,
     'mim': ['openmim'],  # `mim train mmdet|mmseg|mmpretrain <config>`
     # The tests run all three toolboxes, mim, ruff and the ONNX export; torchvision checks mmcv's ops.
-    'tests': sorted({*ALL_TOOLBOXES, *DEPLOY, 'pytest', 'ruff', 'packaging', 'torchvision', 'pycocotools',
-                     'matplotlib', 'openmim'}),
+    'tests': sorted(
+        {*ALL_TOOLBOXES, *DEPLOY, 'pytest', 'ruff', 'packaging', 'torchvision', 'pycocotools', 'matplotlib', 'openmim'}
+    ),
     'deploy': DEPLOY,
+    # benchmark.py and profile_layers.py build timm's Swin-T where mmdet cannot be imported.
+    'bench': ['timm'],
 }
 
 
@@ -82,7 +85,8 @@ setup(
     # Only projects.dat and its subpackages: a wheel that claimed `projects` itself would hide
     # every other projects/<name> folder. csrc holds data, not Python (package_data below).
     packages=find_namespace_packages(
-        include=['projects.dat', 'projects.dat.*'], exclude=['projects.dat.csrc', '*.__pycache__']),
+        include=['projects.dat', 'projects.dat.*'], exclude=['projects.dat.csrc', '*.__pycache__']
+    ),
     include_package_data=False,
     package_data={'projects.dat': ['csrc/*.cpp', 'csrc/*.h']},  # compiled on first use (ops/cpu_kernels.py)
     install_requires=INSTALL_REQUIRES,

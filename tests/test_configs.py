@@ -17,6 +17,7 @@
 - Configs, their READMEs and metafiles cite the papers and the original repositories, never a
   document outside this repository.
 """
+
 import copy
 import math
 import re
@@ -37,14 +38,24 @@ CONFIG_DIR = REPO / 'configs'
 # ---------------------------------------------------------------------------------------------
 # Stage channels per variant (the original ``dims``).
 DIMS = {
-    'dat-t': [96, 192, 384, 768], 'dat-s': [96, 192, 384, 768],
-    'dat-b': [128, 256, 512, 1024], 'dat-b-384': [128, 256, 512, 1024],
-    'datpp-t': [64, 128, 256, 512], 'datpp-s': [96, 192, 384, 768],
+    'dat-t': [96, 192, 384, 768],
+    'dat-s': [96, 192, 384, 768],
+    'dat-b': [128, 256, 512, 1024],
+    'dat-b-384': [128, 256, 512, 1024],
+    'datpp-t': [64, 128, 256, 512],
+    'datpp-s': [96, 192, 384, 768],
     'datpp-b': [128, 256, 512, 1024],
 }
 # Parameters of the released ImageNet classifiers in millions (1000-class head).
-RELEASED_PARAMS = {'dat-t': 28.32, 'dat-s': 49.70, 'dat-b': 87.88, 'dat-b-384': 88.18,
-               'datpp-t': 23.96, 'datpp-s': 53.13, 'datpp-b': 93.69}
+RELEASED_PARAMS = {
+    'dat-t': 28.32,
+    'dat-s': 49.70,
+    'dat-b': 87.88,
+    'dat-b-384': 88.18,
+    'datpp-t': 23.96,
+    'datpp-s': 53.13,
+    'datpp-b': 93.69,
+}
 # Parameters that must not be weight-decayed: norms and every kind of bias table.
 NO_DECAY_KEYS = {'norm', 'rpe_table', 'relative_position_bias_table', 'rpb'}
 
@@ -107,18 +118,13 @@ CLASSIFICATION = {
     'dat-t_8xb128_in1k.py': ('dat-t', 224, 0.2, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0, None, 'crop'),
     'dat-s_8xb128_in1k.py': ('dat-s', 224, 0.3, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0, None, 'crop'),
     'dat-b_8xb128_in1k.py': ('dat-b', 224, 0.5, 4e-4, 50, 5e-7, 5e-6, 300, 0.05, 1.0, None, 'crop'),
-    'datpp-t_8xb128_in1k.py': ('datpp-t', 224, 0.2, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0,
-                               'bfloat16', 'crop'),
-    'datpp-s_8xb128_in1k.py': ('datpp-s', 224, 0.4, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0,
-                               'bfloat16', 'crop'),
-    'datpp-b_16xb64_in1k.py': ('datpp-b', 224, 0.7, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0,
-                               'bfloat16', 'crop'),
-    'dat-b_8xb24_in1k-384px.py': ('dat-b-384', 384, 0.5, 2e-6, 0, None, 1e-7, 30, 1e-8, 5.0,
-                                  None, 'crop'),
+    'datpp-t_8xb128_in1k.py': ('datpp-t', 224, 0.2, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0, 'bfloat16', 'crop'),
+    'datpp-s_8xb128_in1k.py': ('datpp-s', 224, 0.4, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0, 'bfloat16', 'crop'),
+    'datpp-b_16xb64_in1k.py': ('datpp-b', 224, 0.7, 5e-4, 20, 5e-7, 5e-6, 300, 0.05, 5.0, 'bfloat16', 'crop'),
+    'dat-b_8xb24_in1k-384px.py': ('dat-b-384', 384, 0.5, 2e-6, 0, None, 1e-7, 30, 1e-8, 5.0, None, 'crop'),
     # The released DAT-B++ 384 model keeps the 224 construction size and drop path 0.6
     # (LeapLabTHU/DAT configs/dat_base_384.yaml: img_size 224, drop_path_rate 0.6).
-    'datpp-b_8xb24_in1k-384px.py': ('datpp-b', 384, 0.6, 2e-5, 0, 2e-8, 2e-7, 30, 1e-8, 5.0,
-                                    'bfloat16', 'squash'),
+    'datpp-b_8xb24_in1k-384px.py': ('datpp-b', 384, 0.6, 2e-5, 0, 2e-8, 2e-7, 30, 1e-8, 5.0, 'bfloat16', 'squash'),
 }
 
 ALL_TABLES = {**DETECTION, **SEGMENTATION, **CLASSIFICATION}
@@ -207,8 +213,9 @@ def check_backbone(backbone, arch, drop_path, with_cp, out_indices, checkpoint=T
     if checkpoint:
         init = backbone['init_cfg']
         base_arch = arch.replace('-384', '')
-        assert init == dict(type='Pretrained', prefix='backbone.',
-                            checkpoint=f'checkpoints/{base_arch}_in1k_converted.pth')
+        assert init == dict(
+            type='Pretrained', prefix='backbone.', checkpoint=f'checkpoints/{base_arch}_in1k_converted.pth'
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +227,8 @@ def test_config_set_is_the_issue_list():
     tables = {**ALL_TABLES, **QUERY_HEADS}
     assert set(CONFIG_FILES) == set(tables), (
         f'missing: {sorted(set(tables) - set(CONFIG_FILES))}, '
-        f'not in the recipe table: {sorted(set(CONFIG_FILES) - set(tables))}')
+        f'not in the recipe table: {sorted(set(CONFIG_FILES) - set(tables))}'
+    )
     for name in DETECTION:
         assert task_of(name) == 'detection'
     for name in SEGMENTATION:
@@ -236,8 +244,17 @@ def test_config_parses_with_toolbox_bases(name):
     cfg = load(name)  # imports projects.dat (custom_imports) and resolves the mm*:: bases
     assert cfg.custom_imports == dict(imports=['projects.dat'], allow_failed_imports=False)
     assert cfg.default_scope == SCOPES[task_of(name)]
-    for key in ('model', 'train_dataloader', 'val_dataloader', 'test_dataloader', 'optim_wrapper',
-                'param_scheduler', 'train_cfg', 'test_evaluator', 'default_hooks'):
+    for key in (
+        'model',
+        'train_dataloader',
+        'val_dataloader',
+        'test_dataloader',
+        'optim_wrapper',
+        'param_scheduler',
+        'train_cfg',
+        'test_evaluator',
+        'default_hooks',
+    ):
         assert key in cfg, f'{name}: {key} missing (a base did not resolve?)'
 
 
@@ -273,9 +290,19 @@ def test_detection_recipe(name):
     assert cfg.train_cfg.type == 'EpochBasedTrainLoop' and cfg.train_cfg.max_epochs == epochs
     warmup, step = cfg.param_scheduler
     assert (warmup.type, warmup.start_factor, warmup.by_epoch, warmup.begin, warmup.end) == (
-        'LinearLR', 0.001, False, 0, 500)
+        'LinearLR',
+        0.001,
+        False,
+        0,
+        500,
+    )
     assert (step.type, step.milestones, step.gamma, step.by_epoch, step.end) == (
-        'MultiStepLR', steps, 0.1, True, epochs)
+        'MultiStepLR',
+        steps,
+        0.1,
+        True,
+        epochs,
+    )
 
     # DETR-style multi-scale training for every schedule; test 1333x800
     pipeline = cfg.train_dataloader.dataset.pipeline
@@ -342,8 +369,7 @@ def test_segmentation_recipe(name):
         assert cfg.train_dataloader.batch_size == 2
         assert ow.optimizer == dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
         warmup, poly = cfg.param_scheduler
-        assert (warmup.type, warmup.by_epoch, warmup.begin, warmup.end) == (
-            'LinearLR', False, 0, 1500)
+        assert (warmup.type, warmup.by_epoch, warmup.begin, warmup.end) == ('LinearLR', False, 0, 1500)
         assert warmup.start_factor == 1e-6
         assert (poly.type, poly.power, poly.eta_min, poly.end) == ('PolyLR', 1.0, 0.0, 160000)
         assert cfg.train_cfg.max_iters == 160000
@@ -356,8 +382,7 @@ def test_segmentation_recipe(name):
         assert cfg.train_dataloader.batch_size == 4
         assert ow.optimizer == dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4)
         (poly,) = cfg.param_scheduler
-        assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end) == (
-            'PolyLR', 0.9, 0.0, 0, 40000)
+        assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end) == ('PolyLR', 0.9, 0.0, 0, 40000)
         assert cfg.train_cfg.max_iters == 40000
         assert model.neck.type == 'FPN' and model.neck.in_channels == dims
         head = model.decode_head
@@ -380,15 +405,16 @@ def test_segmentation_recipe(name):
 
 @pytest.mark.parametrize('name', sorted(CLASSIFICATION))
 def test_classification_recipe(name):
-    (arch, img_size, drop_path, base_lr, warmup_epochs, warmup_lr, min_lr, epochs, wd, clip,
-     amp_dtype, test_mode) = CLASSIFICATION[name]
+    (arch, img_size, drop_path, base_lr, warmup_epochs, warmup_lr, min_lr, epochs, wd, clip, amp_dtype, test_mode) = (
+        CLASSIFICATION[name]
+    )
     cfg = load(name)
     gpus, per_gpu = map(int, re.match(r'.*_(\d+)xb(\d+)_in1k', name).groups())
     total = gpus * per_gpu
     assert per_gpu == (24 if img_size == 384 else 64 if arch == 'datpp-b' else 128)
 
     model = cfg.model
-    check_backbone(model.backbone, arch, drop_path, False, (3, ), checkpoint=False)
+    check_backbone(model.backbone, arch, drop_path, False, (3,), checkpoint=False)
     construction_size = 384 if arch == 'dat-b-384' else 224
     assert model.backbone.get('img_size', 224) == construction_size
     assert model.type == 'ImageClassifier' and model.neck.type == 'GlobalAveragePooling'
@@ -396,12 +422,10 @@ def test_classification_recipe(name):
     assert head.type == 'LinearClsHead' and head.num_classes == 1000
     assert head.in_channels == DIMS[arch][-1]
     assert head.loss == dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original')
-    assert model.train_cfg.augments == [
-        dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]
+    assert model.train_cfg.augments == [dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]
     if img_size == 384:  # fine-tunes start from the whole converted 224 classifier
-        source = f"checkpoints/{arch.replace('-384', '')}_in1k_converted.pth"
-        assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint=source,
-                                               prefix='backbone.')
+        source = f'checkpoints/{arch.replace("-384", "")}_in1k_converted.pth'
+        assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint=source, prefix='backbone.')
         assert model.head.init_cfg == dict(type='Pretrained', checkpoint=source, prefix='head.')
 
     # optimiser: AdamW, lr scaled linearly with the total batch from the per-512 value
@@ -437,8 +461,13 @@ def test_classification_recipe(name):
     assert rrc.scale == img_size and rrc.interpolation == 'bicubic'
     assert find_transforms(train, 'RandomFlip')[0].prob == 0.5
     rand_aug = find_transforms(train, 'RandAugment')[0]
-    assert (rand_aug.policies, rand_aug.num_policies, rand_aug.magnitude_level,
-            rand_aug.magnitude_std, rand_aug.total_level) == ('timm_increasing', 2, 9, 0.5, 10)
+    assert (
+        rand_aug.policies,
+        rand_aug.num_policies,
+        rand_aug.magnitude_level,
+        rand_aug.magnitude_std,
+        rand_aug.total_level,
+    ) == ('timm_increasing', 2, 9, 0.5, 10)
     erasing = find_transforms(train, 'RandomErasing')[0]
     assert erasing.erase_prob == 0.25 and erasing.mode == 'rand' and erasing.fill_std
     assert not find_transforms(train, 'ColorJitter')
@@ -483,12 +512,14 @@ def _without(obj, fn):
 
 def _cpu_model_cfg(cfg: Config) -> ConfigDict:
     """The model config without pretrained weights and with BN for SyncBN (one CPU process)."""
+
     def fix(d):
         if d.get('type') == 'SyncBN':
             d['type'] = 'BN'
         if isinstance(d.get('init_cfg'), dict) and d['init_cfg'].get('type') == 'Pretrained':
             d['init_cfg'] = None
         return d
+
     model = _without(cfg.model.to_dict(), fix)
     if 'data_preprocessor' not in model and 'data_preprocessor' in cfg:
         model['data_preprocessor'] = cfg.data_preprocessor.to_dict()
@@ -522,31 +553,33 @@ def test_model_builds(name):
 # Synthetic batches -----------------------------------------------------------------------------
 def _det_batch(shapes, with_mask, seed):
     from mmdet.testing import demo_mm_inputs
+
     torch.manual_seed(seed)
-    return demo_mm_inputs(batch_size=len(shapes), image_shapes=shapes, num_items=[3] * len(shapes),
-                          num_classes=80, with_mask=with_mask)
+    return demo_mm_inputs(
+        batch_size=len(shapes), image_shapes=shapes, num_items=[3] * len(shapes), num_classes=80, with_mask=with_mask
+    )
 
 
 def _seg_batch(shapes, seed):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
+
     gen = torch.Generator().manual_seed(seed)
     inputs, samples = [], []
     for h, w in shapes:
         inputs.append(torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8))
         sample = SegDataSample()
         sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w), generator=gen))
-        sample.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
-                                 padding_size=[0, 0, 0, 0]))
+        sample.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), padding_size=[0, 0, 0, 0]))
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
 
 def _cls_batch(size, n, seed):
     from mmpretrain.structures import DataSample
+
     gen = torch.Generator().manual_seed(seed)
-    inputs = [torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8)
-              for _ in range(n)]
+    inputs = [torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8) for _ in range(n)]
     samples = [DataSample().set_gt_label(i * 7) for i in range(n)]
     return dict(inputs=inputs, data_samples=samples)
 
@@ -565,17 +598,29 @@ def _small_rcnn(model_cfg):
 STEP_CASES = {
     'retinanet_datpp-t_fpn_1x_coco.py': (
         lambda: _det_batch([(3, 96, 128), (3, 128, 96)], False, 0),
-        lambda: _det_batch([(3, 100, 140)], False, 1), None),
+        lambda: _det_batch([(3, 100, 140)], False, 1),
+        None,
+    ),
     'mask-rcnn_dat-t_fpn_1x_coco.py': (
         lambda: _det_batch([(3, 96, 128), (3, 128, 96)], True, 0),
-        lambda: _det_batch([(3, 100, 140)], True, 1), _small_rcnn),
+        lambda: _det_batch([(3, 100, 140)], True, 1),
+        _small_rcnn,
+    ),
     'cascade-mask-rcnn_datpp-t_fpn_1x_coco.py': (
         lambda: _det_batch([(3, 96, 128)], True, 0),
-        lambda: _det_batch([(3, 100, 140)], True, 1), _small_rcnn),
+        lambda: _det_batch([(3, 100, 140)], True, 1),
+        _small_rcnn,
+    ),
     'upernet_dat-t_8xb2-160k_ade20k-512x512.py': (
-        lambda: _seg_batch([(64, 64), (64, 64)], 0), lambda: _seg_batch([(72, 90)], 1), None),
+        lambda: _seg_batch([(64, 64), (64, 64)], 0),
+        lambda: _seg_batch([(72, 90)], 1),
+        None,
+    ),
     'fpn_datpp-t_8xb4-40k_ade20k-512x512.py': (
-        lambda: _seg_batch([(64, 64), (64, 64)], 0), lambda: _seg_batch([(72, 90)], 1), None),
+        lambda: _seg_batch([(64, 64), (64, 64)], 0),
+        lambda: _seg_batch([(72, 90)], 1),
+        None,
+    ),
     'datpp-t_8xb128_in1k.py': (lambda: _cls_batch(64, 2, 0), lambda: _cls_batch(64, 1, 1), None),
     'dat-t_8xb128_in1k.py': (lambda: _cls_batch(64, 2, 0), lambda: _cls_batch(64, 1, 1), None),
 }
@@ -620,8 +665,9 @@ def test_train_and_test_step_on_cpu(name):
         if any(key in param_name for key in NO_DECAY_KEYS):
             assert wd == 0.0, f'{param_name} is weight-decayed'
     assert all(tables.values()), f'bias tables missing from the backbone: {tables}'
-    matrices = [n for n, p in model.backbone.named_parameters()
-                if p.ndim > 1 and not any(key in n for key in NO_DECAY_KEYS)]
+    matrices = [
+        n for n, p in model.backbone.named_parameters() if p.ndim > 1 and not any(key in n for key in NO_DECAY_KEYS)
+    ]
     assert matrices and all(decay[f'backbone.{n}'] == base_wd for n in matrices)
     if task == 'classification':
         one_d = [n for n, p in model.named_parameters() if p.ndim == 1]
@@ -645,7 +691,7 @@ def test_train_and_test_step_on_cpu(name):
     elif task == 'segmentation':
         assert tuple(result.pred_sem_seg.data.shape) == (1, 72, 90)
     else:
-        assert result.pred_score.shape == (1000, ) and torch.isfinite(result.pred_score).all()
+        assert result.pred_score.shape == (1000,) and torch.isfinite(result.pred_score).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,6 +700,7 @@ def test_train_and_test_step_on_cpu(name):
 @pytest.mark.parametrize('task', sorted(SCOPES))
 def test_metafile_lists_every_config(task):
     import yaml
+
     meta = yaml.safe_load((CONFIG_DIR / task / 'metafile.yml').read_text())
     assert {c['Name'] for c in meta['Collections']} == {'DAT', 'DAT++'}
     names = {m['Name'] + '.py' for m in meta['Models']}
@@ -670,15 +717,18 @@ def test_metafile_lists_every_config(task):
 # The original authors released every ImageNet classifier and every DAT++ detector and segmentor
 # these configs reproduce; no DAT (v1) detector or segmentor.
 RELEASED = {n for n in ALL_TABLES if n in CLASSIFICATION or 'datpp' in n}
-ORIGINAL_REPOS = {'classification': 'https://github.com/LeapLabTHU/DAT',
-                  'detection': 'https://github.com/LeapLabTHU/DAT-Detection',
-                  'segmentation': 'https://github.com/LeapLabTHU/DAT-Segmentation'}
+ORIGINAL_REPOS = {
+    'classification': 'https://github.com/LeapLabTHU/DAT',
+    'detection': 'https://github.com/LeapLabTHU/DAT-Detection',
+    'segmentation': 'https://github.com/LeapLabTHU/DAT-Segmentation',
+}
 PAPERS = {'DAT': 'arXiv 2201.00520', 'DAT++': 'arXiv 2309.01430'}
 
 
 @pytest.mark.parametrize('task', sorted(SCOPES))
 def test_metafile_names_sources_and_released_weights(task):
     import yaml
+
     meta = yaml.safe_load((CONFIG_DIR / task / 'metafile.yml').read_text())
     repo = ORIGINAL_REPOS[task]
     weights_seen = set()
@@ -690,7 +740,7 @@ def test_metafile_names_sources_and_released_weights(task):
             source = m['Results Source']
             assert PAPERS[collection] in source, f'{name}: {source!r}'
             if name + '.py' in RELEASED:
-                assert f"{repo.removeprefix('https://github.com/')} README" in source, f'{name}: {source!r}'
+                assert f'{repo.removeprefix("https://github.com/")} README' in source, f'{name}: {source!r}'
         else:
             assert 'Results Source' not in m, f'{name}: a source for no result'
             assert name + '.py' not in RELEASED, f'{name}: released but without its published numbers'
@@ -716,8 +766,11 @@ UNSHIPPED_DOCUMENTS = re.compile(r'dat-spec|spec §|the spec\b|shared/(docs|refe
 
 
 def test_configs_and_docs_cite_nothing_users_lack():
-    files = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md')),
-             *sorted(p for p in CONFIG_DIR.rglob('*') if p.suffix in ('.py', '.md', '.yml'))]
+    files = [
+        REPO / 'README.md',
+        *sorted((REPO / 'docs').glob('*.md')),
+        *sorted(p for p in CONFIG_DIR.rglob('*') if p.suffix in ('.py', '.md', '.yml')),
+    ]
     offending = []
     for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -17,6 +17,7 @@ file holding the pinned versions decides whether it is reused, so only the first
 needs the CUDA libraries of the ``nvidia-*`` wheels even on a machine without a GPU). ``DAT_OLD_TORCH=0``
 skips this test.
 """
+
 import fcntl
 import os
 import shutil
@@ -91,8 +92,9 @@ def old_torch_python() -> Path:
             try:
                 # Made from the interpreter behind this one (a venv's base interpreter).
                 _run_logged([sys.executable, '-m', 'venv', str(venv)], log)
-                _run_logged([str(python), '-m', 'pip', 'install', '--no-input', '--retries', '10', *OLD_TORCH_PINS],
-                            log)
+                _run_logged(
+                    [str(python), '-m', 'pip', 'install', '--no-input', '--retries', '10', *OLD_TORCH_PINS], log
+                )
                 _run_logged([str(python), '-c', 'import torch, mmcv.cnn, mmengine; print(torch.__version__)'], log)
             except (OSError, subprocess.CalledProcessError) as exc:
                 raise RuntimeError(f'could not build the torch 2.1 environment ({exc}); see {log_path}') from exc
@@ -153,12 +155,22 @@ def test_backbone_tests_pass_on_torch_2_1(tmp_path):
     report = tmp_path / 'report.xml'
     env = {name: value for name, value in os.environ.items() if name not in ('PYTHONHOME', 'PYTHONPATH')}
     env['PYTHONPATH'] = str(REPO)
-    version = subprocess.run([str(python), '-c', 'import torch; print(torch.__version__)'], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [str(python), '-c', 'import torch; print(torch.__version__)'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert version.startswith('2.1.'), f'expected torch 2.1 in {python}, got {version}'
     started = time.monotonic()
-    result = subprocess.run([str(python), '-m', 'pytest', *TESTS, '-q', '-p', 'no:cacheprovider', '-rfEs',
-                             f'--junitxml={report}'], cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(python), '-m', 'pytest', *TESTS, '-q', '-p', 'no:cacheprovider', '-rfEs', f'--junitxml={report}'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     print(result.stdout[-6000:], result.stderr[-2000:], sep='\n')
     print(f'torch {version}: backbone tests ran in {time.monotonic() - started:.0f} s')
     assert result.returncode == 0, f'the backbone tests failed on torch {version}:\n{result.stdout[-4000:]}'

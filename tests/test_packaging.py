@@ -165,18 +165,31 @@ def test_install_requires_are_ranges_of_what_the_package_imports(metadata):
     ]
     assert pinned == [], 'exact pins belong in requirements/constraints.txt'
 
-    # Every third-party module that projects/dat imports is declared, and nothing else.
-    imported = set()
+    # Every third-party module that projects/dat imports at module level is a base requirement,
+    # and every base requirement is imported; a module imported only inside the function that
+    # needs it is an optional dependency, declared by an extra.
+    imported, optional = set(), set()
     for path in PACKAGE.rglob('*.py'):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        top_level = set(tree.body)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                imported.update(alias.name.split('.')[0] for alias in node.names)
+                names = {alias.name.split('.')[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split('.')[0])
-    third_party = imported - set(sys.stdlib_module_names) - {'projects'}
+                names = {node.module.split('.')[0]}
+            else:
+                continue
+            (imported if node in top_level else optional).update(names)
     distributions = importlib.metadata.packages_distributions()
-    declared = {distributions[module][0].lower() for module in third_party}
-    assert declared == set(base), f'projects/dat imports {sorted(third_party)}'
+
+    def distribution(module):
+        return distributions.get(module, [module])[0].lower()
+
+    third_party = imported - set(sys.stdlib_module_names) - {'projects'}
+    assert {distribution(m) for m in third_party} == set(base), f'projects/dat imports {sorted(third_party)}'
+    extras = {name for extra in metadata.get_all('Provides-Extra') for name in _requirements(metadata, extra)}
+    undeclared = {distribution(m) for m in optional - set(sys.stdlib_module_names) - {'projects'}}
+    assert undeclared - set(base) <= extras, f'imported in functions, in no extra: {sorted(undeclared - extras)}'
 
 
 def test_toolboxes_tests_and_deploy_are_extras(metadata):

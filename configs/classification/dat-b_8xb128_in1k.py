@@ -6,25 +6,17 @@
 # (ratio 1e-5 / 8e-4); gradient clipping at norm 1.0.
 _base_ = './dat-t_8xb128_in1k.py'
 
-model = dict(
-    backbone=dict(arch='dat-b', drop_path_rate=0.5),
-    head=dict(in_channels=1024))
+model = dict(backbone=dict(arch='dat-b', drop_path_rate=0.5), head=dict(in_channels=1024))
 
-optim_wrapper = dict(
-    optimizer=dict(lr=4e-4 * 1024 / 512), clip_grad=dict(max_norm=1.0))
+optim_wrapper = dict(optimizer=dict(lr=4e-4 * 1024 / 512), clip_grad=dict(max_norm=1.0))
 param_scheduler = [
-    dict(
-        type='LinearLR',
-        start_factor=5e-7 / 4e-4,
-        by_epoch=True,
-        begin=0,
-        end=50,
-        convert_to_iter_based=True),
+    dict(type='LinearLR', start_factor=5e-7 / 4e-4, by_epoch=True, begin=0, end=50, convert_to_iter_based=True),
     dict(
         type='CosineAnnealingLR',
         eta_min_ratio=5e-6 / 4e-4,
         by_epoch=True,
         begin=50,
         end=300,
-        convert_to_iter_based=True),
+        convert_to_iter_based=True,
+    ),
 ]

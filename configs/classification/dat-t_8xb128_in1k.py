@@ -33,61 +33,55 @@ default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
 
 model = dict(
     type='ImageClassifier',
-    backbone=dict(
-        type='DAT', arch='dat-t', out_indices=(3, ), drop_path_rate=0.2),
+    backbone=dict(type='DAT', arch='dat-t', out_indices=(3,), drop_path_rate=0.2),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(
         type='LinearClsHead',
         num_classes=1000,
         in_channels=768,
-        loss=dict(
-            type='LabelSmoothLoss', label_smooth_val=0.1, mode='original'),
+        loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original'),
         # The original classifier kept PyTorch's default Linear init.
         init_cfg=None,
-        cal_acc=False),
-    train_cfg=dict(augments=[
-        dict(type='Mixup', alpha=0.8),
-        dict(type='CutMix', alpha=1.0),
-    ]))
+        cal_acc=False,
+    ),
+    train_cfg=dict(
+        augments=[
+            dict(type='Mixup', alpha=0.8),
+            dict(type='CutMix', alpha=1.0),
+        ]
+    ),
+)
 
 train_dataloader = dict(batch_size=128)  # x 8 GPUs = 1024 images
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
-    optimizer=dict(
-        type='AdamW',
-        lr=5e-4 * 1024 / 512,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=5e-4 * 1024 / 512, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
     paramwise_cfg=dict(
         _delete_=True,
-        norm_decay_mult=0.,
-        bias_decay_mult=0.,
-        flat_decay_mult=0.,
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
         custom_keys={
-            'norm': dict(decay_mult=0.),
-            'rpe_table': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'rpb': dict(decay_mult=0.),
-        }),
-    clip_grad=dict(max_norm=5.0))
+            'norm': dict(decay_mult=0.0),
+            'rpe_table': dict(decay_mult=0.0),
+            'relative_position_bias_table': dict(decay_mult=0.0),
+            'rpb': dict(decay_mult=0.0),
+        },
+    ),
+    clip_grad=dict(max_norm=5.0),
+)
 
 param_scheduler = [
-    dict(
-        type='LinearLR',
-        start_factor=5e-7 / 5e-4,
-        by_epoch=True,
-        begin=0,
-        end=20,
-        convert_to_iter_based=True),
+    dict(type='LinearLR', start_factor=5e-7 / 5e-4, by_epoch=True, begin=0, end=20, convert_to_iter_based=True),
     dict(
         type='CosineAnnealingLR',
         eta_min_ratio=5e-6 / 5e-4,
         by_epoch=True,
         begin=20,
         end=300,
-        convert_to_iter_based=True),
+        convert_to_iter_based=True,
+    ),
 ]
 train_cfg = dict(by_epoch=True, max_epochs=300, val_interval=1)
 auto_scale_lr = dict(enable=False, base_batch_size=1024)

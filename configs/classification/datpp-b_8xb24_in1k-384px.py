@@ -18,22 +18,21 @@ model = dict(
     backbone=dict(
         img_size=224,
         drop_path_rate=0.6,
-        init_cfg=dict(
-            type='Pretrained', checkpoint=checkpoint_224, prefix='backbone.')),
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_224, prefix='backbone.'),
+    ),
     head=dict(
         init_cfg=dict(
             _delete_=True,  # replaces the 224 config's init_cfg=None
             type='Pretrained',
             checkpoint=checkpoint_224,
-            prefix='head.')))
+            prefix='head.',
+        )
+    ),
+)
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(
-        type='RandomResizedCrop',
-        scale=384,
-        backend='pillow',
-        interpolation='bicubic'),
+    dict(type='RandomResizedCrop', scale=384, backend='pillow', interpolation='bicubic'),
     dict(type='RandomFlip', prob=0.5, direction='horizontal'),
     dict(
         type='RandAugment',
@@ -42,7 +41,8 @@ train_pipeline = [
         total_level=10,
         magnitude_level=9,
         magnitude_std=0.5,
-        hparams=dict(pad_val=[104, 116, 124], interpolation='bicubic')),
+        hparams=dict(pad_val=[104, 116, 124], interpolation='bicubic'),
+    ),
     dict(
         type='RandomErasing',
         erase_prob=0.25,
@@ -50,7 +50,8 @@ train_pipeline = [
         min_area_ratio=0.02,
         max_area_ratio=1 / 3,
         fill_color=[103.53, 116.28, 123.675],
-        fill_std=[57.375, 57.12, 58.395]),
+        fill_std=[57.375, 57.12, 58.395],
+    ),
     dict(type='PackInputs'),
 ]
 test_pipeline = [
@@ -62,16 +63,11 @@ train_dataloader = dict(batch_size=24, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(batch_size=24, dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-optim_wrapper = dict(
-    optimizer=dict(lr=2e-5 * 192 / 512, weight_decay=1e-8))
+optim_wrapper = dict(optimizer=dict(lr=2e-5 * 192 / 512, weight_decay=1e-8))
 param_scheduler = [
     dict(
-        type='CosineAnnealingLR',
-        eta_min_ratio=2e-7 / 2e-5,
-        by_epoch=True,
-        begin=0,
-        end=30,
-        convert_to_iter_based=True),
+        type='CosineAnnealingLR', eta_min_ratio=2e-7 / 2e-5, by_epoch=True, begin=0, end=30, convert_to_iter_based=True
+    ),
 ]
 train_cfg = dict(max_epochs=30)
 auto_scale_lr = dict(base_batch_size=192)

@@ -2,6 +2,4 @@
 # drop path 0.4.
 _base_ = './datpp-t_8xb128_in1k.py'
 
-model = dict(
-    backbone=dict(arch='datpp-s', drop_path_rate=0.4),
-    head=dict(in_channels=768))
+model = dict(backbone=dict(arch='datpp-s', drop_path_rate=0.4), head=dict(in_channels=768))

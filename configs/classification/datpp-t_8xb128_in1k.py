@@ -4,8 +4,6 @@
 # DAT++ trainer's --amp autocasts to bfloat16.
 _base_ = './dat-t_8xb128_in1k.py'
 
-model = dict(
-    backbone=dict(arch='datpp-t', drop_path_rate=0.2),
-    head=dict(in_channels=512))
+model = dict(backbone=dict(arch='datpp-t', drop_path_rate=0.2), head=dict(in_channels=512))
 
 optim_wrapper = dict(dtype='bfloat16')

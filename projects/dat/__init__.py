@@ -19,6 +19,7 @@ function or method of mmengine or of the toolboxes:
   environment variable ``DAT_TRUSTED_CHECKPOINT_URLS`` (see
   :func:`projects.dat.checkpoint.load_from_http_weights_only`).
 """
+
 from .checkpoint import register_mmengine_safe_globals, register_safe_url_loader
 from .hooks import AtomicCheckpointHook
 from .models import DAT

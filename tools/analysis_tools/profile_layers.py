@@ -1,10 +1,11 @@
 """Where a training step's time goes: forward and backward time per module group, against MACs.
 
 For each model spec (``benchmark.py``'s: ``datpp-t:fast``, ``swin-t``, ...; built and seeded by
-:mod:`projects.dat.benchmarking`, as ``benchmark.py`` builds them) and input, one training step as ``benchmark.py`` times it (train mode, the loss is
-the sum of the means of the outputs, gradients of all parameters) runs under
-``torch.profiler``; every forward and backward op is attributed to a group, such as stage 2's
-``D`` blocks' attention core or Swin-T's stage 2 FFN linear layers, and each group gets
+:mod:`projects.dat.benchmarking`, as ``benchmark.py`` builds them) and input, one training step
+as ``benchmark.py`` times it (train mode, the loss is the sum of the means of the outputs,
+gradients of all parameters) runs under ``torch.profiler``; every forward and backward op is
+attributed to a group, such as stage 2's ``D`` blocks' attention core or Swin-T's stage 2 FFN
+linear layers, and each group gets
 
 - its forward time: the time of the ops it calls (outermost ops only, inner ops are part of
   them);

@@ -29,11 +29,10 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/dat-t_in1k_converted.pth',
-            prefix='backbone.')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat-t_in1k_converted.pth', prefix='backbone.'),
+    ),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+)
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16 images
 optim_wrapper = dict(optimizer=dict(lr=1e-4))

@@ -6,10 +6,10 @@ _base_ = './cascade-mask-rcnn_datpp-t_fpn_ms-3x_coco.py'
 
 model = dict(
     backbone=dict(
-        arch='datpp-b',
-        drop_path_rate=0.8,
-        init_cfg=dict(checkpoint='checkpoints/datpp-b_in1k_converted.pth')),
-    neck=dict(in_channels=[128, 256, 512, 1024]))
+        arch='datpp-b', drop_path_rate=0.8, init_cfg=dict(checkpoint='checkpoints/datpp-b_in1k_converted.pth')
+    ),
+    neck=dict(in_channels=[128, 256, 512, 1024]),
+)
 
 train_dataloader = dict(batch_size=1)  # x 64 GPUs = 64 images
 optim_wrapper = dict(type='OptimWrapper')  # fp32

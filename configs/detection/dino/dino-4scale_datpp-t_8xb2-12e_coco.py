@@ -30,11 +30,10 @@ model = dict(
         out_indices=(1, 2, 3),
         drop_path_rate=0.0,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-t_in1k_converted.pth',
-            prefix='backbone.')),
-    neck=dict(in_channels=[128, 256, 512]))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', prefix='backbone.'),
+    ),
+    neck=dict(in_channels=[128, 256, 512]),
+)
 
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={{_base_.datpp_backbone_keys}}))
 auto_scale_lr = dict(enable=False, base_batch_size=16)  # 8 GPUs x 2 images, as the base

@@ -5,7 +5,7 @@ _base_ = './dino-5scale_datpp-t_8xb2-12e_coco.py'
 
 model = dict(
     backbone=dict(
-        arch='datpp-s',
-        drop_path_rate=0.1,
-        init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+        arch='datpp-s', drop_path_rate=0.1, init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')
+    ),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+)

@@ -3,7 +3,5 @@
 _base_ = './retinanet_dat-t_fpn_1x_coco.py'
 
 model = dict(
-    backbone=dict(
-        arch='dat-s',
-        drop_path_rate=0.2,
-        init_cfg=dict(checkpoint='checkpoints/dat-s_in1k_converted.pth')))
+    backbone=dict(arch='dat-s', drop_path_rate=0.2, init_cfg=dict(checkpoint='checkpoints/dat-s_in1k_converted.pth'))
+)

@@ -26,15 +26,10 @@ model = dict(
         out_indices=(1, 2, 3),
         drop_path_rate=0.0,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-t_in1k_converted.pth',
-            prefix='backbone.')),
-    neck=dict(
-        in_channels=[128, 256, 512],
-        start_level=0,
-        add_extra_convs='on_input',
-        num_outs=5))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', prefix='backbone.'),
+    ),
+    neck=dict(in_channels=[128, 256, 512], start_level=0, add_extra_convs='on_input', num_outs=5),
+)
 
 train_dataloader = dict(batch_size=2)  # x 32 GPUs = 64 images
 optim_wrapper = dict(optimizer=dict(lr=2e-4))

@@ -31,12 +31,12 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.7,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-b_in1k_converted.pth',
-            prefix='backbone.')),
-    decode_head=dict(in_channels=[128, 256, 512, 1024]))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-b_in1k_converted.pth', prefix='backbone.'),
+    ),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+)
 
 # The base's Swin keys go; norm_decay_mult 0 (no decay on the heads' norms) is the base's.
 optim_wrapper = dict(
-    paramwise_cfg=dict(_delete_=True, custom_keys={{_base_.datpp_mask2former_keys}}, norm_decay_mult=0.0))
+    paramwise_cfg=dict(_delete_=True, custom_keys={{_base_.datpp_mask2former_keys}}, norm_decay_mult=0.0)
+)

@@ -5,7 +5,7 @@ _base_ = './mask2former_datpp-t_8xb2-160k_ade20k-512x512.py'
 
 model = dict(
     backbone=dict(
-        arch='datpp-s',
-        drop_path_rate=0.5,
-        init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')),
-    decode_head=dict(in_channels=[96, 192, 384, 768]))
+        arch='datpp-s', drop_path_rate=0.5, init_cfg=dict(checkpoint='checkpoints/datpp-s_in1k_converted.pth')
+    ),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+)

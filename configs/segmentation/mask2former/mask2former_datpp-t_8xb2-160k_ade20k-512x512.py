@@ -31,10 +31,9 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-t_in1k_converted.pth',
-            prefix='backbone.')),
-    decode_head=dict(in_channels=[64, 128, 256, 512]))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', prefix='backbone.'),
+    ),
+    decode_head=dict(in_channels=[64, 128, 256, 512]),
+)
 
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={{_base_.datpp_backbone_keys}}))

@@ -3,8 +3,6 @@
 _base_ = './fpn_dat-t_8xb4-40k_ade20k-512x512.py'
 
 model = dict(
-    backbone=dict(
-        arch='dat-b',
-        drop_path_rate=0.7,
-        init_cfg=dict(checkpoint='checkpoints/dat-b_in1k_converted.pth')),
-    neck=dict(in_channels=[128, 256, 512, 1024]))
+    backbone=dict(arch='dat-b', drop_path_rate=0.7, init_cfg=dict(checkpoint='checkpoints/dat-b_in1k_converted.pth')),
+    neck=dict(in_channels=[128, 256, 512, 1024]),
+)

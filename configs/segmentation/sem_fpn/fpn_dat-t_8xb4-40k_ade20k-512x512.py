@@ -8,8 +8,6 @@
 _base_ = './fpn_datpp-t_8xb4-40k_ade20k-512x512.py'
 
 model = dict(
-    backbone=dict(
-        arch='dat-t',
-        drop_path_rate=0.4,
-        init_cfg=dict(checkpoint='checkpoints/dat-t_in1k_converted.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+    backbone=dict(arch='dat-t', drop_path_rate=0.4, init_cfg=dict(checkpoint='checkpoints/dat-t_in1k_converted.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+)

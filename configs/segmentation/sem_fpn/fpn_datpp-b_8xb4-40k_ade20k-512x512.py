@@ -5,7 +5,7 @@ _base_ = './fpn_datpp-t_8xb4-40k_ade20k-512x512.py'
 
 model = dict(
     backbone=dict(
-        arch='datpp-b',
-        drop_path_rate=0.7,
-        init_cfg=dict(checkpoint='checkpoints/datpp-b_in1k_converted.pth')),
-    neck=dict(in_channels=[128, 256, 512, 1024]))
+        arch='datpp-b', drop_path_rate=0.7, init_cfg=dict(checkpoint='checkpoints/datpp-b_in1k_converted.pth')
+    ),
+    neck=dict(in_channels=[128, 256, 512, 1024]),
+)

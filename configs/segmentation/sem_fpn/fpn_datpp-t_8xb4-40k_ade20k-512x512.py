@@ -31,33 +31,25 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.4,
         with_cp=False,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-t_in1k_converted.pth',
-            prefix='backbone.')),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', prefix='backbone.'),
+    ),
     neck=dict(in_channels=[64, 128, 256, 512]),
-    decode_head=dict(num_classes=150))
+    decode_head=dict(num_classes=150),
+)
 
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(
-        type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
+    optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
     paramwise_cfg=dict(
         custom_keys={
-            'norm': dict(decay_mult=0.),
-            'rpe_table': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'rpb': dict(decay_mult=0.),
-        }))
-param_scheduler = [
-    dict(
-        type='PolyLR',
-        eta_min=0.0,
-        power=0.9,
-        begin=0,
-        end=40000,
-        by_epoch=False)
-]
+            'norm': dict(decay_mult=0.0),
+            'rpe_table': dict(decay_mult=0.0),
+            'relative_position_bias_table': dict(decay_mult=0.0),
+            'rpb': dict(decay_mult=0.0),
+        }
+    ),
+)
+param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=40000, by_epoch=False)]
 
 train_dataloader = dict(batch_size=4)  # x 8 GPUs = 32 images

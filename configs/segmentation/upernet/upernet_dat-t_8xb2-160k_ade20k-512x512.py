@@ -26,21 +26,22 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/dat-t_in1k_converted.pth',
-            prefix='backbone.')),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat-t_in1k_converted.pth', prefix='backbone.'),
+    ),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
-    auxiliary_head=dict(in_channels=384))
+    auxiliary_head=dict(in_channels=384),
+)
 
 optim_wrapper = dict(
     paramwise_cfg=dict(
         _delete_=True,
         custom_keys={
-            'norm': dict(decay_mult=0.),
-            'rpe_table': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'rpb': dict(decay_mult=0.),
-        }))
+            'norm': dict(decay_mult=0.0),
+            'rpe_table': dict(decay_mult=0.0),
+            'relative_position_bias_table': dict(decay_mult=0.0),
+            'rpb': dict(decay_mult=0.0),
+        },
+    )
+)
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16 images

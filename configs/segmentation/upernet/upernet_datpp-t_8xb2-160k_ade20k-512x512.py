@@ -27,22 +27,23 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
         with_cp=True,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/datpp-t_in1k_converted.pth',
-            prefix='backbone.')),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/datpp-t_in1k_converted.pth', prefix='backbone.'),
+    ),
     decode_head=dict(in_channels=[64, 128, 256, 512]),
-    auxiliary_head=dict(in_channels=256))
+    auxiliary_head=dict(in_channels=256),
+)
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
     paramwise_cfg=dict(
         _delete_=True,
         custom_keys={
-            'norm': dict(decay_mult=0.),
-            'rpe_table': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'rpb': dict(decay_mult=0.),
-        }))
+            'norm': dict(decay_mult=0.0),
+            'rpe_table': dict(decay_mult=0.0),
+            'relative_position_bias_table': dict(decay_mult=0.0),
+            'rpb': dict(decay_mult=0.0),
+        },
+    ),
+)
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16 images

@@ -16,17 +16,14 @@ _base_ = 'mmdet::_base_/schedules/schedule_1x.py'
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
-    optimizer=dict(
-        _delete_=True,
-        type='AdamW',
-        lr=1e-4,
-        betas=(0.9, 0.999),
-        weight_decay=0.05),
+    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(
-        norm_decay_mult=0.,
+        norm_decay_mult=0.0,
         custom_keys={
-            'norm': dict(decay_mult=0.),
-            'rpe_table': dict(decay_mult=0.),
-            'relative_position_bias_table': dict(decay_mult=0.),
-            'rpb': dict(decay_mult=0.),
-        }))
+            'norm': dict(decay_mult=0.0),
+            'rpe_table': dict(decay_mult=0.0),
+            'relative_position_bias_table': dict(decay_mult=0.0),
+            'rpb': dict(decay_mult=0.0),
+        },
+    ),
+)
