@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.released import RELEASED_PARAMS
 
 from projects.dat import DAT
 from projects.dat.converter import (
@@ -35,17 +36,6 @@ GOLDEN = SHARED / 'golden'
 OFFICIAL_KEYS = SHARED / 'reference' / 'official_keys'
 needs_shared = pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
 
-# Parameter counts of the released ImageNet classifiers (millions, 1000-class head; LeapLabTHU/DAT),
-# which the papers round (arXiv 2201.00520, 2309.01430).
-SPEC_PARAMS = {
-    'dat-t': 28.32,
-    'dat-s': 49.70,
-    'dat-b': 87.88,
-    'dat-b-384': 88.18,
-    'datpp-t': 23.96,
-    'datpp-s': 53.13,
-    'datpp-b': 93.69,
-}
 KEY_FILES = {
     'dat_tiny': ('dat-t', 224),
     'dat_small': ('dat-s', 224),
@@ -144,7 +134,7 @@ def test_convert_every_released_layout(key_file):
     assert info['arch'] == arch and info['img_size'] == [img_size, img_size] and info['kind'] == 'classifier'
     n_params = sum(v.numel() for v in converted.values())
     assert n_params == total
-    assert round(n_params / 1e6, 2) == SPEC_PARAMS[arch]
+    assert round(n_params / 1e6, 2) == RELEASED_PARAMS[arch]
 
 
 @needs_shared
@@ -177,7 +167,7 @@ def test_convert_dense_checkpoint_and_strictness():
 def test_variant_table(arch):
     model = DAT(arch, out_indices=(3,), img_size=384 if arch == 'dat-b-384' else 224)
     n_params = sum(p.numel() for p in model.parameters()) + (model.num_features[-1] + 1) * 1000
-    assert round(n_params / 1e6, 2) == SPEC_PARAMS[arch]
+    assert round(n_params / 1e6, 2) == RELEASED_PARAMS[arch]
     assert 'groups' in repr(model)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.released import RELEASED_PARAMS
 from mmengine.config import Config, ConfigDict
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
@@ -45,16 +46,6 @@ DIMS = {
     'datpp-t': [64, 128, 256, 512],
     'datpp-s': [96, 192, 384, 768],
     'datpp-b': [128, 256, 512, 1024],
-}
-# Parameters of the released ImageNet classifiers in millions (1000-class head).
-RELEASED_PARAMS = {
-    'dat-t': 28.32,
-    'dat-s': 49.70,
-    'dat-b': 87.88,
-    'dat-b-384': 88.18,
-    'datpp-t': 23.96,
-    'datpp-s': 53.13,
-    'datpp-b': 93.69,
 }
 # Parameters that must not be weight-decayed: norms and every kind of bias table.
 NO_DECAY_KEYS = {'norm', 'rpe_table', 'relative_position_bias_table', 'rpb'}
