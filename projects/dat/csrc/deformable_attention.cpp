@@ -375,5 +375,5 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
       }
     }
   });
-  return {grad_q, grad_k.sum(0).mul_(alpha), grad_v.sum(0), grad_table.sum(0), grad_coords.sum({0, 2})};
+  return {grad_q, grad_k.sum(0).mul_(alpha), grad_v.sum(0), grad_table.sum(0), grad_coords.sum(at::IntArrayRef{0, 2})};
 }
