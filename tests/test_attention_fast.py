@@ -163,6 +163,36 @@ def test_deformable_cpu_kernels_equal_pytorch_path(chunk, require_cpu_kernels):
         assert_rel_close(a, e, tol=1e-6, name=f'grad {name}')
 
 
+@pytest.mark.parametrize('threads', [1, 3])
+def test_deformable_cpu_kernel_blocks_and_row_segments(threads, require_cpu_kernels):
+    # Query rows of 70 (two blocks of the kernel's 32 queries and a tail of 6), a head size of 5
+    # (off the vector lanes) and 15 keys; with 3 threads for 2 heads, the backward pass splits the
+    # rows into 2 segments per head, whose gradients are summed.
+    require_cpu_kernels()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs, coords = _deformable_inputs(1, 10, 5, 70, 2, 1, 3, 5, (9, 11), 'pp', spread=1.5)
+        _assert_deformable_matches_reference(inputs, coords, 1, None, 'cpu-kernel')
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_deformable_cpu_kernel_under_autocast_computes_in_float32(require_cpu_kernels):
+    # Half inputs (CPU autocast) reach the kernel as float32; the output and gradients return in
+    # the inputs' dtypes.
+    require_cpu_kernels()
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 4, 6, 2, 2, 2, 3, (7, 7), 'pp', spread=1.0)
+    qy, qx = coords[:, 0, 0], coords[0, :, 1]
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = deformable_attention(*half, pos, qy, qx, rpe, 2, 'cpu-kernel')
+    ref = deformable_attention(*(t.detach().bfloat16().float() for t in (q, k, v)), pos, qy, qx, rpe, 2, 'cpu-kernel')
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0, rtol=0.01)
+    grads = torch.autograd.grad(out.float().square().sum(), half)
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
 def test_unbuildable_cpu_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch):
     def no_compiler(verbose=False):
         raise OSError('g++: not found')
@@ -524,16 +554,16 @@ def test_backbone_in_eval_mode_traces_as_one_graph(device, monkeypatch):
 
 
 def _deformable_kernel_args(rows=3, width=4, ns=5, table=(5, 6)):
-    """Valid arguments of the C++ deformable softmax for nb = 1, hg = 2: logits, then the bias
-    inputs (padded table, iy, fy, ix, fx, x_taps), then lse."""
-    nb, hg = 1, 2
-    logits = torch.randn(nb, hg, rows, width, ns)
+    """Valid arguments of the C++ deformable attention for nb = 1, hg = 2, d = 3: q, k, v, the
+    scale, then the bias inputs (padded table, iy, fy, ix, fx, x_taps)."""
+    nb, hg, d = 1, 2, 3
+    qkv = [torch.randn(nb, hg, d, rows * width), torch.randn(nb, hg, d, ns), torch.randn(nb, hg, d, ns), 0.5]
     padded = torch.randn(nb, hg, table[0] + 4, table[1] + 4)
     iy = torch.full((nb, rows, ns), 2, dtype=torch.int32)
     ix = torch.full((nb, width, ns), 2, dtype=torch.int32)
     x_taps = torch.tensor([2, 3], dtype=torch.int32).expand(nb, ns, 2).contiguous()
     bias = [padded, iy, torch.rand(nb, rows, ns), ix, torch.rand(nb, width, ns), x_taps]
-    return logits, bias, torch.empty(nb, hg, rows * width)
+    return qkv, bias
 
 
 def _replaced(bias, index, value):
@@ -553,18 +583,19 @@ def _replaced(bias, index, value):
         ),
         (
             'table of other heads',
-            r'expected a table \(nb, hg, Th \+ 4, Tw \+ 4\) for the logits\' \(nb, hg\) = \(1, 2\)',
+            r"expected a table \(nb, hg, Th \+ 4, Tw \+ 4\) for q's \(nb, hg\) = \(1, 2\)",
         ),
-        ('lse of other queries', r'expected lse with one value per query \(24 for the logits'),
         ('int64 indices', r'expected contiguous Int CPU tensors for the tap indices, got a contiguous Long tensor'),
-        ('iy of other rows', r'expected iy and fy \(1, 3, 5\)'),
+        ('iy of other rows', r'expected q \(nb, hg, d, rows \* W\) with the rows of iy and the W of ix, rows \* W = 8'),
+        ('keys of other heads', r'expected k and v \(1, 2, 3, Ns\) with the Ns of ix'),
+        ('float64 q', r'expected contiguous Float CPU tensors for q, k, v'),
     ],
 )
 def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_kernels):
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
-    logits, bias, lse = _deformable_kernel_args()
-    kernels.deformable_softmax(logits.clone(), 0.5, *bias, lse)  # valid as made
+    qkv, bias = _deformable_kernel_args()
+    out, lse = kernels.deformable_attention_forward(*qkv, *bias)  # valid as made
     iy, ix, x_taps = bias[1].clone(), bias[3].clone(), bias[5].clone()
     if case == 'iy above the table':
         iy[0, 1, 2] = 8  # rows 8 and 9 of a padded table of 9 rows
@@ -580,31 +611,30 @@ def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_
         bias = _replaced(bias, 3, ix)
     elif case == 'table of other heads':
         bias = _replaced(bias, 0, torch.randn(1, 3, 9, 10))
-    elif case == 'lse of other queries':
-        lse = torch.empty(1, 2, 11)
     elif case == 'int64 indices':
         bias = _replaced(bias, 1, iy.long())
     elif case == 'iy of other rows':
         bias = _replaced(bias, 1, iy[:, :2].contiguous())
+    elif case == 'keys of other heads':
+        qkv = _replaced(qkv, 1, torch.randn(1, 1, 3, 5))
+    elif case == 'float64 q':
+        qkv = _replaced(qkv, 0, qkv[0].double())
     with pytest.raises(RuntimeError, match=match):
-        kernels.deformable_softmax(logits.clone(), 0.5, *bias, lse)
-    with pytest.raises(RuntimeError, match=match if 'lse' not in case else 'delta'):
-        kernels.deformable_softmax_backward(
-            logits.clone(), logits.softmax(-1), lse, *bias, torch.zeros_like(bias[0]), torch.zeros(1, 2, 5, 2)
-        )
+        kernels.deformable_attention_forward(*qkv, *bias)
+    with pytest.raises(RuntimeError, match=match):
+        kernels.deformable_attention_backward(torch.randn_like(qkv[0]), *qkv[:3], lse, 0.5, *bias)
 
 
-def test_deformable_kernel_backward_checks_its_accumulators(require_cpu_kernels):
+def test_deformable_kernel_backward_checks_grad_out_and_lse(require_cpu_kernels):
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
-    logits, bias, lse = _deformable_kernel_args()
-    probs = logits.softmax(-1)
-    with pytest.raises(RuntimeError, match=r"grad_table of the table's shape \[1, 2, 9, 10\], got \[1, 2, 9, 9"):
-        kernels.deformable_softmax_backward(logits, probs, lse, *bias, torch.zeros(1, 2, 9, 9), torch.zeros(1, 2, 5, 2))
-    with pytest.raises(RuntimeError, match=r'expected grad_coords_heads \(1, 2, 5, 2\), got \[1, 1, 5, 2\]'):
-        kernels.deformable_softmax_backward(
-            logits, probs, lse, *bias, torch.zeros_like(bias[0]), torch.zeros(1, 1, 5, 2)
-        )
+    (q, k, v, scale), bias = _deformable_kernel_args()
+    out, lse = kernels.deformable_attention_forward(q, k, v, scale, *bias)
+    kernels.deformable_attention_backward(torch.randn_like(out), q, k, v, lse, scale, *bias)  # valid
+    with pytest.raises(RuntimeError, match=r"expected grad_out of q's shape \[1, 2, 3, 12\], got \[1, 2, 3, 11\]"):
+        kernels.deformable_attention_backward(torch.randn(1, 2, 3, 11), q, k, v, lse, scale, *bias)
+    with pytest.raises(RuntimeError, match=r'expected lse \(1, 2, 12\), got \[1, 2, 11\]'):
+        kernels.deformable_attention_backward(torch.randn_like(out), q, k, v, lse[..., :11].contiguous(), scale, *bias)
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,15 @@
 
 #include <vector>
 
-void deformable_softmax(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
-                        torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor lse);
-void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy,
-                              torch::Tensor fy, torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps,
-                              torch::Tensor lse);
-void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
-                                 torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads);
+std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                        double scale, torch::Tensor table, torch::Tensor iy,
+                                                        torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                                        torch::Tensor x_taps);
+std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
+                                                         torch::Tensor v, torch::Tensor lse, double scale,
+                                                         torch::Tensor table, torch::Tensor iy,
+                                                         torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                                         torch::Tensor x_taps);
 torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias);
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
                                                         torch::Tensor bias);
@@ -21,12 +22,10 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
                                                            torch::Tensor lse, int64_t kernel_size);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("deformable_softmax", &deformable_softmax,
-        "Deformable attention probabilities from q.k, with the bias read on the fly, and lse (float32, CPU)");
-  m.def("deformable_probabilities", &deformable_probabilities,
-        "The probabilities of deformable_softmax recomputed from its lse");
-  m.def("deformable_softmax_backward", &deformable_softmax_backward,
-        "dP -> dS of deformable_softmax, and the gradients of its bias table and of the keys' table coordinates");
+  m.def("deformable_attention_forward", &deformable_attention_forward,
+        "Deformable attention with the bias read on the fly: output and log-sum-exp (float32, CPU)");
+  m.def("deformable_attention_backward", &deformable_attention_backward,
+        "Gradients of deformable attention (q, k, v, the padded tables and the keys' table coordinates)");
   m.def("depthwise_conv_gelu_forward", &depthwise_conv_gelu_forward,
         "GELU(depth-wise conv + bias) of a (B, H, W, C) map: ConvFFN's hidden layer (float32, CPU)");
   m.def("depthwise_conv_gelu_backward", &depthwise_conv_gelu_backward,

@@ -1,12 +1,22 @@
-// The softmax of DAT / DAT++'s deformable attention, with the relative position bias read on the
-// fly, and its gradient, for float32 on CPU.
+// DAT / DAT++'s deformable attention with the relative position bias read on the fly, and its
+// gradient, for float32 on CPU: one pass per query row and head, forward and backward.
 //
-// The caller computes q.k of a chunk of queries (a matrix product); these kernels add the bias,
-// take the softmax (or recompute it from the log-sum-exp) and, backwards, turn dP = dO.v into
-// dS = P * (dP - D) and accumulate the gradients of the bias table and of the keys' coordinates
-// from it, each in one pass while a query's Ns logits are in the L1 cache (in PyTorch these are
-// 6 passes over the chunk forward and 10 backward; that path, projects/dat/models/attention.py
-// _DeformableSoftmax, is kept beside them and agrees to float32 round-off).
+// Per block of a query row's queries (kQueryBlock of them), the logits q.k are a small matrix
+// product into a per-thread buffer, the bias is added, the softmax taken and the product with v
+// taken while the block's logits (kQueryBlock x Ns floats, 134 KB at Ns = 1050) are in the L2
+// cache; only the output and each query's log-sum-exp go to memory. Backwards, the same block's
+// probabilities are recomputed from the log-sum-exp, dP = dO.v, dS = P * (dP - D) with
+// D = rowsum(P * dP) (equal to rowsum(dO * O); taken from the block's own P and dP, a query with
+// a single key gets exactly dS = 0, as in the reference), and the gradients of q, k, v (matrix
+// products again), of the bias table and of the keys' coordinates are taken in one pass. The
+// matrix products go to torch's CPU BLAS (at::native::cpublas::brgemm: MKL or oneDNN) where
+// torch's CPUBlas.h declares it (CPUBLAS_BRGEMM_F32F32F32); older torches get a plain loop that
+// the compiler vectorises (the same numbers to float32 round-off, slower). This replaced a chain
+// of a batched product, a bias-and-softmax kernel and a second product per chunk of a million
+// logits, whose logits went through memory three times (docs/benchmarks.md has the timings).
+//
+// The PyTorch path (projects/dat/ops/deformable.py, _TableBiasSoftmax) computes the same
+// arithmetic chunk by chunk and agrees to float32 round-off.
 //
 // The bias of query (r, c) and key n is the bilinear read of a padded table at the padded pixel
 // coordinates (iy[r, n] + fy[r, n], ix[c, n] + fx[c, n]); the taps floor and floor + 1 always
@@ -24,6 +34,7 @@
 // gradient, which is then spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -36,6 +47,28 @@
 
 namespace {
 
+// Queries per block: 32 and 64 measured alike (docs/benchmarks.md); 32 keeps the backward's two
+// blocks of logits in a 1 MB L2 cache at Ns = 1050 (stage 1 of DAT-T++ at 1344x800).
+constexpr int64_t kQueryBlock = 32;
+
+// C (m x n) = A (m x k) B (k x n), plus C where accumulate; row-major with leading dimensions.
+void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+            int64_t ldc, bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+#else
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = c + i * ldc;
+    if (!accumulate) std::fill(row, row + n, 0.0f);
+    for (int64_t p = 0; p < k; ++p) {
+      const float scale = a[i * lda + p];
+      const float* b_row = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) row[j] += scale * b_row[j];
+    }
+  }
+#endif
+}
+
 // What the kernels read of the bias: the padded tables and the tap indices and weights.
 struct BiasInputs {
   const float* table;     // (nb, hg, Th + 4, Tw + 4)
@@ -46,6 +79,12 @@ struct BiasInputs {
   const int32_t* x_taps;  // (nb, Ns, 2)
   int64_t table_size;     // (Th + 4) * (Tw + 4)
   int64_t row_length;     // Tw + 4
+};
+
+// The sizes of one call: q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns).
+struct AttentionShape {
+  int64_t nb, hg, d, rows, width, ns;
+  int64_t queries() const { return rows * width; }
 };
 
 // Checks that every tap the kernels follow lies inside the padded table: rows iy and iy + 1, and
@@ -72,38 +111,44 @@ void check_taps(const torch::Tensor& table, const torch::Tensor& iy, const torch
   }
 }
 
-// Checks the shapes, dtypes, layouts and tap indices against the logits' (nb, hg, rows, W, Ns).
-BiasInputs bias_inputs(const torch::Tensor& logits, const torch::Tensor& table, const torch::Tensor& iy,
-                       const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
-                       const torch::Tensor& x_taps) {
-  TORCH_CHECK(logits.dim() == 5 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
-              "expected logits (nb, hg, rows, W, Ns), table (nb, hg, Th + 4, Tw + 4), iy/fy (nb, rows, Ns), "
-              "ix/fx (nb, W, Ns), got logits ", logits.sizes(), ", table ", table.sizes(), ", iy ", iy.sizes(),
-              ", ix ", ix.sizes());
-  const int64_t nb = logits.size(0), hg = logits.size(1), rows = logits.size(2), width = logits.size(3),
-                ns = logits.size(4);
-  TORCH_CHECK(table.size(0) == nb && table.size(1) == hg, "expected a table (nb, hg, Th + 4, Tw + 4) for the logits' ",
-              "(nb, hg) = (", nb, ", ", hg, "), got ", table.sizes());
-  TORCH_CHECK(iy.sizes() == torch::IntArrayRef({nb, rows, ns}) && fy.sizes() == iy.sizes(), "expected iy and fy (",
-              nb, ", ", rows, ", ", ns, ") for the logits ", logits.sizes(), ", got ", iy.sizes(), " and ", fy.sizes());
-  TORCH_CHECK(ix.sizes() == torch::IntArrayRef({nb, width, ns}) && fx.sizes() == ix.sizes(), "expected ix and fx (",
-              nb, ", ", width, ", ", ns, ") for the logits ", logits.sizes(), ", got ", ix.sizes(), " and ",
-              fx.sizes());
-  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({nb, ns, 2}), "expected x_taps (", nb, ", ", ns, ", 2), got ",
-              x_taps.sizes());
-  dat::check_contiguous_cpu({&logits, &table, &fy, &fx}, torch::kFloat, "the logits, tables and tap weights");
+// Checks the shapes, dtypes, layouts and tap indices of q, k, v and the bias inputs.
+AttentionShape check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& table, const torch::Tensor& iy, const torch::Tensor& fy,
+                            const torch::Tensor& ix, const torch::Tensor& fx, const torch::Tensor& x_taps,
+                            BiasInputs& bias) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
+              "expected q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns), table (nb, hg, Th + 4, Tw + 4), iy/fy "
+              "(nb, rows, Ns), ix/fx (nb, W, Ns), got q ", q.sizes(), ", k ", k.sizes(), ", table ", table.sizes(),
+              ", iy ", iy.sizes(), ", ix ", ix.sizes());
+  const AttentionShape s{q.size(0), q.size(1), q.size(2), iy.size(1), ix.size(1), k.size(3)};
+  TORCH_CHECK(q.size(3) == s.queries(),
+              "expected q (nb, hg, d, rows * W) with the rows of iy and the W of ix, rows * W = ", s.queries(),
+              ", got q ", q.sizes(), ", iy ", iy.sizes(), ", ix ", ix.sizes());
+  TORCH_CHECK(k.sizes() == torch::IntArrayRef({s.nb, s.hg, s.d, s.ns}) && v.sizes() == k.sizes(),
+              "expected k and v (", s.nb, ", ", s.hg, ", ", s.d, ", Ns) with the Ns of ix, got k ", k.sizes(), ", v ",
+              v.sizes(), ", ix ", ix.sizes());
+  TORCH_CHECK(table.size(0) == s.nb && table.size(1) == s.hg && table.size(2) >= 2 && table.size(3) >= 2,
+              "expected a table (nb, hg, Th + 4, Tw + 4) for q's (nb, hg) = (", s.nb, ", ", s.hg, "), got ",
+              table.sizes());
+  TORCH_CHECK(iy.sizes() == torch::IntArrayRef({s.nb, s.rows, s.ns}) && fy.sizes() == iy.sizes(),
+              "expected iy and fy (", s.nb, ", rows, ", s.ns, "), got ", iy.sizes(), " and ", fy.sizes());
+  TORCH_CHECK(ix.sizes() == torch::IntArrayRef({s.nb, s.width, s.ns}) && fx.sizes() == ix.sizes(),
+              "expected ix and fx (", s.nb, ", W, ", s.ns, "), got ", ix.sizes(), " and ", fx.sizes());
+  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({s.nb, s.ns, 2}), "expected x_taps (", s.nb, ", ", s.ns,
+              ", 2), got ", x_taps.sizes());
+  dat::check_contiguous_cpu({&q, &k, &v, &table, &fy, &fx}, torch::kFloat, "q, k, v, the tables and tap weights");
   dat::check_contiguous_cpu({&iy, &ix, &x_taps}, torch::kInt, "the tap indices");
   check_taps(table, iy, ix, x_taps);
-  return {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
+  bias = {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
           fx.data_ptr<float>(), x_taps.data_ptr<int32_t>(), table.size(2) * table.size(3), table.size(3)};
+  return s;
 }
 
-// One float32 per query: nb * hg * rows * W contiguous values.
-void check_per_query(const torch::Tensor& t, const torch::Tensor& logits, const char* name) {
+// One float32 per query: (nb, hg, rows * W) contiguous values.
+void check_per_query(const torch::Tensor& t, const AttentionShape& s, const char* name) {
   dat::check_contiguous_cpu({&t}, torch::kFloat, name);
-  const int64_t queries = logits.size(0) * logits.size(1) * logits.size(2) * logits.size(3);
-  TORCH_CHECK(t.numel() == queries, "expected ", name, " with one value per query (", queries,
-              " for the logits ", logits.sizes(), "), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == torch::IntArrayRef({s.nb, s.hg, s.queries()}), "expected ", name, " (", s.nb, ", ", s.hg,
+              ", ", s.queries(), "), got ", t.sizes());
 }
 
 // R[n][t] for t in taps[n] = [lo, hi]: the head's table rows iy[n], iy[n] + 1 interpolated at fy[n].
@@ -118,103 +163,151 @@ inline void interpolate_rows(const float* head_table, int64_t row_length, const 
   }
 }
 
-// The forward softmax (recompute = false: writes the probabilities and lse) or its recomputation
-// from lse (recompute = true: writes exp(s - lse)), for logits holding q.k.
-void softmax_pass(torch::Tensor logits, double scale, const torch::Tensor& table, const torch::Tensor& iy,
-                  const torch::Tensor& fy, const torch::Tensor& ix, const torch::Tensor& fx,
-                  const torch::Tensor& x_taps, torch::Tensor lse, bool recompute) {
-  const BiasInputs bias = bias_inputs(logits, table, iy, fy, ix, fx, x_taps);
-  check_per_query(lse, logits, "lse");
-  const int64_t hg = logits.size(1), rows = logits.size(2), width = logits.size(3), ns = logits.size(4);
-  const int64_t row_length = bias.row_length;
-  const float alpha = static_cast<float>(scale);
-  float* logits_p = logits.data_ptr<float>();
-  float* lse_p = lse.data_ptr<float>();
-  // One work item per (batch-group, head, query row).
-  at::parallel_for(0, logits.size(0) * hg * rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> interpolated(ns * row_length);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (hg * rows), bh = item / rows, r = item % rows;
-      interpolate_rows(bias.table + bh * bias.table_size, row_length, bias.iy + (b * rows + r) * ns,
-                       bias.fy + (b * rows + r) * ns, bias.x_taps + b * ns * 2, ns, interpolated.data());
-      for (int64_t c = 0; c < width; ++c) {
-        const int32_t* col_ix = bias.ix + (b * width + c) * ns;
-        const float* col_fx = bias.fx + (b * width + c) * ns;
-        float* s = logits_p + (item * width + c) * ns;
-        float* query_lse = lse_p + item * width + c;
-        float row_max = -std::numeric_limits<float>::infinity();
-        for (int64_t n = 0; n < ns; ++n) {
-          const float* taps = interpolated.data() + n * row_length + col_ix[n];
-          s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
-          row_max = std::max(row_max, s[n]);
-        }
-        if (recompute) {
-          dat::exp_shifted(s, ns, *query_lse);
-        } else {
-          const float total = dat::exp_shifted_sum(s, ns, row_max);
-          const float inverse = 1.0f / total;
-          for (int64_t n = 0; n < ns; ++n) s[n] *= inverse;
-          *query_lse = std::log(total) + row_max;
-        }
-      }
-    }
-  });
+// dst (mb, d) = src's (d, mb) block at column `first` of its (d, queries) rows: a block of
+// queries' vectors, one per row, for the matrix products.
+inline void gather_block(const float* src, int64_t queries, int64_t first, int64_t mb, int64_t d, float* dst) {
+  for (int64_t c = 0; c < d; ++c) {
+    const float* row = src + c * queries + first;
+    for (int64_t m = 0; m < mb; ++m) dst[m * d + c] = row[m];
+  }
+}
+
+// dst's (d, mb) block at column `first` = src (mb, d) transposed, each query's row times scale[m].
+inline void scatter_block(const float* src, const float* scale, int64_t queries, int64_t first, int64_t mb, int64_t d,
+                          float* dst) {
+  for (int64_t c = 0; c < d; ++c) {
+    float* row = dst + c * queries + first;
+    for (int64_t m = 0; m < mb; ++m) row[m] = src[m * d + c] * scale[m];
+  }
+}
+
+// s[n] = s[n] * alpha + bias[n] for one query of column col_ix/col_fx, the bias read from the
+// row's interpolated table rows; returns the largest.
+inline float add_bias(float* s, float alpha, const float* interpolated, int64_t row_length, const int32_t* col_ix,
+                      const float* col_fx, int64_t ns) {
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t n = 0; n < ns; ++n) {
+    const float* taps = interpolated + n * row_length + col_ix[n];
+    s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
+    row_max = std::max(row_max, s[n]);
+  }
+  return row_max;
 }
 
 }  // namespace
 
-// logits (nb, hg, rows, W, Ns) holds scale-free q.k on entry and the softmax probabilities of
-// scale * q.k + bias on return; lse (nb, hg, rows, W) receives each query's log-sum-exp.
-void deformable_softmax(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy, torch::Tensor fy,
-                        torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps, torch::Tensor lse) {
-  softmax_pass(logits, scale, table, iy, fy, ix, fx, x_taps, lse, false);
-}
-
-// The same probabilities recomputed from lse (as deformable_softmax returned it): exp(scale * q.k + bias - lse).
-void deformable_probabilities(torch::Tensor logits, double scale, torch::Tensor table, torch::Tensor iy,
-                              torch::Tensor fy, torch::Tensor ix, torch::Tensor fx, torch::Tensor x_taps,
-                              torch::Tensor lse) {
-  softmax_pass(logits, scale, table, iy, fy, ix, fx, x_taps, lse, true);
-}
-
-// grad (nb, hg, rows, W, Ns) holds dP = dO.v on entry and dS = P * (dP - D) on return (the
-// gradient of the logits and of the bias), from probs P and delta D = rowsum(dO * O) (nb, hg,
-// rows, W). Accumulates the gradients of the table (nb, hg, Th + 4, Tw + 4) and, per head, of
-// each key's (y, x) pixel coordinate in the table, grad_coords_heads (nb, hg, Ns, 2): the sums
-// over the chunk's queries of dS times the slope of the bias (summed per query row in float32,
-// over the rows in float64: a key's sum runs over every query of the chunk). Work items are
-// (batch-group, head) pairs, so that no two threads write the same entry.
-void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch::Tensor delta, torch::Tensor table,
-                                 torch::Tensor iy, torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                 torch::Tensor x_taps, torch::Tensor grad_table, torch::Tensor grad_coords_heads) {
-  const BiasInputs bias = bias_inputs(grad, table, iy, fy, ix, fx, x_taps);
-  dat::check_contiguous_cpu({&probs, &grad_table, &grad_coords_heads}, torch::kFloat,
-                            "probs and the gradient accumulators");
-  TORCH_CHECK(probs.sizes() == grad.sizes(), "expected probs of grad's shape ", grad.sizes(), ", got ", probs.sizes());
-  check_per_query(delta, grad, "delta");
-  const int64_t nb = grad.size(0), hg = grad.size(1), rows = grad.size(2), width = grad.size(3), ns = grad.size(4);
-  TORCH_CHECK(grad_table.sizes() == table.sizes(), "expected grad_table of the table's shape ", table.sizes(),
-              ", got ", grad_table.sizes());
-  TORCH_CHECK(grad_coords_heads.sizes() == torch::IntArrayRef({nb, hg, ns, 2}), "expected grad_coords_heads (", nb,
-              ", ", hg, ", ", ns, ", 2), got ", grad_coords_heads.sizes());
+// q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns); the bias inputs as check_inputs describes.
+// Returns the output softmax(scale * q.k + bias) v (nb, hg, d, rows * W) and each query's
+// log-sum-exp (nb, hg, rows * W). One work item per (batch-group, head, query row).
+std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                        double scale, torch::Tensor table, torch::Tensor iy,
+                                                        torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                                        torch::Tensor x_taps) {
+  BiasInputs bias;
+  const AttentionShape s = check_inputs(q, k, v, table, iy, fy, ix, fx, x_taps, bias);
+  const int64_t d = s.d, ns = s.ns, width = s.width, rows = s.rows, queries = s.queries();
   const int64_t row_length = bias.row_length;
-  float* grad_p = grad.data_ptr<float>();
-  const float* probs_p = probs.data_ptr<float>();
-  const float* delta_p = delta.data_ptr<float>();
+  auto out = torch::empty_like(q);
+  auto lse = torch::empty({s.nb, s.hg, queries}, q.options());
+  auto v_t = v.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of P.v^T
+  const float* q_p = q.data_ptr<float>();
+  const float* k_p = k.data_ptr<float>();
+  const float* v_t_p = v_t.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+  const int64_t block = std::min(kQueryBlock, width);
+  at::parallel_for(0, s.nb * s.hg * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> interpolated(ns * row_length), q_block(block * d), logits(block * ns), out_block(block * d),
+        inverse(block);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (s.hg * rows), bh = item / rows, r = item % rows;
+      interpolate_rows(bias.table + bh * bias.table_size, row_length, bias.iy + (b * rows + r) * ns,
+                       bias.fy + (b * rows + r) * ns, bias.x_taps + b * ns * 2, ns, interpolated.data());
+      const float* head_q = q_p + bh * d * queries;
+      float* head_out = out_p + bh * d * queries;
+      for (int64_t c0 = 0; c0 < width; c0 += block) {
+        const int64_t mb = std::min(block, width - c0), first = r * width + c0;
+        gather_block(head_q, queries, first, mb, d, q_block.data());
+        matmul(mb, ns, d, q_block.data(), d, k_p + bh * d * ns, ns, logits.data(), ns, false);
+        for (int64_t m = 0; m < mb; ++m) {
+          float* query_logits = logits.data() + m * ns;
+          const int64_t column = (b * width + c0 + m) * ns;
+          const float row_max = add_bias(query_logits, alpha, interpolated.data(), row_length, bias.ix + column,
+                                         bias.fx + column, ns);
+          // The weights stay unnormalised; the output's d values are divided by their sum instead.
+          const float total = dat::exp_shifted_sum(query_logits, ns, row_max);
+          inverse[m] = 1.0f / total;
+          lse_p[bh * queries + first + m] = std::log(total) + row_max;
+        }
+        matmul(mb, d, ns, logits.data(), ns, v_t_p + bh * ns * d, d, out_block.data(), d, false);
+        scatter_block(out_block.data(), inverse.data(), queries, first, mb, d, head_out);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// The gradients of deformable_attention_forward from grad_out (q's shape) and its lse. Returns
+// grad_q, grad_k, grad_v, the gradient of the padded tables (nb, hg, Th + 4, Tw + 4) and of each
+// key's (y, x) pixel coordinate in the table (nb, Ns, 2), summed over heads (a key's coordinate sum
+// runs per query row in float32, over the rows in float64).
+//
+// Work items are (head, segment of query rows): each accumulates its own gradients of k, v, the
+// table and the coordinates, which are summed after. There are just enough segments per head to
+// give every thread work (one, where the batch-group heads are at least as many as the threads).
+std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
+                                                         torch::Tensor v, torch::Tensor lse, double scale,
+                                                         torch::Tensor table, torch::Tensor iy,
+                                                         torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
+                                                         torch::Tensor x_taps) {
+  BiasInputs bias;
+  const AttentionShape s = check_inputs(q, k, v, table, iy, fy, ix, fx, x_taps, bias);
+  dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "expected grad_out of q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  check_per_query(lse, s, "lse");
+  const int64_t d = s.d, ns = s.ns, width = s.width, rows = s.rows, queries = s.queries();
+  const int64_t row_length = bias.row_length, heads = s.nb * s.hg;
+  const int64_t threads = at::get_num_threads();
+  const int64_t segments = std::max<int64_t>(1, std::min(rows, (threads + heads - 1) / heads));
+  auto grad_q = torch::empty_like(q);
+  auto grad_k = torch::zeros({segments, s.nb, s.hg, d, ns}, q.options());
+  auto grad_v = torch::zeros({segments, s.nb, s.hg, d, ns}, q.options());
+  auto grad_table = torch::zeros({segments, s.nb, s.hg, table.size(2), table.size(3)}, q.options());
+  auto grad_coords = torch::empty({segments, s.nb, s.hg, ns, 2}, q.options());
+  auto k_t = k.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of dS.k^T
+  const float* grad_out_p = grad_out.data_ptr<float>();
+  const float* q_p = q.data_ptr<float>();
+  const float* k_p = k.data_ptr<float>();
+  const float* k_t_p = k_t.data_ptr<float>();
+  const float* v_p = v.data_ptr<float>();
+  const float* lse_p = lse.data_ptr<float>();
+  float* grad_q_p = grad_q.data_ptr<float>();
+  float* grad_k_p = grad_k.data_ptr<float>();
+  float* grad_v_p = grad_v.data_ptr<float>();
   float* grad_table_p = grad_table.data_ptr<float>();
-  float* grad_coords = grad_coords_heads.data_ptr<float>();
-  at::parallel_for(0, nb * hg, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length);
+  float* grad_coords_p = grad_coords.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+  const int64_t block = std::min(kQueryBlock, width);
+  at::parallel_for(0, segments * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length), q_block(block * d),
+        grad_out_block(block * d), probs(block * ns), grad_logits(block * ns), grad_q_block(block * d),
+        alphas(block, alpha), row_grad_x(ns);
     std::vector<double> grad_y(ns), grad_x(ns);
-    std::vector<float> row_grad_x(ns);  // one query row's sums, added to grad_x in float64
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t item = begin; item < end; ++item) {
+      // item = (segment, batch-group, head), the layout of the accumulators.
+      const int64_t segment = item / heads, bh = item % heads, b = bh / s.hg;
+      const int64_t r0 = rows * segment / segments, r1 = rows * (segment + 1) / segments;
       std::fill(grad_y.begin(), grad_y.end(), 0.0);
       std::fill(grad_x.begin(), grad_x.end(), 0.0);
-      const int64_t b = bh / hg;
       const float* head_table = bias.table + bh * bias.table_size;
-      float* head_grad_table = grad_table_p + bh * bias.table_size;
+      float* item_grad_table = grad_table_p + item * bias.table_size;
       const int32_t* key_taps = bias.x_taps + b * ns * 2;
-      for (int64_t r = 0; r < rows; ++r) {
+      const float* head_q = q_p + bh * d * queries;
+      const float* head_grad_out = grad_out_p + bh * d * queries;
+      float* item_grad_k = grad_k_p + item * d * ns;
+      float* item_grad_v = grad_v_p + item * d * ns;
+      for (int64_t r = r0; r < r1; ++r) {
         const int32_t* row_iy = bias.iy + (b * rows + r) * ns;
         const float* row_fy = bias.fy + (b * rows + r) * ns;
         interpolate_rows(head_table, row_length, row_iy, row_fy, key_taps, ns, interpolated.data());
@@ -223,29 +316,44 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
           std::fill(grad_row + key_taps[2 * n], grad_row + key_taps[2 * n + 1] + 1, 0.0f);
         }
         std::fill(row_grad_x.begin(), row_grad_x.end(), 0.0f);
-        for (int64_t c = 0; c < width; ++c) {
-          const int64_t query = (bh * rows + r) * width + c;
-          const int32_t* col_ix = bias.ix + (b * width + c) * ns;
-          const float* col_fx = bias.fx + (b * width + c) * ns;
-          float* g = grad_p + query * ns;
-          const float* p = probs_p + query * ns;
-          const float query_delta = delta_p[query];
-          for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);
-          for (int64_t n = 0; n < ns; ++n) {
-            const int64_t tap = n * row_length + col_ix[n];
-            const float* taps = interpolated.data() + tap;
-            float* grad_taps = grad_interpolated.data() + tap;
-            row_grad_x[n] += g[n] * (taps[1] - taps[0]);
-            const float g1 = g[n] * col_fx[n];  // gradients of the taps: g - g1 and g1
-            grad_taps[0] += g[n] - g1;
-            grad_taps[1] += g1;
+        for (int64_t c0 = 0; c0 < width; c0 += block) {
+          const int64_t mb = std::min(block, width - c0), first = r * width + c0;
+          gather_block(head_q, queries, first, mb, d, q_block.data());
+          gather_block(head_grad_out, queries, first, mb, d, grad_out_block.data());
+          matmul(mb, ns, d, q_block.data(), d, k_p + bh * d * ns, ns, probs.data(), ns, false);
+          matmul(mb, ns, d, grad_out_block.data(), d, v_p + bh * d * ns, ns, grad_logits.data(), ns, false);
+          for (int64_t m = 0; m < mb; ++m) {
+            const int64_t column = (b * width + c0 + m) * ns;
+            const int32_t* col_ix = bias.ix + column;
+            const float* col_fx = bias.fx + column;
+            float* p = probs.data() + m * ns;
+            float* g = grad_logits.data() + m * ns;
+            add_bias(p, alpha, interpolated.data(), row_length, col_ix, col_fx, ns);
+            dat::exp_shifted(p, ns, lse_p[bh * queries + first + m]);
+            const float query_delta = dat::dot(p, g, ns);
+            for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);  // dS = P * (dP - D)
+            for (int64_t n = 0; n < ns; ++n) {
+              const int64_t tap = n * row_length + col_ix[n];
+              const float* taps = interpolated.data() + tap;
+              float* grad_taps = grad_interpolated.data() + tap;
+              row_grad_x[n] += g[n] * (taps[1] - taps[0]);
+              const float g1 = g[n] * col_fx[n];  // gradients of the taps: g - g1 and g1
+              grad_taps[0] += g[n] - g1;
+              grad_taps[1] += g1;
+            }
           }
+          // dV += dO.P and dK += Q.dS (times scale, after the sum) take the block's (d, mb)
+          // columns of grad_out and q in place; dQ = scale * dS.K.
+          matmul(d, ns, mb, head_grad_out + first, queries, probs.data(), ns, item_grad_v, ns, true);
+          matmul(d, ns, mb, head_q + first, queries, grad_logits.data(), ns, item_grad_k, ns, true);
+          matmul(mb, d, ns, grad_logits.data(), ns, k_t_p + bh * ns * d, d, grad_q_block.data(), d, false);
+          scatter_block(grad_q_block.data(), alphas.data(), queries, first, mb, d, grad_q_p + bh * d * queries);
         }
         // R[n][t] = top[t] + fy * (bottom[t] - top[t]) backwards.
         for (int64_t n = 0; n < ns; ++n) {
           const float* top = head_table + row_iy[n] * row_length;
           const float* bottom = top + row_length;
-          float* grad_top = head_grad_table + row_iy[n] * row_length;
+          float* grad_top = item_grad_table + row_iy[n] * row_length;
           float* grad_bottom = grad_top + row_length;
           const float w = row_fy[n];
           const float* grad_row = grad_interpolated.data() + n * row_length;
@@ -260,11 +368,12 @@ void deformable_softmax_backward(torch::Tensor grad, torch::Tensor probs, torch:
           grad_x[n] += row_grad_x[n];
         }
       }
-      float* head_grad_coords = grad_coords + bh * ns * 2;
+      float* item_grad_coords = grad_coords_p + item * ns * 2;
       for (int64_t n = 0; n < ns; ++n) {
-        head_grad_coords[2 * n] += static_cast<float>(grad_y[n]);
-        head_grad_coords[2 * n + 1] += static_cast<float>(grad_x[n]);
+        item_grad_coords[2 * n] = static_cast<float>(grad_y[n]);
+        item_grad_coords[2 * n + 1] = static_cast<float>(grad_x[n]);
       }
     }
   });
+  return {grad_q, grad_k.sum(0).mul_(alpha), grad_v.sum(0), grad_table.sum(0), grad_coords.sum(at::IntArrayRef{0, 2})};
 }

@@ -1,10 +1,11 @@
 """The optional C++ CPU kernels of the operators (float32), compiled on first use.
 
-``csrc/deformable_attention.cpp`` takes the softmax of a chunk of deformable-attention
-logits with the relative position bias (a 4-tap bilinear read of the bias table for every
-query-key pair) added on the fly, and, backwards, the logits' and the bias's gradients: one pass
-each while a query's logits are in the cache, where the PyTorch path needs gathers,
-scatter-adds, intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
+``csrc/deformable_attention.cpp`` computes deformable attention, ``q.k``, the relative position
+bias (a 4-tap bilinear read of the bias table for every query-key pair) added on the fly, the
+softmax and the product with ``v``, and backwards all its gradients, in one pass per query row
+and head while a block of queries' logits is in the cache (its matrix products through torch's
+CPU BLAS), where the PyTorch path needs chunk-sized products, gathers, scatter-adds,
+intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one

@@ -25,15 +25,17 @@ least size, clamped or not) reads two zeros and so gets no gradient, as in grid_
 mask of the clamped coordinates is needed, and the gradients of the key positions can be
 summed per key as they are computed.
 
-Each chunk's logits, softmax and gradients go through a :class:`_TableBiasSoftmax` (PyTorch)
-or, on the ``cpu-kernel`` backend, a :class:`_TableBiasSoftmaxKernel`: the same arithmetic in
-one C++ pass per query (``csrc/deformable_attention.cpp``). The forward pass keeps only q, k, v,
-the positions, the output and each query's log-sum-exp; the backward pass recomputes each
-chunk's probabilities from them.
+Each chunk's logits, softmax and gradients go through a :class:`_TableBiasSoftmax`. The
+forward pass keeps only q, k, v, the positions, the output and each query's log-sum-exp; the
+backward pass recomputes each chunk's probabilities from them. On the ``cpu-kernel`` backend the
+C++ kernels (``csrc/deformable_attention.cpp``) compute the same arithmetic in one pass per query
+row and head instead, forward (q.k, bias, softmax and the product with v for a block of queries
+while its logits are in the cache) and backward; they keep a block of logits per thread, so the
+chunk size does not apply to them.
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -96,12 +98,6 @@ class _Workspace:
         self.device = device
         self.buffers = {}
 
-    def memo(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
-        """``make()``, computed once per ``key`` (for what every chunk of the same batch-groups shares)."""
-        if key not in self.buffers:
-            self.buffers[key] = make()
-        return self.buffers[key]
-
     def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
@@ -116,8 +112,7 @@ class _TableBiasSoftmax:
     softmax and its gradient (also of the key coordinates and the tables), in PyTorch.
 
     Builds the bias from the padded table (rows interpolated in y once, then read in x with
-    gathers) and keeps what its backward needs. :class:`_TableBiasSoftmaxKernel` has the same
-    methods and results.
+    gathers) and keeps what its backward needs.
 
     Args:
         table_t (Tensor): ``(nb, hg, Tw + 4, Th + 4)`` padded tables, transposed (x major).
@@ -216,72 +211,6 @@ class _TableBiasSoftmax:
         return grad_s
 
 
-class _TableBiasSoftmaxKernel:
-    """:class:`_TableBiasSoftmax` computed by the C++ kernels (float32 on CPU,
-    ``csrc/deformable_attention.cpp``): after the product ``q.k``, one pass adds the bias (read
-    on the fly), takes the softmax and, backwards, dS and the bias gradients; the same methods.
-
-    Args:
-        kernels (module): :func:`cpu_kernels.load_kernels`.
-        table (Tensor): ``(nb, hg, Th + 4, Tw + 4)`` padded tables, y major.
-        iy, fy, ix, fx (Tensor): As for :class:`_TableBiasSoftmax`, the indices ``iy`` and
-            ``ix`` int32.
-        x_taps (Tensor): ``(nb, Ns, 2)`` int32, the lowest and the highest padded column that the
-            x taps of each key reach (``ix.amin(1)`` and ``ix.amax(1) + 1``).
-        workspace (_Workspace): Buffers to reuse.
-    """
-
-    def __init__(
-        self,
-        kernels,
-        table: Tensor,
-        iy: Tensor,
-        fy: Tensor,
-        ix: Tensor,
-        fx: Tensor,
-        x_taps: Tensor,
-        workspace: _Workspace,
-    ):
-        self.kernels = kernels
-        self.args = (table, *(t.contiguous() for t in (iy, fy, ix, fx)), x_taps)
-        self.workspace = workspace
-        nb, hg = table.shape[:2]
-        self.shape = (nb, hg, iy.shape[1], ix.shape[1], iy.shape[2])  # (nb, hg, rows, W, Ns)
-
-    def _products(self, q_c: Tensor, k_c: Tensor) -> Tensor:
-        out = self.workspace('logits', (q_c.shape[0], q_c.shape[2], k_c.shape[2]), torch.float32)
-        if q_c.dtype == out.dtype:
-            return torch.bmm(q_c.transpose(1, 2), k_c, out=out)
-        return out.copy_(torch.bmm(q_c.transpose(1, 2), k_c))
-
-    def softmax_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
-        """As :meth:`_TableBiasSoftmax.softmax_` (``lse`` contiguous)."""
-        probs = self._products(q_c, k_c)
-        self.kernels.deformable_softmax(probs.view(self.shape), scale, *self.args, lse)
-        return probs
-
-    def recompute_(self, q_c: Tensor, k_c: Tensor, scale: float, lse: Tensor) -> Tensor:
-        """As :meth:`_TableBiasSoftmax.recompute_` (``lse`` contiguous)."""
-        probs = self._products(q_c, k_c)
-        self.kernels.deformable_probabilities(probs.view(self.shape), scale, *self.args, lse)
-        return probs
-
-    def backward_(
-        self, grad: Tensor, probs: Tensor, delta: Tensor, grad_coords: Tensor, grad_table_t: Tensor
-    ) -> Tensor:
-        """As :meth:`_TableBiasSoftmax.backward_` (``delta`` contiguous)."""
-        nb, hg, _, _, ns = self.shape
-        dtype = grad.dtype
-        grad_coords_heads = self.workspace('grad_coords_heads', (nb, hg, ns, 2), dtype, zero=True)
-        grad_table = self.workspace('grad_table', self.args[0].shape, dtype, zero=True)
-        self.kernels.deformable_softmax_backward(
-            grad.view(self.shape), probs.view(self.shape), delta, *self.args, grad_table, grad_coords_heads
-        )
-        grad_table_t += grad_table.transpose(-1, -2)
-        grad_coords += grad_coords_heads.sum(1)
-        return grad
-
-
 class _Chunk(NamedTuple):
     """Batch-groups ``b0:b1`` and query columns ``c0:c1`` of the flattened ``H * W`` queries
     (rows ``r0:r1``)."""
@@ -300,7 +229,8 @@ class _DeformableChunks:
 
     Args:
         q, k, v, pos, query_y, query_x, table, num_groups, chunk: The operator's inputs.
-        use_cpu_kernels (bool): Compute each chunk's softmax with the C++ kernels.
+        use_cpu_kernels (bool): Load the C++ kernels (:attr:`kernels`), which the operators then run
+            instead of the chunks.
     """
 
     def __init__(
@@ -363,22 +293,31 @@ class _DeformableChunks:
         index = torch.arange(b0, b1, device=self.table_t.device) % num_groups
         return self.table_t.index_select(0, index)
 
-    def softmax(self, c: _Chunk) -> _TableBiasSoftmax | _TableBiasSoftmaxKernel:
-        """The chunk's :class:`_TableBiasSoftmaxKernel` on the C++ kernels, else its
-        :class:`_TableBiasSoftmax`."""
+    def softmax(self, c: _Chunk) -> _TableBiasSoftmax:
+        """The chunk's :class:`_TableBiasSoftmax`."""
         b0, b1, r0, r1 = c.b0, c.b1, c.r0, c.r1
-        iy, fy, ix, fx, workspace = self.iy, self.fy, self.ix, self.fx, self.workspace
-        if self.kernels is None:
-            return _TableBiasSoftmax(
-                self._group_tables(b0, b1), iy[b0:b1, r0:r1], fy[b0:b1, r0:r1], ix[b0:b1], fx[b0:b1], workspace
-            )
-        table = workspace.memo(('table', b0, b1), lambda: self._group_tables(b0, b1).transpose(-1, -2).contiguous())
-        # The kernels read int32 indices (half the memory traffic of int64 on the per-query stream).
-        ix_c = workspace.memo(('ix', b0, b1), lambda: ix[b0:b1].to(torch.int32))
-        x_taps = workspace.memo(('x_taps', b0, b1), lambda: torch.stack([ix_c.amin(1), ix_c.amax(1) + 1], -1))
-        return _TableBiasSoftmaxKernel(
-            self.kernels, table, iy[b0:b1, r0:r1].to(torch.int32), fy[b0:b1, r0:r1], ix_c, fx[b0:b1], x_taps, workspace
+        return _TableBiasSoftmax(
+            self._group_tables(b0, b1),
+            self.iy[b0:b1, r0:r1],
+            self.fy[b0:b1, r0:r1],
+            self.ix[b0:b1],
+            self.fx[b0:b1],
+            self.workspace,
         )
+
+    def kernel_bias(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The bias inputs of the C++ kernels, for every batch-group.
+
+        Returns:
+            tuple: ``(table, iy, fy, ix, fx, x_taps)``: the padded tables ``(BG, hg, Th + 4,
+            Tw + 4)`` y major, the tap indices (int32: half the memory traffic of int64 on the
+            per-query stream) and weights, and the lowest and highest padded column that the x
+            taps of each key reach, ``(BG, Ns, 2)`` int32.
+        """
+        table = self._group_tables(0, self.bg).transpose(-1, -2).contiguous()
+        ix = self.ix.to(torch.int32)
+        x_taps = torch.stack([ix.amin(1), ix.amax(1) + 1], -1)
+        return table, self.iy.to(torch.int32), self.fy, ix, self.fx, x_taps
 
 
 def _required_kernels(table: Tensor):
@@ -397,12 +336,29 @@ def _required_kernels(table: Tensor):
     return kernels
 
 
+def _position_and_table_gradients(
+    grad_coords: Tensor, grad_table: Tensor, table_size: tuple[int, int], num_groups: int
+) -> tuple[Tensor, Tensor]:
+    """The gradients of the positions and of the table from those of the keys' pixel coordinates
+    ``(BG, Ns, 2)`` and of each batch-group's padded tables ``(BG, hg, Th + 4, Tw + 4)``."""
+    th, tw = table_size
+    # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
+    grad_pos = grad_coords * grad_coords.new_tensor([-(th - 1) / 4.0, -(tw - 1) / 4.0])
+    grad_table = grad_table.reshape(-1, num_groups, *grad_table.shape[1:]).sum(0)
+    grad_table = grad_table.reshape(-1, th + 4, tw + 4)[:, 2 : th + 2, 2 : tw + 2].contiguous()
+    return grad_pos, grad_table
+
+
 @torch_compat.custom_op('dat::deformable_attention', mutates_args=())
 def _deformable_attention_op(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int,
     chunk: int, use_cpu_kernels: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
+    if chunks.kernels is not None:  # float32 products (half inputs under CPU autocast are converted)
+        q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
+        out, lse = chunks.kernels.deformable_attention_forward(q32, k32, v32, chunks.scale, *chunks.kernel_bias())
+        return out.to(q.dtype), lse
     hg = chunks.hg
     out = torch.empty_like(q)
     lse = torch.empty(chunks.bg, hg, chunks.m, dtype=chunks.acc, device=q.device)
@@ -437,6 +393,15 @@ def _deformable_attention_backward_op(
     bg, hg, d, acc, ns = chunks.bg, chunks.hg, chunks.d, chunks.acc, chunks.num_keys
     th, tw = chunks.table_size
     scale = chunks.scale
+    if chunks.kernels is not None:
+        grad_q, grad_k, grad_v, grad_table, grad_coords = chunks.kernels.deformable_attention_backward(
+            *(t.to(torch.float32).contiguous() for t in (grad_out, q, k, v)),
+            lse.contiguous(),
+            scale,
+            *chunks.kernel_bias(),
+        )
+        grad_pos, grad_table = _position_and_table_gradients(grad_coords, grad_table, chunks.table_size, num_groups)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_pos, grad_table
     grad_out = grad_out.contiguous()
     # D = rowsum(dO * O): the softmax backward term, (BG, hg, M).
     delta = (grad_out.to(acc) * out.to(acc)).sum(2)
@@ -473,10 +438,9 @@ def _deformable_attention_backward_op(
         grad_q[c.b0 : c.b1, :, :, c.c0 : c.c1] = grad_q_c.view(nb, hg, d, queries)
         grad_k[c.b0 : c.b1].view(nb * hg, d, ns).add_(torch.bmm(q_c, grad_s).to(acc), alpha=scale)
         del grad_s
-    # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
-    grad_pos = grad_coords * grad_coords.new_tensor([-(th - 1) / 4.0, -(tw - 1) / 4.0])
-    grad_table = grad_table_t.view(-1, num_groups, hg, tw + 4, th + 4).sum(0)
-    grad_table = grad_table.reshape(-1, tw + 4, th + 4).transpose(-1, -2)[:, 2 : th + 2, 2 : tw + 2].contiguous()
+    grad_pos, grad_table = _position_and_table_gradients(
+        grad_coords, grad_table_t.transpose(-1, -2), chunks.table_size, num_groups
+    )
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_pos, grad_table
 
 
@@ -531,7 +495,7 @@ def deformable_attention(
     ``q, k, v``, the positions, the output and the log-sum-exp of each query (no ``HW x Ns``
     tensor), and the backward pass recomputes each chunk. Positions, bias and softmax are
     computed in float32 (float64 for float64 inputs); the products with q, k and v run in their
-    dtype (half under AMP).
+    dtype (half under AMP), except on the C++ kernels, which compute them in float32.
 
     Args:
         q (Tensor): ``(B, C, H, W)`` projected queries; heads are contiguous channel blocks.
