@@ -30,7 +30,7 @@ __all__ = [
     'IMPLS',
     'parse_model_spec',
     'parse_input_spec',
-    'tensor_leaves',
+    'training_loss',
     'TimmSwinT',
     'build_swin_t',
     'build_model',
@@ -116,15 +116,21 @@ def parse_input_spec(spec: str) -> tuple[int, int, int]:
     return w, h, b
 
 
-def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     """The tensors of a (nested) output: a tensor, or dicts, lists and tuples of them, in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in tensor_leaves(item)]
+        return [t for item in obj for t in _tensor_leaves(item)]
     return []
+
+
+def training_loss(outputs: Any) -> torch.Tensor:
+    """The loss a timed or profiled training step backpropagates: the sum of the means of every
+    output tensor (float32), so that every output gets a gradient."""
+    return sum(t.float().mean() for t in _tensor_leaves(outputs))
 
 
 class TimmSwinT(nn.Module):

@@ -96,7 +96,7 @@ from projects.dat.benchmarking import (
     parse_input_spec,
     parse_model_spec,
     seeded_model_and_input,
-    tensor_leaves,
+    training_loss,
 )
 from projects.dat.flops import analyze_complexity
 
@@ -339,8 +339,7 @@ class Session:
         ):
             outputs = self.run(self.inputs)
         if self.backward:
-            loss = sum(t.float().mean() for t in tensor_leaves(outputs))
-            loss.backward()
+            training_loss(outputs).backward()
             for p in self.model.parameters():
                 p.grad = None
         if self.device.type == 'cuda':

@@ -249,7 +249,7 @@ def train_step(model: nn.Module, run: Any, inputs: torch.Tensor) -> tuple[float,
     t0 = time.perf_counter()
     with record_function(FORWARD_SCOPE):
         outputs = run(inputs)
-        loss = sum(t.float().mean() for t in benchmarking.tensor_leaves(outputs))
+        loss = benchmarking.training_loss(outputs)
     t1 = time.perf_counter()
     with record_function(BACKWARD_SCOPE):
         loss.backward()
