@@ -273,6 +273,67 @@ class NeighborhoodAttention(nn.Module):
         return self.proj(out).permute(0, 3, 1, 2)
 
 
+class OffsetNetwork(nn.Sequential):
+    """The offset network of a ``D`` block: depth-wise conv (stride: the key stride), LayerNorm,
+    GELU and a 1x1 conv to two offsets, on the queries of each offset group with weights shared
+    by the groups.
+
+    The layers are those of the original's ``nn.Sequential`` (their parameters keep its names,
+    ``0`` to ``3``), run as functions: a depth-wise conv treats every channel alone, so the groups
+    go through one conv over all ``C`` channels with the kernel repeated per group, which reads the
+    channels-last queries in place, and the rest runs on the channels-last result viewed as
+    ``(B, Hk, Wk, groups, C / groups)``. The per-group maps ``(B * groups, C / groups, H, W)`` of
+    the original are a view that convolutions copy first, forward and backward. The same values.
+
+    Args:
+        group_dim (int): Channels of one group.
+        kernel_size (int): Kernel of the depth-wise conv.
+        stride (int): Its stride, the key stride.
+    """
+
+    def __init__(self, group_dim: int, kernel_size: int, stride: int):
+        super().__init__(
+            nn.Conv2d(
+                group_dim,
+                group_dim,
+                kernel_size,
+                stride,
+                offset_conv_padding(kernel_size, stride),
+                groups=group_dim,
+            ),
+            LayerNorm2d(group_dim),
+            GELU2d(),
+            PointwiseConv2d(group_dim, 2, bias=False),
+        )
+
+    def forward(self, q: Tensor, num_groups: int) -> Tensor:
+        """The offsets of every group's keys.
+
+        Args:
+            q (Tensor): ``(B, C, H, W)`` projected queries; group ``i`` owns channels
+                ``[i * C / groups, (i + 1) * C / groups)``.
+            num_groups (int): Offset groups.
+
+        Returns:
+            Tensor: ``(B * groups, Hk, Wk, 2)`` offsets, in the order of the 1x1 conv's outputs.
+        """
+        conv, norm, act, proj = self
+        b, c = q.shape[:2]
+        y = F.conv2d(
+            q,
+            conv.weight.repeat(num_groups, 1, 1, 1),
+            conv.bias.repeat(num_groups),
+            conv.stride,
+            conv.padding,
+            groups=c,
+        )
+        hk, wk = y.shape[-2:]
+        y = y.permute(0, 2, 3, 1).reshape(b, hk, wk, num_groups, c // num_groups)
+        y = F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        offset = F.linear(F.gelu(y, approximate=act.approximate), proj.weight.flatten(1))  # (B, Hk, Wk, groups, 2)
+        return offset.permute(0, 3, 1, 2, 4).reshape(b * num_groups, hk, wk, 2)
+
+
 class DeformableAttention(nn.Module):
     """Deformable multi-head attention (``D`` block), v1 or DAT++.
 
@@ -322,19 +383,7 @@ class DeformableAttention(nn.Module):
         self.proj_k = PointwiseConv2d(dim, dim)
         self.proj_v = PointwiseConv2d(dim, dim)
         self.proj_out = PointwiseConv2d(dim, dim)
-        self.conv_offset = nn.Sequential(
-            nn.Conv2d(
-                group_dim,
-                group_dim,
-                offset_kernel,
-                key_stride,
-                offset_conv_padding(offset_kernel, key_stride),
-                groups=group_dim,
-            ),
-            LayerNorm2d(group_dim),
-            GELU2d(),
-            PointwiseConv2d(group_dim, 2, bias=False),
-        )
+        self.conv_offset = OffsetNetwork(group_dim, offset_kernel, key_stride)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
         trunc_normal_(self.rpe_table, std=0.01)
 
@@ -356,14 +405,14 @@ class DeformableAttention(nn.Module):
             normalised with the last axis ``(y, x)``.
         """
         b, c, h, w = q.shape
-        offset = self.conv_offset(q.reshape(b * self.num_groups, c // self.num_groups, h, w))
-        hk, wk = offset.shape[-2:]
+        offset = self.conv_offset(q, self.num_groups)
+        hk, wk = offset.shape[1:3]
         ref = key_reference_points(hk, wk, self.version, q.dtype, q.device)
         if self.version == 'v1':
             offset = offset.tanh().mul(offset_scale(hk, wk, q.device)).mul(self.offset_range_factor)
-            pos = offset.permute(0, 2, 3, 1) + ref
+            pos = offset + ref
         else:
-            pos = (offset.permute(0, 2, 3, 1) + ref).clamp(-1.0, 1.0)
+            pos = (offset + ref).clamp(-1.0, 1.0)
         return pos, ref
 
     def forward(self, x: Tensor) -> Tensor:

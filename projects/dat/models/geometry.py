@@ -223,7 +223,7 @@ def _size_tensor(size: int | Tensor) -> Tensor:
 
 
 def offset_scale(key_height: int | Tensor, key_width: int | Tensor, device: torch.device | None = None) -> Tensor:
-    """``(1, 2, 1, 1)`` float32 tensor ``[1 / Hk, 1 / Wk]``: the v1 offset range per key cell.
+    """``(2,)`` float32 tensor ``[1 / Hk, 1 / Wk]``: the v1 offset range per key cell.
 
     The reciprocals are computed in float64 and rounded to float32, as ``torch.tensor([1.0 / Hk,
     1.0 / Wk])`` of the original does, but from tensors, so traced sizes stay variables.
@@ -234,11 +234,11 @@ def offset_scale(key_height: int | Tensor, key_width: int | Tensor, device: torc
         device (torch.device, optional): Output device.
 
     Returns:
-        Tensor: ``(1, 2, 1, 1)`` float32.
+        Tensor: ``(2,)`` float32, ``(y, x)``: the last axis of the offsets.
     """
     sizes = torch.stack([_size_tensor(key_height), _size_tensor(key_width)])
     # float64 on the CPU, where the sizes are (some devices, such as MPS, have no float64).
-    return sizes.to(torch.float64).reciprocal().to(device=device, dtype=torch.float32).reshape(1, 2, 1, 1)
+    return sizes.to(torch.float64).reciprocal().to(device=device, dtype=torch.float32)
 
 
 def stripes_with_halo(length: int, size: int, halo: int) -> list[tuple[int, int, int, int]]:
