@@ -1,6 +1,7 @@
 """The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU kernel,
 ops/convffn.py) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the folded
-depth-wise residual.
+depth-wise residual, and the offset network of the deformable blocks against the original's
+sequence of layers on each group's view of the queries.
 
 The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
 the ConvFFN hidden layer is the composition (the C++ kernel is CPU-only), the other layers are the
@@ -10,7 +11,7 @@ same code. Inputs are made on CPU and moved.
 import pytest
 import torch
 
-from projects.dat.models.dat import ConvFFN
+from projects.dat.models.dat import ConvFFN, OffsetNetwork
 from projects.dat.models.layers import GELU2d, PointwiseConv2d
 from projects.dat.ops import convffn as convffn_ops
 from projects.dat.ops import (
@@ -182,6 +183,38 @@ def test_pointwise_conv_equals_the_conv(memory_format, bias, device):
     assert results[0][0].is_contiguous(memory_format=memory_format)
     for a, e in zip(*results, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(
+    'batch, channels, groups, kernel, stride, height, width',
+    [(1, 8, 1, 9, 8, 33, 41), (2, 12, 3, 5, 2, 14, 9), (3, 16, 4, 3, 1, 5, 7), (1, 4, 2, 7, 4, 3, 2)],
+)
+def test_offset_network_equals_its_layers_on_each_group(
+    memory_format, batch, channels, groups, kernel, stride, height, width, device
+):
+    """All groups in one depth-wise conv give the offsets (and gradients) that the layers in sequence
+    give on the ``(B * groups, C / groups, H, W)`` view of the queries, as the original computes them."""
+    torch.manual_seed(5)
+    network = OffsetNetwork(channels // groups, kernel, stride).to(device)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0.0, 0.5)
+    q = torch.randn(batch, channels, height, width).to(device, memory_format=memory_format)
+    results = []
+    for run in (
+        lambda x: network(x, groups),
+        lambda x: torch.nn.Sequential.forward(network, x.reshape(-1, channels // groups, height, width)).permute(
+            0, 2, 3, 1
+        ),
+    ):
+        x = q.clone().requires_grad_()
+        out = run(x)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device)
+        results.append((out, *torch.autograd.grad(out, (x, *network.parameters()), grad)))
+    assert results[0][0].shape == (batch * groups, -(-height // stride), -(-width // stride), 2)
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
