@@ -219,14 +219,17 @@ def test_offset_network_equals_its_layers_on_each_group(
 
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
 def test_gelu2d_equals_gelu_and_keeps_the_memory_format(memory_format, device):
+    torch.manual_seed(7)
     x = torch.randn(2, 6, 5, 4).to(device, memory_format=memory_format).requires_grad_()
     out = GELU2d()(x)
     expected = torch.nn.GELU()(x)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    # PyTorch's vectorised GELU (contiguous NHWC) and its strided loop (channels-last NCHW) differ
+    # by a few float32 ulps: up to 1.1e-6 beyond rtol over 2000 random inputs, 2.1e-7 backward.
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=2e-6)
     assert out.is_contiguous(memory_format=memory_format)
     grad = torch.randn_like(out)
     torch.testing.assert_close(
-        torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], rtol=1e-6, atol=1e-7
+        torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], rtol=1e-6, atol=2e-6
     )
 
 
