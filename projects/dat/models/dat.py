@@ -404,7 +404,6 @@ class DeformableAttention(nn.Module):
             tuple: ``pos`` ``(B * groups, Hk, Wk, 2)`` and ``ref`` ``(Hk, Wk, 2)``, both
             normalised with the last axis ``(y, x)``.
         """
-        b, c, h, w = q.shape
         offset = self.conv_offset(q, self.num_groups)
         hk, wk = offset.shape[1:3]
         ref = key_reference_points(hk, wk, self.version, q.dtype, q.device)
