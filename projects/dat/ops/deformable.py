@@ -225,7 +225,8 @@ class _Chunk(NamedTuple):
 
 class _DeformableChunks:
     """What the forward and the backward operator share: the checked inputs, the table
-    coordinates of every key, the padded tables, the chunks and each chunk's softmax.
+    coordinates of every key, the padded tables and, on the PyTorch path, the chunks and each
+    chunk's softmax.
 
     Args:
         q, k, v, pos, query_y, query_x, table, num_groups, chunk: The operator's inputs.
@@ -271,10 +272,13 @@ class _DeformableChunks:
         self.acc = table.dtype
         self.iy, self.fy = _table_coordinates(query_y, pos[..., 0], th)
         self.ix, self.fx = _table_coordinates(query_x, pos[..., 1], tw)
-        table_t = F.pad(table, (2, 2, 2, 2)).transpose(-1, -2)  # heads, Tw + 4, Th + 4
-        self.table_t = table_t.reshape(num_groups, -1, tw + 4, th + 4)
-        self.workspace = _Workspace(q.device)
-        self.ranges = _chunk_ranges(self.bg, self.hg, self.height, self.width, self.num_keys, chunk)
+        # Padded tables (groups, hg, Th + 4, Tw + 4): y major for the kernels, x major (transposed)
+        # for the chunks' gathers.
+        self.padded_tables = F.pad(table, (2, 2, 2, 2)).reshape(num_groups, -1, th + 4, tw + 4)
+        if self.kernels is None:
+            self.table_t = self.padded_tables.transpose(-1, -2)
+            self.workspace = _Workspace(q.device)
+            self.ranges = _chunk_ranges(self.bg, self.hg, self.height, self.width, self.num_keys, chunk)
 
     def __iter__(self) -> Iterator[_Chunk]:
         for b0, b1, r0, r1 in self.ranges:
@@ -314,7 +318,8 @@ class _DeformableChunks:
             per-query stream) and weights, and the lowest and highest padded column that the x
             taps of each key reach, ``(BG, Ns, 2)`` int32.
         """
-        table = self._group_tables(0, self.bg).transpose(-1, -2).contiguous()
+        # Batch-group b has group b % groups.
+        table = self.padded_tables.repeat(self.bg // self.padded_tables.shape[0], 1, 1, 1)
         ix = self.ix.to(torch.int32)
         x_taps = torch.stack([ix.amin(1), ix.amax(1) + 1], -1)
         return table, self.iy.to(torch.int32), self.fy, ix, self.fx, x_taps
