@@ -709,6 +709,8 @@ def test_import_registers_names_only():
     assert backends[ATOMIC_BACKEND_NAME].__name__ == 'AtomicLocalBackend'
     for prefix in ('http://', 'https://'):
         assert CheckpointLoader._get_checkpoint_loader(prefix + 'h/x.pth') is dat_ckpt.load_from_http_weights_only
+    for prefix in ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://'):
+        assert CheckpointLoader._get_checkpoint_loader(prefix + 'name') is dat_ckpt.load_from_named_weights_only
     assert load_from_http.__module__ == 'mmengine.runner.checkpoint'  # mmengine's own function is untouched
 
 
@@ -1000,6 +1002,46 @@ def test_url_with_code_is_refused_by_pretrained_init_cfg(malicious):
     with pytest.raises(UntrustedCheckpointError) as error:
         model.init_weights()
     assert_refused_without_running(error.value, url, marker)
+
+
+NAMED_TABLES = {
+    'torchvision://': 'get_torchvision_models',
+    'modelzoo://': 'get_torchvision_models',
+    'open-mmlab://': 'get_external_models',
+    'openmmlab://': 'get_external_models',
+    'mmcls://': 'get_mmcls_models',
+}
+
+
+@pytest.mark.parametrize('scheme', list(NAMED_TABLES))
+def test_named_checkpoint_with_code_is_refused(malicious, monkeypatch, scheme):
+    """mmengine's named schemes resolve a name to a URL and download it with its own
+    ``load_from_http``; ours download it weights_only."""
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+    from mmengine.runner import load_checkpoint
+
+    url, marker = malicious
+    monkeypatch.setattr(mmengine_checkpoint, NAMED_TABLES[scheme], lambda: {'evil': url})
+    with pytest.raises(UntrustedCheckpointError) as error:
+        load_checkpoint(ToyModel(), scheme + 'evil', map_location='cpu')
+    assert_refused_without_running(error.value, url, marker)
+
+
+def test_named_checkpoints_load_as_mmengine_loads_them(served, monkeypatch):
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+
+    folder, base = served
+    weights = {'backbone.w': torch.ones(2), 'head.b': torch.zeros(1)}
+    torch.save({'state_dict': weights}, folder / 'clean.pth')
+    monkeypatch.setattr(mmengine_checkpoint, 'get_torchvision_models', lambda: {'net': base + 'clean.pth'})
+    monkeypatch.setattr(mmengine_checkpoint, 'get_external_models', lambda: {'net_v2': base + 'clean.pth'})
+    monkeypatch.setattr(mmengine_checkpoint, 'get_deprecated_model_names', lambda: {'net': 'net_v2'})
+    monkeypatch.setattr(mmengine_checkpoint, 'get_mmcls_models', lambda: {'net': base + 'clean.pth'})
+    for name in ('torchvision://net', 'open-mmlab://net'):
+        loaded = dat_ckpt.load_from_named_weights_only(name, map_location='cpu')
+        assert loaded['state_dict'].keys() == weights.keys(), name
+    mmcls = dat_ckpt.load_from_named_weights_only('mmcls://net', map_location='cpu')
+    assert list(mmcls['state_dict']) == ['w']  # the backbone's weights, as mmengine's loader keeps them
 
 
 TINY_ARCH = dict(

@@ -128,6 +128,10 @@ def test_registered_names_are_new_and_ours(before_and_after_import):
         assert holders == [], f'{key} (ours, in {registry}) is already registered in {holders}'
 
 
+# mmengine's checkpoint schemes that name a model in a table of URLs (projects.dat.checkpoint.url_loader).
+NAMED_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+
+
 def test_file_backends_and_loaders_only_add_names(before_and_after_import):
     before, after = before_and_after_import
     for table in ('backends', 'prefixes'):
@@ -136,8 +140,8 @@ def test_file_backends_and_loaders_only_add_names(before_and_after_import):
         for key, obj in _added(before, after, table).items():
             assert key.startswith('dat_') and obj.startswith('projects.dat.'), (key, obj)
     for prefix, loader in after['schemes'].items():
-        if prefix in ('http://', 'https://'):
-            # The only replacement: mmengine's URL loader unpickles everything.
+        if prefix in ('http://', 'https://', *NAMED_SCHEMES):
+            # The only replacements: mmengine's URL loaders unpickle everything.
             assert loader.startswith('projects.dat.'), (prefix, loader)
         else:
             assert before['schemes'].get(prefix) == loader, f'checkpoint loader for {prefix!r} changed to {loader}'

@@ -14,8 +14,9 @@ function or method of mmengine or of the toolboxes:
 - the objects that mmengine writes into its checkpoints on torch's allow-list for
   ``torch.load(weights_only=True)`` (torch >= 2.5; see
   :func:`projects.dat.checkpoint.register_mmengine_safe_globals`);
-- a loader for ``http://`` and ``https://`` checkpoints in mmengine's ``CheckpointLoader`` that
-  loads with ``weights_only=True`` unless the URL starts with a prefix listed in the
+- loaders for ``http://`` and ``https://`` checkpoints and for mmengine's named models
+  (``torchvision://``, ``open-mmlab://``, ``mmcls://``, ...) in mmengine's ``CheckpointLoader``
+  that load with ``weights_only=True`` unless the URL starts with a prefix listed in the
   environment variable ``DAT_TRUSTED_CHECKPOINT_URLS`` (see
   :func:`projects.dat.checkpoint.load_from_http_weights_only`).
 """

@@ -10,6 +10,12 @@ with ``weights_only=True``. A file that holds other objects is refused with a
 environment variable ``DAT_TRUSTED_CHECKPOINT_URLS`` (:data:`TRUSTED_URLS_ENV`,
 comma-separated). This covers ``init_cfg=dict(type='Pretrained', checkpoint='https://...')``,
 ``load_from``, ``--resume`` from a URL and ``mmengine.runner.load_checkpoint`` of any model.
+
+mmengine's named schemes, ``torchvision://`` (``modelzoo://``), ``open-mmlab://``
+(``openmmlab://``) and ``mmcls://``, look a name up in a table of URLs and call mmengine's
+``load_from_http`` directly, not through the table of loaders; :func:`load_from_named_weights_only`
+replaces them, looking the name up in the same tables and downloading through
+:func:`load_from_http_weights_only`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     'TRUSTED_URLS_ENV',
     'is_trusted_url',
     'load_from_http_weights_only',
+    'load_from_named_weights_only',
     'register_safe_url_loader',
     'trusted_url_prefixes',
 ]
@@ -186,14 +193,58 @@ def _url_folder(url: str) -> str:
     return url[: url.rindex('/') + 1]
 
 
-def register_safe_url_loader() -> None:
-    """Make mmengine load ``http://`` and ``https://`` checkpoints with ``weights_only=True``.
+# mmengine's schemes that name a checkpoint in one of its tables of URLs.
+NAMED_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
 
-    Registers :func:`load_from_http_weights_only` through
-    ``mmengine.runner.CheckpointLoader.register_scheme`` for both prefixes, replacing mmengine's
-    ``load_from_http`` (which unpickles everything) in its table of loaders; the function
-    ``load_from_http`` itself is left as it is. Idempotent; called by ``import projects.dat``.
+
+def load_from_named_weights_only(filename: str, map_location: Any = None) -> Any:
+    """mmengine's loader of its named schemes (:data:`NAMED_SCHEMES`), downloading through
+    :func:`load_from_http_weights_only`.
+
+    The name is looked up as mmengine does: torchvision's model URLs for ``torchvision://`` and
+    ``modelzoo://``; mmengine's table of OpenMMLab models for ``open-mmlab://`` and
+    ``openmmlab://`` (deprecated names followed; a name that maps to a file under mmengine's
+    home, not a URL, is left to mmengine's loader, which reads local files with ``torch.load``'s
+    default); mmpretrain's for ``mmcls://``, whose checkpoints keep only the backbone's weights,
+    without the ``backbone.`` prefix.
+
+    Args:
+        filename: ``<scheme>://<name>``.
+        map_location: Passed to ``torch.load``. Defaults to None.
+
+    Returns:
+        The loaded checkpoint.
+
+    Raises:
+        KeyError: If the table has no such name.
+        UntrustedCheckpointError: As :func:`load_from_http_weights_only`.
+    """
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+
+    scheme, name = filename.split('://', 1)
+    if scheme in ('torchvision', 'modelzoo'):
+        return load_from_http_weights_only(mmengine_checkpoint.get_torchvision_models()[name], map_location)
+    if scheme == 'mmcls':
+        checkpoint = load_from_http_weights_only(mmengine_checkpoint.get_mmcls_models()[name], map_location)
+        return mmengine_checkpoint._process_mmcls_checkpoint(checkpoint)
+    name = mmengine_checkpoint.get_deprecated_model_names().get(name, name)
+    url = mmengine_checkpoint.get_external_models()[name]
+    if url.startswith(('http://', 'https://')):
+        return load_from_http_weights_only(url, map_location)
+    return mmengine_checkpoint.load_from_openmmlab(filename, map_location)
+
+
+def register_safe_url_loader() -> None:
+    """Make mmengine load ``http://`` and ``https://`` checkpoints, and those of its named
+    schemes, with ``weights_only=True``.
+
+    Registers :func:`load_from_http_weights_only` for both prefixes and
+    :func:`load_from_named_weights_only` for :data:`NAMED_SCHEMES` through
+    ``mmengine.runner.CheckpointLoader.register_scheme``, replacing mmengine's loaders (which
+    unpickle everything) in its table of loaders; mmengine's functions themselves are left as they
+    are. Idempotent; called by ``import projects.dat``.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
     CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), loader=load_from_http_weights_only, force=True)
+    CheckpointLoader.register_scheme(prefixes=NAMED_SCHEMES, loader=load_from_named_weights_only, force=True)

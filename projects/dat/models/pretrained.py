@@ -68,11 +68,14 @@ def resize_bias_table(key: str, table: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _load_checkpoint(checkpoint: str) -> dict[str, Tensor]:
-    """The state dict of a converted checkpoint, loaded with ``weights_only=True`` on every path."""
+    """The state dict of a converted checkpoint, loaded with ``weights_only=True``: URLs and named
+    models by the loaders of :mod:`~projects.dat.checkpoint.url_loader`, local files by the safe
+    loader; other storage (``s3://`` and the like) by mmengine's loaders, with ``torch.load``'s
+    default (``weights_only=True`` from torch 2.6)."""
     if str(checkpoint).startswith(('http://', 'https://')):
         # Fully unpickled only for a URL under DAT_TRUSTED_CHECKPOINT_URLS.
         ckpt = load_from_http_weights_only(checkpoint, map_location='cpu')
-    elif '://' in str(checkpoint):  # other storage (s3://, open-mmlab://, ...): mmengine's loaders
+    elif '://' in str(checkpoint):  # named models and other storage: mmengine's table of loaders (with ours)
         ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
     else:  # local files get the clear errors of the safe loader
         ckpt = load_original_checkpoint(checkpoint)
