@@ -1037,9 +1037,12 @@ def test_named_checkpoints_load_as_mmengine_loads_them(served, monkeypatch):
     monkeypatch.setattr(mmengine_checkpoint, 'get_external_models', lambda: {'net_v2': base + 'clean.pth'})
     monkeypatch.setattr(mmengine_checkpoint, 'get_deprecated_model_names', lambda: {'net': 'net_v2'})
     monkeypatch.setattr(mmengine_checkpoint, 'get_mmcls_models', lambda: {'net': base + 'clean.pth'})
+    logged = []
+    monkeypatch.setattr(dat_ckpt.url_loader, 'print_log', lambda message, **kwargs: logged.append(message))
     for name in ('torchvision://net', 'open-mmlab://net'):
         loaded = dat_ckpt.load_from_named_weights_only(name, map_location='cpu')
         assert loaded['state_dict'].keys() == weights.keys(), name
+    assert logged == ['open-mmlab://net is deprecated in favour of open-mmlab://net_v2']
     mmcls = dat_ckpt.load_from_named_weights_only('mmcls://net', map_location='cpu')
     assert list(mmcls['state_dict']) == ['w']  # the backbone's weights, as mmengine's loader keeps them
 

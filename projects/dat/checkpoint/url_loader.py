@@ -21,6 +21,7 @@ replaces them, looking the name up in the same tables and downloading through
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import os.path as osp
 import re
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from mmengine.logging import print_log
 
 from .loading import CheckpointError, UntrustedCheckpointError, load_refusing_code
 
@@ -201,10 +203,10 @@ def load_from_named_weights_only(filename: str, map_location: Any = None) -> Any
     """mmengine's loader of its named schemes (:data:`NAMED_SCHEMES`), downloading through
     :func:`load_from_http_weights_only`.
 
-    The name is looked up as mmengine does: torchvision's model URLs for ``torchvision://`` and
-    ``modelzoo://``; mmengine's table of OpenMMLab models for ``open-mmlab://`` and
-    ``openmmlab://`` (deprecated names followed; a name that maps to a file under mmengine's
-    home, not a URL, is left to mmengine's loader, which reads local files with ``torch.load``'s
+    The name is looked up as mmengine does, with its warnings for deprecated names: torchvision's
+    model URLs for ``torchvision://`` and ``modelzoo://``; mmengine's table of OpenMMLab models
+    for ``open-mmlab://`` and ``openmmlab://`` (a name that maps to a file under mmengine's home,
+    not a URL, is left to mmengine's loader, which reads local files with ``torch.load``'s
     default); mmpretrain's for ``mmcls://``, whose checkpoints keep only the backbone's weights,
     without the ``backbone.`` prefix.
 
@@ -223,12 +225,17 @@ def load_from_named_weights_only(filename: str, map_location: Any = None) -> Any
 
     scheme, name = filename.split('://', 1)
     if scheme in ('torchvision', 'modelzoo'):
+        if scheme == 'modelzoo':
+            print_log('modelzoo:// is deprecated; use torchvision://', logger='current', level=logging.WARNING)
         return load_from_http_weights_only(mmengine_checkpoint.get_torchvision_models()[name], map_location)
     if scheme == 'mmcls':
         checkpoint = load_from_http_weights_only(mmengine_checkpoint.get_mmcls_models()[name], map_location)
         return mmengine_checkpoint._process_mmcls_checkpoint(checkpoint)
-    name = mmengine_checkpoint.get_deprecated_model_names().get(name, name)
-    url = mmengine_checkpoint.get_external_models()[name]
+    current = mmengine_checkpoint.get_deprecated_model_names().get(name, name)
+    if current != name:
+        message = f'{scheme}://{name} is deprecated in favour of {scheme}://{current}'
+        print_log(message, logger='current', level=logging.WARNING)
+    url = mmengine_checkpoint.get_external_models()[current]
     if url.startswith(('http://', 'https://')):
         return load_from_http_weights_only(url, map_location)
     return mmengine_checkpoint.load_from_openmmlab(filename, map_location)
