@@ -700,6 +700,17 @@ def test_import_changes_no_mmengine_function_or_method():
     assert report['added'] == []
 
 
+# mmengine's checkpoint schemes that name a model in a table of URLs, and the function of
+# mmengine.runner.checkpoint that holds each table.
+NAMED_TABLES = {
+    'torchvision://': 'get_torchvision_models',
+    'modelzoo://': 'get_torchvision_models',
+    'open-mmlab://': 'get_external_models',
+    'openmmlab://': 'get_external_models',
+    'mmcls://': 'get_mmcls_models',
+}
+
+
 def test_import_registers_names_only():
     from mmengine.fileio.backends.registry_utils import backends
     from mmengine.registry import HOOKS
@@ -709,7 +720,7 @@ def test_import_registers_names_only():
     assert backends[ATOMIC_BACKEND_NAME].__name__ == 'AtomicLocalBackend'
     for prefix in ('http://', 'https://'):
         assert CheckpointLoader._get_checkpoint_loader(prefix + 'h/x.pth') is dat_ckpt.load_from_http_weights_only
-    for prefix in ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://'):
+    for prefix in NAMED_TABLES:
         assert CheckpointLoader._get_checkpoint_loader(prefix + 'name') is dat_ckpt.load_from_named_weights_only
     assert load_from_http.__module__ == 'mmengine.runner.checkpoint'  # mmengine's own function is untouched
 
@@ -1002,15 +1013,6 @@ def test_url_with_code_is_refused_by_pretrained_init_cfg(malicious):
     with pytest.raises(UntrustedCheckpointError) as error:
         model.init_weights()
     assert_refused_without_running(error.value, url, marker)
-
-
-NAMED_TABLES = {
-    'torchvision://': 'get_torchvision_models',
-    'modelzoo://': 'get_torchvision_models',
-    'open-mmlab://': 'get_external_models',
-    'openmmlab://': 'get_external_models',
-    'mmcls://': 'get_mmcls_models',
-}
 
 
 @pytest.mark.parametrize('scheme', list(NAMED_TABLES))

@@ -292,16 +292,17 @@ class _DeformableChunks:
         """The chunk's ``(nb * hg, d, Ns)`` view of a ``(BG, hg, d, Ns)`` tensor."""
         return t[c.b0 : c.b1].reshape((c.b1 - c.b0) * self.hg, self.d, self.num_keys)
 
-    def _group_tables(self, b0: int, b1: int) -> Tensor:
-        num_groups = self.table_t.shape[0]
-        index = torch.arange(b0, b1, device=self.table_t.device) % num_groups
-        return self.table_t.index_select(0, index)
+    def _group_tables(self, tables: Tensor, b0: int, b1: int) -> Tensor:
+        """The ``(groups, ...)`` tables of batch-groups ``b0 .. b1 - 1`` (batch-group b has group
+        b % groups), as a new tensor."""
+        index = torch.arange(b0, b1, device=tables.device) % tables.shape[0]
+        return tables.index_select(0, index)
 
     def softmax(self, c: _Chunk) -> _TableBiasSoftmax:
         """The chunk's :class:`_TableBiasSoftmax`."""
         b0, b1, r0, r1 = c.b0, c.b1, c.r0, c.r1
         return _TableBiasSoftmax(
-            self._group_tables(b0, b1),
+            self._group_tables(self.table_t, b0, b1),
             self.iy[b0:b1, r0:r1],
             self.fy[b0:b1, r0:r1],
             self.ix[b0:b1],
@@ -318,8 +319,7 @@ class _DeformableChunks:
             per-query stream) and weights, and the lowest and highest padded column that the x
             taps of each key reach, ``(BG, Ns, 2)`` int32.
         """
-        # Batch-group b has group b % groups.
-        table = self.padded_tables.repeat(self.bg // self.padded_tables.shape[0], 1, 1, 1)
+        table = self._group_tables(self.padded_tables, 0, self.bg)
         ix = self.ix.to(torch.int32)
         x_taps = torch.stack([ix.amin(1), ix.amax(1) + 1], -1)
         return table, self.iy.to(torch.int32), self.fy, ix, self.fx, x_taps
