@@ -574,6 +574,27 @@ def test_converted_v1_checkpoint_into_datpp_config(tmp_path):
         model.init_weights()
 
 
+def test_pretrained_bias_tables_of_other_heads_are_refused(tmp_path):
+    # Stage 2 with 4 heads instead of 2: its tables would resize over their positions only and
+    # then fail load_state_dict; they are listed with the checkpoint's other problems instead.
+    arch = dict(version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2])
+    arch['stage_spec'] = ['ND', 'N', 'ND', 'DD']
+    source = DAT(arch, out_indices=(3,)).state_dict()
+    path = tmp_path / 'ckpt.pth'
+    torch.save(dict(state_dict={f'backbone.{k}': v for k, v in source.items()}), path)
+    init_cfg = dict(type='Pretrained', checkpoint=str(path), prefix='backbone.')
+    model = DAT(dict(arch, heads=[1, 2, 4, 4]), out_indices=(3,), init_cfg=init_cfg)
+    with pytest.raises(ConversionError) as info:
+        model.init_weights()
+    tables = ['stages.2.blocks.0.attn.rpb', 'stages.2.blocks.1.attn.rpe_table']
+    assert str(info.value).splitlines()[1:] == [
+        f'  {key}: shape {tuple(source[key].shape)} != model {tuple(model.state_dict()[key].shape)} '
+        '(bias tables resize over positions, not heads)'
+        for key in tables
+    ]
+    assert [source[key].shape[0] for key in tables] == [2, 2]
+
+
 def test_pretrained_prefix_that_matches_nothing(tmp_path):
     source = DAT(
         dict(

@@ -28,6 +28,21 @@ __all__ = ['ConversionError', 'is_original_state_dict', 'load_pretrained_backbon
 _TABLE_KEYS = ('rpe_table', 'relative_position_bias_table', 'rpb')
 
 
+def _heads_axis(key: str) -> int:
+    """The heads axis of a bias table: ``relative_position_bias_table`` is ``((2w-1)^2, heads)``,
+    ``rpe_table`` and ``rpb`` are ``(heads, Th, Tw)``."""
+    return 1 if key.endswith('relative_position_bias_table') else 0
+
+
+def _resizable_table(key: str, shape: torch.Size, model_shape: torch.Size) -> bool:
+    """Whether a checkpoint's bias table of ``shape`` resizes to the model's: the same heads, only
+    the positions differ."""
+    if not key.endswith(_TABLE_KEYS) or len(shape) != len(model_shape):
+        return False
+    axis = _heads_axis(key)
+    return shape[axis] == model_shape[axis]
+
+
 class ConversionError(ValueError):
     """A checkpoint does not match the model it is converted to or loaded into."""
 
@@ -87,9 +102,10 @@ def load_pretrained_backbone(
 ) -> None:
     """Load converted weights into a DAT backbone strictly.
 
-    Bias tables of another shape are resized (bicubic) with a logged message; output norms
-    absent from the checkpoint (a classifier has only ``norm3``) keep their initialisation,
-    also logged. Anything else that is missing, unexpected or of another shape is an error.
+    Bias tables of another size (with the model's heads) are resized (bicubic) with a logged
+    message; output norms absent from the checkpoint (a classifier has only ``norm3``) keep
+    their initialisation, also logged. Anything else that is missing, unexpected or of another
+    shape is an error.
 
     Args:
         model: The backbone (a :class:`~projects.dat.models.dat.DAT`).
@@ -123,14 +139,15 @@ def load_pretrained_backbone(
         if key not in targets:
             problems.append(f'unexpected key {key}')
         elif targets[key].shape != value.shape:
-            if key.endswith(_TABLE_KEYS) and value.dim() == targets[key].dim():
+            if _resizable_table(key, value.shape, targets[key].shape):
                 log(f'Resizing {key} from {tuple(value.shape)} to {tuple(targets[key].shape)} (bicubic)')
                 loaded[key] = resize_bias_table(key, value.float(), targets[key].shape).to(value.dtype)
             else:
-                problems.append(f'{key}: shape {tuple(value.shape)} != model {tuple(targets[key].shape)}')
+                hint = ' (bias tables resize over positions, not heads)' if key.endswith(_TABLE_KEYS) else ''
+                problems.append(f'{key}: shape {tuple(value.shape)} != model {tuple(targets[key].shape)}{hint}')
         else:
             loaded[key] = value
-    missing = [k for k in targets if k not in loaded]
+    missing = [k for k in targets if k not in state_dict]
     fresh_norms = [k for k in missing if re.match(r'norm\d\.', k)]
     problems += [f'missing key {k}' for k in missing if k not in fresh_norms]
     if problems:
