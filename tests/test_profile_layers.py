@@ -81,7 +81,8 @@ def test_groups_add_up_to_the_step(profiles, name):
     assert groups_ms == pytest.approx(step['forward_ms'] + step['backward_ms'], rel=1e-6)
     # The phases lie inside the step's wall time and fill most of it (on a loaded machine the
     # process can lose the CPU between the clock and the profiler's scope, outside every group).
-    assert 0.5 * step['step_s'] * 1e3 <= groups_ms <= step['step_s'] * 1e3
+    # The profiler times events with a clock of its own, converted to wall time: "inside" to 2 %.
+    assert 0.5 * step['step_s'] * 1e3 <= groups_ms <= 1.02 * step['step_s'] * 1e3
     # Much of the step is in the modules' ops, not in the profiler's and Python's time between them.
     modules_ms = sum(
         ms
