@@ -132,6 +132,32 @@ def test_deformable_matches_reference(
     _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl)
 
 
+@pytest.mark.parametrize('b, groups', [(1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last'])
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
+def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, device, require_cpu_kernels):
+    """The D block's queries are channels-last maps: the operator reads them in place and returns
+    its output (and q's gradient) in their layout where the batch or the groups are one; a batch
+    of several groups is copied. Values and gradients are the reference's either way, for either
+    layout of the output's gradient. Rows of 37 queries: a block of 32 and a tail."""
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    inputs, coords = _deformable_inputs(b, 16, 5, 37, 4, groups, 3, 4, (11, 13), 'pp', spread=1.1, device=device)
+    q = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    inputs = [q, *inputs[1:]]
+    ref = deformable_attention_reference(*inputs[:4], coords.reshape(-1, 2), inputs[4], groups)
+    fast = deformable_attention(*inputs[:4], coords[:, 0, 0], coords[0, :, 1], inputs[4], groups, impl)
+    in_place = b == 1 or groups == 1
+    assert fast.is_contiguous(memory_format=torch.channels_last) == in_place
+    assert_rel_close(fast, ref, name='output')
+    layout = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}[grad_layout]
+    grad_out = torch.randn_like(ref, memory_format=layout)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    grads_fast = torch.autograd.grad(fast, inputs, grad_out)
+    assert grads_fast[0].is_contiguous(memory_format=torch.channels_last) == in_place
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
+        assert_rel_close(a, e, name=f'grad {name}')
+
+
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
 def test_deformable_keys_far_outside_the_table(bias_impl, device, require_cpu_kernels):
     """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
@@ -588,7 +614,9 @@ def _replaced(bias, index, value):
         ('int64 indices', r'expected contiguous Int CPU tensors for the tap indices, got a contiguous Long tensor'),
         ('iy of other rows', r'expected q \(nb, hg, d, rows \* W\) with the rows of iy and the W of ix, rows \* W = 8'),
         ('keys of other heads', r'expected k and v \(1, 2, 3, Ns\) with the Ns of ix'),
-        ('float64 q', r'expected contiguous Float CPU tensors for q, k, v'),
+        ('float64 q', r'expected q as a float32 CPU tensor dense in memory \(its axes in any order\), got a Double'),
+        ('q with gaps', r'expected q as a float32 CPU tensor dense in memory .* strides \[144, 72, 24, 2\]'),
+        ('non-contiguous k', r'expected contiguous Float CPU tensors for k, v, the tables'),
     ],
 )
 def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_kernels):
@@ -619,6 +647,10 @@ def test_deformable_kernel_rejects_inconsistent_inputs(case, match, require_cpu_
         qkv = _replaced(qkv, 1, torch.randn(1, 1, 3, 5))
     elif case == 'float64 q':
         qkv = _replaced(qkv, 0, qkv[0].double())
+    elif case == 'q with gaps':
+        qkv = _replaced(qkv, 0, torch.randn(*qkv[0].shape[:3], 2 * qkv[0].shape[3])[..., ::2])
+    elif case == 'non-contiguous k':
+        qkv = _replaced(qkv, 1, qkv[1].transpose(2, 3).contiguous().transpose(2, 3))
     with pytest.raises(RuntimeError, match=match):
         kernels.deformable_attention_forward(*qkv, *bias)
     with pytest.raises(RuntimeError, match=match):

@@ -33,6 +33,12 @@
 // The gradient runs the same way backwards: the pairs' gradients are gathered into R's
 // gradient, which is then spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
+//
+// q (and the output, grad_out and grad_q, laid out as q) may have any strides: the D block's
+// queries are channels-last maps, (nb, hg, d, rows * W) views with a unit stride over d, which the
+// matrix products read in place (and the output is written so, for the output projection to read
+// in place); with a unit stride over the queries (contiguous q) a block of queries is gathered
+// first.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -87,6 +93,23 @@ struct AttentionShape {
   int64_t queries() const { return rows * width; }
 };
 
+// A (nb, hg, d, queries) tensor of any strides: one head's (d, queries) matrix at a time.
+template <typename T>
+struct QueryMaps {
+  T* data;
+  int64_t batch_stride, head_stride, channel_stride, query_stride;
+
+  explicit QueryMaps(const torch::Tensor& t)
+      : data(t.data_ptr<float>()),
+        batch_stride(t.stride(0)),
+        head_stride(t.stride(1)),
+        channel_stride(t.stride(2)),
+        query_stride(t.stride(3)) {}
+
+  // The matrix of batch-group b's head h.
+  T* head(int64_t b, int64_t h) const { return data + b * batch_stride + h * head_stride; }
+};
+
 // Checks that every tap the kernels follow lies inside the padded table: rows iy and iy + 1, and
 // for each key n of batch-group b the columns x_taps[b, n] = [lo, hi] that its interpolated row is
 // computed at, which must hold the columns ix and ix + 1 of all its queries.
@@ -109,6 +132,14 @@ void check_taps(const torch::Tensor& table, const torch::Tensor& iy, const torch
       }
     }
   }
+}
+
+// q, grad_out: float32 CPU tensors of any strides that fill their memory without gaps or overlaps
+// (a permutation of a contiguous tensor), so that grad_q and the output can take their layout.
+void check_queries(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.is_non_overlapping_and_dense(), "expected ",
+              name, " as a float32 CPU tensor dense in memory (its axes in any order), got a ", t.scalar_type(),
+              " tensor on ", t.device(), " of shape ", t.sizes(), " and strides ", t.strides());
 }
 
 // Checks the shapes, dtypes, layouts and tap indices of q, k, v and the bias inputs.
@@ -136,7 +167,8 @@ AttentionShape check_inputs(const torch::Tensor& q, const torch::Tensor& k, cons
               "expected ix and fx (", s.nb, ", W, ", s.ns, "), got ", ix.sizes(), " and ", fx.sizes());
   TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({s.nb, s.ns, 2}), "expected x_taps (", s.nb, ", ", s.ns,
               ", 2), got ", x_taps.sizes());
-  dat::check_contiguous_cpu({&q, &k, &v, &table, &fy, &fx}, torch::kFloat, "q, k, v, the tables and tap weights");
+  dat::check_contiguous_cpu({&k, &v, &table, &fy, &fx}, torch::kFloat, "k, v, the tables and tap weights");
+  check_queries(q, "q");
   dat::check_contiguous_cpu({&iy, &ix, &x_taps}, torch::kInt, "the tap indices");
   check_taps(table, iy, ix, x_taps);
   bias = {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
@@ -163,21 +195,53 @@ inline void interpolate_rows(const float* head_table, int64_t row_length, const 
   }
 }
 
-// dst (mb, d) = src's (d, mb) block at column `first` of its (d, queries) rows: a block of
-// queries' vectors, one per row, for the matrix products.
-inline void gather_block(const float* src, int64_t queries, int64_t first, int64_t mb, int64_t d, float* dst) {
-  for (int64_t c = 0; c < d; ++c) {
-    const float* row = src + c * queries + first;
-    for (int64_t m = 0; m < mb; ++m) dst[m * d + c] = row[m];
+// The (mb, d) block of queries first .. first + mb - 1 of a head's (d, queries) matrix, one query
+// per row, as a matrix product's operand: in place where the vectors are contiguous (returns
+// the pointer and sets ld to the row stride), else gathered into buffer (ld = d).
+inline const float* query_rows(const float* head, int64_t channel_stride, int64_t query_stride, int64_t first,
+                               int64_t mb, int64_t d, float* buffer, int64_t& ld) {
+  if (channel_stride == 1) {
+    ld = query_stride;
+    return head + first * query_stride;
   }
+  for (int64_t c = 0; c < d; ++c) {
+    const float* row = head + c * channel_stride + first * query_stride;
+    for (int64_t m = 0; m < mb; ++m) buffer[m * d + c] = row[m * query_stride];
+  }
+  ld = d;
+  return buffer;
 }
 
-// dst's (d, mb) block at column `first` = src (mb, d) transposed, each query's row times scale[m].
-inline void scatter_block(const float* src, const float* scale, int64_t queries, int64_t first, int64_t mb, int64_t d,
-                          float* dst) {
+// The same block as a (d, mb) operand, one channel per row: in place where the queries are
+// contiguous, else gathered (transposed) into buffer (ld = mb).
+inline const float* query_columns(const float* head, int64_t channel_stride, int64_t query_stride, int64_t first,
+                                  int64_t mb, int64_t d, float* buffer, int64_t& ld) {
+  if (query_stride == 1) {
+    ld = channel_stride;
+    return head + first;
+  }
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* vector = head + (first + m) * query_stride;
+    for (int64_t c = 0; c < d; ++c) buffer[c * mb + m] = vector[c * channel_stride];
+  }
+  ld = mb;
+  return buffer;
+}
+
+// Queries first .. first + mb - 1 of a head's (d, queries) matrix = src (mb, d), each query's row
+// times scale[m].
+inline void store_query_rows(const float* src, const float* scale, int64_t first, int64_t mb, int64_t d,
+                             int64_t channel_stride, int64_t query_stride, float* head) {
+  if (channel_stride == 1) {
+    for (int64_t m = 0; m < mb; ++m) {
+      float* vector = head + (first + m) * query_stride;
+      for (int64_t c = 0; c < d; ++c) vector[c] = src[m * d + c] * scale[m];
+    }
+    return;
+  }
   for (int64_t c = 0; c < d; ++c) {
-    float* row = dst + c * queries + first;
-    for (int64_t m = 0; m < mb; ++m) row[m] = src[m * d + c] * scale[m];
+    float* row = head + c * channel_stride + first * query_stride;
+    for (int64_t m = 0; m < mb; ++m) row[m * query_stride] = src[m * d + c] * scale[m];
   }
 }
 
@@ -197,8 +261,8 @@ inline float add_bias(float* s, float alpha, const float* interpolated, int64_t 
 }  // namespace
 
 // q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns); the bias inputs as check_inputs describes.
-// Returns the output softmax(scale * q.k + bias) v (nb, hg, d, rows * W) and each query's
-// log-sum-exp (nb, hg, rows * W). One work item per (batch-group, head, query row).
+// Returns the output softmax(scale * q.k + bias) v (nb, hg, d, rows * W), laid out as q, and each
+// query's log-sum-exp (nb, hg, rows * W). One work item per (batch-group, head, query row).
 std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                         double scale, torch::Tensor table, torch::Tensor iy,
                                                         torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
@@ -210,10 +274,10 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
   auto out = torch::empty_like(q);
   auto lse = torch::empty({s.nb, s.hg, queries}, q.options());
   auto v_t = v.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of P.v^T
-  const float* q_p = q.data_ptr<float>();
+  const QueryMaps<const float> q_maps(q);
+  const QueryMaps<float> out_maps(out);
   const float* k_p = k.data_ptr<float>();
   const float* v_t_p = v_t.data_ptr<float>();
-  float* out_p = out.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
   const int64_t block = std::min(kQueryBlock, width);
@@ -224,12 +288,14 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
       const int64_t b = item / (s.hg * rows), bh = item / rows, r = item % rows;
       interpolate_rows(bias.table + bh * bias.table_size, row_length, bias.iy + (b * rows + r) * ns,
                        bias.fy + (b * rows + r) * ns, bias.x_taps + b * ns * 2, ns, interpolated.data());
-      const float* head_q = q_p + bh * d * queries;
-      float* head_out = out_p + bh * d * queries;
+      const float* head_q = q_maps.head(b, bh % s.hg);
+      float* head_out = out_maps.head(b, bh % s.hg);
       for (int64_t c0 = 0; c0 < width; c0 += block) {
         const int64_t mb = std::min(block, width - c0), first = r * width + c0;
-        gather_block(head_q, queries, first, mb, d, q_block.data());
-        matmul(mb, ns, d, q_block.data(), d, k_p + bh * d * ns, ns, logits.data(), ns, false);
+        int64_t ld_q;
+        const float* q_rows =
+            query_rows(head_q, q_maps.channel_stride, q_maps.query_stride, first, mb, d, q_block.data(), ld_q);
+        matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, logits.data(), ns, false);
         for (int64_t m = 0; m < mb; ++m) {
           float* query_logits = logits.data() + m * ns;
           const int64_t column = (b * width + c0 + m) * ns;
@@ -241,15 +307,16 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
           lse_p[bh * queries + first + m] = std::log(total) + row_max;
         }
         matmul(mb, d, ns, logits.data(), ns, v_t_p + bh * ns * d, d, out_block.data(), d, false);
-        scatter_block(out_block.data(), inverse.data(), queries, first, mb, d, head_out);
+        store_query_rows(out_block.data(), inverse.data(), first, mb, d, out_maps.channel_stride,
+                         out_maps.query_stride, head_out);
       }
     }
   });
   return {out, lse};
 }
 
-// The gradients of deformable_attention_forward from grad_out (q's shape) and its lse. Returns
-// grad_q, grad_k, grad_v, the gradient of the padded tables (nb, hg, Th + 4, Tw + 4) and of each
+// The gradients of deformable_attention_forward from grad_out (q's shape, any strides) and its
+// lse. Returns grad_q (laid out as q), grad_k, grad_v, the gradient of the padded tables (nb, hg, Th + 4, Tw + 4) and of each
 // key's (y, x) pixel coordinate in the table (nb, Ns, 2), summed over heads (a key's coordinate sum
 // runs per query row in float32, over the rows in float64).
 //
@@ -263,7 +330,7 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
                                                          torch::Tensor x_taps) {
   BiasInputs bias;
   const AttentionShape s = check_inputs(q, k, v, table, iy, fy, ix, fx, x_taps, bias);
-  dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
+  check_queries(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "expected grad_out of q's shape ", q.sizes(), ", got ", grad_out.sizes());
   check_per_query(lse, s, "lse");
   const int64_t d = s.d, ns = s.ns, width = s.width, rows = s.rows, queries = s.queries();
@@ -276,13 +343,12 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
   auto grad_table = torch::zeros({segments, s.nb, s.hg, table.size(2), table.size(3)}, q.options());
   auto grad_coords = torch::empty({segments, s.nb, s.hg, ns, 2}, q.options());
   auto k_t = k.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of dS.k^T
-  const float* grad_out_p = grad_out.data_ptr<float>();
-  const float* q_p = q.data_ptr<float>();
+  const QueryMaps<const float> grad_out_maps(grad_out), q_maps(q);
+  const QueryMaps<float> grad_q_maps(grad_q);
   const float* k_p = k.data_ptr<float>();
   const float* k_t_p = k_t.data_ptr<float>();
   const float* v_p = v.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
-  float* grad_q_p = grad_q.data_ptr<float>();
   float* grad_k_p = grad_k.data_ptr<float>();
   float* grad_v_p = grad_v.data_ptr<float>();
   float* grad_table_p = grad_table.data_ptr<float>();
@@ -291,8 +357,8 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
   const int64_t block = std::min(kQueryBlock, width);
   at::parallel_for(0, segments * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> interpolated(ns * row_length), grad_interpolated(ns * row_length), q_block(block * d),
-        grad_out_block(block * d), probs(block * ns), grad_logits(block * ns), grad_q_block(block * d),
-        alphas(block, alpha), row_grad_x(ns);
+        grad_out_block(block * d), q_columns_block(block * d), grad_out_columns_block(block * d), probs(block * ns),
+        grad_logits(block * ns), grad_q_block(block * d), alphas(block, alpha), row_grad_x(ns);
     std::vector<double> grad_y(ns), grad_x(ns);
     for (int64_t item = begin; item < end; ++item) {
       // item = (segment, batch-group, head), the layout of the accumulators.
@@ -303,8 +369,9 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
       const float* head_table = bias.table + bh * bias.table_size;
       float* item_grad_table = grad_table_p + item * bias.table_size;
       const int32_t* key_taps = bias.x_taps + b * ns * 2;
-      const float* head_q = q_p + bh * d * queries;
-      const float* head_grad_out = grad_out_p + bh * d * queries;
+      const float* head_q = q_maps.head(b, bh % s.hg);
+      const float* head_grad_out = grad_out_maps.head(b, bh % s.hg);
+      float* head_grad_q = grad_q_maps.head(b, bh % s.hg);
       float* item_grad_k = grad_k_p + item * d * ns;
       float* item_grad_v = grad_v_p + item * d * ns;
       for (int64_t r = r0; r < r1; ++r) {
@@ -318,10 +385,14 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
         std::fill(row_grad_x.begin(), row_grad_x.end(), 0.0f);
         for (int64_t c0 = 0; c0 < width; c0 += block) {
           const int64_t mb = std::min(block, width - c0), first = r * width + c0;
-          gather_block(head_q, queries, first, mb, d, q_block.data());
-          gather_block(head_grad_out, queries, first, mb, d, grad_out_block.data());
-          matmul(mb, ns, d, q_block.data(), d, k_p + bh * d * ns, ns, probs.data(), ns, false);
-          matmul(mb, ns, d, grad_out_block.data(), d, v_p + bh * d * ns, ns, grad_logits.data(), ns, false);
+          int64_t ld_q, ld_grad_out;
+          const float* q_rows =
+              query_rows(head_q, q_maps.channel_stride, q_maps.query_stride, first, mb, d, q_block.data(), ld_q);
+          const float* grad_out_rows = query_rows(head_grad_out, grad_out_maps.channel_stride,
+                                                  grad_out_maps.query_stride, first, mb, d, grad_out_block.data(),
+                                                  ld_grad_out);
+          matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, probs.data(), ns, false);
+          matmul(mb, ns, d, grad_out_rows, ld_grad_out, v_p + bh * d * ns, ns, grad_logits.data(), ns, false);
           for (int64_t m = 0; m < mb; ++m) {
             const int64_t column = (b * width + c0 + m) * ns;
             const int32_t* col_ix = bias.ix + column;
@@ -343,11 +414,17 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
             }
           }
           // dV += dO.P and dK += Q.dS (times scale, after the sum) take the block's (d, mb)
-          // columns of grad_out and q in place; dQ = scale * dS.K.
-          matmul(d, ns, mb, head_grad_out + first, queries, probs.data(), ns, item_grad_v, ns, true);
-          matmul(d, ns, mb, head_q + first, queries, grad_logits.data(), ns, item_grad_k, ns, true);
+          // columns of grad_out and q; dQ = scale * dS.K.
+          const float* grad_out_columns =
+              query_columns(head_grad_out, grad_out_maps.channel_stride, grad_out_maps.query_stride, first, mb, d,
+                            grad_out_columns_block.data(), ld_grad_out);
+          matmul(d, ns, mb, grad_out_columns, ld_grad_out, probs.data(), ns, item_grad_v, ns, true);
+          const float* q_columns = query_columns(head_q, q_maps.channel_stride, q_maps.query_stride, first, mb, d,
+                                                 q_columns_block.data(), ld_q);
+          matmul(d, ns, mb, q_columns, ld_q, grad_logits.data(), ns, item_grad_k, ns, true);
           matmul(mb, d, ns, grad_logits.data(), ns, k_t_p + bh * ns * d, d, grad_q_block.data(), d, false);
-          scatter_block(grad_q_block.data(), alphas.data(), queries, first, mb, d, grad_q_p + bh * d * queries);
+          store_query_rows(grad_q_block.data(), alphas.data(), first, mb, d, grad_q_maps.channel_stride,
+                           grad_q_maps.query_stride, head_grad_q);
         }
         // R[n][t] = top[t] + fy * (bottom[t] - top[t]) backwards.
         for (int64_t n = 0; n < ns; ++n) {

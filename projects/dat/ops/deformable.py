@@ -9,7 +9,9 @@ custom operators (before 2.4) the same functions run as an autograd function
 (:mod:`~projects.dat.ops.torch_compat`).
 
 Shapes inside the operator, with BG = batch * groups, hg = heads per group, M = HW:
-q (BG, hg, d, M), k and v (BG, hg, d, Ns), pos (BG, Ns, 2) float32, table (heads, Th, Tw).
+q (BG, hg, d, M), k and v (BG, hg, d, Ns), pos (BG, Ns, 2) float32, table (heads, Th, Tw); q may
+be any dense permutation in memory (the view of channels-last queries has a unit stride over d),
+and the output and q's gradient take its layout.
 The bias of query (r, c) and key n is the bilinear read (align_corners=True, zero padding) of
 the head's table at pixel coordinates iy(r, n), ix(c, n): the y coordinate depends on the
 query row only and the x coordinate on the query column only. Per chunk of query rows:
@@ -341,6 +343,17 @@ def _required_kernels(table: Tensor):
     return kernels
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` where its elements fill its memory without gaps or overlaps, its axes in any order (the
+    C++ kernels read and write queries so, e.g. channels-last maps), else a contiguous copy."""
+    expected = 1
+    for size, stride in sorted((p for p in zip(t.shape, t.stride(), strict=True) if p[0] != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
 def _position_and_table_gradients(
     grad_coords: Tensor, grad_table: Tensor, table_size: tuple[int, int], num_groups: int
 ) -> tuple[Tensor, Tensor]:
@@ -361,7 +374,7 @@ def _deformable_attention_op(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
     if chunks.kernels is not None:  # float32 products (half inputs under CPU autocast are converted)
-        q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
+        q32, k32, v32 = _dense(q.to(torch.float32)), k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
         out, lse = chunks.kernels.deformable_attention_forward(q32, k32, v32, chunks.scale, *chunks.kernel_bias())
         return out.to(q.dtype), lse
     hg = chunks.hg
@@ -400,7 +413,8 @@ def _deformable_attention_backward_op(
     scale = chunks.scale
     if chunks.kernels is not None:
         grad_q, grad_k, grad_v, grad_table, grad_coords = chunks.kernels.deformable_attention_backward(
-            *(t.to(torch.float32).contiguous() for t in (grad_out, q, k, v)),
+            *(_dense(t.to(torch.float32)) for t in (grad_out, q)),
+            *(t.to(torch.float32).contiguous() for t in (k, v)),
             lse.contiguous(),
             scale,
             *chunks.kernel_bias(),
@@ -519,7 +533,8 @@ def deformable_attention(
 
     Returns:
         Tensor: ``(B, C, H, W)`` attention output before the output projection, in the
-        dtype of ``q``, ``k`` and ``v``.
+        dtype of ``q``, ``k`` and ``v``; from the operator, channels-last where ``q`` is and the
+        batch or the groups are one.
     """
     b, c, h, w = q.shape
     dtype, acc = attention_dtypes(q, k, v)  # acc: positions, bias and softmax
@@ -548,8 +563,14 @@ def deformable_attention(
     hg, d = heads // num_groups, c // heads
     if chunk_elements is None:
         chunk_elements = default_chunk_elements(q.device, acc, DEFORMABLE_CHUNK_ELEMENTS, DEFORMABLE_CHUNK_BUFFERS)
+    # Channels-last queries (the D block's) stay so: the operator computes query-major and returns
+    # its output in q's layout, which the output projection then reads in place. A batch of
+    # several groups cannot be viewed (BG, hg, d, HW) and is copied.
+    q = q.to(dtype)
+    if not q.is_contiguous(memory_format=torch.channels_last):
+        q = q.contiguous()
     out, _ = _deformable_attention_op(
-        q.to(dtype).reshape(b * num_groups, hg, d, h * w).contiguous(),
+        q.reshape(b * num_groups, hg, d, h * w),
         k.to(dtype).reshape(b * num_groups, hg, d, num_keys).contiguous(),
         v.to(dtype).reshape(b * num_groups, hg, d, num_keys).contiguous(),
         pos.to(acc).contiguous(),
