@@ -136,18 +136,22 @@ def test_deformable_matches_reference(
 @pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last'])
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
 def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, device, require_cpu_kernels):
-    """The D block's queries are channels-last maps: the operator reads them in place and returns
-    its output (and q's gradient) in their layout where the batch or the groups are one; a batch
-    of several groups is copied. Values and gradients are the reference's either way, for either
-    layout of the output's gradient. Rows of 37 queries: a block of 32 and a tail."""
+    """The D block's queries are channels-last maps: the output is too, on every path. The operator
+    reads them in place (and returns q's gradient in their layout) where the batch or the groups
+    are one; a batch of several groups is copied. Values and gradients are the reference's either
+    way, for either layout of the output's gradient. Rows of 37 queries: a block of 32 and a tail."""
     impl = _fast_impl(bias_impl, require_cpu_kernels, device)
     inputs, coords = _deformable_inputs(b, 16, 5, 37, 4, groups, 3, 4, (11, 13), 'pp', spread=1.1, device=device)
     q = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     inputs = [q, *inputs[1:]]
     ref = deformable_attention_reference(*inputs[:4], coords.reshape(-1, 2), inputs[4], groups)
-    fast = deformable_attention(*inputs[:4], coords[:, 0, 0], coords[0, :, 1], inputs[4], groups, impl)
+    fast, reference_path = (
+        deformable_attention(*inputs[:4], coords[:, 0, 0], coords[0, :, 1], inputs[4], groups, i)
+        for i in (impl, 'reference')
+    )
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert reference_path.is_contiguous(memory_format=torch.channels_last)
     in_place = b == 1 or groups == 1
-    assert fast.is_contiguous(memory_format=torch.channels_last) == in_place
     assert_rel_close(fast, ref, name='output')
     layout = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}[grad_layout]
     grad_out = torch.randn_like(ref, memory_format=layout)

@@ -533,15 +533,17 @@ def deformable_attention(
 
     Returns:
         Tensor: ``(B, C, H, W)`` attention output before the output projection, in the
-        dtype of ``q``, ``k`` and ``v``; from the operator, channels-last where ``q`` is and the
-        batch or the groups are one.
+        dtype of ``q``, ``k`` and ``v``, channels-last where ``q`` is (so that the output
+        projection reads it in place; the FLOP counters then see the same layers on every path).
     """
     b, c, h, w = q.shape
     dtype, acc = attention_dtypes(q, k, v)  # acc: positions, bias and softmax
     backend = select_backend(impl, q.device, acc)
+    memory_format = torch.channels_last if q.is_contiguous(memory_format=torch.channels_last) else None
     if backend == 'reference':  # checks nothing: shapes may be traced (ONNX export)
         query_coords = torch.stack(torch.meshgrid(query_y, query_x, indexing='ij'), dim=-1).reshape(h * w, 2)
-        return deformable_attention_reference(q, k, v, pos, query_coords, rpe_table, num_groups)
+        out = deformable_attention_reference(q, k, v, pos, query_coords, rpe_table, num_groups)
+        return out.contiguous(memory_format=memory_format or torch.contiguous_format)
     heads = rpe_table.shape[0]
     num_keys = k.shape[-1]
     if (
@@ -565,9 +567,9 @@ def deformable_attention(
         chunk_elements = default_chunk_elements(q.device, acc, DEFORMABLE_CHUNK_ELEMENTS, DEFORMABLE_CHUNK_BUFFERS)
     # Channels-last queries (the D block's) stay so: the operator computes query-major and returns
     # its output in q's layout, which the output projection then reads in place. A batch of
-    # several groups cannot be viewed (BG, hg, d, HW) and is copied.
+    # several groups cannot be viewed (BG, hg, d, HW): it is copied, and so is the output.
     q = q.to(dtype)
-    if not q.is_contiguous(memory_format=torch.channels_last):
+    if memory_format is None:
         q = q.contiguous()
     out, _ = _deformable_attention_op(
         q.reshape(b * num_groups, hg, d, h * w),
@@ -581,4 +583,4 @@ def deformable_attention(
         chunk_elements,
         backend == 'cpu-kernel',
     )
-    return out.view(b, c, h, w)
+    return out.view(b, c, h, w).contiguous(memory_format=memory_format or torch.contiguous_format)
