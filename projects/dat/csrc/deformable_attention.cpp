@@ -34,7 +34,7 @@
 // gradient, which is then spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
 //
-// q (and the output, grad_out and grad_q, laid out as q) may have any strides: the D block's
+// q (and the output, grad_out and grad_q, laid out as q) may be any dense layout: the D block's
 // queries are channels-last maps, (nb, hg, d, rows * W) views with a unit stride over d, which the
 // matrix products read in place (and the output is written so, for the output projection to read
 // in place); with a unit stride over the queries (contiguous q) a block of queries is gathered
@@ -315,10 +315,11 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
   return {out, lse};
 }
 
-// The gradients of deformable_attention_forward from grad_out (q's shape, any strides) and its
-// lse. Returns grad_q (laid out as q), grad_k, grad_v, the gradient of the padded tables (nb, hg, Th + 4, Tw + 4) and of each
-// key's (y, x) pixel coordinate in the table (nb, Ns, 2), summed over heads (a key's coordinate sum
-// runs per query row in float32, over the rows in float64).
+// The gradients of deformable_attention_forward from grad_out (q's shape, any dense layout) and
+// its lse. Returns grad_q (laid out as q), grad_k, grad_v, the gradient of the padded tables
+// (nb, hg, Th + 4, Tw + 4) and of each key's (y, x) pixel coordinate in the table (nb, Ns, 2),
+// summed over heads (a key's coordinate sum runs per query row in float32, over the rows in
+// float64).
 //
 // Work items are (head, segment of query rows): each accumulates its own gradients of k, v, the
 // table and the coordinates, which are summed after. There are just enough segments per head to
