@@ -539,11 +539,13 @@ def deformable_attention(
     b, c, h, w = q.shape
     dtype, acc = attention_dtypes(q, k, v)  # acc: positions, bias and softmax
     backend = select_backend(impl, q.device, acc)
-    memory_format = torch.channels_last if q.is_contiguous(memory_format=torch.channels_last) else None
+    channels_last = q.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     if backend == 'reference':  # checks nothing: shapes may be traced (ONNX export)
         query_coords = torch.stack(torch.meshgrid(query_y, query_x, indexing='ij'), dim=-1).reshape(h * w, 2)
-        out = deformable_attention_reference(q, k, v, pos, query_coords, rpe_table, num_groups)
-        return out.contiguous(memory_format=memory_format or torch.contiguous_format)
+        return deformable_attention_reference(q, k, v, pos, query_coords, rpe_table, num_groups).contiguous(
+            memory_format=layout
+        )
     heads = rpe_table.shape[0]
     num_keys = k.shape[-1]
     if (
@@ -569,7 +571,7 @@ def deformable_attention(
     # its output in q's layout, which the output projection then reads in place. A batch of
     # several groups cannot be viewed (BG, hg, d, HW): it is copied, and so is the output.
     q = q.to(dtype)
-    if memory_format is None:
+    if not channels_last:
         q = q.contiguous()
     out, _ = _deformable_attention_op(
         q.reshape(b * num_groups, hg, d, h * w),
@@ -583,4 +585,4 @@ def deformable_attention(
         chunk_elements,
         backend == 'cpu-kernel',
     )
-    return out.view(b, c, h, w).contiguous(memory_format=memory_format or torch.contiguous_format)
+    return out.view(b, c, h, w).contiguous(memory_format=layout)
