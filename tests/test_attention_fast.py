@@ -105,8 +105,15 @@ def _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl):
     grad_out = torch.randn_like(ref)
     grads_ref = torch.autograd.grad(ref, inputs, grad_out)
     grads_fast = torch.autograd.grad(fast, inputs, grad_out)
+    # With one key the softmax is 1 and the logits' gradient p * (dp - sum(p * dp)) is zero in
+    # exact arithmetic, so are those of q, k, pos and the table: what is left is the round-off of
+    # the terms that cancel, of the size |grad_out| |v| |q or k| (CUDA leaves 3e-7 where CPU
+    # leaves 0).
+    one_key = k.shape[-1] == 1
+    cancelled = (grad_out.abs().max() * v.abs().max() * max(q.abs().max(), k.abs().max())).item()
     for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
-        assert_rel_close(a, e, name=f'grad {name}')
+        floor = cancelled if one_key and name != 'v' else 1e-6
+        assert_rel_close(a, e, name=f'grad {name}', floor=floor)
     return grads_fast
 
 
