@@ -119,6 +119,38 @@ class _NeighborhoodPlan:
         per_row = self.tiles_x * self.region_keys
         return y0 * per_row, y1 * per_row
 
+    def bias_gradient(self, grad_logits: Tensor, heads: int, y0: int, y1: int) -> Tensor:
+        """The gradient of the ``(heads, (2k - 1) ** 2)`` flat bias table from the logits'
+        gradient of tile rows ``y0:y1``, summed over the batch.
+
+        A pair's table entry is ``(by, bx)``, its row in each axis' table, so the sum over all
+        pairs of an entry factorises into two matrix products with the axes' one-hot rows: over
+        the batch, tile columns and x slots first, then over the tile rows and y slots. An
+        ``index_add_`` of every pair into the few entries of the table instead makes millions of
+        concurrent adds to the same addresses, which serialise on a GPU (most of the backward
+        pass of DAT-T++'s ``N`` blocks on an H200, see docs/benchmarks.md). Pairs outside a
+        window have no one-hot row (and a zero gradient: their probability is 0).
+
+        Args:
+            grad_logits (Tensor): ``(BH * tiles, Ty Tx, Sy Sx)`` of the chunk.
+            heads (int): Heads of the table (BH is batch-major).
+            y0 (int): First tile row.
+            y1 (int): End tile row.
+
+        Returns:
+            Tensor: ``(heads, (2k - 1) ** 2)``.
+        """
+        (ty, sy), (tx, sx) = self.bias_y.shape[1:], self.bias_x.shape[1:]
+        entries = torch.arange(self.table_width, device=grad_logits.device)
+        # (Y Ty Sy, 2k - 1) and (X Tx Sx, 2k - 1); a row of -1 (outside the window) is all zeros.
+        one_hot_y = (self.bias_y[y0:y1, :, :, None] == entries).to(grad_logits.dtype).flatten(0, 2)
+        one_hot_x = (self.bias_x[:, :, :, None] == entries).to(grad_logits.dtype).flatten(0, 2)
+        batch = grad_logits.shape[0] // (heads * (y1 - y0) * self.tiles_x)
+        grad = grad_logits.view(batch, heads, y1 - y0, self.tiles_x, ty, tx, sy, sx)
+        grad = grad.permute(1, 2, 4, 6, 0, 3, 5, 7).reshape(heads * one_hot_y.shape[0], -1)
+        grad = torch.mm(grad, one_hot_x.repeat(batch, 1)).view(heads, one_hot_y.shape[0], -1)
+        return torch.matmul(one_hot_y.T, grad).view(heads, -1)
+
     def bias_index(self, y0: int, y1: int) -> Tensor:
         """``(tiles, Ty Tx, Sy Sx)`` flat index into the padded table of tile rows ``y0:y1``;
         pairs outside a window index the table's last entry, -inf."""
@@ -282,9 +314,9 @@ def _neighborhood_attention_backward_op(
     grad_q_slots = q.new_empty(bh, plan.num_slots, d)
     grad_k = torch.zeros_like(kf)
     grad_v = torch.zeros_like(vf)
-    grad_table = torch.zeros_like(table)
+    grad_table = table.new_zeros(heads, plan.table_width**2)
     for y0, y1 in plan.chunks(bh, chunk):
-        logits, q_c, k_c, query_index, key_index, bias_index = _chunk_logits(qf, kf, table, plan, y0, y1)
+        logits, q_c, k_c, query_index, key_index, _ = _chunk_logits(qf, kf, table, plan, y0, y1)
         s0, s1 = plan.slot_range(y0, y1)
         n = logits.shape[0]
         owned_c = owned[s0:s1]
@@ -298,11 +330,9 @@ def _neighborhood_attention_backward_op(
         del probs, logits
         grad_q_slots[:, s0:s1] = torch.bmm(grad_logits, k_c).view(bh, s1 - s0, d)
         grad_k.index_add_(1, key_index, torch.bmm(grad_logits.transpose(1, 2), q_c).view(bh, -1, d))
-        grad_bias = grad_logits.view(-1, heads, bias_index.numel()).sum(0)  # summed over the batch
-        grad_table.index_add_(1, bias_index.view(-1), grad_bias)
+        grad_table += plan.bias_gradient(grad_logits, heads, y0, y1)
     grad_q = grad_q_slots.index_select(1, plan.slot).view(q.shape)
-    grad_rpb = grad_table[:, :-1].reshape(rpb.shape).contiguous()  # strides as the fake's
-    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_rpb
+    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_table.view(rpb.shape)
 
 
 @_neighborhood_attention_backward_op.register_fake
