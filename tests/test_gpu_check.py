@@ -3,8 +3,8 @@
 The dry run runs without the wheels' install step (this environment has everything): the
 environment probe, a few CPU cases of the device-parametrised tests, the backbone benchmark
 (DAT-T++ reference and fast path, Swin-T; fwd and fwd+bwd; fp32 and AMP) at tiny sizes with one
-timed iteration and, since mmcv's ops are compiled here, the demo detector's training step;
-mmdet's inference benchmark runs on CUDA only and is skipped.
+timed iteration, the profile of a training step and, since mmcv's ops are compiled here, the
+demo detector's training step; mmdet's inference benchmark runs on CUDA only and is skipped.
 """
 
 import importlib.util
@@ -56,6 +56,9 @@ def test_dry_run_passes_every_step(dry_run):
     assert tests['status'] == 'passed' and tests['passed'] > 0 and tests['failed'] == 0, tests
     benchmark_steps = [name for name in steps if name.startswith('benchmark:')]
     assert len(benchmark_steps) == 4 and all(steps[name]['status'] == 'passed' for name in benchmark_steps)
+    assert steps['profile']['status'] == 'passed' and steps['profile']['cases'] == 2, steps['profile']
+    assert [case['model'] for case in report['profile']] == ['datpp-t:fast', 'swin-t']
+    assert all(case['mode'] == 'fwd+bwd' and case['ops'] and case['backward'] for case in report['profile'])
     assert steps['detector_train']['status'] == 'passed', steps['detector_train']
     assert 'loss' in steps['detector_train']['last_train_log']
     assert steps['mmdet_benchmark'] == dict(status='skipped', reason="mmdet's inference benchmark runs on CUDA only")

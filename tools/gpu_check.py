@@ -2,8 +2,9 @@
 mmcv's compiled ops exist, a detector training step and mmdet's inference benchmark; one JSON with
 every figure. ``tools/gpu_check.sh`` installs the carried wheels first and runs this.
 
-NOT YET RUN ON A GPU: written and dry-run on CPU only (``--device cpu``); expect the first GPU
-run to find something.
+First run on a GPU (one H200, torch 2.11) on 2026-12-04, at 2d48c45: every step passed but one
+test case, whose tolerance was fixed since; results in ``docs/benchmarks.md``. The ``profile``
+step was added after that run and has run on CPU only (``--device cpu``).
 
 Steps, in order of importance, each with its own time limit inside an overall budget
 (``--budget-s``; a step that no longer fits is skipped and says so). The JSON is rewritten after
@@ -20,7 +21,10 @@ every step, so a run stopped from outside keeps what it did.
    memory; then the ratios fast / reference and fast / Swin-T. Each model set runs in one process
    (``--no-isolate``): a worker process per measurement would start CUDA 24 times, a large part
    of the budget; on a GPU the caching allocator counts each model's peak apart all the same.
-4. ``detector_train`` and ``mmdet_benchmark``: where ``import mmcv.ops`` works, two training
+4. ``profile``: ``tools/analysis_tools/profile_ops.py``, one training step (fwd+bwd, fp32) of
+   DAT-T++'s fast path and of Swin-T under ``torch.profiler``: the device time of each operator,
+   module class and backward node, the device's busy time and kernel count per step.
+5. ``detector_train`` and ``mmdet_benchmark``: where ``import mmcv.ops`` works, two training
    iterations of the demo DAT++ Mask R-CNN (``configs/demo``, synthetic COCO) with
    ``tools/train.py``, then ``mim run mmdet benchmark`` (mmdet's inference benchmark, CUDA only)
    on its checkpoint; else both are skipped, saying why.
@@ -56,6 +60,8 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ('tests/test_attention_fast.py', 'tests/test_layers.py', 'tests/test_backbone.py')
 BENCHMARK = 'tools/analysis_tools/benchmark.py'
+PROFILE = 'tools/analysis_tools/profile_ops.py'
+PROFILE_MODELS = ('datpp-t:fast', 'swin-t')
 DET_CONFIG = 'configs/demo/mask-rcnn_datpp-demo_fpn_synthetic-coco-tiny.py'
 # The benchmark's model sets, one process each (a failing Swin-T does not cost the DAT figures).
 MODEL_SETS = (('datpp-t:reference', 'datpp-t:fast'), ('swin-t',))
@@ -84,7 +90,8 @@ class Plan:
     bench_inputs: tuple[str, ...]
     warmup: int
     repeats: int
-    bench_threads: int | None  # CPU threads of the benchmark (None: torch's default)
+    bench_threads: int | None  # CPU threads of the benchmark and the profile (None: torch's default)
+    profile_input: str
     det_iters: int  # training iterations of the demo detector
     det_val_images: int  # synthetic validation images (mmdet's benchmark needs as many as its iterations)
     mmdet_bench_iters: int
@@ -100,11 +107,20 @@ PLANS = {
         warmup=5,
         repeats=10,
         bench_threads=None,
+        profile_input='1344x800@1',
         det_iters=2,
         det_val_images=30,
         mmdet_bench_iters=25,
         budget_s=420.0,
-        limits=dict(environment=60, tests=150, benchmark=110, detector_data=60, detector_train=150, mmdet_benchmark=90),
+        limits=dict(
+            environment=60,
+            tests=150,
+            benchmark=110,
+            profile=90,
+            detector_data=60,
+            detector_train=150,
+            mmdet_benchmark=90,
+        ),
     ),
     # The dry run: the same steps on CPU with small sizes, one timed iteration, a few test cases.
     'cpu': Plan(
@@ -113,11 +129,20 @@ PLANS = {
         warmup=0,
         repeats=1,
         bench_threads=1,  # tiny inputs: a second thread only waits, and slows down on a busy machine
+        profile_input='48x32@2',
         det_iters=1,
         det_val_images=2,
         mmdet_bench_iters=2,
         budget_s=300.0,
-        limits=dict(environment=60, tests=120, benchmark=90, detector_data=60, detector_train=150, mmdet_benchmark=60),
+        limits=dict(
+            environment=60,
+            tests=120,
+            benchmark=90,
+            profile=60,
+            detector_data=60,
+            detector_train=150,
+            mmdet_benchmark=60,
+        ),
     ),
 }
 # A step is skipped rather than started with less time than this left in the budget.
@@ -174,7 +199,7 @@ class Run:
         self.env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=os.pathsep.join([*paths, str(REPO)]))
         self.report: dict[str, Any] = dict(
             check='tools/gpu_check.sh',
-            note='not yet run on a GPU before this run: written and dry-run on CPU only',
+            note='first run on a GPU on 2026-12-04 (H200); the profile step has run on CPU only before',
             device=device,
             dry_run=device != 'cuda',
             started=time.strftime('%Y-%m-%d %H:%M:%S %z'),
@@ -435,6 +460,25 @@ def step_benchmark(run: Run) -> None:
         run.report['benchmark']['table'] = results_table(all_results)
 
 
+def step_profile(run: Run) -> None:
+    """Where a training step's device time goes, op by op, for DAT-T++'s fast path and Swin-T."""
+    limit = run.time_for('profile')
+    if limit is None:
+        return
+    path = run.scratch / 'profile.json'
+    plan = run.plan
+    cmd = [sys.executable, PROFILE, '--models', *PROFILE_MODELS, '--inputs', plan.profile_input, '--modes', 'fwd+bwd']
+    cmd += ['--device', run.device, '--warmup', str(min(plan.warmup, 3)), '--steps', str(min(plan.repeats, 3))]
+    cmd += ['--json', str(path)]
+    cmd += ['--threads', str(plan.bench_threads)] if plan.bench_threads else []
+    result = run.command('profile', cmd, limit)
+    cases = json.loads(path.read_text())['cases'] if path.is_file() else []
+    run.report['profile'] = cases
+    status = outcome(result)
+    reason = None if len(cases) == len(PROFILE_MODELS) else f'{len(cases)} of {len(PROFILE_MODELS)} models profiled'
+    run.record('profile', status=status, seconds=result['seconds'], reason=reason, cases=len(cases))
+
+
 def step_detector(run: Run) -> None:
     """The demo detector's training step and mmdet's inference benchmark, where mmcv's ops import."""
     mmcv_ops = run.report.get('imports', {}).get('mmcv.ops', dict(ok=False, error='not probed'))
@@ -553,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             step_environment(run)
             if run.report['steps'].get('environment', {}).get('status') == 'passed':
-                for step in (step_tests, step_benchmark, step_detector):
+                for step in (step_tests, step_benchmark, step_profile, step_detector):
                     try:
                         step(run)
                     except Exception as exc:  # a bug of this script must not cost the later steps
@@ -574,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
         print(run.report['benchmark'].get('table', ''))
         for row in run.report['benchmark']['ratios']:
             print(f'  {row}')
+    for case in run.report.get('profile', []):
+        print(
+            f'  profile {case["model"]} {case["input"]} {case["mode"]}: {case["wall_ms"]} ms/step, device busy '
+            f'{case["device_busy_ms"]} ms, {case["kernels"]} kernels; top ops {case["ops"][:3]}'
+        )
     failed = [name for name, fields in steps.items() if fields['status'] in ('failed', 'timeout')]
     return 1 if failed or 'environment' not in steps else 0
 

@@ -4,8 +4,8 @@
 #   bash tools/gpu_check.sh                            # writes $OUT/gpu_check.json (else work_dirs/gpu_check/)
 #   bash tools/gpu_check.sh --device cpu --no-install  # the dry run: the same steps, small, on CPU
 #
-# NOT YET RUN ON A GPU: written and dry-run on CPU only (no GPU was available to this project);
-# expect the first GPU run to find something.
+# First run on a GPU (one H200) on 2026-12-04; results in docs/benchmarks.md. Steps added since
+# (the profile) have run on CPU only.
 #
 # The GPU machine it is written for has Python 3.12 with a CUDA torch, numpy, onnx, onnxruntime,
 # timm and psutil, no OpenMMLab package and no network. What it lacks travels as wheels in .whl/
