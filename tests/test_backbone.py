@@ -240,6 +240,36 @@ def test_recompute_ffn_same_results_less_stored(version, device):
     assert not any(block.mlp.recompute_hidden for stage in cp_model.stages for block in stage.blocks)
 
 
+# Ops that make a tensor from host values or read one back: on a GPU each is a copy that waits
+# for the device to finish its queue, so the host can no longer run ahead of it.
+HOST_ROUND_TRIPS = ('aten::lift_fresh', 'aten::lift_fresh_copy', 'aten::_local_scalar_dense', 'aten::nonzero')
+
+
+@pytest.mark.parametrize('version', ['v1', 'pp'])
+def test_training_step_does_not_wait_for_the_device(version, device):
+    """A training step of the PyTorch operators (what runs on a GPU) neither copies host values to
+    the device nor reads values back. On CUDA, torch's sync debug mode raises at any synchronising
+    call; on CPU, the profiler finds the ops that would be one on a GPU (also inside the custom
+    operators, which the profiler sees into)."""
+    torch.manual_seed(0)
+    model = DAT(TINY[version], attn_impl='pytorch').to(device)
+    x = torch.randn(2, 3, 64, 96).to(device)
+    sum(o.square().mean() for o in model(x)).backward()  # warm-up: lazy one-time set-up may sync
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            loss = sum(o.square().mean() for o in model(x))
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        sum(o.square().mean() for o in model(x)).backward()
+    found = sorted({event.name for event in prof.events() if event.name in HOST_ROUND_TRIPS})
+    assert not found, found
+
+
 def test_frozen_stages_and_norm_eval():
     model = DAT(TINY['pp'], frozen_stages=2, norm_eval=True)
     model.train()

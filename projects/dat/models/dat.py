@@ -426,7 +426,7 @@ class DeformableAttention(nn.Module):
         group_dim = c // self.num_groups
         sampled = F.grid_sample(
             x.reshape(b * self.num_groups, group_dim, h, w).to(pos.dtype),
-            pos[..., (1, 0)],
+            pos.flip(-1),  # (x, y), grid_sample's order
             mode='bilinear',
             align_corners=True,
         )

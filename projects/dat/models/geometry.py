@@ -236,6 +236,12 @@ def offset_scale(key_height: int | Tensor, key_width: int | Tensor, device: torc
     Returns:
         Tensor: ``(2,)`` float32, ``(y, x)``: the last axis of the offsets.
     """
+    if not isinstance(key_height, Tensor) and not isinstance(key_width, Tensor):
+        # Filled on the device: a tensor of host values would be a copy, which waits for a GPU.
+        # fill_ rounds each float64 reciprocal to float32, as the original's tensor does.
+        scale = torch.full((2,), 1.0 / key_height, dtype=torch.float32, device=device)
+        scale[1:].fill_(1.0 / key_width)
+        return scale
     sizes = torch.stack([_size_tensor(key_height), _size_tensor(key_width)])
     # float64 on the CPU, where the sizes are (some devices, such as MPS, have no float64).
     return sizes.to(torch.float64).reciprocal().to(device=device, dtype=torch.float32)

@@ -358,10 +358,14 @@ def _position_and_table_gradients(
     grad_coords: Tensor, grad_table: Tensor, table_size: tuple[int, int], num_groups: int
 ) -> tuple[Tensor, Tensor]:
     """The gradients of the positions and of the table from those of the keys' pixel coordinates
-    ``(BG, Ns, 2)`` and of each batch-group's padded tables ``(BG, hg, Th + 4, Tw + 4)``."""
+    ``(BG, Ns, 2)`` (scaled in place into the positions') and of each batch-group's padded tables
+    ``(BG, hg, Th + 4, Tw + 4)``."""
     th, tw = table_size
-    # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4.
-    grad_pos = grad_coords * grad_coords.new_tensor([-(th - 1) / 4.0, -(tw - 1) / 4.0])
+    # Pixel coordinate = ((q - p) / 2 + 1) / 2 * (size - 1): d coord / d p = -(size - 1) / 4, a
+    # scalar per axis (a tensor of them would be a copy from the host, which waits for a GPU).
+    grad_pos = grad_coords
+    grad_pos[..., 0].mul_(-(th - 1) / 4.0)
+    grad_pos[..., 1].mul_(-(tw - 1) / 4.0)
     grad_table = grad_table.reshape(-1, num_groups, *grad_table.shape[1:]).sum(0)
     grad_table = grad_table.reshape(-1, th + 4, tw + 4)[:, 2 : th + 2, 2 : tw + 2].contiguous()
     return grad_pos, grad_table

@@ -229,9 +229,10 @@ def gelu_2d(x: Tensor, approximate: str = 'none') -> Tensor:
 def identity_folded(weight: Tensor) -> Tensor:
     """A depth-wise conv's ``(C, 1, k, k)`` weight with 1 added to every filter's centre tap."""
     kh, kw = weight.shape[-2:]
-    identity = torch.zeros(kh * kw, dtype=weight.dtype, device=weight.device)
-    identity[kh * kw // 2] = 1.0
-    return weight + identity.view(kh, kw)
+    # Made on the weight's device: an item set from Python would be a copy from the host, which
+    # waits for a GPU to finish its queue.
+    centre = torch.arange(kh * kw, device=weight.device) == kh * kw // 2
+    return weight + centre.to(weight.dtype).view(kh, kw)
 
 
 def depthwise_conv_plus_identity(x: Tensor, conv: nn.Conv2d) -> Tensor:
