@@ -925,3 +925,21 @@ def test_set_attn_impl_switches_and_restores_every_dat_module():
         set_attn_impl(model, 'flash')
     with pytest.raises(ValueError, match=r"\['1'\] are not DAT modules of this model"):
         set_attn_impl(model, {'1': 'fast'})
+
+
+def test_neighborhood_plan_built_once_per_size():
+    """The PyTorch backend builds a map size's tiling once and reuses it, forward and backward,
+    also for a training step after a call under inference mode."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 11, 4, generator=g) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, generator=g)
+    neighborhood_ops._plan.cache_clear()
+    with torch.inference_mode():
+        expected = neighborhood_attention(q, k, v, rpb, 7, 'pytorch')
+    q, rpb = q.detach().requires_grad_(), rpb.detach().requires_grad_()
+    out = neighborhood_attention(q, k, v, rpb, 7, 'pytorch')
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert q.grad.abs().sum() > 0 and rpb.grad.abs().sum() > 0
+    info = neighborhood_ops._plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2)

@@ -20,6 +20,8 @@ pass recomputes the probabilities (chunk by chunk of tile rows on the ``pytorch`
 Neither ever holds the (HW, k * k, d) windows.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -161,6 +163,15 @@ class _NeighborhoodPlan:
         return index.view(-1, self.tile_queries, self.region_keys)
 
 
+@functools.lru_cache(maxsize=8)
+def _plan(height: int, width: int, kernel_size: int, device: torch.device) -> _NeighborhoodPlan:
+    """The tiling of a map size, built once per size and device: its indices take about 75 small
+    ops, on a GPU as many kernel launches, where every call and its backward would build the same
+    plan again (the blocks of a stage share their map size). Read-only: nothing writes into a
+    plan's tensors."""
+    return _NeighborhoodPlan(height, width, kernel_size, device)
+
+
 def _tiled(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int
 ) -> tuple[_NeighborhoodPlan, Tensor, Tensor, Tensor, Tensor]:
@@ -168,7 +179,7 @@ def _tiled(
     ``q``, ``k`` and ``v`` viewed ``(BH, HW, d)``, and the flat bias table with -inf appended
     (``(heads, (2k - 1) ** 2 + 1)``, for the pairs outside a window)."""
     bh, height, width, d = q.shape
-    plan = _NeighborhoodPlan(height, width, kernel_size, q.device)
+    plan = _plan(height, width, kernel_size, q.device)
     qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
     heads = rpb.shape[0]
     table = torch.cat([rpb.reshape(heads, -1), rpb.new_full((heads, 1), float('-inf'))], dim=1)
