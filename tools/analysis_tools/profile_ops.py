@@ -145,7 +145,10 @@ def profile_case(step: Step, warmup: int, steps: int, top: int) -> dict[str, Any
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with module_scopes(step.model), profile(activities=activities) as prof:
         profiled = [step() for _ in range(steps)]
-    kernels = [e for e in prof.events() if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+    # GPU-side spans of record_function scopes are device events too (torch < 2.4 has no flag).
+    kernels = [
+        e for e in prof.events() if e.device_type != DeviceType.CPU and not getattr(e, 'is_user_annotation', False)
+    ]
     averages = prof.key_averages()
     is_op = lambda key: key.startswith(('aten::', 'dat::'))  # noqa: E731
     return dict(
