@@ -31,6 +31,7 @@ __all__ = [
     'parse_model_spec',
     'parse_input_spec',
     'training_loss',
+    'run_step',
     'TimmSwinT',
     'build_swin_t',
     'build_model',
@@ -131,6 +132,31 @@ def training_loss(outputs: Any) -> torch.Tensor:
     """The loss a timed or profiled training step backpropagates: the sum of the means of every
     output tensor (float32), so that every output gets a gradient."""
     return sum(t.float().mean() for t in _tensor_leaves(outputs))
+
+
+def run_step(model: nn.Module, run: Any, inputs: torch.Tensor, backward: bool, amp: bool) -> None:
+    """One iteration as the tools time and profile it: ``run(inputs)`` with gradients where
+    ``backward`` and under autocast where ``amp`` (fp16 on CUDA, bf16 elsewhere), then the
+    :func:`training_loss`'s backward pass and the parameters' gradients dropped; on CUDA the
+    device is synchronised, so that the iteration's wall time is its work.
+
+    Args:
+        model (nn.Module): The model whose gradients are dropped.
+        run (callable): The callable to time (:func:`build_model`).
+        inputs (Tensor): Its input.
+        backward (bool): Forward and backward pass, else the forward pass without gradients.
+        amp (bool): Autocast.
+    """
+    device = inputs.device
+    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    with torch.set_grad_enabled(backward), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        outputs = run(inputs)
+    if backward:
+        training_loss(outputs).backward()
+        for p in model.parameters():
+            p.grad = None
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 class TimmSwinT(nn.Module):

@@ -95,8 +95,8 @@ from projects.dat.benchmarking import (
     machine_description,
     parse_input_spec,
     parse_model_spec,
+    run_step,
     seeded_model_and_input,
-    training_loss,
 )
 from projects.dat.flops import analyze_complexity
 
@@ -303,7 +303,6 @@ class Session:
         )
         self.backward = job.mode == 'fwd+bwd'
         self.model.train(self.backward)
-        self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
         self.compile_s = self.graph_breaks = None
         if job.compile:
             from torch._dynamo.utils import counters
@@ -333,17 +332,7 @@ class Session:
     def step(self) -> float:
         """Run one iteration and return its wall time in seconds (CUDA synchronised)."""
         t0 = time.perf_counter()
-        with (
-            torch.set_grad_enabled(self.backward),
-            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.job.amp),
-        ):
-            outputs = self.run(self.inputs)
-        if self.backward:
-            training_loss(outputs).backward()
-            for p in self.model.parameters():
-                p.grad = None
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
+        run_step(self.model, self.run, self.inputs, self.backward, self.job.amp)
         return time.perf_counter() - t0
 
     def warmup(self) -> None:

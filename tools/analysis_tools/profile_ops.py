@@ -101,21 +101,10 @@ class Step:
         self.backward = mode == 'fwd+bwd'
         self.model.train(self.backward)
         self.amp = amp
-        self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
 
     def __call__(self) -> float:
         t0 = time.perf_counter()
-        with (
-            torch.set_grad_enabled(self.backward),
-            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp),
-        ):
-            outputs = self.run(self.inputs)
-        if self.backward:
-            benchmarking.training_loss(outputs).backward()
-            for p in self.model.parameters():
-                p.grad = None
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
+        benchmarking.run_step(self.model, self.run, self.inputs, self.backward, self.amp)
         return time.perf_counter() - t0
 
 
