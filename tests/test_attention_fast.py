@@ -12,6 +12,10 @@ moved, so that both devices see the same numbers.
 """
 
 import logging
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from projects.dat.ops import (
     chunking,
     cpu_kernels,
     deformable_attention,
+    dispatch,
+    gpu_kernels,
     neighborhood_attention,
     select_backend,
     torch_compat,
@@ -84,10 +90,56 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
     return [t.to(device).requires_grad_() for t in (q, k, v, pos, rpe)], coords
 
 
-def _fast_impl(bias_impl, require_cpu_kernels, device=CPU):
-    """The attn_impl of a test's backend: the C++ kernels (required to run; CPU only) or PyTorch."""
+@pytest.fixture
+def gpu_kernel(monkeypatch):
+    """A function of the device that returns the attn_impl under which the D op runs its GPU
+    kernel, ``'fast'``, skipping the test where Triton does not import. On CPU the kernel runs in
+    Triton's interpreter, which Triton sets up on import (``TRITON_INTERPRET=1``): those cases run
+    in a process of their own (:func:`test_gpu_kernel_cases_pass_in_triton_interpreter`), where the
+    D op's entry sends its float32 work to the kernel, and are skipped elsewhere."""
+    select = deformable_ops.select_backend
+
+    def interpreted(impl, device, compute_dtype, gpu_kernel=False):
+        if impl == 'fast' and compute_dtype == torch.float32:
+            return 'gpu-kernel'
+        return select(impl, device, compute_dtype, gpu_kernel)
+
+    def use(device):
+        if not gpu_kernels.available():
+            pytest.skip('Triton does not import here')
+        if device.type == 'cpu':
+            if not gpu_kernels.interpreting():
+                pytest.skip("runs in Triton's interpreter: test_gpu_kernel_cases_pass_in_triton_interpreter")
+            monkeypatch.setattr(deformable_ops, 'select_backend', interpreted)
+        return 'fast'
+
+    return use
+
+
+def test_gpu_kernel_cases_pass_in_triton_interpreter():
+    """The CPU cases of the D op's GPU kernel (``gpu_kernel`` in their id), in a process with
+    ``TRITON_INTERPRET=1``: the kernel's output and log-sum-exp, and the gradients the PyTorch
+    backward pass takes from them, against the reference."""
+    if not gpu_kernels.available():
+        pytest.skip('Triton does not import here')
+    if gpu_kernels.interpreting():
+        pytest.skip('already in the interpreter')
+    command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'cpu-gpu_kernel']
+    env = {**os.environ, gpu_kernels.INTERPRET_SWITCH: '1'}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    # Every case ran: 7 shapes, 6 layouts, the far keys and the NaN position.
+    assert re.fullmatch(r'15 passed(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?', summary), summary
+
+
+def _fast_impl(bias_impl, require_cpu_kernels, device=CPU, gpu_kernel=None):
+    """The attn_impl of a test's backend: the C++ kernels (required to run; CPU only), the D op's
+    GPU kernel (the ``gpu_kernel`` fixture's function) or PyTorch."""
     if bias_impl == 'pytorch':
         return 'pytorch'
+    if bias_impl == 'gpu_kernel':
+        return gpu_kernel(device)
     if device.type != 'cpu':
         pytest.skip(f'the C++ kernels compute on CPU only, not on {device.type}')
     require_cpu_kernels()
@@ -129,11 +181,11 @@ def _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl):
         (1, 8, 5, 16, 2, 2, 3, 4, (3, 3), 'pp', None),  # table smaller than the map
     ],
 )
-@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
 def test_deformable_matches_reference(
-    b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl, device, require_cpu_kernels
+    b, c, h, w, heads, groups, hk, wk, table, version, chunk, bias_impl, device, require_cpu_kernels, gpu_kernel
 ):
-    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device, gpu_kernel)
     # Positions beyond [-1, 1] (v1 allows them) exercise the zero padding of the table.
     inputs, coords = _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread=1.1, device=device)
     _assert_deformable_matches_reference(inputs, coords, groups, chunk, impl)
@@ -141,13 +193,13 @@ def test_deformable_matches_reference(
 
 @pytest.mark.parametrize('b, groups', [(1, 2), (2, 1), (2, 2)])
 @pytest.mark.parametrize('grad_layout', ['contiguous', 'channels_last'])
-@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, device, require_cpu_kernels):
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
+def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, device, require_cpu_kernels, gpu_kernel):
     """The D block's queries are channels-last maps: the output is too, on every path. The operator
     reads them in place (and returns q's gradient in their layout) where the batch or the groups
     are one; a batch of several groups is copied. Values and gradients are the reference's either
     way, for either layout of the output's gradient. Rows of 37 queries: a block of 32 and a tail."""
-    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device, gpu_kernel)
     inputs, coords = _deformable_inputs(b, 16, 5, 37, 4, groups, 3, 4, (11, 13), 'pp', spread=1.1, device=device)
     q = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     inputs = [q, *inputs[1:]]
@@ -169,12 +221,12 @@ def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, dev
         assert_rel_close(a, e, name=f'grad {name}')
 
 
-@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_deformable_keys_far_outside_the_table(bias_impl, device, require_cpu_kernels):
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
+def test_deformable_keys_far_outside_the_table(bias_impl, device, require_cpu_kernels, gpu_kernel):
     """Keys up to 3x beyond [-1, 1]: many displacements fall beyond the table's zero padding
     (both taps outside, coordinates clamped), where the bias is 0 and has no gradient, as in
     grid_sample; others have one tap inside."""
-    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device, gpu_kernel)
     inputs, coords = _deformable_inputs(2, 8, 6, 7, 2, 2, 3, 3, (9, 11), 'pp', spread=3.0, device=device)
     pos = inputs[3]
     with torch.no_grad():
@@ -482,22 +534,22 @@ def test_compile_traces_fast_ops_without_graph_breaks(device):
 
 
 @needs_custom_ops
-@pytest.mark.parametrize('use_cpu_kernels', [False, True])
-def test_custom_ops_pass_opcheck(use_cpu_kernels, device, require_cpu_kernels):
+@pytest.mark.parametrize('backend', ['pytorch', 'cpu-kernel'])
+def test_custom_ops_pass_opcheck(backend, device, require_cpu_kernels):
     # Fake implementations must match the real ones to the strides (inductor checks them); the
     # backward operators are checked on their own, with real forward outputs.
-    if use_cpu_kernels:
+    if backend == 'cpu-kernel':
         _fast_impl('cpu_kernels', require_cpu_kernels, device)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 9, 10, 8, generator=g).to(device).requires_grad_() for _ in range(3))
     rpb = torch.randn(2, 13, 13, generator=g).to(device).requires_grad_()
-    n_args = (q, k, v, rpb, 7, 1 << 22, use_cpu_kernels)
+    n_args = (q, k, v, rpb, 7, 1 << 22, backend)
     torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
     out, lse = torch.ops.dat.neighborhood_attention(*n_args)
     detached = [t.detach() for t in (q, k, v, rpb, out, lse)]
     torch.library.opcheck(
         torch.ops.dat.neighborhood_attention_backward.default,
-        (torch.randn_like(out), *detached, 7, 1 << 22, use_cpu_kernels),
+        (torch.randn_like(out), *detached, 7, 1 << 22, backend),
     )
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9, device=device)
     d_args = (
@@ -510,14 +562,14 @@ def test_custom_ops_pass_opcheck(use_cpu_kernels, device, require_cpu_kernels):
         rpe,
         2,
         40,
-        use_cpu_kernels,
+        backend,
     )
     torch.library.opcheck(torch.ops.dat.deformable_attention.default, d_args)
     out, lse = torch.ops.dat.deformable_attention(*d_args)
     detached = [t.detach() for t in d_args[:7]]
     torch.library.opcheck(
         torch.ops.dat.deformable_attention_backward.default,
-        (torch.randn_like(out), *detached, out.detach(), lse.detach(), 2, 40, use_cpu_kernels),
+        (torch.randn_like(out), *detached, out.detach(), lse.detach(), 2, 40, backend),
     )
 
 
@@ -719,7 +771,7 @@ def test_operators_called_directly_check_their_inputs():
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
     q, k, v = q.detach().reshape(4, 1, 4, 30), k.detach().reshape(4, 1, 4, 6), v.detach().reshape(4, 1, 4, 6)
     pos, rpe, qy, qx = pos.detach(), rpe.detach(), coords[:, 0, 0], coords[0, :, 1]
-    deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, False)  # valid
+    deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, 'pytorch')  # valid
     for bad, given in [
         ((q, k, v, pos, qy, qx, rpe, 0, 40), 'groups 0'),
         ((q, k, v, pos, qy, qx, rpe, 3, 40), 'groups 3'),
@@ -729,17 +781,23 @@ def test_operators_called_directly_check_their_inputs():
         ((q, k, v, pos, qy, qx, rpe, 2, 0), 'chunk 0'),
     ]:
         with pytest.raises(ValueError, match=r'dat::deformable_attention expects .*' + given):
-            deformable_ops._deformable_attention_op(*bad, False)
+            deformable_ops._deformable_attention_op(*bad, 'pytorch')
     # The C++ kernels compute float32 on CPU only: an operator told to use them refuses the rest.
     with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on a float32 CPU table only; got torch.float64'):
-        deformable_ops._deformable_attention_op(
-            q.double(), k.double(), v.double(), pos.double(), qy.double(), qx.double(), rpe.double(), 2, 40, True
-        )
+        deformable_ops._deformable_attention_op(*(t.double() for t in (q, k, v, pos, qy, qx, rpe)), 2, 40, 'cpu-kernel')
+    # So does the GPU kernel, off CUDA (outside Triton's interpreter), and an unknown backend.
+    with pytest.raises(ValueError, match=r'runs its GPU kernel on CUDA tensors.*got torch.float32 queries on cpu'):
+        deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, 'gpu-kernel')
+    backends = r"\('pytorch', 'cpu-kernel', 'gpu-kernel'\)"
+    with pytest.raises(ValueError, match=rf"backend must be one of {backends}, got 'cuda'"):
+        deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, 'cuda')
     x = torch.randn(4, 5, 6, 8)
-    neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20, False)  # valid
+    neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20, 'pytorch')  # valid
+    with pytest.raises(ValueError, match=r"backend must be one of \('pytorch', 'cpu-kernel'\), got 'gpu-kernel'"):
+        neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1 << 20, 'gpu-kernel')
     with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on float32 CPU inputs only; got torch.float64'):
-        x64 = x.double()
-        neighborhood_ops._neighborhood_attention_op(x64, x64, x64, torch.randn(2, 5, 5).double(), 3, 1 << 20, True)
+        x64, rpb64 = x.double(), torch.randn(2, 5, 5).double()
+        neighborhood_ops._neighborhood_attention_op(x64, x64, x64, rpb64, 3, 1 << 20, 'cpu-kernel')
     for rpb, kernel, given in [
         (torch.randn(0, 5, 5), 3, r'rpb \(0, 5, 5\)'),
         (torch.randn(3, 5, 5), 3, 'rpb'),
@@ -747,15 +805,17 @@ def test_operators_called_directly_check_their_inputs():
         (torch.randn(2, 13, 13), 7, 'kernel_size 7'),
     ]:
         with pytest.raises(ValueError, match=r'dat::neighborhood_attention expects .*' + given):
-            neighborhood_ops._neighborhood_attention_op(x, x, x, rpb, kernel, 1 << 20, False)
+            neighborhood_ops._neighborhood_attention_op(x, x, x, rpb, kernel, 1 << 20, 'pytorch')
 
 
-@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'pytorch'])
-def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(bias_impl, device, require_cpu_kernels):
+@pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
+def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(
+    bias_impl, device, require_cpu_kernels, gpu_kernel
+):
     """A NaN position never becomes a table index (the kernels would read outside the table): it
     makes the outputs of its image NaN, and leaves the other image's output and gradient as they
     were."""
-    impl = _fast_impl(bias_impl, require_cpu_kernels, device)
+    impl = _fast_impl(bias_impl, require_cpu_kernels, device, gpu_kernel)
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 1, 2, 3, (7, 9), 'pp', 0.9, device=device)
     qy, qx = coords[:, 0, 0], coords[0, :, 1]
     clean = deformable_attention(q, k, v, pos, qy, qx, rpe, 1, impl, chunk_elements=40)
@@ -821,13 +881,15 @@ def test_is_autocast_enabled_per_device_type():
 # ------------------------------------------------------------ which implementation runs, and the switch
 
 # select_backend's table: (impl, where) -> backend, or the error it raises. 'cuda' is decided from
-# the device alone (no GPU needed).
+# the device alone (no GPU needed); 'cuda_gpu_kernel' is an operator with a GPU kernel, Triton
+# taken as importable.
 _BACKEND_TABLE = {
     'reference': dict(
         kernels='reference',
         float64='reference',
         kernels_off='reference',
         cuda='reference',
+        cuda_gpu_kernel='reference',
         meta='reference',
         onnx='reference',
     ),
@@ -836,6 +898,7 @@ _BACKEND_TABLE = {
         float64='pytorch',
         kernels_off='pytorch',
         cuda='pytorch',
+        cuda_gpu_kernel='gpu-kernel',
         meta='reference',
         onnx='reference',
     ),
@@ -844,6 +907,7 @@ _BACKEND_TABLE = {
         float64='pytorch',
         kernels_off='pytorch',
         cuda='pytorch',
+        cuda_gpu_kernel='gpu-kernel',
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
@@ -852,6 +916,7 @@ _BACKEND_TABLE = {
         float64='pytorch',
         kernels_off='pytorch',
         cuda='pytorch',
+        cuda_gpu_kernel='pytorch',
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
@@ -860,18 +925,22 @@ _BACKEND_TABLE = {
         float64=RuntimeError,
         kernels_off=RuntimeError,
         cuda=RuntimeError,
+        cuda_gpu_kernel=RuntimeError,
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
 }
 
 
-@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'cuda', 'meta', 'onnx'])
+@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'cuda', 'cuda_gpu_kernel', 'meta', 'onnx'])
 @pytest.mark.parametrize('impl', ATTN_IMPLS)
 def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_kernels):
     if where == 'kernels':
         require_cpu_kernels()
-    device = torch.device(where if where in ('cuda', 'meta') else 'cpu')
+    gpu_kernel = where == 'cuda_gpu_kernel'
+    if gpu_kernel:
+        monkeypatch.setattr(dispatch, 'gpu_kernels_available', lambda: True)
+    device = torch.device('cuda' if gpu_kernel else where if where in ('cuda', 'meta') else 'cpu')
     dtype = torch.float64 if where == 'float64' else None
     if where == 'kernels_off':
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, '0')
@@ -880,9 +949,9 @@ def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_
     expected = _BACKEND_TABLE[impl][where]
     if expected is RuntimeError:
         with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' (is not available|cannot run the C\+\+)"):
-            select_backend(impl, device, dtype or torch.float32)
+            select_backend(impl, device, dtype or torch.float32, gpu_kernel)
     else:
-        assert select_backend(impl, device, dtype or torch.float32) == expected
+        assert select_backend(impl, device, dtype or torch.float32, gpu_kernel) == expected
 
 
 @pytest.mark.parametrize('impl', ['pytorch', 'cpu-kernel', 'reference'])

@@ -2,7 +2,7 @@
 
 The dry run runs without the wheels' install step (this environment has everything): the
 environment probe, a few CPU cases of the device-parametrised tests, the backbone benchmark
-(DAT-T++ reference and fast path, Swin-T; fwd and fwd+bwd; fp32 and AMP) at tiny sizes with one
+(DAT-T++ reference, PyTorch and fast path, Swin-T; fwd and fwd+bwd; fp32 and AMP) at tiny sizes with one
 timed iteration, the profile of a training step and, since mmcv's ops are compiled here, the
 demo detector's training step; mmdet's inference benchmark runs on CUDA only and is skipped.
 """
@@ -79,7 +79,7 @@ def test_dry_run_measures_every_case(dry_run):
         )
         for r in results
     }
-    models = ('datpp-t:reference', 'datpp-t:fast', 'swin-t')
+    models = ('datpp-t:reference', 'datpp-t:pytorch', 'datpp-t:fast', 'swin-t')
     inputs = ('48x32@2',)
     assert cases == {
         (m, i, mode, amp) for m in models for i in inputs for mode in ('fwd', 'fwd+bwd') for amp in (False, True)
@@ -90,7 +90,7 @@ def test_dry_run_measures_every_case(dry_run):
     assert report['swin_t'] == 'mmdet SwinTransformer'  # mmdet imports here; timm's on the GPU machine
     assert len(report['benchmark']['ratios']) == 4  # fwd and fwd+bwd, fp32 and AMP
     for row in report['benchmark']['ratios']:
-        assert {'time_fast_over_reference', 'time_fast_over_swin_t'} <= set(row)
+        assert {'time_fast_over_reference', 'time_fast_over_pytorch', 'time_fast_over_swin_t'} <= set(row)
     assert report['benchmark']['table'].count('\n') == 1 + len(results)
 
 
@@ -113,7 +113,7 @@ def test_junit_summary_counts_and_reasons(tmp_path):
     )
 
 
-def test_ratios_compare_the_fast_path_with_reference_and_swin_t():
+def test_ratios_compare_the_fast_path_with_reference_pytorch_path_and_swin_t():
     def result(model, ms, mib, amp=False):
         job = dict(model=model, width=224, height=224, batch=64, mode='fwd', amp=amp)
         return dict(job=job, latency_ms=dict(median=ms), peak_mem_mib=mib)
@@ -121,6 +121,7 @@ def test_ratios_compare_the_fast_path_with_reference_and_swin_t():
     rows = gpu_check.ratios(
         [
             result('datpp-t:reference', 200.0, 1000.0),
+            result('datpp-t:pytorch', 125.0, 250.0),
             result('datpp-t:fast', 100.0, 250.0),
             result('swin-t', 80.0, 500.0),
             result('datpp-t:fast', 50.0, 100.0, amp=True),
@@ -131,6 +132,8 @@ def test_ratios_compare_the_fast_path_with_reference_and_swin_t():
             case='224x224@64 fwd fp32',
             time_fast_over_reference=0.5,
             memory_fast_over_reference=0.25,
+            time_fast_over_pytorch=0.8,
+            memory_fast_over_pytorch=1.0,
             time_fast_over_swin_t=1.25,
             memory_fast_over_swin_t=0.5,
         ),

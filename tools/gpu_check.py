@@ -15,10 +15,12 @@ every step, so a run stopped from outside keeps what it did.
 2. ``tests``: the ``cuda`` cases of ``tests/test_attention_fast.py``, ``tests/test_layers.py`` and
    ``tests/test_backbone.py`` (fast paths against the reference: forward, backward, AMP,
    ``with_cp``, odd sizes; TF32 off), with pytest.
-3. ``benchmark``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference and fast path, and
-   Swin-T (mmdet's, or timm's where mmdet cannot be imported: ``swin_t`` in the JSON says which),
-   at 1344x800@1 and 224@64, fwd and fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and peak CUDA
-   memory; then the ratios fast / reference and fast / Swin-T. Each model set runs in one process
+3. ``benchmark``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference path, fast path
+   computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D op's forward
+   pass in its Triton kernel where Triton imports), and Swin-T (mmdet's, or timm's where mmdet
+   cannot be imported: ``swin_t`` in the JSON says which), at 1344x800@1 and 224@64, fwd and
+   fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and peak CUDA memory; then the ratios of the
+   fast path to the reference, to the PyTorch path and to Swin-T. Each model set runs in one process
    (``--no-isolate``): a worker process per measurement would start CUDA 24 times, a large part
    of the budget; on a GPU the caching allocator counts each model's peak apart all the same.
 4. ``profile``: ``tools/analysis_tools/profile_ops.py``, one training step (fwd+bwd, fp32) of
@@ -64,7 +66,9 @@ PROFILE = 'tools/analysis_tools/profile_ops.py'
 PROFILE_MODELS = ('datpp-t:fast', 'swin-t')
 DET_CONFIG = 'configs/demo/mask-rcnn_datpp-demo_fpn_synthetic-coco-tiny.py'
 # The benchmark's model sets, one process each (a failing Swin-T does not cost the DAT figures).
-MODEL_SETS = (('datpp-t:reference', 'datpp-t:fast'), ('swin-t',))
+MODEL_SETS = (('datpp-t:reference', 'datpp-t:pytorch', 'datpp-t:fast'), ('swin-t',))
+# What the fast path is compared with: (name in the ratios, benchmark model).
+COMPARED = (('reference', 'datpp-t:reference'), ('pytorch', 'datpp-t:pytorch'), ('swin_t', 'swin-t'))
 PROBE_MARKER = 'GPU_CHECK_PROBE '
 # What the environment step imports (a failure is recorded, not fatal).
 PROBED_MODULES = (
@@ -78,6 +82,7 @@ PROBED_MODULES = (
     'onnx',
     'onnxruntime',
     'psutil',
+    'triton',
     'projects.dat',
 )
 
@@ -104,8 +109,8 @@ PLANS = {
     'cuda': Plan(
         tests_k='cuda',
         bench_inputs=('1344x800@1', '224@64'),
-        warmup=5,
-        repeats=10,
+        warmup=3,
+        repeats=8,
         bench_threads=None,
         profile_input='1344x800@1',
         det_iters=2,
@@ -342,15 +347,15 @@ def junit_summary(path: Path) -> dict[str, Any]:
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per input, mode and precision: DAT-T++ fast against its reference path and against Swin-T,
-    in median latency and peak memory (where both sides were measured).
+    """Per input, mode and precision: DAT-T++ fast against its reference path, its PyTorch path and
+    Swin-T (:data:`COMPARED`), in median latency and peak memory (where both sides were measured).
 
     Args:
         results (list[dict]): benchmark.py results (``job``, ``latency_ms``, ``peak_mem_mib``).
 
     Returns:
-        list[dict]: ``case``, then ``{time,memory}_fast_over_reference`` and
-        ``{time,memory}_fast_over_swin_t`` where known.
+        list[dict]: ``case``, then ``{time,memory}_fast_over_{reference,pytorch,swin_t}`` where
+        known.
     """
     cases: dict[str, dict[str, dict[str, Any]]] = {}
     for r in results:
@@ -361,7 +366,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for case, by_model in cases.items():
         row: dict[str, Any] = dict(case=case)
         fast = by_model.get('datpp-t:fast')
-        for name, other in (('reference', by_model.get('datpp-t:reference')), ('swin_t', by_model.get('swin-t'))):
+        for name, model in COMPARED:
+            other = by_model.get(model)
             if fast is None or other is None:
                 continue
             row[f'time_fast_over_{name}'] = round(fast['latency_ms']['median'] / other['latency_ms']['median'], 3)

@@ -33,7 +33,9 @@ backward pass recomputes each chunk's probabilities from them. On the ``cpu-kern
 C++ kernels (``csrc/deformable_attention.cpp``) compute the same arithmetic in one pass per query
 row and head instead, forward (q.k, bias, softmax and the product with v for a block of queries
 while its logits are in the cache) and backward; they keep a block of logits per thread, so the
-chunk size does not apply to them.
+chunk size does not apply to them. On the ``gpu-kernel`` backend the forward pass is one Triton
+kernel (:mod:`~projects.dat.ops.gpu_kernels`, the same arithmetic block by block) and the backward
+pass is the chunks'.
 """
 
 import math
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_kernels, torch_compat
+from . import cpu_kernels, gpu_kernels, torch_compat
 from .chunking import default_chunk_elements
 from .dispatch import attention_dtypes, select_backend
 from .reference import deformable_attention_reference
@@ -54,6 +56,8 @@ from .reference import deformable_attention_reference
 # backward DEFORMABLE_CHUNK_BUFFERS.
 DEFORMABLE_CHUNK_ELEMENTS = 1 << 20
 DEFORMABLE_CHUNK_BUFFERS = 6
+# What computes the operators (the backends of ops/dispatch.py but the reference).
+OPERATOR_BACKENDS = ('pytorch', 'cpu-kernel', 'gpu-kernel')
 
 
 def _table_coordinates(query: Tensor, key: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -232,13 +236,14 @@ class _DeformableChunks:
 
     Args:
         q, k, v, pos, query_y, query_x, table, num_groups, chunk: The operator's inputs.
-        use_cpu_kernels (bool): Load the C++ kernels (:attr:`kernels`), which the operators then run
-            instead of the chunks.
+        backend (str): One of :data:`OPERATOR_BACKENDS`. ``'cpu-kernel'`` loads the C++ kernels
+            (:attr:`kernels`), which the operators then run instead of the chunks;
+            ``'gpu-kernel'`` checks that the Triton forward kernel can run these inputs.
     """
 
     def __init__(
         self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor,
-        num_groups: int, chunk: int, use_cpu_kernels: bool,
+        num_groups: int, chunk: int, backend: str,
     ):  # fmt: skip
         # The shapes that the operators (and the C++ kernels behind them) rely on; the operators
         # check them themselves, since they may be called directly (torch.ops.dat.*).
@@ -266,7 +271,11 @@ class _DeformableChunks:
                 f'pos {tuple(pos.shape)}, query_y {tuple(query_y.shape)}, query_x {tuple(query_x.shape)}, '
                 f'table {tuple(table.shape)}, groups {num_groups}, chunk {chunk}'
             )
-        self.kernels = _required_kernels(table) if use_cpu_kernels else None
+        if backend not in OPERATOR_BACKENDS:
+            raise ValueError(f'dat::deformable_attention backend must be one of {OPERATOR_BACKENDS}, got {backend!r}')
+        self.kernels = _required_kernels(table) if backend == 'cpu-kernel' else None
+        if backend == 'gpu-kernel':
+            _check_gpu_kernel(q, table)
         self.bg, self.hg, self.d, self.m = q.shape
         self.height, self.width, self.num_keys = query_y.shape[0], query_x.shape[0], k.shape[-1]
         self.table_size = th, tw = table.shape[-2:]
@@ -312,19 +321,23 @@ class _DeformableChunks:
             self.workspace,
         )
 
-    def kernel_bias(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The bias inputs of the C++ kernels, for every batch-group.
+    def bias_taps(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The bias inputs of the C++ and GPU kernels, for every batch-group.
 
         Returns:
-            tuple: ``(table, iy, fy, ix, fx, x_taps)``: the padded tables ``(BG, hg, Th + 4,
-            Tw + 4)`` y major, the tap indices (int32: half the memory traffic of int64 on the
-            per-query stream) and weights, and the lowest and highest padded column that the x
-            taps of each key reach, ``(BG, Ns, 2)`` int32.
+            tuple: ``(table, iy, fy, ix, fx)``: the padded tables ``(BG, hg, Th + 4, Tw + 4)`` y
+            major, and the tap indices (int32: half the memory traffic of int64 on the per-query
+            stream) and weights.
         """
         table = self._group_tables(self.padded_tables, 0, self.bg)
-        ix = self.ix.to(torch.int32)
+        return table, self.iy.to(torch.int32), self.fy, self.ix.to(torch.int32), self.fx
+
+    def kernel_bias(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The bias inputs of the C++ kernels: :meth:`bias_taps` and ``x_taps``, the lowest and
+        highest padded column that the x taps of each key reach, ``(BG, Ns, 2)`` int32."""
+        table, iy, fy, ix, fx = self.bias_taps()
         x_taps = torch.stack([ix.amin(1), ix.amax(1) + 1], -1)
-        return table, self.iy.to(torch.int32), self.fy, ix, self.fx, x_taps
+        return table, iy, fy, ix, fx, x_taps
 
 
 def _required_kernels(table: Tensor):
@@ -341,6 +354,23 @@ def _required_kernels(table: Tensor):
             'could not be built (see the log); deformable_attention() picks PyTorch by itself'
         )
     return kernels
+
+
+def _check_gpu_kernel(q: Tensor, table: Tensor):
+    """Checks that the Triton forward kernel can run: CUDA tensors (CPU ones in Triton's
+    interpreter), half or float32 queries and a float32 table."""
+    on_device = q.device.type == 'cuda' or (q.device.type == 'cpu' and gpu_kernels.interpreting())
+    if not on_device or q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or table.dtype != torch.float32:
+        raise ValueError(
+            'dat::deformable_attention runs its GPU kernel on CUDA tensors, float32 or half queries and a '
+            f'float32 table; got {q.dtype} queries on {q.device} and a {table.dtype} table'
+        )
+    if not gpu_kernels.available():
+        raise RuntimeError(
+            'dat::deformable_attention was told to use its GPU kernel, which is turned off '
+            f'({gpu_kernels.ENV_SWITCH}=0) or whose Triton does not import; deformable_attention() '
+            'picks PyTorch by itself'
+        )
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -374,9 +404,12 @@ def _position_and_table_gradients(
 @torch_compat.custom_op('dat::deformable_attention', mutates_args=())
 def _deformable_attention_op(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor, num_groups: int,
-    chunk: int, use_cpu_kernels: bool,
+    chunk: int, backend: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
+    chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, backend)
+    if backend == 'gpu-kernel':
+        k, v = (t.to(q.dtype).contiguous() for t in (k, v))
+        return gpu_kernels.deformable_attention_forward(_dense(q), k, v, chunks.scale, *chunks.bias_taps())
     if chunks.kernels is not None:  # float32 products (half inputs under CPU autocast are converted)
         q32, k32, v32 = _dense(q.to(torch.float32)), k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
         out, lse = chunks.kernels.deformable_attention_forward(q32, k32, v32, chunks.scale, *chunks.kernel_bias())
@@ -396,16 +429,18 @@ def _deformable_attention_op(
 
 
 @_deformable_attention_op.register_fake
-def _(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels):
+def _(q, k, v, pos, query_y, query_x, table, num_groups, chunk, backend):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[1], q.shape[3], dtype=table.dtype)
 
 
 @torch_compat.custom_op('dat::deformable_attention_backward', mutates_args=())
 def _deformable_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor,
-    out: Tensor, lse: Tensor, num_groups: int, chunk: int, use_cpu_kernels: bool,
+    out: Tensor, lse: Tensor, num_groups: int, chunk: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels)
+    # The GPU kernel computes the forward pass only: its backward pass is the chunks'.
+    backend = 'pytorch' if backend == 'gpu-kernel' else backend
+    chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, backend)
     if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (*q.shape[:2], q.shape[3]):
         raise ValueError(
             f"dat::deformable_attention_backward expects grad_out and out of q's shape {tuple(q.shape)} "
@@ -468,7 +503,7 @@ def _deformable_attention_backward_op(
 
 
 @_deformable_attention_backward_op.register_fake
-def _(grad_out, q, k, v, pos, query_y, query_x, table, out, lse, num_groups, chunk, use_cpu_kernels):
+def _(grad_out, q, k, v, pos, query_y, query_x, table, out, lse, num_groups, chunk, backend):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -479,16 +514,16 @@ def _(grad_out, q, k, v, pos, query_y, query_x, table, out, lse, num_groups, chu
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos, query_y, query_x, table, num_groups, chunk, use_cpu_kernels = inputs
+    q, k, v, pos, query_y, query_x, table, num_groups, chunk, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, pos, query_y, query_x, table, out, lse)
-    ctx.num_groups, ctx.chunk, ctx.use_cpu_kernels = num_groups, chunk, use_cpu_kernels
+    ctx.num_groups, ctx.chunk, ctx.backend = num_groups, chunk, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, pos, query_y, query_x, table, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_pos, grad_table = _deformable_attention_backward_op(
-        grad_out, q, k, v, pos, query_y, query_x, table, out, lse, ctx.num_groups, ctx.chunk, ctx.use_cpu_kernels
+        grad_out, q, k, v, pos, query_y, query_x, table, out, lse, ctx.num_groups, ctx.chunk, ctx.backend
     )
     return grad_q, grad_k, grad_v, grad_pos, None, None, grad_table, None, None, None
 
@@ -542,7 +577,7 @@ def deformable_attention(
     """
     b, c, h, w = q.shape
     dtype, acc = attention_dtypes(q, k, v)  # acc: positions, bias and softmax
-    backend = select_backend(impl, q.device, acc)
+    backend = select_backend(impl, q.device, acc, gpu_kernel=True)
     channels_last = q.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if backend == 'reference':  # checks nothing: shapes may be traced (ONNX export)
@@ -587,6 +622,6 @@ def deformable_attention(
         rpe_table.to(acc).contiguous(),
         num_groups,
         chunk_elements,
-        backend == 'cpu-kernel',
+        backend,
     )
     return out.view(b, c, h, w).contiguous(memory_format=layout)

@@ -5,22 +5,27 @@ Each operator entry (:func:`~projects.dat.ops.deformable_attention`,
 takes an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMPLS`) and
 asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
 
-=============== ====================== ============================= ===========
-``impl``        ONNX export, or device CPU, compute dtype float32,   otherwise
-                not CPU / CUDA         C++ kernels built
-=============== ====================== ============================= ===========
-``reference``   reference              reference                     reference
-``auto``        reference              cpu-kernel                    pytorch
-``fast``        error                  cpu-kernel                    pytorch
-``pytorch``     error                  pytorch                       pytorch
-``cpu-kernel``  error                  cpu-kernel                    error
-=============== ====================== ============================= ===========
+=============== ================ ====================== ====================== ===========
+``impl``        ONNX export, or  CPU, compute dtype     CUDA, compute dtype    otherwise
+                device not CPU / float32, C++ kernels   float32, the operator
+                CUDA             built                  has a GPU kernel,
+                                                        Triton imports
+=============== ================ ====================== ====================== ===========
+``reference``   reference        reference              reference              reference
+``auto``        reference        cpu-kernel             gpu-kernel             pytorch
+``fast``        error            cpu-kernel             gpu-kernel             pytorch
+``pytorch``     error            pytorch                pytorch                pytorch
+``cpu-kernel``  error            cpu-kernel             error                  error
+=============== ================ ====================== ====================== ===========
 
 - ``reference``: the plain PyTorch functions of :mod:`~projects.dat.ops.reference`, which follow
   the original code operation by operation (the ground truth; what ONNX exports).
 - ``pytorch``: the memory-lean custom operators (``torch.ops.dat.*``) computed in PyTorch.
 - ``cpu-kernel``: the same operators computed by the C++ CPU kernels
   (:mod:`~projects.dat.ops.cpu_kernels`; ``DAT_CPU_KERNELS=0`` turns them off).
+- ``gpu-kernel``: the same operators with their forward pass computed by a Triton kernel
+  (:mod:`~projects.dat.ops.gpu_kernels`; deformable attention only; ``DAT_GPU_KERNELS=0`` turns
+  it off) and their backward pass in PyTorch.
 
 The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,
 float16 and bfloat16 attention inputs, float64 for float64 ones, and the autocast dtype for the
@@ -30,10 +35,10 @@ reference during export.
 
 import torch
 
-from . import cpu_kernels, torch_compat
+from . import cpu_kernels, gpu_kernels, torch_compat
 
 ATTN_IMPLS = ('auto', 'fast', 'reference', 'pytorch', 'cpu-kernel')
-BACKENDS = ('reference', 'pytorch', 'cpu-kernel')
+BACKENDS = ('reference', 'pytorch', 'cpu-kernel', 'gpu-kernel')
 
 
 def check_attn_impl(impl: str) -> str:
@@ -48,6 +53,13 @@ def cpu_kernels_available() -> bool:
     """Whether the C++ kernels load; torch.compile evaluates it once instead of tracing the
     loader (which compiles and logs)."""
     return cpu_kernels.load_kernels() is not None
+
+
+@torch_compat.assume_constant_result
+def gpu_kernels_available() -> bool:
+    """Whether the Triton kernels can run (:func:`~projects.dat.ops.gpu_kernels.available`), a
+    constant for torch.compile as :func:`cpu_kernels_available` is."""
+    return gpu_kernels.available()
 
 
 def attention_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -66,14 +78,15 @@ def attention_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     return dtype, torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype) -> str:
+def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype, gpu_kernel: bool = False) -> str:
     """The backend that computes an operator (see the table of this module).
 
     Args:
         impl (str): One of :data:`ATTN_IMPLS`.
         device (torch.device): The device of the operator's inputs.
-        compute_dtype (torch.dtype): The dtype the operator computes in; the C++ kernels
-            compute float32.
+        compute_dtype (torch.dtype): The dtype the operator computes in; the C++ and GPU
+            kernels compute float32.
+        gpu_kernel (bool): Whether the operator has a GPU kernel. Defaults to False.
 
     Returns:
         str: One of :data:`BACKENDS`.
@@ -106,4 +119,6 @@ def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype) 
             f"attn_impl='cpu-kernel' cannot run the C++ CPU kernels here: {reason}; use "
             "attn_impl='fast' to fall back to PyTorch"
         )
+    if gpu_kernel and device.type == 'cuda' and compute_dtype == torch.float32 and gpu_kernels_available():
+        return 'gpu-kernel'
     return 'pytorch'

@@ -35,6 +35,8 @@ from .reference import neighborhood_attention_reference, neighborhood_starts
 # buffers alive.
 NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 22
 NEIGHBORHOOD_CHUNK_BUFFERS = 3
+# What computes the operators (the backends of ops/dispatch.py but the reference; no GPU kernel).
+OPERATOR_BACKENDS = ('pytorch', 'cpu-kernel')
 
 
 def neighborhood_tiles(
@@ -215,9 +217,11 @@ def _chunk_logits(q: Tensor, k: Tensor, table: Tensor, plan: _NeighborhoodPlan, 
     return logits, q_c, k_c, query_index, key_index, bias_index
 
 
-def _check_op_inputs(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int):
-    """The shapes that the operators (and the C++ kernels behind them) rely on; the operators
-    check them themselves, since they may be called directly (``torch.ops.dat.*``)."""
+def _check_op_inputs(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int, backend: str):
+    """The shapes and the backend that the operators (and the C++ kernels behind them) rely on; the
+    operators check them themselves, since they may be called directly (``torch.ops.dat.*``)."""
+    if backend not in OPERATOR_BACKENDS:
+        raise ValueError(f'dat::neighborhood_attention backend must be one of {OPERATOR_BACKENDS}, got {backend!r}')
     table = 2 * kernel_size - 1
     valid = (
         q.dim() == 4
@@ -259,10 +263,10 @@ def _required_kernels(q: Tensor):
 
 @torch_compat.custom_op('dat::neighborhood_attention', mutates_args=())
 def _neighborhood_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int, use_cpu_kernels: bool
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    _check_op_inputs(q, k, v, rpb, kernel_size, chunk)
-    if use_cpu_kernels:
+    _check_op_inputs(q, k, v, rpb, kernel_size, chunk, backend)
+    if backend == 'cpu-kernel':
         out, lse = _required_kernels(q).neighborhood_attention_forward(q, k, v, rpb, kernel_size)
         return out, lse
     plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size)
@@ -284,7 +288,7 @@ def _neighborhood_attention_op(
 
 
 @_neighborhood_attention_op.register_fake
-def _(q, k, v, rpb, kernel_size, chunk, use_cpu_kernels):
+def _(q, k, v, rpb, kernel_size, chunk, backend):
     bh, height, width, _ = q.shape
     return torch.empty_like(q), q.new_empty(bh, height * width)
 
@@ -300,9 +304,9 @@ def _neighborhood_attention_backward_op(
     lse: Tensor,
     kernel_size: int,
     chunk: int,
-    use_cpu_kernels: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_op_inputs(q, k, v, rpb, kernel_size, chunk)
+    _check_op_inputs(q, k, v, rpb, kernel_size, chunk, backend)
     if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[1] * q.shape[2]):
         raise ValueError(
             f"dat::neighborhood_attention_backward expects grad_out and out of q's shape "
@@ -310,7 +314,7 @@ def _neighborhood_attention_backward_op(
             f'{tuple(grad_out.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}'
         )
     heads = rpb.shape[0]
-    if use_cpu_kernels:
+    if backend == 'cpu-kernel':
         grad_q, grad_k, grad_v, grad_rpb_per_bh = _required_kernels(q).neighborhood_attention_backward(
             grad_out, q, k, v, rpb, out, lse, kernel_size
         )
@@ -347,21 +351,21 @@ def _neighborhood_attention_backward_op(
 
 
 @_neighborhood_attention_backward_op.register_fake
-def _(grad_out, q, k, v, rpb, out, lse, kernel_size, chunk, use_cpu_kernels):
+def _(grad_out, q, k, v, rpb, out, lse, kernel_size, chunk, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rpb)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, kernel_size, chunk, use_cpu_kernels = inputs
+    q, k, v, rpb, kernel_size, chunk, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, rpb, out, lse)
-    ctx.kernel_size, ctx.chunk, ctx.use_cpu_kernels = kernel_size, chunk, use_cpu_kernels
+    ctx.kernel_size, ctx.chunk, ctx.backend = kernel_size, chunk, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, rpb, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_rpb = _neighborhood_attention_backward_op(
-        grad_out.contiguous(), q, k, v, rpb, out, lse, ctx.kernel_size, ctx.chunk, ctx.use_cpu_kernels
+        grad_out.contiguous(), q, k, v, rpb, out, lse, ctx.kernel_size, ctx.chunk, ctx.backend
     )
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
@@ -435,6 +439,6 @@ def neighborhood_attention(
         rpb.to(acc).contiguous(),
         kernel_size,
         chunk_elements,
-        backend == 'cpu-kernel',
+        backend,
     )
     return out.view(b, heads, h, w, d).to(dtype)
