@@ -93,10 +93,11 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
 @pytest.fixture
 def gpu_kernel(monkeypatch):
     """A function of the device that returns the attn_impl under which the D op runs its GPU
-    kernel, ``'fast'``, skipping the test where Triton does not import. On CPU the kernel runs in
-    Triton's interpreter, which Triton sets up on import (``TRITON_INTERPRET=1``): those cases run
-    in a process of their own (:func:`test_gpu_kernel_cases_pass_in_triton_interpreter`), where the
-    D op's entry sends its float32 work to the kernel, and are skipped elsewhere."""
+    kernels, ``'fast'``: on CUDA where they are turned on (``DAT_GPU_KERNELS=1``, as
+    ``tools/gpu_check.sh`` sets it), else the test is skipped. On CPU the kernels run in Triton's
+    interpreter, which Triton sets up on import (``TRITON_INTERPRET=1``): those cases run in a
+    process of their own (:func:`test_gpu_kernel_cases_pass_in_triton_interpreter`), where the D
+    op's entry sends its float32 work to the kernels, and are skipped elsewhere."""
     select = deformable_ops.select_backend
 
     def interpreted(impl, device, compute_dtype, gpu_kernel=False):
@@ -105,32 +106,36 @@ def gpu_kernel(monkeypatch):
         return select(impl, device, compute_dtype, gpu_kernel)
 
     def use(device):
-        if not gpu_kernels.available():
-            pytest.skip('Triton does not import here')
         if device.type == 'cpu':
             if not gpu_kernels.interpreting():
                 pytest.skip("runs in Triton's interpreter: test_gpu_kernel_cases_pass_in_triton_interpreter")
+            monkeypatch.setenv(gpu_kernels.ENV_SWITCH, '1')
             monkeypatch.setattr(deformable_ops, 'select_backend', interpreted)
+        if not gpu_kernels.available():
+            pytest.skip(f'the GPU kernels are off ({gpu_kernels.ENV_SWITCH}=1 turns them on) or Triton does not import')
         return 'fast'
 
     return use
 
 
 def test_gpu_kernel_cases_pass_in_triton_interpreter():
-    """The CPU cases of the D op's GPU kernel (``gpu_kernel`` in their id), in a process with
-    ``TRITON_INTERPRET=1``: the kernel's output and log-sum-exp, and the gradients the PyTorch
-    backward pass takes from them, against the reference."""
-    if not gpu_kernels.available():
+    """The CPU cases of the D op's GPU kernels (``gpu_kernel`` in their id), in a process with
+    ``TRITON_INTERPRET=1``: the kernels' output and gradients against the reference (and, for half
+    inputs, against the PyTorch path)."""
+    if not gpu_kernels.triton_imports():
         pytest.skip('Triton does not import here')
     if gpu_kernels.interpreting():
         pytest.skip('already in the interpreter')
-    command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', 'cpu-gpu_kernel']
+    cases = 'cpu-gpu_kernel or (gpu_kernel_half and cpu)'
+    command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', cases]
     env = {**os.environ, gpu_kernels.INTERPRET_SWITCH: '1'}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # Every case ran: 7 shapes, 6 layouts, the far keys and the NaN position.
-    assert re.fullmatch(r'15 passed(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?', summary), summary
+    # Every case ran: 7 shapes, 6 layouts, float16 inputs, the far keys and the NaN position (and
+    # bfloat16 was skipped).
+    expected = r'16 passed, 1 skipped(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?'
+    assert re.fullmatch(expected, summary), summary
 
 
 def _fast_impl(bias_impl, require_cpu_kernels, device=CPU, gpu_kernel=None):
@@ -219,6 +224,32 @@ def test_deformable_channels_last_queries(b, groups, grad_layout, bias_impl, dev
     assert grads_fast[0].is_contiguous(memory_format=torch.channels_last) == in_place
     for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads_fast, grads_ref, strict=True):
         assert_rel_close(a, e, name=f'grad {name}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['float16', 'bfloat16'])
+def test_deformable_gpu_kernel_half_inputs_agree_with_pytorch_path(dtype, device, gpu_kernel):
+    """Half q, k and v (as under autocast): the GPU kernels' output and gradients are the PyTorch
+    path's to half round-off (both round the product's logits to the half type and sum in float32)."""
+    if device.type == 'cpu' and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter multiplies bfloat16 blocks wrongly (tl.dot); the CUDA case runs it")
+    gpu_kernel(device)
+    inputs, coords = _deformable_inputs(2, 16, 6, 7, 4, 2, 3, 3, (9, 11), 'pp', spread=1.1, device=device)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs[:3])
+    inputs = [q, k, v, *inputs[3:]]
+    grad_out = torch.randn(2, 16, 6, 7, device=device).to(dtype)
+    results = {}
+    for backend in ('gpu-kernel', 'pytorch'):
+        out, _ = deformable_ops._deformable_attention_op(
+            q.reshape(4, 2, 4, 42), k.reshape(4, 2, 4, 9), v.reshape(4, 2, 4, 9), inputs[3],
+            coords[:, 0, 0], coords[0, :, 1], inputs[4], 2, 1 << 20, backend,
+        )  # fmt: skip
+        assert out.dtype == dtype
+        results[backend] = (out, torch.autograd.grad(out.view(2, 16, 6, 7), inputs, grad_out))
+    (out, grads), (out_pt, grads_pt) = results['gpu-kernel'], results['pytorch']
+    assert_rel_close(out.float(), out_pt.float(), tol=1e-2, name='output')
+    for name, a, e in zip(('q', 'k', 'v', 'pos', 'table'), grads, grads_pt, strict=True):
+        assert a.dtype == e.dtype
+        assert_rel_close(a.float(), e.float(), tol=2e-2, name=f'grad {name}')
 
 
 @pytest.mark.parametrize('bias_impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
@@ -785,8 +816,8 @@ def test_operators_called_directly_check_their_inputs():
     # The C++ kernels compute float32 on CPU only: an operator told to use them refuses the rest.
     with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on a float32 CPU table only; got torch.float64'):
         deformable_ops._deformable_attention_op(*(t.double() for t in (q, k, v, pos, qy, qx, rpe)), 2, 40, 'cpu-kernel')
-    # So does the GPU kernel, off CUDA (outside Triton's interpreter), and an unknown backend.
-    with pytest.raises(ValueError, match=r'runs its GPU kernel on CUDA tensors.*got torch.float32 queries on cpu'):
+    # So do the GPU kernels, off CUDA (outside Triton's interpreter); an unknown backend is refused.
+    with pytest.raises(ValueError, match=r'runs its GPU kernels on CUDA tensors.*got torch.float32 queries on cpu'):
         deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, 'gpu-kernel')
     backends = r"\('pytorch', 'cpu-kernel', 'gpu-kernel'\)"
     with pytest.raises(ValueError, match=rf"backend must be one of {backends}, got 'cuda'"):

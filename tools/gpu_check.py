@@ -16,13 +16,14 @@ every step, so a run stopped from outside keeps what it did.
    ``tests/test_backbone.py`` (fast paths against the reference: forward, backward, AMP,
    ``with_cp``, odd sizes; TF32 off), with pytest.
 3. ``benchmark``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference path, fast path
-   computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D op's forward
-   pass in its Triton kernel where Triton imports), and Swin-T (mmdet's, or timm's where mmdet
-   cannot be imported: ``swin_t`` in the JSON says which), at 1344x800@1 and 224@64, fwd and
-   fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and peak CUDA memory; then the ratios of the
-   fast path to the reference, to the PyTorch path and to Swin-T. Each model set runs in one process
-   (``--no-isolate``): a worker process per measurement would start CUDA 24 times, a large part
-   of the budget; on a GPU the caching allocator counts each model's peak apart all the same.
+   computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D op in its
+   Triton kernels where Triton imports; the check sets ``DAT_GPU_KERNELS=1`` for every step),
+   and Swin-T (mmdet's, or timm's where mmdet cannot be imported: ``swin_t`` in the JSON says
+   which), at 1344x800@1 and 224@64, fwd and fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and
+   peak CUDA memory; then the ratios of the fast path to the reference, to the PyTorch path and
+   to Swin-T. Each model set runs in one process (``--no-isolate``): a worker process per
+   measurement would start CUDA 24 times, a large part of the budget; on a GPU the caching
+   allocator counts each model's peak apart all the same.
 4. ``profile``: ``tools/analysis_tools/profile_ops.py``, one training step (fwd+bwd, fp32) of
    DAT-T++'s fast path and of Swin-T under ``torch.profiler``: the device time of each operator,
    module class and backward node, the device's busy time and kernel count per step.
@@ -70,6 +71,7 @@ MODEL_SETS = (('datpp-t:reference', 'datpp-t:pytorch', 'datpp-t:fast'), ('swin-t
 # What the fast path is compared with: (name in the ratios, benchmark model).
 COMPARED = (('reference', 'datpp-t:reference'), ('pytorch', 'datpp-t:pytorch'), ('swin_t', 'swin-t'))
 PROBE_MARKER = 'GPU_CHECK_PROBE '
+GPU_KERNELS_SWITCH = 'DAT_GPU_KERNELS'  # projects.dat.ops.gpu_kernels.ENV_SWITCH (not imported here)
 # What the environment step imports (a failure is recorded, not fatal).
 PROBED_MODULES = (
     'numpy',
@@ -202,6 +204,9 @@ class Run:
         # The steps' processes import projects.dat from this checkout (gpu_check.sh sets it too).
         paths = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
         self.env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=os.pathsep.join([*paths, str(REPO)]))
+        # The D op's Triton kernels are opt-in until they have run on a GPU: this check is where
+        # they do (unless the caller says otherwise).
+        self.env.setdefault(GPU_KERNELS_SWITCH, '1')
         self.report: dict[str, Any] = dict(
             check='tools/gpu_check.sh',
             note='first run on a GPU on 2026-12-04 (H200); the profile step has run on CPU only before',

@@ -33,9 +33,8 @@ backward pass recomputes each chunk's probabilities from them. On the ``cpu-kern
 C++ kernels (``csrc/deformable_attention.cpp``) compute the same arithmetic in one pass per query
 row and head instead, forward (q.k, bias, softmax and the product with v for a block of queries
 while its logits are in the cache) and backward; they keep a block of logits per thread, so the
-chunk size does not apply to them. On the ``gpu-kernel`` backend the forward pass is one Triton
-kernel (:mod:`~projects.dat.ops.gpu_kernels`, the same arithmetic block by block) and the backward
-pass is the chunks'.
+chunk size does not apply to them. On the ``gpu-kernel`` backend Triton kernels compute the same
+arithmetic block by block on the GPU (:mod:`~projects.dat.ops.gpu_kernels`), forward and backward.
 """
 
 import math
@@ -238,7 +237,8 @@ class _DeformableChunks:
         q, k, v, pos, query_y, query_x, table, num_groups, chunk: The operator's inputs.
         backend (str): One of :data:`OPERATOR_BACKENDS`. ``'cpu-kernel'`` loads the C++ kernels
             (:attr:`kernels`), which the operators then run instead of the chunks;
-            ``'gpu-kernel'`` checks that the Triton forward kernel can run these inputs.
+            ``'gpu-kernel'`` checks that the Triton kernels can run these inputs; only
+            ``'pytorch'`` sets up the chunks.
     """
 
     def __init__(
@@ -286,7 +286,7 @@ class _DeformableChunks:
         # Padded tables (groups, hg, Th + 4, Tw + 4): y major for the kernels, x major (transposed)
         # for the chunks' gathers.
         self.padded_tables = F.pad(table, (2, 2, 2, 2)).reshape(num_groups, -1, th + 4, tw + 4)
-        if self.kernels is None:
+        if backend == 'pytorch':
             self.table_t = self.padded_tables.transpose(-1, -2)
             self.workspace = _Workspace(q.device)
             self.ranges = _chunk_ranges(self.bg, self.hg, self.height, self.width, self.num_keys, chunk)
@@ -357,18 +357,18 @@ def _required_kernels(table: Tensor):
 
 
 def _check_gpu_kernel(q: Tensor, table: Tensor):
-    """Checks that the Triton forward kernel can run: CUDA tensors (CPU ones in Triton's
-    interpreter), half or float32 queries and a float32 table."""
+    """Checks that the Triton kernels can run: CUDA tensors (CPU ones in Triton's interpreter),
+    half or float32 queries and a float32 table."""
     on_device = q.device.type == 'cuda' or (q.device.type == 'cpu' and gpu_kernels.interpreting())
     if not on_device or q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or table.dtype != torch.float32:
         raise ValueError(
-            'dat::deformable_attention runs its GPU kernel on CUDA tensors, float32 or half queries and a '
+            'dat::deformable_attention runs its GPU kernels on CUDA tensors, float32 or half queries and a '
             f'float32 table; got {q.dtype} queries on {q.device} and a {table.dtype} table'
         )
     if not gpu_kernels.available():
         raise RuntimeError(
-            'dat::deformable_attention was told to use its GPU kernel, which is turned off '
-            f'({gpu_kernels.ENV_SWITCH}=0) or whose Triton does not import; deformable_attention() '
+            'dat::deformable_attention was told to use its GPU kernels, which are not turned on '
+            f'({gpu_kernels.ENV_SWITCH}=1) or whose Triton does not import; deformable_attention() '
             'picks PyTorch by itself'
         )
 
@@ -438,8 +438,6 @@ def _deformable_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, query_y: Tensor, query_x: Tensor, table: Tensor,
     out: Tensor, lse: Tensor, num_groups: int, chunk: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    # The GPU kernel computes the forward pass only: its backward pass is the chunks'.
-    backend = 'pytorch' if backend == 'gpu-kernel' else backend
     chunks = _DeformableChunks(q, k, v, pos, query_y, query_x, table, num_groups, chunk, backend)
     if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (*q.shape[:2], q.shape[3]):
         raise ValueError(
@@ -450,6 +448,15 @@ def _deformable_attention_backward_op(
     bg, hg, d, acc, ns = chunks.bg, chunks.hg, chunks.d, chunks.acc, chunks.num_keys
     th, tw = chunks.table_size
     scale = chunks.scale
+    if backend == 'gpu-kernel':
+        # D = rowsum(dO * O), the softmax backward term, (BG, hg, M).
+        delta = (grad_out.to(acc) * out.to(acc)).sum(2)
+        grad_q, grad_k, grad_v, grad_table, grad_coords = gpu_kernels.deformable_attention_backward(
+            _dense(grad_out), _dense(q), *(t.to(q.dtype).contiguous() for t in (k, v)), lse.contiguous(), delta,
+            scale, *chunks.bias_taps(),
+        )  # fmt: skip
+        grad_pos, grad_table = _position_and_table_gradients(grad_coords, grad_table, chunks.table_size, num_groups)
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_pos, grad_table
     if chunks.kernels is not None:
         grad_q, grad_k, grad_v, grad_table, grad_coords = chunks.kernels.deformable_attention_backward(
             *(_dense(t.to(torch.float32)) for t in (grad_out, q)),

@@ -8,8 +8,8 @@ asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
 =============== ================ ====================== ====================== ===========
 ``impl``        ONNX export, or  CPU, compute dtype     CUDA, compute dtype    otherwise
                 device not CPU / float32, C++ kernels   float32, the operator
-                CUDA             built                  has a GPU kernel,
-                                                        Triton imports
+                CUDA             built                  has a GPU kernel, on
+                                                        (DAT_GPU_KERNELS=1)
 =============== ================ ====================== ====================== ===========
 ``reference``   reference        reference              reference              reference
 ``auto``        reference        cpu-kernel             gpu-kernel             pytorch
@@ -23,9 +23,9 @@ asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
 - ``pytorch``: the memory-lean custom operators (``torch.ops.dat.*``) computed in PyTorch.
 - ``cpu-kernel``: the same operators computed by the C++ CPU kernels
   (:mod:`~projects.dat.ops.cpu_kernels`; ``DAT_CPU_KERNELS=0`` turns them off).
-- ``gpu-kernel``: the same operators with their forward pass computed by a Triton kernel
-  (:mod:`~projects.dat.ops.gpu_kernels`; deformable attention only; ``DAT_GPU_KERNELS=0`` turns
-  it off) and their backward pass in PyTorch.
+- ``gpu-kernel``: the same operators computed by Triton kernels on CUDA
+  (:mod:`~projects.dat.ops.gpu_kernels`; deformable attention only), where
+  ``DAT_GPU_KERNELS=1`` turns them on (opt-in until they have run on a GPU).
 
 The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,
 float16 and bfloat16 attention inputs, float64 for float64 ones, and the autocast dtype for the

@@ -1,24 +1,33 @@
-"""The optional GPU kernel of deformable attention's forward pass, in Triton.
+"""The optional GPU kernels of deformable attention, in Triton.
 
 On CUDA the PyTorch path of :mod:`~projects.dat.ops.deformable` makes about a dozen passes over
-every chunk of logits (the bias's gathers, the products, the softmax's steps): most of a D block's
-forward time on a GPU goes to them and to launching their kernels. :func:`deformable_attention_forward`
-computes the same arithmetic in one kernel, the way flash attention does: each program takes a
-block of queries of one head, and for each block of keys computes ``scale * q.k`` (a matrix
-product), adds the bias (the bilinear read of the padded table at the tap indices and weights of
-:meth:`~projects.dat.ops.deformable._DeformableChunks.bias_taps`, interpolated in y first, then
-in x, as the PyTorch path and the C++ kernel do), and updates a running softmax and its product
-with ``v``; only the output and each query's log-sum-exp go to memory. The backward pass stays
-the PyTorch path's, which recomputes the probabilities from that log-sum-exp.
+every chunk of logits (the bias's gathers, the products, the softmax's steps, and backwards the
+scatter-adds of the table's gradient): most of a D block's time on a GPU goes to them and to
+launching their kernels. These kernels compute the same arithmetic the way flash attention does:
 
-Products of float32 inputs run in IEEE float32 (no TF32), so the kernel agrees with the PyTorch
-path to float32 round-off; under autocast (half inputs) the logits of the product are rounded to
-the inputs' dtype, as the PyTorch path's half product returns them.
+- :func:`deformable_attention_forward`: each program takes a block of queries of one head and,
+  for each block of keys, computes ``scale * q.k`` (a matrix product), adds the bias (the
+  bilinear read of the padded table at the tap indices and weights of
+  :meth:`~projects.dat.ops.deformable._DeformableChunks.bias_taps`, interpolated in y first, then
+  in x, as the PyTorch path and the C++ kernel do) and updates a running softmax and its product
+  with ``v``; only the output and each query's log-sum-exp go to memory.
+- :func:`deformable_attention_backward`: one kernel per block of keys (the gradients of k, v and
+  the keys' table coordinates summed over every query in registers, the table's gradient added
+  to memory tap by tap) and one per block of queries (the gradient of q); both recompute the
+  probabilities from the log-sum-exp.
 
-Triton is imported when a kernel is first needed, never on ``import projects.dat``; where it is
-missing, :func:`available` is False and the operators run in PyTorch. ``DAT_GPU_KERNELS=0``
-turns the kernel off (to compare). With ``TRITON_INTERPRET=1`` (set before the first use) Triton
-runs the kernel on CPU tensors, which is how the tests check it on a machine without a GPU.
+Products of float32 inputs run in IEEE float32 (no TF32), so the kernels agree with the PyTorch
+path to float32 round-off (the table's gradient is summed in whatever order the additions to
+memory arrive, as the PyTorch path's scatter-adds on CUDA are); under autocast (half inputs) the
+logits of the product are rounded to the inputs' dtype, as the PyTorch path's half product
+returns them.
+
+The kernels are opt-in until they have run on a GPU: ``DAT_GPU_KERNELS=1`` turns them on
+(``tools/gpu_check.sh`` does, to test and time them). Triton is imported when a kernel is first
+needed, never on ``import projects.dat``; where it is missing, :func:`available` is False and the
+operators run in PyTorch. With ``TRITON_INTERPRET=1`` (set before Triton is imported)
+Triton runs the kernels on CPU tensors, which is how the tests check them on a machine without a
+GPU.
 """
 
 import functools
@@ -30,9 +39,12 @@ from torch import Tensor
 ENV_SWITCH = 'DAT_GPU_KERNELS'
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
-# Queries and keys per block of a program; 16 is the smallest side Triton's products take.
+# Queries and keys per block of a program (the forward pass and the backward pass's query
+# kernel; the backward pass's key kernel); 16 is the smallest side Triton's products take.
 BLOCK_QUERIES = 64
 BLOCK_KEYS = 32
+BACKWARD_BLOCK_QUERIES = 32
+BACKWARD_BLOCK_KEYS = 64
 MIN_BLOCK = 16
 
 
@@ -52,99 +64,29 @@ def _triton():
     return triton, tl
 
 
+def triton_imports() -> bool:
+    """Whether Triton imports here."""
+    return _triton() is not None
+
+
 def available() -> bool:
-    """Whether the GPU kernel can run: Triton imports and ``DAT_GPU_KERNELS`` is not ``0``."""
-    return os.environ.get(ENV_SWITCH, '1') != '0' and _triton() is not None
+    """Whether the GPU kernels can run: ``DAT_GPU_KERNELS=1`` and Triton imports."""
+    return os.environ.get(ENV_SWITCH, '0') == '1' and triton_imports()
 
 
 @functools.cache
-def _forward_kernel():
-    """The Triton forward kernel, defined (and so compiled) on first use."""
-    triton, tl = _triton()
+def _kernels():
+    """The Triton kernels ``(forward, backward_keys, backward_queries)``; the first call imports
+    Triton (and so compiles nothing yet: Triton compiles a kernel at its first launch per shape)."""
+    from . import deformable_triton
 
-    @triton.jit
-    def forward(
-        q_ptr, k_ptr, v_ptr, table_ptr, iy_ptr, fy_ptr, ix_ptr, fx_ptr, out_ptr, lse_ptr,
-        q_stride_b, q_stride_h, q_stride_d, q_stride_m,
-        out_stride_b, out_stride_h, out_stride_d, out_stride_m,
-        heads, d, queries, width, rows, num_keys, table_rows, table_cols, scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, ROUND_LOGITS: tl.constexpr,
-    ):  # fmt: skip
-        block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        valid_m = offs_m < queries
-        valid_d = offs_d < d
-        query_row, query_col = offs_m // width, offs_m % width
-        head_q = q_ptr + b * q_stride_b + h * q_stride_h
-        q = tl.load(
-            head_q + offs_m[:, None] * q_stride_m + offs_d[None, :] * q_stride_d,
-            mask=valid_m[:, None] & valid_d[None, :],
-            other=0.0,
-        )
-        head_keys = bh * d * num_keys
-        head_table = table_ptr + bh * table_rows * table_cols
-        row_taps = (b * rows + query_row[:, None]) * num_keys
-        col_taps = (b * width + query_col[:, None]) * num_keys
-        running_max = tl.full([BLOCK_M], float('-inf'), tl.float32)
-        running_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, num_keys, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid_n = offs_n < num_keys
-            k = tl.load(
-                k_ptr + head_keys + offs_d[:, None] * num_keys + offs_n[None, :],
-                mask=valid_d[:, None] & valid_n[None, :],
-                other=0.0,
-            )
-            if IEEE:
-                products = tl.dot(q, k, input_precision='ieee')
-            else:
-                products = tl.dot(q, k)
-            if ROUND_LOGITS:
-                products = products.to(q_ptr.dtype.element_ty).to(tl.float32)
-            pair = valid_m[:, None] & valid_n[None, :]
-            iy = tl.load(iy_ptr + row_taps + offs_n[None, :], mask=pair, other=0)
-            fy = tl.load(fy_ptr + row_taps + offs_n[None, :], mask=pair, other=0.0)
-            ix = tl.load(ix_ptr + col_taps + offs_n[None, :], mask=pair, other=0)
-            fx = tl.load(fx_ptr + col_taps + offs_n[None, :], mask=pair, other=0.0)
-            top = head_table + iy * table_cols + ix
-            top_left = tl.load(top, mask=pair, other=0.0)
-            top_right = tl.load(top + 1, mask=pair, other=0.0)
-            bottom_left = tl.load(top + table_cols, mask=pair, other=0.0)
-            bottom_right = tl.load(top + table_cols + 1, mask=pair, other=0.0)
-            left = top_left + (bottom_left - top_left) * fy
-            right = top_right + (bottom_right - top_right) * fy
-            logits = products * scale + (left + (right - left) * fx)
-            logits = tl.where(valid_n[None, :], logits, float('-inf'))
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            # A NaN logit makes its query's sum, and so its output, NaN, as on the PyTorch path.
-            # Query rows past the end compute on zeros and are not stored.
-            rescale = tl.exp(running_max - new_max)
-            weights = tl.exp(logits - new_max[:, None])
-            running_sum = running_sum * rescale + tl.sum(weights, 1)
-            v = tl.load(
-                v_ptr + head_keys + offs_n[:, None] + offs_d[None, :] * num_keys,
-                mask=valid_n[:, None] & valid_d[None, :],
-                other=0.0,
-            )
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision='ieee')
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
-            running_max = new_max
-        out = acc / running_sum[:, None]
-        head_out = out_ptr + b * out_stride_b + h * out_stride_h
-        tl.store(
-            head_out + offs_m[:, None] * out_stride_m + offs_d[None, :] * out_stride_d,
-            out.to(out_ptr.dtype.element_ty),
-            mask=valid_m[:, None] & valid_d[None, :],
-        )
-        tl.store(lse_ptr + bh * queries + offs_m, running_max + tl.log(running_sum), mask=valid_m)
+    return deformable_triton.forward, deformable_triton.backward_keys, deformable_triton.backward_queries
 
-    return forward
+
+def _common_constants(q: Tensor, d: int) -> dict:
+    """The kernels' compile-time constants that follow the inputs: the channel block, IEEE float32
+    products for float32 inputs, and half logits rounded as a half product returns them."""
+    return dict(BLOCK_D=_block(d, 1 << 30), IEEE=q.dtype == torch.float32, ROUND_LOGITS=q.dtype != torch.float32)
 
 
 def _block(size: int, largest: int) -> int:
@@ -183,11 +125,54 @@ def deformable_attention_forward(
     lse = torch.empty(bg, heads, queries, dtype=torch.float32, device=q.device)
     block_m = _block(queries, BLOCK_QUERIES)
     grid = (-(-queries // block_m), bg * heads)
-    _forward_kernel()[grid](
+    forward, _, _ = _kernels()
+    forward[grid](
         q, k, v, table, iy, fy, ix, fx, out, lse,
         *q.stride(), *out.stride(),
         heads, d, queries, width, rows, num_keys, table.shape[2], table.shape[3], scale,
-        BLOCK_M=block_m, BLOCK_N=_block(num_keys, BLOCK_KEYS), BLOCK_D=_block(d, 1 << 30),
-        IEEE=q.dtype == torch.float32, ROUND_LOGITS=q.dtype != torch.float32,
+        BLOCK_M=block_m, BLOCK_N=_block(num_keys, BLOCK_KEYS), **_common_constants(q, d),
     )  # fmt: skip
     return out, lse
+
+
+def deformable_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, scale: float,
+    table: Tensor, iy: Tensor, fy: Tensor, ix: Tensor, fx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The gradients of :func:`deformable_attention_forward`, in two Triton kernels: one per block
+    of keys (the gradients of k, v, the keys' table coordinates and the table) and one per block
+    of queries (the gradient of q). Both recompute the probabilities from the log-sum-exp.
+
+    Args:
+        grad_out (Tensor): The output's gradient, q's shape, any dense layout.
+        q, k, v, scale, table, iy, fy, ix, fx: As for :func:`deformable_attention_forward`.
+        lse (Tensor): ``(BG, hg, rows * W)`` float32 log-sum-exp of the forward pass, contiguous.
+        delta (Tensor): ``(BG, hg, rows * W)`` float32 ``rowsum(grad_out * out)``, contiguous.
+
+    Returns:
+        tuple: ``grad_q`` (laid out as q, in q's dtype); ``grad_k`` and ``grad_v`` (float32); the
+        gradient of the padded tables ``(BG, hg, Th + 4, Tw + 4)`` and of each key's ``(y, x)``
+        pixel coordinate in the table ``(BG, Ns, 2)``, summed over heads (float32).
+    """
+    bg, heads, d, queries = q.shape
+    rows, width, num_keys = iy.shape[1], ix.shape[1], k.shape[-1]
+    grad_q = torch.empty_like(q)
+    grad_k = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    grad_v = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    grad_coords = torch.empty(bg, heads, num_keys, 2, dtype=torch.float32, device=q.device)
+    _, backward_keys, backward_queries = _kernels()
+    sizes = (heads, d, queries, width, rows, num_keys, table.shape[2], table.shape[3], scale)
+    block_n = _block(num_keys, BACKWARD_BLOCK_KEYS)
+    backward_keys[(-(-num_keys // block_n), bg * heads)](
+        q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_k, grad_v, grad_table, grad_coords,
+        *q.stride(), *grad_out.stride(), *sizes,
+        BLOCK_M=_block(queries, BACKWARD_BLOCK_QUERIES), BLOCK_N=block_n, **_common_constants(q, d),
+    )  # fmt: skip
+    block_m = _block(queries, BLOCK_QUERIES)
+    backward_queries[(-(-queries // block_m), bg * heads)](
+        q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_q,
+        *q.stride(), *grad_out.stride(), *grad_q.stride(), *sizes,
+        BLOCK_M=block_m, BLOCK_N=_block(num_keys, BLOCK_KEYS), **_common_constants(q, d),
+    )  # fmt: skip
+    return grad_q, grad_k, grad_v, grad_table, grad_coords.sum(1)
