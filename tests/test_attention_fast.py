@@ -132,9 +132,9 @@ def test_gpu_kernel_cases_pass_in_triton_interpreter():
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # Every case ran: 7 shapes, 6 layouts, float16 inputs, the far keys and the NaN position (and
-    # bfloat16 was skipped).
-    expected = r'16 passed, 1 skipped(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?'
+    # Every case ran: 7 shapes, 6 layouts, float16 inputs, the far keys, the NaN position and
+    # opcheck (and bfloat16 was skipped).
+    expected = r'17 passed, 1 skipped(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?'
     assert re.fullmatch(expected, summary), summary
 
 
@@ -565,22 +565,24 @@ def test_compile_traces_fast_ops_without_graph_breaks(device):
 
 
 @needs_custom_ops
-@pytest.mark.parametrize('backend', ['pytorch', 'cpu-kernel'])
-def test_custom_ops_pass_opcheck(backend, device, require_cpu_kernels):
+@pytest.mark.parametrize('backend', ['pytorch', 'cpu-kernel', pytest.param('gpu-kernel', id='gpu_kernel')])
+def test_custom_ops_pass_opcheck(backend, device, require_cpu_kernels, gpu_kernel):
     # Fake implementations must match the real ones to the strides (inductor checks them); the
     # backward operators are checked on their own, with real forward outputs.
     if backend == 'cpu-kernel':
         _fast_impl('cpu_kernels', require_cpu_kernels, device)
+    if backend == 'gpu-kernel':
+        gpu_kernel(device)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 9, 10, 8, generator=g).to(device).requires_grad_() for _ in range(3))
     rpb = torch.randn(2, 13, 13, generator=g).to(device).requires_grad_()
-    n_args = (q, k, v, rpb, 7, 1 << 22, backend)
+    n_args = (q, k, v, rpb, 7, 1 << 22, 'pytorch' if backend == 'gpu-kernel' else backend)  # no N GPU kernel
     torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
     out, lse = torch.ops.dat.neighborhood_attention(*n_args)
     detached = [t.detach() for t in (q, k, v, rpb, out, lse)]
     torch.library.opcheck(
         torch.ops.dat.neighborhood_attention_backward.default,
-        (torch.randn_like(out), *detached, 7, 1 << 22, backend),
+        (torch.randn_like(out), *detached, *n_args[4:]),
     )
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9, device=device)
     d_args = (
