@@ -55,9 +55,9 @@ def test_dry_run_passes_every_step(dry_run):
     tests = steps['tests']
     assert tests['status'] == 'passed' and tests['passed'] > 0 and tests['failed'] == 0, tests
     benchmark_steps = [name for name in steps if name.startswith('benchmark:')]
-    assert len(benchmark_steps) == 4 and all(steps[name]['status'] == 'passed' for name in benchmark_steps)
-    assert steps['profile']['status'] == 'passed' and steps['profile']['cases'] == 2, steps['profile']
-    assert [case['model'] for case in report['profile']] == ['datpp-t:fast', 'swin-t']
+    assert len(benchmark_steps) == 6 and all(steps[name]['status'] == 'passed' for name in benchmark_steps)
+    assert steps['profile']['status'] == 'passed' and steps['profile']['cases'] == 3, steps['profile']
+    assert [case['model'] for case in report['profile']] == ['datpp-t:fast', 'datpp-t:pytorch', 'swin-t']
     assert all(case['mode'] == 'fwd+bwd' and case['ops'] and case['backward'] for case in report['profile'])
     assert steps['detector_train']['status'] == 'passed', steps['detector_train']
     assert 'loss' in steps['detector_train']['last_train_log']
