@@ -57,7 +57,7 @@ def test_dry_run_passes_every_step(dry_run):
     benchmark_steps = [name for name in steps if name.startswith('benchmark:')]
     assert len(benchmark_steps) == 6 and all(steps[name]['status'] == 'passed' for name in benchmark_steps)
     assert steps['profile']['status'] == 'passed' and steps['profile']['cases'] == 3, steps['profile']
-    assert [case['model'] for case in report['profile']] == ['datpp-t:fast', 'datpp-t:pytorch', 'swin-t']
+    assert [case['model'] for case in report['profile']] == ['datpp-t:pytorch', 'swin-t', 'datpp-t:fast']
     assert all(case['mode'] == 'fwd+bwd' and case['ops'] and case['backward'] for case in report['profile'])
     assert steps['detector_train']['status'] == 'passed', steps['detector_train']
     assert 'loss' in steps['detector_train']['last_train_log']
