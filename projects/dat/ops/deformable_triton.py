@@ -64,6 +64,38 @@ def load_keys(ptr, head_keys, num_keys, offs_d, offs_n, mask):
 
 
 @triton.jit
+def load_query_rows(
+    q_ptr, grad_out_ptr, lse_ptr, delta_ptr,
+    q_stride_b, q_stride_h, q_stride_d, q_stride_m,
+    grad_out_stride_b, grad_out_stride_h, grad_out_stride_d, grad_out_stride_m,
+    b, h, bh, queries, offs_m, offs_d, query_block, valid_m,
+):  # fmt: skip
+    """What the backward pass reads of a block of queries: q, the output's gradient, and each
+    query's log-sum-exp and ``D = rowsum(dO * O)``."""
+    q = load_queries(q_ptr, q_stride_b, q_stride_h, q_stride_m, q_stride_d, b, h, offs_m, offs_d, query_block)
+    grad_out = load_queries(
+        grad_out_ptr, grad_out_stride_b, grad_out_stride_h, grad_out_stride_m, grad_out_stride_d,
+        b, h, offs_m, offs_d, query_block,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
+    delta = tl.load(delta_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
+    return q, grad_out, lse, delta
+
+
+@triton.jit
+def softmax_backward(
+    q, k, v, grad_out, lse, delta, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, pair,
+    IEEE: tl.constexpr, ROUND_LOGITS: tl.constexpr,
+):  # fmt: skip
+    """A block's probabilities P, recomputed from each query's log-sum-exp, the logits' gradient
+    dS = P * (dO.v - D) and the bias's slope in x."""
+    logits, x_slope = logits_of(q, k, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, IEEE, ROUND_LOGITS)
+    probs = tl.where(pair, tl.exp(logits - lse[:, None]), 0.0)
+    grad_s = probs * (dot(grad_out, v, IEEE) - delta[:, None])
+    return probs, grad_s, x_slope
+
+
+@triton.jit
 def forward(
     q_ptr, k_ptr, v_ptr, table_ptr, iy_ptr, fy_ptr, ix_ptr, fx_ptr, out_ptr, lse_ptr,
     q_stride_b, q_stride_h, q_stride_d, q_stride_m,
@@ -148,26 +180,23 @@ def backward_keys(
     for m0 in range(0, queries, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid_m = offs_m < queries
-        query_block = valid_m[:, None] & valid_d[None, :]
-        q = load_queries(q_ptr, q_stride_b, q_stride_h, q_stride_m, q_stride_d, b, h, offs_m, offs_d, query_block)
-        grad_out = load_queries(
-            grad_out_ptr, grad_out_stride_b, grad_out_stride_h, grad_out_stride_m, grad_out_stride_d,
-            b, h, offs_m, offs_d, query_block,
+        q, grad_out, lse, delta = load_query_rows(
+            q_ptr, grad_out_ptr, lse_ptr, delta_ptr,
+            q_stride_b, q_stride_h, q_stride_d, q_stride_m,
+            grad_out_stride_b, grad_out_stride_h, grad_out_stride_d, grad_out_stride_m,
+            b, h, bh, queries, offs_m, offs_d, valid_m[:, None] & valid_d[None, :], valid_m,
         )  # fmt: skip
-        lse = tl.load(lse_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
-        delta = tl.load(delta_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
         pair = valid_m[:, None] & valid_n[None, :]
         row_taps = (b * rows + offs_m[:, None] // width) * num_keys
         col_taps = (b * width + offs_m[:, None] % width) * num_keys
         offset, fy, fx, top_left, top_right, bottom_left, bottom_right = bias_taps(
             iy_ptr, fy_ptr, ix_ptr, fx_ptr, table_ptr + head_table, table_cols, row_taps, col_taps, offs_n, pair
         )
-        logits, x_slope = logits_of(
-            q, k, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, IEEE, ROUND_LOGITS
-        )
-        probs = tl.where(pair, tl.exp(logits - lse[:, None]), 0.0)
+        probs, grad_s, x_slope = softmax_backward(
+            q, k, v, grad_out, lse, delta, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, pair,
+            IEEE, ROUND_LOGITS,
+        )  # fmt: skip
         grad_v += dot(tl.trans(grad_out), probs.to(grad_out.dtype), IEEE)
-        grad_s = probs * (dot(grad_out, v, IEEE) - delta[:, None])  # dS = P * (dP - D)
         grad_k += dot(tl.trans(q), grad_s.to(q.dtype), IEEE)
         # The bias backwards: x taps first (g0, g1), then y, as the PyTorch path computes it.
         g1 = grad_s * fx
@@ -207,13 +236,12 @@ def backward_queries(
     valid_m = offs_m < queries
     valid_d = offs_d < d
     query_block = valid_m[:, None] & valid_d[None, :]
-    q = load_queries(q_ptr, q_stride_b, q_stride_h, q_stride_m, q_stride_d, b, h, offs_m, offs_d, query_block)
-    grad_out = load_queries(
-        grad_out_ptr, grad_out_stride_b, grad_out_stride_h, grad_out_stride_m, grad_out_stride_d,
-        b, h, offs_m, offs_d, query_block,
+    q, grad_out, lse, delta = load_query_rows(
+        q_ptr, grad_out_ptr, lse_ptr, delta_ptr,
+        q_stride_b, q_stride_h, q_stride_d, q_stride_m,
+        grad_out_stride_b, grad_out_stride_h, grad_out_stride_d, grad_out_stride_m,
+        b, h, bh, queries, offs_m, offs_d, query_block, valid_m,
     )  # fmt: skip
-    lse = tl.load(lse_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
-    delta = tl.load(delta_ptr + bh * queries + offs_m, mask=valid_m, other=0.0)
     head_keys = bh * d * num_keys
     head_table = table_ptr + bh * table_rows * table_cols
     row_taps = (b * rows + offs_m[:, None] // width) * num_keys
@@ -229,9 +257,10 @@ def backward_queries(
         _, fy, fx, top_left, top_right, bottom_left, bottom_right = bias_taps(
             iy_ptr, fy_ptr, ix_ptr, fx_ptr, head_table, table_cols, row_taps, col_taps, offs_n, pair
         )
-        logits, _ = logits_of(q, k, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, IEEE, ROUND_LOGITS)
-        probs = tl.where(pair, tl.exp(logits - lse[:, None]), 0.0)
-        grad_s = probs * (dot(grad_out, v, IEEE) - delta[:, None])
+        _, grad_s, _ = softmax_backward(
+            q, k, v, grad_out, lse, delta, scale, fy, fx, top_left, top_right, bottom_left, bottom_right, pair,
+            IEEE, ROUND_LOGITS,
+        )  # fmt: skip
         acc += dot(grad_s.to(k.dtype), tl.trans(k), IEEE)
     head_grad_q = grad_q_ptr + b * grad_q_stride_b + h * grad_q_stride_h
     tl.store(
