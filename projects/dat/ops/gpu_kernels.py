@@ -39,12 +39,12 @@ from torch import Tensor
 ENV_SWITCH = 'DAT_GPU_KERNELS'
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
-# Queries and keys per block of a program (the forward pass and the backward pass's query
-# kernel; the backward pass's key kernel); 16 is the smallest side Triton's products take.
-BLOCK_QUERIES = 64
-BLOCK_KEYS = 32
-BACKWARD_BLOCK_QUERIES = 32
-BACKWARD_BLOCK_KEYS = 64
+# Each kernel's (queries, keys) per block and warps per program. With 32 channels per head (every
+# DAT and DAT++ variant) none spills registers on sm_90, for float32 or half inputs
+# (tests/test_gpu_kernels.py compiles them); not yet timed on a GPU.
+KERNEL_BLOCKS = dict(forward=(64, 32), backward_keys=(16, 64), backward_queries=(64, 32))
+NUM_WARPS = 8
+# The smallest block side that Triton's products take.
 MIN_BLOCK = 16
 
 
@@ -84,9 +84,21 @@ def _kernels():
 
 
 def _common_constants(q: Tensor, d: int) -> dict:
-    """The kernels' compile-time constants that follow the inputs: the channel block, IEEE float32
-    products for float32 inputs, and half logits rounded as a half product returns them."""
-    return dict(BLOCK_D=_block(d, 1 << 30), IEEE=q.dtype == torch.float32, ROUND_LOGITS=q.dtype != torch.float32)
+    """The kernels' compile-time constants and launch options that follow the inputs: the channel
+    block, IEEE float32 products for float32 inputs, half logits rounded as a half product
+    returns them, and the warps."""
+    return dict(
+        BLOCK_D=_block(d, 1 << 30),
+        IEEE=q.dtype == torch.float32,
+        ROUND_LOGITS=q.dtype != torch.float32,
+        num_warps=NUM_WARPS,
+    )
+
+
+def _blocks(kernel: str, queries: int, num_keys: int) -> tuple[int, int]:
+    """A kernel's (queries, keys) per block (:data:`KERNEL_BLOCKS`), smaller for small maps."""
+    block_m, block_n = KERNEL_BLOCKS[kernel]
+    return _block(queries, block_m), _block(num_keys, block_n)
 
 
 def _block(size: int, largest: int) -> int:
@@ -123,14 +135,13 @@ def deformable_attention_forward(
     rows, width, num_keys = iy.shape[1], ix.shape[1], k.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(bg, heads, queries, dtype=torch.float32, device=q.device)
-    block_m = _block(queries, BLOCK_QUERIES)
-    grid = (-(-queries // block_m), bg * heads)
+    block_m, block_n = _blocks('forward', queries, num_keys)
     forward, _, _ = _kernels()
-    forward[grid](
+    forward[(-(-queries // block_m), bg * heads)](
         q, k, v, table, iy, fy, ix, fx, out, lse,
         *q.stride(), *out.stride(),
         heads, d, queries, width, rows, num_keys, table.shape[2], table.shape[3], scale,
-        BLOCK_M=block_m, BLOCK_N=_block(num_keys, BLOCK_KEYS), **_common_constants(q, d),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common_constants(q, d),
     )  # fmt: skip
     return out, lse
 
@@ -163,16 +174,16 @@ def deformable_attention_backward(
     grad_coords = torch.empty(bg, heads, num_keys, 2, dtype=torch.float32, device=q.device)
     _, backward_keys, backward_queries = _kernels()
     sizes = (heads, d, queries, width, rows, num_keys, table.shape[2], table.shape[3], scale)
-    block_n = _block(num_keys, BACKWARD_BLOCK_KEYS)
+    block_m, block_n = _blocks('backward_keys', queries, num_keys)
     backward_keys[(-(-num_keys // block_n), bg * heads)](
         q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_k, grad_v, grad_table, grad_coords,
         *q.stride(), *grad_out.stride(), *sizes,
-        BLOCK_M=_block(queries, BACKWARD_BLOCK_QUERIES), BLOCK_N=block_n, **_common_constants(q, d),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common_constants(q, d),
     )  # fmt: skip
-    block_m = _block(queries, BLOCK_QUERIES)
+    block_m, block_n = _blocks('backward_queries', queries, num_keys)
     backward_queries[(-(-queries // block_m), bg * heads)](
         q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_q,
         *q.stride(), *grad_out.stride(), *grad_q.stride(), *sizes,
-        BLOCK_M=block_m, BLOCK_N=_block(num_keys, BLOCK_KEYS), **_common_constants(q, d),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common_constants(q, d),
     )  # fmt: skip
     return grad_q, grad_k, grad_v, grad_table, grad_coords.sum(1)
