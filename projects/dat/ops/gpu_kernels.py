@@ -39,12 +39,13 @@ from torch import Tensor
 ENV_SWITCH = 'DAT_GPU_KERNELS'
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
-# Each kernel's (queries, keys) per block and warps per program. With 32 channels per head (every
-# DAT and DAT++ variant) none spills registers on sm_90, for float32 or half inputs
-# (tests/test_gpu_kernels.py compiles them); not yet timed on a GPU.
+# Each kernel's (queries, keys) per block and warps per program, whatever the map (a few compiled
+# variants, not one per size). With 32 channels per head (every DAT and DAT++ variant) none spills
+# registers on sm_90, for float32 or half inputs (tests/test_gpu_kernels.py compiles them); not
+# yet timed on a GPU.
 KERNEL_BLOCKS = dict(forward=(64, 32), backward_keys=(16, 64), backward_queries=(64, 32))
 NUM_WARPS = 8
-# The smallest block side that Triton's products take.
+# The smallest channel block: the smallest side that Triton's products take.
 MIN_BLOCK = 16
 
 
@@ -88,22 +89,11 @@ def _common_constants(q: Tensor, d: int) -> dict:
     block, IEEE float32 products for float32 inputs, half logits rounded as a half product
     returns them, and the warps."""
     return dict(
-        BLOCK_D=_block(d, 1 << 30),
+        BLOCK_D=max(MIN_BLOCK, 1 << max(0, d - 1).bit_length()),
         IEEE=q.dtype == torch.float32,
         ROUND_LOGITS=q.dtype != torch.float32,
         num_warps=NUM_WARPS,
     )
-
-
-def _blocks(kernel: str, queries: int, num_keys: int) -> tuple[int, int]:
-    """A kernel's (queries, keys) per block (:data:`KERNEL_BLOCKS`), smaller for small maps."""
-    block_m, block_n = KERNEL_BLOCKS[kernel]
-    return _block(queries, block_m), _block(num_keys, block_n)
-
-
-def _block(size: int, largest: int) -> int:
-    """The block side for ``size`` elements: a power of two between :data:`MIN_BLOCK` and ``largest``."""
-    return max(MIN_BLOCK, min(largest, 1 << max(0, size - 1).bit_length()))
 
 
 def deformable_attention_forward(
@@ -135,7 +125,7 @@ def deformable_attention_forward(
     rows, width, num_keys = iy.shape[1], ix.shape[1], k.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(bg, heads, queries, dtype=torch.float32, device=q.device)
-    block_m, block_n = _blocks('forward', queries, num_keys)
+    block_m, block_n = KERNEL_BLOCKS['forward']
     forward, _, _ = _kernels()
     forward[(-(-queries // block_m), bg * heads)](
         q, k, v, table, iy, fy, ix, fx, out, lse,
@@ -174,13 +164,13 @@ def deformable_attention_backward(
     grad_coords = torch.empty(bg, heads, num_keys, 2, dtype=torch.float32, device=q.device)
     _, backward_keys, backward_queries = _kernels()
     sizes = (heads, d, queries, width, rows, num_keys, table.shape[2], table.shape[3], scale)
-    block_m, block_n = _blocks('backward_keys', queries, num_keys)
+    block_m, block_n = KERNEL_BLOCKS['backward_keys']
     backward_keys[(-(-num_keys // block_n), bg * heads)](
         q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_k, grad_v, grad_table, grad_coords,
         *q.stride(), *grad_out.stride(), *sizes,
         BLOCK_M=block_m, BLOCK_N=block_n, **_common_constants(q, d),
     )  # fmt: skip
-    block_m, block_n = _blocks('backward_queries', queries, num_keys)
+    block_m, block_n = KERNEL_BLOCKS['backward_queries']
     backward_queries[(-(-queries // block_m), bg * heads)](
         q, k, v, grad_out, lse, delta, table, iy, fy, ix, fx, grad_q,
         *q.stride(), *grad_out.stride(), *grad_q.stride(), *sizes,
