@@ -22,7 +22,7 @@ from torch import nn
 
 from .models.attn_impl import set_attn_impl
 from .models.dat import DAT
-from .ops import ATTN_IMPLS
+from .ops import ATTN_IMPLS, gpu_kernels
 from .toolboxes import build_config_model, build_toolbox_model, dummy_data_sample
 
 __all__ = [
@@ -284,4 +284,6 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(torch.device(device))
         info['cuda'] = torch.version.cuda
+        # Whether the fast path's deformable attention runs in its Triton kernels (opt-in).
+        info['gpu_kernels'] = gpu_kernels.available()
     return info
