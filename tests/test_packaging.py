@@ -167,11 +167,21 @@ def test_install_requires_are_ranges_of_what_the_package_imports(metadata):
 
     # Every third-party module that projects/dat imports at module level is a base requirement,
     # and every base requirement is imported; a module imported only inside the function that
-    # needs it is an optional dependency, declared by an extra.
-    imported, optional = set(), set()
-    for path in PACKAGE.rglob('*.py'):
-        tree = ast.parse(path.read_text(), str(path))
+    # needs it is an optional dependency, declared by an extra, and so is what a module of the
+    # package imports that the package itself imports only inside a function (the Triton kernels).
+    trees = {path: ast.parse(path.read_text(), str(path)) for path in PACKAGE.rglob('*.py')}
+    lazy_modules, eager_modules = set(), set()
+    for tree in trees.values():
         top_level = set(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                names = {alias.name for alias in node.names} | {(node.module or '').split('.')[-1]}
+                (eager_modules if node in top_level else lazy_modules).update(names)
+    optional_files = {path for path in trees if path.stem in lazy_modules - eager_modules}
+    assert {path.stem for path in optional_files} == {'deformable_triton'}
+    imported, optional = set(), set()
+    for path, tree in trees.items():
+        top_level = set(tree.body) if path not in optional_files else set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = {alias.name.split('.')[0] for alias in node.names}

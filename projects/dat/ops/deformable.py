@@ -368,7 +368,7 @@ def _check_gpu_kernel(q: Tensor, table: Tensor):
     if not gpu_kernels.available():
         raise RuntimeError(
             'dat::deformable_attention was told to use its GPU kernels, which are not turned on '
-            f'({gpu_kernels.ENV_SWITCH}=1) or whose Triton does not import; deformable_attention() '
+            f'({gpu_kernels.ENV_SWITCH}=1) or Triton 3 or newer does not import; deformable_attention() '
             'picks PyTorch by itself'
         )
 

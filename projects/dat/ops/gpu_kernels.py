@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 ENV_SWITCH = 'DAT_GPU_KERNELS'
+MIN_TRITON_MAJOR = 3
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
 # Each kernel's (queries, keys) per block and warps per program, whatever the map (a few compiled
@@ -56,22 +57,23 @@ def interpreting() -> bool:
 
 @functools.cache
 def _triton():
-    """``(triton, triton.language)``, or None where Triton does not import."""
+    """``(triton, triton.language)``, or None where Triton 3 or newer does not import (the kernels
+    use its products' ``input_precision``; torch 2.1's Triton 2.1 lacks it)."""
     try:
         import triton
         import triton.language as tl
     except Exception:  # not installed, or a build that cannot load here
         return None
-    return triton, tl
+    return (triton, tl) if int(triton.__version__.split('.')[0]) >= MIN_TRITON_MAJOR else None
 
 
 def triton_imports() -> bool:
-    """Whether Triton imports here."""
+    """Whether Triton 3 or newer imports here."""
     return _triton() is not None
 
 
 def available() -> bool:
-    """Whether the GPU kernels can run: ``DAT_GPU_KERNELS=1`` and Triton imports."""
+    """Whether the GPU kernels can run: ``DAT_GPU_KERNELS=1`` and Triton 3 or newer imports."""
     return os.environ.get(ENV_SWITCH, '0') == '1' and triton_imports()
 
 
