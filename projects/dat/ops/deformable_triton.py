@@ -15,6 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in float32: IEEE float32 products for float32 blocks (no TF32)."""
     if IEEE:
         product = tl.dot(a, b, input_precision='ieee')
     else:
@@ -53,6 +54,7 @@ def logits_of(
 
 @triton.jit
 def load_queries(ptr, stride_b, stride_h, stride_m, stride_d, b, h, offs_m, offs_d, mask):
+    """A ``(BLOCK_M, BLOCK_D)`` block of batch-group b's head h of a tensor laid out as q."""
     return tl.load(ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d,
                    mask=mask, other=0.0)  # fmt: skip
 
