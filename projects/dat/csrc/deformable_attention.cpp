@@ -29,9 +29,12 @@
 //   R[n][t] = T[iy][t] + fy * (T[iy + 1][t] - T[iy][t]),
 // is needed only at the columns t that key's x taps reach (ix is monotonic in the query column
 // c, so from ix[0, n] to ix[W - 1, n] + 1); it is computed once per row (contiguous in t) and
-// then read with two adjacent loads per query column, instead of four table reads per pair.
-// The gradient runs the same way backwards: the pairs' gradients are gathered into R's
-// gradient, which is then spread over the two table rows once per query row.
+// then read at two adjacent columns per pair, instead of four table reads per pair. Over a few
+// neighbouring queries a key's taps span a few columns only: 8 keys at a time, those columns are
+// read once into vector registers and each pair picks its two from them (the gradient: the
+// pairs' sums per column are taken in registers and added to R's gradient once). The gradient
+// runs the same way backwards: the pairs' gradients are gathered into R's gradient, which is
+// then spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
 //
 // q (and the output, grad_out and grad_q, laid out as q) may be any dense layout: the D block's
@@ -45,6 +48,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -56,6 +60,41 @@ namespace {
 // Queries per block: 32 and 64 measured alike (docs/benchmarks.md); 32 keeps the backward's two
 // blocks of logits in a 1 MB L2 cache at Ns = 1050 (stage 1 of DAT-T++ at 1344x800).
 constexpr int64_t kQueryBlock = 32;
+// Queries per step of the bias passes (the bias added to the logits, its gradient): a key's taps
+// move by about 0.15-1 table column per query along a row in DAT's D blocks, so that those of 8
+// queries stay within kBiasWindow columns.
+constexpr int64_t kBiasQueries = 8;
+
+// The bias passes work on kVector keys at a time (GCC / Clang vector types: AVX2 where built so)
+// wherever a block's taps of a key spread over fewer than kBiasWindow columns.
+constexpr int64_t kVector = 8;
+constexpr int64_t kBiasWindow = 8;
+typedef float FloatVector __attribute__((vector_size(kVector * sizeof(float))));
+typedef int32_t IntVector __attribute__((vector_size(kVector * sizeof(int32_t))));
+
+template <typename V, typename T>
+inline V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// The lowest tap of keys n0 .. n0 + kVector - 1 over queries m < mb (rows of Ns of col_ix), how
+// far each key's taps spread above it, and the widest spread.
+inline int32_t tap_window(const int32_t* col_ix, int64_t mb, int64_t ns, int64_t n0, IntVector& base,
+                          IntVector& reach) {
+  base = load_vector<IntVector>(col_ix + n0);
+  IntVector top = base;
+  for (int64_t m = 1; m < mb; ++m) {
+    const IntVector ix = load_vector<IntVector>(col_ix + m * ns + n0);
+    base = ix < base ? ix : base;
+    top = ix > top ? ix : top;
+  }
+  reach = top - base;
+  int32_t widest = 0;
+  for (int64_t l = 0; l < kVector; ++l) widest = std::max(widest, reach[l]);
+  return widest;
+}
 
 // C (m x n) = A (m x k) B (k x n), plus C where accumulate; row-major with leading dimensions.
 void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
@@ -245,17 +284,135 @@ inline void store_query_rows(const float* src, const float* scale, int64_t first
   }
 }
 
-// s[n] = s[n] * alpha + bias[n] for one query of column col_ix/col_fx, the bias read from the
-// row's interpolated table rows; returns the largest.
-inline float add_bias(float* s, float alpha, const float* interpolated, int64_t row_length, const int32_t* col_ix,
-                      const float* col_fx, int64_t ns) {
-  float row_max = -std::numeric_limits<float>::infinity();
-  for (int64_t n = 0; n < ns; ++n) {
-    const float* taps = interpolated + n * row_length + col_ix[n];
-    s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
-    row_max = std::max(row_max, s[n]);
+// s[m][n] = s[m][n] * alpha + bias(m, n) for queries m < mb of one query row, keys n0 <= n < n1, the
+// bias read from the row's interpolated table rows at the queries' columns' taps col_ix / col_fx
+// (rows of Ns): two reads at an index that depends on the pair, one pair at a time.
+inline void add_bias_by_pair(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
+                             const int32_t* col_ix, const float* col_fx, int64_t ns, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < mb; ++m) {
+    float* logits = s + m * ns;
+    const int32_t* ix = col_ix + m * ns;
+    const float* fx = col_fx + m * ns;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* taps = interpolated + n * row_length + ix[n];
+      logits[n] = logits[n] * alpha + (taps[0] + (taps[1] - taps[0]) * fx[n]);
+    }
   }
-  return row_max;
+}
+
+// add_bias_by_pair for all keys, kVector keys at a time: each key's interpolated row is read once
+// per block at the kBiasWindow + 1 columns its taps can reach (the pair's two taps are then picked
+// from vector registers), where the taps spread over fewer than kBiasWindow columns.
+inline void add_bias(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
+                     const int32_t* col_ix, const float* col_fx, int64_t ns) {
+  int64_t n0 = 0;
+  for (; n0 + kVector <= ns; n0 += kVector) {
+    IntVector base, reach;
+    const int32_t widest = tap_window(col_ix, mb, ns, n0, base, reach);
+    if (widest >= kBiasWindow) {
+      add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, n0 + kVector);
+      continue;
+    }
+    FloatVector window[kBiasWindow + 1];
+    for (int32_t j = 0; j <= widest + 1; ++j) {
+      for (int64_t l = 0; l < kVector; ++l) window[j][l] = interpolated[(n0 + l) * row_length + base[l] + j];
+    }
+    for (int64_t m = 0; m < mb; ++m) {
+      const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
+      FloatVector left = window[0], right = window[1];
+      for (int32_t j = 1; j <= widest; ++j) {
+        const IntVector here = offset == j;
+        left = here ? window[j] : left;
+        right = here ? window[j + 1] : right;
+      }
+      float* logits = s + m * ns + n0;
+      FloatVector value = load_vector<FloatVector>(logits) * alpha;
+      value += left + (right - left) * load_vector<FloatVector>(col_fx + m * ns + n0);
+      std::memcpy(logits, &value, sizeof(value));
+    }
+  }
+  add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, ns);
+}
+
+// add_bias for a block of mb queries of one query row (rows of Ns of s, col_ix and col_fx),
+// kBiasQueries queries at a time (their taps lie close together).
+inline void add_bias_to_block(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
+                              const int32_t* col_ix, const float* col_fx, int64_t ns) {
+  for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
+    add_bias(s + m0 * ns, std::min(kBiasQueries, mb - m0), alpha, interpolated, row_length, col_ix + m0 * ns,
+             col_fx + m0 * ns, ns);
+  }
+}
+
+// The bias's gradient of pairs (m, n) for queries m < mb of one query row, whose columns' taps are
+// col_ix / col_fx (rows of Ns) and whose dS are grad_s (mb rows of Ns): each pair adds dS * (1 -
+// fx) to its key's interpolated row R at tap ix and dS * fx at ix + 1 (grad_interpolated), and
+// dS * (R[ix + 1] - R[ix]) to its key's x coordinate (row_grad_x). One pair at a time: a read
+// and a write at an index that depends on the pair.
+inline void bias_gradient_by_pair(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx,
+                                  int64_t ns, int64_t n0, int64_t n1, const float* interpolated,
+                                  int64_t row_length, float* grad_interpolated, float* row_grad_x) {
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* g = grad_s + m * ns;
+    const int32_t* ix = col_ix + m * ns;
+    const float* fx = col_fx + m * ns;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t tap = n * row_length + ix[n];
+      const float* taps = interpolated + tap;
+      float* grad_taps = grad_interpolated + tap;
+      row_grad_x[n] += g[n] * (taps[1] - taps[0]);
+      const float g1 = g[n] * fx[n];  // gradients of the taps: g - g1 and g1
+      grad_taps[0] += g[n] - g1;
+      grad_taps[1] += g1;
+    }
+  }
+}
+
+// The same sums, kVector keys at a time. Along a query row a key's tap ix moves with the query's
+// x, by a few columns over a few queries: per key and tap offset j = ix - min ix over the
+// queries, the sums of dS (S_j) and of dS * fx (F_j) are taken in vector registers, and R's
+// gradient at that offset, S_j - F_j + F_(j-1), is added once per block instead of once per
+// pair. Keys whose taps spread over kBiasWindow columns or more take the pairwise sums.
+inline void bias_gradient(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx, int64_t ns,
+                          const float* interpolated, int64_t row_length, float* grad_interpolated,
+                          float* row_grad_x) {
+  const FloatVector zero = {};
+  int64_t n0 = 0;
+  for (; n0 + kVector <= ns; n0 += kVector) {
+    IntVector base, reach;
+    const int32_t widest = tap_window(col_ix, mb, ns, n0, base, reach);
+    if (widest >= kBiasWindow) {
+      bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, n0, n0 + kVector, interpolated, row_length,
+                            grad_interpolated, row_grad_x);
+      continue;
+    }
+    FloatVector sums[kBiasWindow] = {}, weighted[kBiasWindow] = {};
+    for (int64_t m = 0; m < mb; ++m) {
+      const FloatVector g = load_vector<FloatVector>(grad_s + m * ns + n0);
+      const FloatVector g1 = g * load_vector<FloatVector>(col_fx + m * ns + n0);
+      const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
+      for (int32_t j = 0; j <= widest; ++j) {
+        const IntVector here = offset == j;
+        sums[j] += here ? g : zero;
+        weighted[j] += here ? g1 : zero;
+      }
+    }
+    for (int64_t l = 0; l < kVector; ++l) {
+      const int64_t n = n0 + l;
+      float* grad_row = grad_interpolated + n * row_length + base[l];
+      const float* row = interpolated + n * row_length + base[l];
+      float carried = 0.0f, grad_x = 0.0f;
+      for (int32_t j = 0; j <= reach[l]; ++j) {
+        grad_row[j] += sums[j][l] - weighted[j][l] + carried;
+        carried = weighted[j][l];
+        grad_x += sums[j][l] * (row[j + 1] - row[j]);
+      }
+      grad_row[reach[l] + 1] += carried;
+      row_grad_x[n] += grad_x;
+    }
+  }
+  bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, n0, ns, interpolated, row_length, grad_interpolated,
+                        row_grad_x);
 }
 
 }  // namespace
@@ -296,11 +453,11 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
         const float* q_rows =
             query_rows(head_q, q_maps.channel_stride, q_maps.query_stride, first, mb, d, q_block.data(), ld_q);
         matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, logits.data(), ns, false);
+        add_bias_to_block(logits.data(), mb, alpha, interpolated.data(), row_length, bias.ix + (b * width + c0) * ns,
+                          bias.fx + (b * width + c0) * ns, ns);
         for (int64_t m = 0; m < mb; ++m) {
           float* query_logits = logits.data() + m * ns;
-          const int64_t column = (b * width + c0 + m) * ns;
-          const float row_max = add_bias(query_logits, alpha, interpolated.data(), row_length, bias.ix + column,
-                                         bias.fx + column, ns);
+          const float row_max = dat::max_of(query_logits, ns);
           // The weights stay unnormalised; the output's d values are divided by their sum instead.
           const float total = dat::exp_shifted_sum(query_logits, ns, row_max);
           inverse[m] = 1.0f / total;
@@ -394,25 +551,21 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
                                                   ld_grad_out);
           matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, probs.data(), ns, false);
           matmul(mb, ns, d, grad_out_rows, ld_grad_out, v_p + bh * d * ns, ns, grad_logits.data(), ns, false);
+          add_bias_to_block(probs.data(), mb, alpha, interpolated.data(), row_length,
+                            bias.ix + (b * width + c0) * ns, bias.fx + (b * width + c0) * ns, ns);
           for (int64_t m = 0; m < mb; ++m) {
-            const int64_t column = (b * width + c0 + m) * ns;
-            const int32_t* col_ix = bias.ix + column;
-            const float* col_fx = bias.fx + column;
             float* p = probs.data() + m * ns;
             float* g = grad_logits.data() + m * ns;
-            add_bias(p, alpha, interpolated.data(), row_length, col_ix, col_fx, ns);
             dat::exp_shifted(p, ns, lse_p[bh * queries + first + m]);
             const float query_delta = dat::dot(p, g, ns);
             for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);  // dS = P * (dP - D)
-            for (int64_t n = 0; n < ns; ++n) {
-              const int64_t tap = n * row_length + col_ix[n];
-              const float* taps = interpolated.data() + tap;
-              float* grad_taps = grad_interpolated.data() + tap;
-              row_grad_x[n] += g[n] * (taps[1] - taps[0]);
-              const float g1 = g[n] * col_fx[n];  // gradients of the taps: g - g1 and g1
-              grad_taps[0] += g[n] - g1;
-              grad_taps[1] += g1;
-            }
+          }
+          // The bias's gradient, kBiasQueries queries at a time (their taps lie close together).
+          for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
+            const int64_t column = (b * width + c0 + m0) * ns;
+            bias_gradient(grad_logits.data() + m0 * ns, std::min(kBiasQueries, mb - m0), bias.ix + column,
+                          bias.fx + column, ns, interpolated.data(), row_length, grad_interpolated.data(),
+                          row_grad_x.data());
           }
           // dV += dO.P and dK += Q.dS (times scale, after the sum) take the block's (d, mb)
           // columns of grad_out and q; dQ = scale * dS.K.

@@ -23,6 +23,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// The largest of x[i] for i < n (n > 0), in kLanes partial maxima (a NaN is passed over, as
+// std::max passes it; the softmax's sum then turns NaN through it).
+inline float max_of(const float* x, int64_t n) {
+  float partial[kLanes];
+  std::fill(partial, partial + kLanes, x[0]);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] = std::max(partial[l], x[i + l]);
+  }
+  float largest = partial[0];
+  for (int64_t l = 1; l < kLanes; ++l) largest = std::max(largest, partial[l]);
+  for (; i < n; ++i) largest = std::max(largest, x[i]);
+  return largest;
+}
+
 // exp(x), Cephes' expf: x = n ln 2 + r with n rounded to nearest (ln 2 in two parts), e^r by a
 // degree-5 polynomial, 2^n from the exponent bits. At most 1.5 ulp from the exact value (std::exp
 // and torch's exp: 1 ulp) on [-87, 88]; below -87 it returns exp(-87) (1.6e-38: what it adds to a
