@@ -30,9 +30,10 @@
 // is needed only at the columns t that key's x taps reach (ix is monotonic in the query column
 // c, so from ix[0, n] to ix[W - 1, n] + 1); it is computed once per row (contiguous in t) and
 // then read at two adjacent columns per pair, instead of four table reads per pair. Over a few
-// neighbouring queries a key's taps span a few columns only: 8 keys at a time, those columns are
-// read once into vector registers and each pair picks its two from them (the gradient: the
-// pairs' sums per column are taken in registers and added to R's gradient once). The gradient
+// neighbouring queries a key's taps span a few columns only (at detection resolutions): 8 keys at
+// a time, those columns are read once into vector registers and each pair picks its two from
+// them (the gradient: the pairs' sums per column are taken in registers and added to R's
+// gradient once); elsewhere the pairs go one by one. The gradient
 // runs the same way backwards: the pairs' gradients are gathered into R's gradient, which is
 // then spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
@@ -48,6 +49,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -61,8 +63,9 @@ namespace {
 // blocks of logits in a 1 MB L2 cache at Ns = 1050 (stage 1 of DAT-T++ at 1344x800).
 constexpr int64_t kQueryBlock = 32;
 // Queries per step of the bias passes (the bias added to the logits, its gradient): a key's taps
-// move by about 0.15-1 table column per query along a row in DAT's D blocks, so that those of 8
-// queries stay within kBiasWindow columns.
+// move by about 0.15-1 table column per query along a row in DAT's D blocks (most at low
+// resolution); where those of 8 queries spread over more than half a window, the pairs go one by
+// one (bias_in_windows).
 constexpr int64_t kBiasQueries = 8;
 
 // The bias passes work on kVector keys at a time (GCC / Clang vector types: AVX2 where built so)
@@ -342,10 +345,37 @@ inline void add_bias(float* s, int64_t mb, float alpha, const float* interpolate
   add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, ns);
 }
 
-// add_bias for a block of mb queries of one query row (rows of Ns of s, col_ix and col_fx),
-// kBiasQueries queries at a time (their taps lie close together).
+// add_bias_by_pair for one query and all keys, in the same pass as the largest logit (which it
+// returns): where the pairs go one by one, a separate pass for the softmax's maximum measured
+// 1-3 % slower in the forward pass (224x224).
+inline float add_bias_to_query(float* s, float alpha, const float* interpolated, int64_t row_length,
+                               const int32_t* col_ix, const float* col_fx, int64_t ns) {
+  float row_max = -std::numeric_limits<float>::infinity();
+  for (int64_t n = 0; n < ns; ++n) {
+    const float* taps = interpolated + n * row_length + col_ix[n];
+    s[n] = s[n] * alpha + (taps[0] + (taps[1] - taps[0]) * col_fx[n]);
+    row_max = std::max(row_max, s[n]);
+  }
+  return row_max;
+}
+
+// Whether the bias passes over a block of mb queries of one query row (col_ix: rows of Ns) go
+// kBiasQueries queries at a time in vector registers: where the first key's taps over that many
+// queries spread over at most half a window (every key's taps move by the same table columns per
+// query, up to rounding). Where they move faster (at 224x224 about one column per query, 7 over
+// 8 queries), picking each pair's taps from a window measured slower than reading them one by one.
+inline bool bias_in_windows(const int32_t* col_ix, int64_t mb, int64_t ns) {
+  return mb >= kBiasQueries && std::abs(col_ix[(kBiasQueries - 1) * ns] - col_ix[0]) <= kBiasWindow / 2;
+}
+
+// add_bias for a block of mb queries of one query row (rows of Ns of s, col_ix and col_fx), a few
+// neighbouring queries at a time (their taps lie close together).
 inline void add_bias_to_block(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
                               const int32_t* col_ix, const float* col_fx, int64_t ns) {
+  if (!bias_in_windows(col_ix, mb, ns)) {
+    add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, 0, ns);
+    return;
+  }
   for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
     add_bias(s + m0 * ns, std::min(kBiasQueries, mb - m0), alpha, interpolated, row_length, col_ix + m0 * ns,
              col_fx + m0 * ns, ns);
@@ -423,6 +453,22 @@ inline void bias_gradient(const float* grad_s, int64_t mb, const int32_t* col_ix
                         row_grad_x);
 }
 
+// bias_gradient for a block of mb queries of one query row (rows of Ns of grad_s, col_ix and
+// col_fx), by windows of kBiasQueries queries or pair by pair, as add_bias_to_block goes.
+inline void bias_gradient_of_block(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx,
+                                   int64_t ns, const float* interpolated, int64_t row_length,
+                                   float* grad_interpolated, float* row_grad_x) {
+  if (!bias_in_windows(col_ix, mb, ns)) {
+    bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, 0, ns, interpolated, row_length, grad_interpolated,
+                          row_grad_x);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
+    bias_gradient(grad_s + m0 * ns, std::min(kBiasQueries, mb - m0), col_ix + m0 * ns, col_fx + m0 * ns, ns,
+                  interpolated, row_length, grad_interpolated, row_grad_x);
+  }
+}
+
 }  // namespace
 
 // q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns); the bias inputs as check_inputs describes.
@@ -462,11 +508,17 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
         const float* q_rows =
             query_rows(head_q, q_maps.channel_stride, q_maps.query_stride, first, mb, d, q_block.data(), ld_q);
         matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, logits.data(), ns, false);
-        add_bias_to_block(logits.data(), mb, alpha, interpolated.data(), row_length, bias.ix + (b * width + c0) * ns,
-                          bias.fx + (b * width + c0) * ns, ns);
+        const int32_t* block_ix = bias.ix + (b * width + c0) * ns;
+        const float* block_fx = bias.fx + (b * width + c0) * ns;
+        const bool in_windows = bias_in_windows(block_ix, mb, ns);
+        if (in_windows) {
+          add_bias_to_block(logits.data(), mb, alpha, interpolated.data(), row_length, block_ix, block_fx, ns);
+        }
         for (int64_t m = 0; m < mb; ++m) {
           float* query_logits = logits.data() + m * ns;
-          const float row_max = dat::max_of(query_logits, ns);
+          const float row_max = in_windows ? dat::max_of(query_logits, ns)
+                                           : add_bias_to_query(query_logits, alpha, interpolated.data(), row_length,
+                                                               block_ix + m * ns, block_fx + m * ns, ns);
           // The weights stay unnormalised; the output's d values are divided by their sum instead.
           const float total = dat::exp_shifted_sum(query_logits, ns, row_max);
           inverse[m] = 1.0f / total;
@@ -570,13 +622,9 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
             const float query_delta = dat::dot(p, g, ns);
             for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);  // dS = P * (dP - D)
           }
-          // The bias's gradient, kBiasQueries queries at a time (their taps lie close together).
-          for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
-            const int64_t column = (b * width + c0 + m0) * ns;
-            bias_gradient(grad_logits.data() + m0 * ns, std::min(kBiasQueries, mb - m0), bias.ix + column,
-                          bias.fx + column, ns, interpolated.data(), row_length, grad_interpolated.data(),
-                          row_grad_x.data());
-          }
+          bias_gradient_of_block(grad_logits.data(), mb, bias.ix + (b * width + c0) * ns,
+                                 bias.fx + (b * width + c0) * ns, ns, interpolated.data(), row_length,
+                                 grad_interpolated.data(), row_grad_x.data());
           // dV += dO.P and dK += Q.dS (times scale, after the sum) take the block's (d, mb)
           // columns of grad_out and q; dQ = scale * dS.K.
           const float* grad_out_columns =
