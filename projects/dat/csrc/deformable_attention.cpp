@@ -33,9 +33,9 @@
 // neighbouring queries a key's taps span a few columns only (at detection resolutions): 8 keys at
 // a time, those columns are read once into vector registers and each pair picks its two from
 // them (the gradient: the pairs' sums per column are taken in registers and added to R's
-// gradient once); elsewhere the pairs go one by one. The gradient
-// runs the same way backwards: the pairs' gradients are gathered into R's gradient, which is
-// then spread over the two table rows once per query row.
+// gradient once); elsewhere the pairs go one by one. The gradient runs the same way backwards:
+// the pairs' gradients are gathered into R's gradient, which is then spread over the two table
+// rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
 //
 // q (and the output, grad_out and grad_q, laid out as q) may be any dense layout: the D block's
