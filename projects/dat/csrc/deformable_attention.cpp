@@ -368,14 +368,11 @@ inline bool bias_in_windows(const int32_t* col_ix, int64_t mb, int64_t ns) {
   return mb >= kBiasQueries && std::abs(col_ix[(kBiasQueries - 1) * ns] - col_ix[0]) <= kBiasWindow / 2;
 }
 
-// add_bias for a block of mb queries of one query row (rows of Ns of s, col_ix and col_fx), a few
-// neighbouring queries at a time (their taps lie close together).
-inline void add_bias_to_block(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
-                              const int32_t* col_ix, const float* col_fx, int64_t ns) {
-  if (!bias_in_windows(col_ix, mb, ns)) {
-    add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, 0, ns);
-    return;
-  }
+// add_bias for a block of mb queries of one query row (rows of Ns of s, col_ix and col_fx),
+// kBiasQueries neighbouring queries at a time (their taps lie close together), where
+// bias_in_windows says so.
+inline void add_bias_in_windows(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
+                                const int32_t* col_ix, const float* col_fx, int64_t ns) {
   for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
     add_bias(s + m0 * ns, std::min(kBiasQueries, mb - m0), alpha, interpolated, row_length, col_ix + m0 * ns,
              col_fx + m0 * ns, ns);
@@ -454,15 +451,10 @@ inline void bias_gradient(const float* grad_s, int64_t mb, const int32_t* col_ix
 }
 
 // bias_gradient for a block of mb queries of one query row (rows of Ns of grad_s, col_ix and
-// col_fx), by windows of kBiasQueries queries or pair by pair, as add_bias_to_block goes.
-inline void bias_gradient_of_block(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx,
-                                   int64_t ns, const float* interpolated, int64_t row_length,
-                                   float* grad_interpolated, float* row_grad_x) {
-  if (!bias_in_windows(col_ix, mb, ns)) {
-    bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, 0, ns, interpolated, row_length, grad_interpolated,
-                          row_grad_x);
-    return;
-  }
+// col_fx), kBiasQueries queries at a time, where bias_in_windows says so.
+inline void bias_gradient_in_windows(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx,
+                                     int64_t ns, const float* interpolated, int64_t row_length,
+                                     float* grad_interpolated, float* row_grad_x) {
   for (int64_t m0 = 0; m0 < mb; m0 += kBiasQueries) {
     bias_gradient(grad_s + m0 * ns, std::min(kBiasQueries, mb - m0), col_ix + m0 * ns, col_fx + m0 * ns, ns,
                   interpolated, row_length, grad_interpolated, row_grad_x);
@@ -512,7 +504,7 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
         const float* block_fx = bias.fx + (b * width + c0) * ns;
         const bool in_windows = bias_in_windows(block_ix, mb, ns);
         if (in_windows) {
-          add_bias_to_block(logits.data(), mb, alpha, interpolated.data(), row_length, block_ix, block_fx, ns);
+          add_bias_in_windows(logits.data(), mb, alpha, interpolated.data(), row_length, block_ix, block_fx, ns);
         }
         for (int64_t m = 0; m < mb; ++m) {
           float* query_logits = logits.data() + m * ns;
@@ -613,8 +605,14 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
                                                   ld_grad_out);
           matmul(mb, ns, d, q_rows, ld_q, k_p + bh * d * ns, ns, probs.data(), ns, false);
           matmul(mb, ns, d, grad_out_rows, ld_grad_out, v_p + bh * d * ns, ns, grad_logits.data(), ns, false);
-          add_bias_to_block(probs.data(), mb, alpha, interpolated.data(), row_length,
-                            bias.ix + (b * width + c0) * ns, bias.fx + (b * width + c0) * ns, ns);
+          const int32_t* block_ix = bias.ix + (b * width + c0) * ns;
+          const float* block_fx = bias.fx + (b * width + c0) * ns;
+          const bool in_windows = bias_in_windows(block_ix, mb, ns);
+          if (in_windows) {
+            add_bias_in_windows(probs.data(), mb, alpha, interpolated.data(), row_length, block_ix, block_fx, ns);
+          } else {
+            add_bias_by_pair(probs.data(), mb, alpha, interpolated.data(), row_length, block_ix, block_fx, ns, 0, ns);
+          }
           for (int64_t m = 0; m < mb; ++m) {
             float* p = probs.data() + m * ns;
             float* g = grad_logits.data() + m * ns;
@@ -622,9 +620,13 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
             const float query_delta = dat::dot(p, g, ns);
             for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);  // dS = P * (dP - D)
           }
-          bias_gradient_of_block(grad_logits.data(), mb, bias.ix + (b * width + c0) * ns,
-                                 bias.fx + (b * width + c0) * ns, ns, interpolated.data(), row_length,
-                                 grad_interpolated.data(), row_grad_x.data());
+          if (in_windows) {
+            bias_gradient_in_windows(grad_logits.data(), mb, block_ix, block_fx, ns, interpolated.data(), row_length,
+                                     grad_interpolated.data(), row_grad_x.data());
+          } else {
+            bias_gradient_by_pair(grad_logits.data(), mb, block_ix, block_fx, ns, 0, ns, interpolated.data(),
+                                  row_length, grad_interpolated.data(), row_grad_x.data());
+          }
           // dV += dO.P and dK += Q.dS (times scale, after the sum) take the block's (d, mb)
           // columns of grad_out and q; dQ = scale * dS.K.
           const float* grad_out_columns =
