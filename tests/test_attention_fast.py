@@ -395,6 +395,36 @@ def test_neighborhood_cpu_kernel_equals_tiled_path(require_cpu_kernels):
 
 
 @pytest.mark.parametrize(
+    'height, width, d, kernel',
+    [
+        (9, 30, 32, 7),  # tiles of 8 queries, windows clamped at the top and bottom rows
+        (6, 21, 13, 5),  # d not a multiple of 8: window by window everywhere
+        (4, 19, 8, 3),
+        (9, 26, 16, 9),  # no tiles for this kernel size: window by window everywhere
+    ],
+)
+def test_neighborhood_kernel_query_tiles_equal_window_by_window(height, width, d, kernel, require_cpu_kernels):
+    """The forward kernel computes 8 neighbouring queries side by side where their windows are not
+    clamped at a row's ends, and the others one by one; the backward pass recomputes the logits
+    one by one, against the forward pass's log-sum-exp. Both ways must give the same bits: a
+    query computed in a tile equals the same query in a map cropped to its window's columns,
+    where the map is too narrow for any tile."""
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    g = torch.Generator().manual_seed(width)
+    q, k, v = (torch.randn(3, height, width, d, generator=g) for _ in range(3))
+    rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=g)
+    out, lse = kernels.neighborhood_attention_forward(q, k, v, rpb, kernel)
+    half = kernel // 2
+    for j in range(half, width - half):
+        window = slice(j - half, j + half + 1)
+        crop = [t[:, :, window].contiguous() for t in (q, k, v)]
+        out_crop, lse_crop = kernels.neighborhood_attention_forward(*crop, rpb, kernel)
+        assert torch.equal(out[:, :, j], out_crop[:, :, half]), f'query column {j}'
+        assert torch.equal(lse.view(3, height, width)[:, :, j], lse_crop.view(3, height, kernel)[:, :, half])
+
+
+@pytest.mark.parametrize(
     'length, kernel, tile',
     [(7, 7, 7), (13, 7, 7), (14, 7, 7), (23, 7, 7), (56, 7, 7), (20, 5, 8), (9, 3, 4), (30, 7, 30)],
 )

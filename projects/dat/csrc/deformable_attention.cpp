@@ -68,20 +68,15 @@ constexpr int64_t kQueryBlock = 32;
 // one (bias_in_windows).
 constexpr int64_t kBiasQueries = 8;
 
-// The bias passes work on kVector keys at a time (GCC / Clang vector types: AVX2 where built so)
-// wherever a block's taps of a key spread over fewer than kBiasWindow columns.
-constexpr int64_t kVector = 8;
+// The bias passes work on kVector keys at a time (dat::FloatVector) wherever a block's taps of a key
+// spread over fewer than kBiasWindow columns.
+constexpr int64_t kVector = dat::kLanes;
 constexpr int64_t kBiasWindow = 8;
-typedef float FloatVector __attribute__((vector_size(kVector * sizeof(float))));
-typedef int32_t IntVector __attribute__((vector_size(kVector * sizeof(int32_t))));
+using dat::FloatVector;
+using dat::IntVector;
+using dat::load_vector;
+using dat::store_vector;
 static_assert(kVector == 8, "window_column reads 8 keys' rows");
-
-template <typename V, typename T>
-inline V load_vector(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
 
 // Column j of a window over 8 keys' rows of interpolated bias: lane l is rows[l][j]. Built as a whole
 // vector (written lane by lane into memory, the forward pass measured 4-6 % slower). Past a key's
@@ -339,7 +334,7 @@ inline void add_bias(float* s, int64_t mb, float alpha, const float* interpolate
       float* logits = s + m * ns + n0;
       FloatVector value = load_vector<FloatVector>(logits) * alpha;
       value += left + (right - left) * load_vector<FloatVector>(col_fx + m * ns + n0);
-      std::memcpy(logits, &value, sizeof(value));
+      store_vector(logits, value);
     }
   }
   add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, ns);

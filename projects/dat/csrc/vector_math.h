@@ -10,6 +10,40 @@ namespace dat {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
 
+// Explicit vectors of kLanes floats / int32 (GCC and Clang vector types: AVX2 where built so), for
+// loops the compiler does not vectorise as wanted by itself (partial sums kept in registers).
+typedef float FloatVector __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntVector __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+namespace detail {
+// The same vectors at any float / int32 address; may_alias: they read and write float / int32 memory.
+typedef float UnalignedFloatVector __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+typedef int32_t UnalignedIntVector __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4), may_alias));
+template <typename V>
+struct Unaligned;
+template <>
+struct Unaligned<FloatVector> {
+  typedef UnalignedFloatVector type;
+};
+template <>
+struct Unaligned<IntVector> {
+  typedef UnalignedIntVector type;
+};
+}  // namespace detail
+
+// The vector at p (no alignment assumed). A plain load (a memcpy into a local vector is merged by
+// the compiler with its neighbours into copies through the stack).
+template <typename V, typename T>
+inline V load_vector(const T* p) {
+  return *reinterpret_cast<const typename detail::Unaligned<V>::type*>(p);
+}
+
+// Writes v to p (no alignment assumed).
+template <typename V, typename T>
+inline void store_vector(T* p, const V& v) {
+  *reinterpret_cast<typename detail::Unaligned<V>::type*>(p) = v;
+}
+
 // a . b, in kLanes partial sums.
 inline float dot(const float* a, const float* b, int64_t n) {
   float partial[kLanes] = {};
