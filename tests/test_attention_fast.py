@@ -404,24 +404,27 @@ def test_neighborhood_cpu_kernel_equals_tiled_path(require_cpu_kernels):
     ],
 )
 def test_neighborhood_kernel_query_tiles_equal_window_by_window(height, width, d, kernel, require_cpu_kernels):
-    """The forward kernel computes 8 neighbouring queries side by side where their windows are not
-    clamped at a row's ends, and the others one by one; the backward pass recomputes the logits
-    one by one, against the forward pass's log-sum-exp. Both ways must give the same bits: a
-    query computed in a tile equals the same query in a map cropped to its window's columns,
-    where the map is too narrow for any tile."""
+    """The kernels compute 8 neighbouring queries side by side where their windows are not clamped
+    at a row's ends, and the others one by one; the backward pass recomputes the logits against the
+    forward pass's log-sum-exp. Both ways must give the same bits: a query computed in a tile
+    equals the same query in a map cropped to its window's columns, too narrow for any tile (its
+    output, log-sum-exp and q's gradient depend on its window only)."""
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
     g = torch.Generator().manual_seed(width)
-    q, k, v = (torch.randn(3, height, width, d, generator=g) for _ in range(3))
+    q, k, v, grad_out = (torch.randn(3, height, width, d, generator=g) for _ in range(4))
     rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=g)
     out, lse = kernels.neighborhood_attention_forward(q, k, v, rpb, kernel)
+    grad_q = kernels.neighborhood_attention_backward(grad_out, q, k, v, rpb, out, lse, kernel)[0]
     half = kernel // 2
     for j in range(half, width - half):
         window = slice(j - half, j + half + 1)
-        crop = [t[:, :, window].contiguous() for t in (q, k, v)]
-        out_crop, lse_crop = kernels.neighborhood_attention_forward(*crop, rpb, kernel)
-        assert torch.equal(out[:, :, j], out_crop[:, :, half]), f'query column {j}'
-        assert torch.equal(lse.view(3, height, width)[:, :, j], lse_crop.view(3, height, kernel)[:, :, half])
+        q_c, k_c, v_c, grad_out_c = (t[:, :, window].contiguous() for t in (q, k, v, grad_out))
+        out_c, lse_c = kernels.neighborhood_attention_forward(q_c, k_c, v_c, rpb, kernel)
+        grad_q_c = kernels.neighborhood_attention_backward(grad_out_c, q_c, k_c, v_c, rpb, out_c, lse_c, kernel)[0]
+        assert torch.equal(out[:, :, j], out_c[:, :, half]), f'output of query column {j}'
+        assert torch.equal(lse.view(3, height, width)[:, :, j], lse_c.view(3, height, kernel)[:, :, half]), j
+        assert torch.equal(grad_q[:, :, j], grad_q_c[:, :, half]), f'grad q of query column {j}'
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@
 // (heads, 2k - 1, 2k - 1). Query (i, j) attends to the keys of the window that starts at
 // clamp(i - k / 2, 0, H - k) (and the same for j), key (i', j') with the bias
 // rpb[head, i' - i + k - 1, j' - j + k - 1]. The forward pass returns the output and each
-// query's log-sum-exp, from which the backward pass recomputes the probabilities. The forward pass
-// takes 8 neighbouring queries of a row at a time where their windows are not clamped at the
-// row's ends (forward_query_tile: 0.5-0.8x the time of window by window, the same numbers).
+// query's log-sum-exp, from which the backward pass recomputes the probabilities. Both passes take
+// 8 neighbouring queries of a row at a time where their windows are not clamped at the row's ends
+// (forward_query_tile, backward_query_tile), with the same numbers as window by window.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -81,19 +81,50 @@ void forward_one_query(const float* q_p, const float* k_p, const float* v_p, con
   *lse = std::log(sum) + row_max;
 }
 
-// The rows of one head's keys (H, W, d) transposed to (d, W), kept for the last K rows asked for:
-// a thread's query rows move down one row at a time, so each key row is transposed about once.
+// Query (i, j)'s terms of the gradients, window by window: its grad_q, and its terms of grad_k,
+// grad_v (added to the window's keys) and of the bias's gradient (head_grad_rpb). The pointers
+// are those of one head: q, k, v, grad_out, out, grad_q, grad_k, grad_v (H, W, d), lse (H * W).
+void backward_one_query(const float* q_p, const float* k_p, const float* v_p, const float* go_p, const float* out_p,
+                        const float* lse_p, const float* head_rpb, int64_t i, int64_t j, int64_t height, int64_t width,
+                        int64_t d, int64_t kernel_size, float* logits, float* gq_p, float* gk_p, float* gv_p,
+                        float* head_grad_rpb) {
+  const int64_t table = 2 * kernel_size - 1, query = i * width + j, offset = query * d;
+  const float* qv = q_p + offset;
+  const float* dout = go_p + offset;
+  int64_t si, sj;
+  window_logits(qv, k_p, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
+  const float query_lse = lse_p[query];
+  const float delta = dat::dot(dout, out_p + offset, d);  // D = rowsum(dO * O)
+  float* gq = gq_p + offset;
+  std::fill(gq, gq + d, 0.0f);
+  for (int64_t a = 0; a < kernel_size; ++a) {
+    const int64_t key_offset = ((si + a) * width + sj) * d;
+    float* bias_grad = head_grad_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
+    for (int64_t b = 0; b < kernel_size; ++b) {
+      const int64_t key = key_offset + b * d;
+      const float p = dat::exp_approx(logits[a * kernel_size + b] - query_lse);
+      const float ds = p * (dat::dot(dout, v_p + key, d) - delta);  // dS = P * (dP - D)
+      axpy(gv_p + key, p, dout, d);
+      axpy(gk_p + key, ds, qv, d);
+      axpy(gq, ds, k_p + key, d);
+      bias_grad[b] += ds;
+    }
+  }
+}
+
+// Rows of one head's keys or values (H, W, d) transposed to (d, W), kept for the last K rows asked
+// for: a thread's query rows move down one row at a time, so each row is transposed about once.
 class TransposedRows {
  public:
   TransposedRows(int64_t kernel_size, int64_t width, int64_t d)
       : width_(width), d_(d), rows_(kernel_size * width * d), tags_(kernel_size, -1) {}
 
-  // Row r of the keys of head bh (keys: that head's (H, W, d)), transposed.
-  const float* row(const float* keys, int64_t bh, int64_t height, int64_t r) {
+  // Row r of head bh's rows (head: its (H, W, d)), transposed.
+  const float* row(const float* head, int64_t bh, int64_t height, int64_t r) {
     const int64_t slot = r % static_cast<int64_t>(tags_.size()), tag = bh * height + r;
     float* out = rows_.data() + slot * width_ * d_;
     if (tags_[slot] != tag) {
-      const float* in = keys + r * width_ * d_;
+      const float* in = head + r * width_ * d_;
       for (int64_t j = 0; j < width_; ++j) {
         for (int64_t c = 0; c < d_; ++c) out[c * width_ + j] = in[j * d_ + c];
       }
@@ -120,51 +151,69 @@ class TransposedRows {
 // kLanes. Scratch (floats): qt d * kTile, weights K * K * kTile.
 constexpr int64_t kTile = dat::kLanes;
 
-// out[l][c0 .. c0 + kLanes - 1] = the sum over the window positions (a, b), in order, of weight
-// (a, b) of query l times the values it reads there, divided by total[l], for the kTile queries
-// of a forward_query_tile: one vector of channels per query, kTile independent sums (one sum
-// alone would wait on each of its additions). values (W, d) are the window's rows of v; the
-// value at column base + m is read by the queries l <= m with b = m - l < K.
+// sums[l] = the sum over the window positions (a, b), in order, of weight (a, b) of query l times
+// the vector of channels c0 .. c0 + kLanes - 1 that query reads there, for the kTile queries of a
+// tile: kTile independent sums (one sum alone would wait on each of its additions). rows[a] is
+// the window's row a (W, d) of the values (or keys); the vector at column base + m is read by the
+// queries l <= m with b = m - l < K.
 template <int64_t K>
-inline void weighted_values(const float* weights, const float* const* value_rows, int64_t base, int64_t c0, int64_t d,
-                            const float* total, float* out) {
-  using dat::FloatVector;
-  FloatVector sums[kTile] = {};
+inline void weighted_rows(const float* weights, const float* const* rows, int64_t base, int64_t c0, int64_t d,
+                          dat::FloatVector* sums) {
+  std::fill(sums, sums + kTile, dat::FloatVector{});
   for (int64_t a = 0; a < K; ++a) {
     for (int64_t b = 0; b < K; ++b) {
       const float* weight = weights + (a * K + b) * kTile;
       for (int64_t l = 0; l < kTile; ++l) {
-        sums[l] += weight[l] * dat::load_vector<FloatVector>(value_rows[a] + (base + b + l) * d + c0);
+        sums[l] += weight[l] * dat::load_vector<dat::FloatVector>(rows[a] + (base + b + l) * d + c0);
       }
     }
   }
-  for (int64_t l = 0; l < kTile; ++l) dat::store_vector(out + l * d + c0, sums[l] / total[l]);
 }
 
+// The logits (or dP) of a tile's queries: out[(a * K + b) * kTile + l] = bias[a][b] (0 where bias
+// is null) + the dot product of query l's vector (column l of vectors_t, (d, kTile)) with the key
+// (or value) at window position (a, b), summed as dat::dot sums (kLanes partial sums over the
+// channels, then added in order). rows_t[a]: the window's row a, channel-major (d, W).
 template <int64_t K>
-void forward_query_tile(const float* q_row, const float* const* key_rows, const float* const* value_rows,
-                        const float* head_rpb, int64_t i, int64_t si, int64_t j0, int64_t width, int64_t d, float* qt,
-                        float* weights, float* out_row, float* lse_row) {
+inline void tile_dots(const float* vectors_t, const float* const* rows_t, const float* bias, int64_t bias_stride,
+                      int64_t base, int64_t width, int64_t d, float* out) {
   using dat::FloatVector;
-  using dat::load_vector;
-  constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K;
-  for (int64_t l = 0; l < kTile; ++l) {
-    for (int64_t c = 0; c < d; ++c) qt[c * kTile + l] = q_row[(j0 + l) * d + c];
-  }
   for (int64_t a = 0; a < K; ++a) {
-    const float* keys = key_rows[a] + j0 - half;
-    const float* bias = head_rpb + (si + a - i + K - 1) * table + K - 1 - half;
-    FloatVector logits[K] = {};
+    const float* keys = rows_t[a] + base;
+    FloatVector dots[K] = {};
     for (int64_t lane = 0; lane < dat::kLanes; ++lane) {
       FloatVector partial[K] = {};
       for (int64_t c = lane; c < d; c += dat::kLanes) {
-        const FloatVector query = load_vector<FloatVector>(qt + c * kTile);
-        for (int64_t b = 0; b < K; ++b) partial[b] += query * load_vector<FloatVector>(keys + c * width + b);
+        const FloatVector vector = dat::load_vector<FloatVector>(vectors_t + c * kTile);
+        for (int64_t b = 0; b < K; ++b) partial[b] += vector * dat::load_vector<FloatVector>(keys + c * width + b);
       }
-      for (int64_t b = 0; b < K; ++b) logits[b] += partial[b];
+      for (int64_t b = 0; b < K; ++b) dots[b] += partial[b];
     }
-    for (int64_t b = 0; b < K; ++b) dat::store_vector(weights + (a * K + b) * kTile, logits[b] + bias[b]);
+    for (int64_t b = 0; b < K; ++b) {
+      dat::store_vector(out + (a * K + b) * kTile, bias == nullptr ? dots[b] : dots[b] + bias[a * bias_stride + b]);
+    }
   }
+}
+
+// vectors_t (d, kTile) = the kTile vectors of d channels at rows, transposed.
+inline void transpose_tile(const float* rows, int64_t d, float* vectors_t) {
+  for (int64_t l = 0; l < kTile; ++l) {
+    for (int64_t c = 0; c < d; ++c) vectors_t[c * kTile + l] = rows[l * d + c];
+  }
+}
+
+template <int64_t K>
+void forward_query_tile(const float* q_row, const float* const* key_rows_t, const float* const* value_rows,
+                        const float* head_rpb, int64_t i, int64_t si, int64_t j0, int64_t width, int64_t d,
+                        float* scratch, float* out_row, float* lse_row) {
+  using dat::FloatVector;
+  using dat::load_vector;
+  constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K;
+  float* qt = scratch;
+  float* weights = scratch + d * kTile;
+  transpose_tile(q_row + j0 * d, d, qt);
+  tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + K - 1 - half, table, j0 - half, width, d,
+               weights);
   FloatVector row_max = load_vector<FloatVector>(weights);
   for (int64_t n = 1; n < window; ++n) {
     const FloatVector logit = load_vector<FloatVector>(weights + n * kTile);
@@ -180,28 +229,111 @@ void forward_query_tile(const float* q_row, const float* const* key_rows, const 
   for (int64_t n = 0; n < whole_window; ++n) partial[n % dat::kLanes] += load_vector<FloatVector>(weights + n * kTile);
   for (int64_t lane = 0; lane < dat::kLanes; ++lane) total += partial[lane];
   for (int64_t n = whole_window; n < window; ++n) total += load_vector<FloatVector>(weights + n * kTile);
-  float totals[kTile];
-  dat::store_vector(totals, total);
+  FloatVector sums[kTile];
   for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-    weighted_values<K>(weights, value_rows, j0 - half, c0, d, totals, out_row + j0 * d);
+    weighted_rows<K>(weights, value_rows, j0 - half, c0, d, sums);
+    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(out_row + (j0 + l) * d + c0, sums[l] / total[l]);
   }
-  for (int64_t l = 0; l < kTile; ++l) lse_row[j0 + l] = std::log(totals[l]) + row_max[l];
+  for (int64_t l = 0; l < kTile; ++l) lse_row[j0 + l] = std::log(total[l]) + row_max[l];
 }
 
-// forward_query_tile for the kernel sizes it is built for (DAT++'s 7, and 3 and 5); nullptr for others.
-typedef void (*QueryTileFn)(const float*, const float* const*, const float* const*, const float*, int64_t, int64_t,
-                            int64_t, int64_t, int64_t, float*, float*, float*, float*);
-QueryTileFn query_tile_for(int64_t kernel_size) {
-  switch (kernel_size) {
-    case 3:
-      return forward_query_tile<3>;
-    case 5:
-      return forward_query_tile<5>;
-    case 7:
-      return forward_query_tile<7>;
-    default:
-      return nullptr;
+// The gradients of a tile of queries (as forward_query_tile's) of row i, in the order
+// backward_one_query takes them query after query, so with the same bits: grad_q of the tile's
+// queries; grad_v and grad_k of the keys their windows read (each key's terms added in the order
+// of the queries); the bias's. key_rows_t / value_rows_t: the window rows channel-major (d, W);
+// key_rows, grad_k_rows, grad_v_rows: the window rows (W, d). Scratch: 2 * (d + K * K) * kTile
+// floats.
+template <int64_t K>
+void backward_query_tile(const float* q_row, const float* grad_out_row, const float* out_row, const float* lse_row,
+                         const float* const* key_rows_t, const float* const* value_rows_t,
+                         const float* const* key_rows, float* const* grad_k_rows, float* const* grad_v_rows,
+                         const float* head_rpb, float* head_grad_rpb, int64_t i, int64_t si, int64_t j0, int64_t width,
+                         int64_t d, float* scratch, float* grad_q_row) {
+  using dat::FloatVector;
+  constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K, base_offset = K - 1 - half;
+  float* qt = scratch;
+  float* grad_out_t = qt + d * kTile;
+  float* probs = grad_out_t + d * kTile;
+  float* grad_logits = probs + window * kTile;
+  const int64_t base = j0 - half;
+  transpose_tile(q_row + j0 * d, d, qt);
+  transpose_tile(grad_out_row + j0 * d, d, grad_out_t);
+  tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + base_offset, table, base, width, d, probs);
+  tile_dots<K>(grad_out_t, value_rows_t, nullptr, 0, base, width, d, grad_logits);  // dP
+  for (int64_t l = 0; l < kTile; ++l) {
+    const float query_lse = lse_row[j0 + l];
+    const float delta = dat::dot(grad_out_row + (j0 + l) * d, out_row + (j0 + l) * d, d);  // D = rowsum(dO * O)
+    for (int64_t n = 0; n < window; ++n) {
+      const float p = dat::exp_approx(probs[n * kTile + l] - query_lse);
+      probs[n * kTile + l] = p;
+      grad_logits[n * kTile + l] = p * (grad_logits[n * kTile + l] - delta);  // dS = P * (dP - D)
+    }
   }
+  FloatVector sums[kTile];
+  for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
+    weighted_rows<K>(grad_logits, key_rows, base, c0, d, sums);
+    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(grad_q_row + (j0 + l) * d + c0, sums[l]);
+  }
+  // Key column base + m of window row a gets query l's terms for b = m - l in [0, K), l ascending.
+  for (int64_t a = 0; a < K; ++a) {
+    for (int64_t m = 0; m < K + kTile - 1; ++m) {
+      const int64_t first = std::max<int64_t>(0, m - (K - 1)), last = std::min<int64_t>(kTile - 1, m);
+      float* grad_v = grad_v_rows[a] + (base + m) * d;
+      float* grad_k = grad_k_rows[a] + (base + m) * d;
+      for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
+        FloatVector value_sum = dat::load_vector<FloatVector>(grad_v + c0);
+        FloatVector key_sum = dat::load_vector<FloatVector>(grad_k + c0);
+        for (int64_t l = first; l <= last; ++l) {
+          const int64_t n = (a * K + m - l) * kTile + l;
+          value_sum += probs[n] * dat::load_vector<FloatVector>(grad_out_row + (j0 + l) * d + c0);
+          key_sum += grad_logits[n] * dat::load_vector<FloatVector>(q_row + (j0 + l) * d + c0);
+        }
+        dat::store_vector(grad_v + c0, value_sum);
+        dat::store_vector(grad_k + c0, key_sum);
+      }
+    }
+    float* bias_grad = head_grad_rpb + (si + a - i + K - 1) * table + base_offset;
+    for (int64_t b = 0; b < K; ++b) {
+      for (int64_t l = 0; l < kTile; ++l) bias_grad[b] += grad_logits[(a * K + b) * kTile + l];
+    }
+  }
+}
+
+// forward_query_tile and backward_query_tile for the kernel sizes they are built for (DAT++'s 7,
+// and 3 and 5); null for others.
+struct QueryTiles {
+  decltype(&forward_query_tile<7>) forward = nullptr;
+  decltype(&backward_query_tile<7>) backward = nullptr;
+};
+
+template <int64_t K>
+QueryTiles query_tiles() {
+  return {forward_query_tile<K>, backward_query_tile<K>};
+}
+
+// The query tiles for kernel_size and d (d a multiple of kLanes: DAT++'s d = 32; where it is not,
+// the dot products sum their last channels one by one, in an order the tiles do not reproduce
+// to the bit), and how many fit in a row of width W: the tiles whose windows are unclamped along
+// the row, j0 >= K / 2 and j0 + kTile - 1 <= W - 1 - K / 2.
+QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width, int64_t& tiles) {
+  QueryTiles fns;
+  if (d % dat::kLanes == 0) {
+    switch (kernel_size) {
+      case 3:
+        fns = query_tiles<3>();
+        break;
+      case 5:
+        fns = query_tiles<5>();
+        break;
+      case 7:
+        fns = query_tiles<7>();
+        break;
+      default:
+        break;
+    }
+  }
+  tiles = fns.forward == nullptr ? 0 : std::max<int64_t>(0, (width - 2 * (kernel_size / 2)) / kTile);
+  return fns;
 }
 
 }  // namespace
@@ -214,12 +346,8 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
   const int64_t window = kernel_size * kernel_size, table_size = rpb.size(1) * rpb.size(2), half = kernel_size / 2;
   auto out = torch::empty_like(q);
   auto lse = torch::empty({bh_count, height * width}, q.options());
-  // Queries in tiles where a whole tile's windows are unclamped along the row (j0 >= K / 2 and
-  // j0 + kTile - 1 <= W - 1 - K / 2), for whole vectors of channels (DAT++: d = 32; the dot
-  // products' last channels past them are summed one by one, in an order the tiles do not
-  // reproduce to the bit).
-  const QueryTileFn query_tile = d % dat::kLanes == 0 ? query_tile_for(kernel_size) : nullptr;
-  const int64_t tiles = query_tile == nullptr ? 0 : std::max<int64_t>(0, (width - 2 * half) / kTile);
+  int64_t tiles;
+  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width, tiles);
   const float* q_p = q.data_ptr<float>();
   const float* k_p = k.data_ptr<float>();
   const float* v_p = v.data_ptr<float>();
@@ -228,8 +356,8 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
   float* lse_p = lse.data_ptr<float>();
   // One work item per (bh, query row).
   at::parallel_for(0, bh_count * height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(window), qt(d * kTile), weights(window * kTile);
-    std::vector<const float*> key_rows(kernel_size), value_rows(kernel_size);
+    std::vector<float> logits(window), scratch((d + window) * kTile);
+    std::vector<const float*> key_rows_t(kernel_size), value_rows(kernel_size);
     TransposedRows transposed_keys(tiles > 0 ? kernel_size : 0, width, d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / height, i = item % height;
@@ -241,12 +369,12 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
       if (tiles > 0) {
         const int64_t si = window_start(i, height, kernel_size);
         for (int64_t a = 0; a < kernel_size; ++a) {
-          key_rows[a] = transposed_keys.row(k_p + head_offset, bh, height, si + a);
+          key_rows_t[a] = transposed_keys.row(k_p + head_offset, bh, height, si + a);
           value_rows[a] = v_p + head_offset + (si + a) * width * d;
         }
         for (int64_t j0 = tiled_begin; j0 < tiled_end; j0 += kTile) {
-          query_tile(q_p + head_offset + i * width * d, key_rows.data(), value_rows.data(), head_rpb, i, si, j0, width,
-                     d, qt.data(), weights.data(), out_row, lse_row);
+          query_tiles.forward(q_p + head_offset + i * width * d, key_rows_t.data(), value_rows.data(), head_rpb, i, si,
+                              j0, width, d, scratch.data(), out_row, lse_row);
         }
       }
       for (int64_t j = 0; j < width; ++j) {
@@ -261,7 +389,8 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
 
 // Returns grad_q, grad_k, grad_v (BH, H, W, d) and grad_rpb per bh (BH, 2k - 1, 2k - 1) (the
 // caller sums it over the batch). Work items are whole bh slices, so that the scatter into the
-// keys' and values' gradients never races.
+// keys' and values' gradients never races, and each key's terms are added in the queries' order
+// whatever the threads.
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
                                                            torch::Tensor lse, int64_t kernel_size) {
@@ -288,35 +417,45 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
   float* gk_p = grad_k.data_ptr<float>();
   float* gv_p = grad_v.data_ptr<float>();
   float* grpb_p = grad_rpb.data_ptr<float>();
+  int64_t tiles;
+  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width, tiles);
+  const int64_t half = kernel_size / 2, tiled_begin = half, tiled_end = half + tiles * kTile;
   at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(window);
+    std::vector<float> logits(window), scratch(2 * (d + window) * kTile);
+    std::vector<const float*> key_rows_t(kernel_size), value_rows_t(kernel_size), key_rows(kernel_size);
+    std::vector<float*> grad_k_rows(kernel_size), grad_v_rows(kernel_size);
+    TransposedRows transposed_keys(tiles > 0 ? kernel_size : 0, width, d);
+    TransposedRows transposed_values(tiles > 0 ? kernel_size : 0, width, d);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t head_offset = bh * height * width * d;
+      const int64_t head_offset = bh * height * width * d, row_size = width * d;
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
       float* head_grad_rpb = grpb_p + bh * table_size;
+      const float *q_h = q_p + head_offset, *k_h = k_p + head_offset, *v_h = v_p + head_offset;
+      const float *go_h = go_p + head_offset, *out_h = out_p + head_offset, *lse_h = lse_p + bh * height * width;
+      float *gq_h = gq_p + head_offset, *gk_h = gk_p + head_offset, *gv_h = gv_p + head_offset;
       for (int64_t i = 0; i < height; ++i) {
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t query = i * width + j, offset = head_offset + query * d;
-          const float* qv = q_p + offset;
-          const float* dout = go_p + offset;
-          int64_t si, sj;
-          window_logits(qv, k_p + head_offset, head_rpb, i, j, height, width, d, kernel_size, logits.data(), si, sj);
-          const float query_lse = lse_p[bh * height * width + query];
-          const float delta = dat::dot(dout, out_p + offset, d);  // D = rowsum(dO * O)
-          float* gq = gq_p + offset;
-          std::fill(gq, gq + d, 0.0f);
+        const int64_t si = window_start(i, height, kernel_size);
+        if (tiles > 0) {
           for (int64_t a = 0; a < kernel_size; ++a) {
-            const int64_t key_offset = head_offset + ((si + a) * width + sj) * d;
-            float* bias_grad = head_grad_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
-            for (int64_t b = 0; b < kernel_size; ++b) {
-              const int64_t key = key_offset + b * d;
-              const float p = dat::exp_approx(logits[a * kernel_size + b] - query_lse);
-              const float ds = p * (dat::dot(dout, v_p + key, d) - delta);  // dS = P * (dP - D)
-              axpy(gv_p + key, p, dout, d);
-              axpy(gk_p + key, ds, qv, d);
-              axpy(gq, ds, k_p + key, d);
-              bias_grad[b] += ds;
-            }
+            key_rows_t[a] = transposed_keys.row(k_h, bh, height, si + a);
+            value_rows_t[a] = transposed_values.row(v_h, bh, height, si + a);
+            key_rows[a] = k_h + (si + a) * row_size;
+            grad_k_rows[a] = gk_h + (si + a) * row_size;
+            grad_v_rows[a] = gv_h + (si + a) * row_size;
+          }
+        }
+        // Queries in order along the row (each key's terms are added query after query).
+        for (int64_t j = 0; j < width;) {
+          if (j >= tiled_begin && j < tiled_end) {
+            query_tiles.backward(q_h + i * row_size, go_h + i * row_size, out_h + i * row_size, lse_h + i * width,
+                                 key_rows_t.data(), value_rows_t.data(), key_rows.data(), grad_k_rows.data(),
+                                 grad_v_rows.data(), head_rpb, head_grad_rpb, i, si, j, width, d, scratch.data(),
+                                 gq_h + i * row_size);
+            j += kTile;
+          } else {
+            backward_one_query(q_h, k_h, v_h, go_h, out_h, lse_h, head_rpb, i, j, height, width, d, kernel_size,
+                               logits.data(), gq_h, gk_h, gv_h, head_grad_rpb);
+            ++j;
           }
         }
       }
