@@ -139,16 +139,7 @@ class TransposedRows {
   std::vector<int64_t> tags_;
 };
 
-// Queries j0 .. j0 + kTile - 1 of row i side by side (one per lane), where their windows are not
-// clamped at the left or right edge: query j0 + l's window starts at column j0 + l - K / 2, so
-// for a window position (a, b) the kTile queries read kTile neighbouring keys, contiguous in the
-// channel-major key rows (d, W) (TransposedRows), and share one bias. Their logits are then
-// multiply-adds of whole vectors (forward_one_query takes a dot product per pair, with a
-// horizontal sum), and so are their outputs (weighted_values). Every sum runs in
-// forward_one_query's order (the dot products' and the exponentials' kLanes partial sums, then
-// the rest), so that the results are the same to the bit and the backward pass, which recomputes
-// the logits pair by pair, finds the logits the log-sum-exp was taken of. d is a multiple of
-// kLanes. Scratch (floats): qt d * kTile, weights K * K * kTile.
+// Queries per tile of the tiled passes (forward_query_tile, backward_query_tile): one per lane.
 constexpr int64_t kTile = dat::kLanes;
 
 // sums[l] = the sum over the window positions (a, b), in order, of weight (a, b) of query l times
@@ -202,6 +193,16 @@ inline void transpose_tile(const float* rows, int64_t d, float* vectors_t) {
   }
 }
 
+// Queries j0 .. j0 + kTile - 1 of row i side by side (one per lane), where their windows are not
+// clamped at the left or right edge: query j0 + l's window starts at column j0 + l - K / 2, so
+// for a window position (a, b) the kTile queries read kTile neighbouring keys, contiguous in the
+// channel-major key rows (d, W) (TransposedRows), and share one bias. Their logits are then
+// multiply-adds of whole vectors (forward_one_query takes a dot product per pair, with a
+// horizontal sum), and so are their outputs (weighted_rows). Every sum runs in
+// forward_one_query's order (the dot products' and the exponentials' kLanes partial sums, then
+// the rest), so that the results are the same to the bit and the backward pass, which recomputes
+// the logits pair by pair, finds the logits the log-sum-exp was taken of. d is a multiple of
+// kLanes. Scratch (floats): qt d * kTile, weights K * K * kTile.
 template <int64_t K>
 void forward_query_tile(const float* q_row, const float* const* key_rows_t, const float* const* value_rows,
                         const float* head_rpb, int64_t i, int64_t si, int64_t j0, int64_t width, int64_t d,
