@@ -300,11 +300,14 @@ void backward_query_tile(const float* q_row, const float* grad_out_row, const fl
   }
 }
 
-// forward_query_tile and backward_query_tile for the kernel sizes they are built for (DAT++'s 7,
-// and 3 and 5); null for others.
+// The tiled passes of a call: forward_query_tile and backward_query_tile for its kernel size, and
+// the query columns [begin, end) of each row that go in tiles (none where begin == end).
 struct QueryTiles {
   decltype(&forward_query_tile<7>) forward = nullptr;
   decltype(&backward_query_tile<7>) backward = nullptr;
+  int64_t begin = 0, end = 0;
+
+  bool any() const { return begin < end; }
 };
 
 template <int64_t K>
@@ -312,11 +315,12 @@ QueryTiles query_tiles() {
   return {forward_query_tile<K>, backward_query_tile<K>};
 }
 
-// The query tiles for kernel_size and d (d a multiple of kLanes: DAT++'s d = 32; where it is not,
-// the dot products sum their last channels one by one, in an order the tiles do not reproduce
-// to the bit), and how many fit in a row of width W: the tiles whose windows are unclamped along
-// the row, j0 >= K / 2 and j0 + kTile - 1 <= W - 1 - K / 2.
-QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width, int64_t& tiles) {
+// The tiled passes for kernel_size and d, built for K = 3, 5 and 7 (DAT++: 7) and d a multiple of
+// kLanes (DAT++: 32; where it is not, the dot products sum their last channels one by one, in an
+// order the tiles do not reproduce to the bit), and the columns of a row of width W that they
+// take: as many whole tiles as fit where their windows are unclamped along the row, j0 >= K / 2
+// and j0 + kTile - 1 <= W - 1 - K / 2.
+QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width) {
   QueryTiles fns;
   if (d % dat::kLanes == 0) {
     switch (kernel_size) {
@@ -333,7 +337,11 @@ QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width, int64_
         break;
     }
   }
-  tiles = fns.forward == nullptr ? 0 : std::max<int64_t>(0, (width - 2 * (kernel_size / 2)) / kTile);
+  if (fns.forward != nullptr) {
+    const int64_t half = kernel_size / 2;
+    fns.begin = half;
+    fns.end = half + std::max<int64_t>(0, width - 2 * half) / kTile * kTile;
+  }
   return fns;
 }
 
@@ -344,11 +352,10 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
                                                           torch::Tensor rpb, int64_t kernel_size) {
   check_inputs(q, k, v, rpb, kernel_size);
   const int64_t bh_count = q.size(0), height = q.size(1), width = q.size(2), d = q.size(3), heads = rpb.size(0);
-  const int64_t window = kernel_size * kernel_size, table_size = rpb.size(1) * rpb.size(2), half = kernel_size / 2;
+  const int64_t window = kernel_size * kernel_size, table_size = rpb.size(1) * rpb.size(2);
   auto out = torch::empty_like(q);
   auto lse = torch::empty({bh_count, height * width}, q.options());
-  int64_t tiles;
-  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width, tiles);
+  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
   const float* q_p = q.data_ptr<float>();
   const float* k_p = k.data_ptr<float>();
   const float* v_p = v.data_ptr<float>();
@@ -359,27 +366,26 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
   at::parallel_for(0, bh_count * height, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(window), scratch((d + window) * kTile);
     std::vector<const float*> key_rows_t(kernel_size), value_rows(kernel_size);
-    TransposedRows transposed_keys(tiles > 0 ? kernel_size : 0, width, d);
+    TransposedRows transposed_keys(query_tiles.any() ? kernel_size : 0, width, d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / height, i = item % height;
       const int64_t head_offset = bh * height * width * d;
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
       float* out_row = out_p + head_offset + i * width * d;
       float* lse_row = lse_p + item * width;
-      const int64_t tiled_begin = half, tiled_end = half + tiles * kTile;
-      if (tiles > 0) {
+      if (query_tiles.any()) {
         const int64_t si = window_start(i, height, kernel_size);
         for (int64_t a = 0; a < kernel_size; ++a) {
           key_rows_t[a] = transposed_keys.row(k_p + head_offset, bh, height, si + a);
           value_rows[a] = v_p + head_offset + (si + a) * width * d;
         }
-        for (int64_t j0 = tiled_begin; j0 < tiled_end; j0 += kTile) {
+        for (int64_t j0 = query_tiles.begin; j0 < query_tiles.end; j0 += kTile) {
           query_tiles.forward(q_p + head_offset + i * width * d, key_rows_t.data(), value_rows.data(), head_rpb, i, si,
                               j0, width, d, scratch.data(), out_row, lse_row);
         }
       }
       for (int64_t j = 0; j < width; ++j) {
-        if (j >= tiled_begin && j < tiled_end) continue;
+        if (j >= query_tiles.begin && j < query_tiles.end) continue;
         forward_one_query(q_p + head_offset, k_p + head_offset, v_p + head_offset, head_rpb, i, j, height, width, d,
                           kernel_size, logits.data(), out_row + j * d, lse_row + j);
       }
@@ -418,15 +424,13 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
   float* gk_p = grad_k.data_ptr<float>();
   float* gv_p = grad_v.data_ptr<float>();
   float* grpb_p = grad_rpb.data_ptr<float>();
-  int64_t tiles;
-  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width, tiles);
-  const int64_t half = kernel_size / 2, tiled_begin = half, tiled_end = half + tiles * kTile;
+  const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
   at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(window), scratch(2 * (d + window) * kTile);
     std::vector<const float*> key_rows_t(kernel_size), value_rows_t(kernel_size), key_rows(kernel_size);
     std::vector<float*> grad_k_rows(kernel_size), grad_v_rows(kernel_size);
-    TransposedRows transposed_keys(tiles > 0 ? kernel_size : 0, width, d);
-    TransposedRows transposed_values(tiles > 0 ? kernel_size : 0, width, d);
+    TransposedRows transposed_keys(query_tiles.any() ? kernel_size : 0, width, d);
+    TransposedRows transposed_values(query_tiles.any() ? kernel_size : 0, width, d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t head_offset = bh * height * width * d, row_size = width * d;
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
@@ -436,7 +440,7 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
       float *gq_h = gq_p + head_offset, *gk_h = gk_p + head_offset, *gv_h = gv_p + head_offset;
       for (int64_t i = 0; i < height; ++i) {
         const int64_t si = window_start(i, height, kernel_size);
-        if (tiles > 0) {
+        if (query_tiles.any()) {
           for (int64_t a = 0; a < kernel_size; ++a) {
             key_rows_t[a] = transposed_keys.row(k_h, bh, height, si + a);
             value_rows_t[a] = transposed_values.row(v_h, bh, height, si + a);
@@ -447,7 +451,7 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
         }
         // Queries in order along the row (each key's terms are added query after query).
         for (int64_t j = 0; j < width;) {
-          if (j >= tiled_begin && j < tiled_end) {
+          if (j >= query_tiles.begin && j < query_tiles.end) {
             query_tiles.backward(q_h + i * row_size, go_h + i * row_size, out_h + i * row_size, lse_h + i * width,
                                  key_rows_t.data(), value_rows_t.data(), key_rows.data(), grad_k_rows.data(),
                                  grad_v_rows.data(), head_rpb, head_grad_rpb, i, si, j, width, d, scratch.data(),
