@@ -1,7 +1,8 @@
-"""The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer (C++ CPU kernel,
-ops/convffn.py) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the folded
-depth-wise residual, and the offset network of the deformable blocks against the original's
-sequence of layers on each group's view of the queries.
+"""The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer
+(ops/convffn.py: the C++ CPU kernel and oneDNN's conv with PyTorch's GELU, both where a test takes
+``hidden_method``) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the
+folded depth-wise residual, and the offset network of the deformable blocks against the
+original's sequence of layers on each group's view of the queries.
 
 The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
 the ConvFFN hidden layer is the composition (the C++ kernel is CPU-only), the other layers are the
@@ -31,6 +32,14 @@ def _conv(channels, kernel, dtype=torch.float32, device='cpu'):
     return conv
 
 
+@pytest.fixture(params=['fused-kernel', 'onednn'])
+def hidden_method(request, monkeypatch):
+    """Runs the test with each method of the fused hidden layer, whatever the map's size."""
+    threshold = 0 if request.param == 'fused-kernel' else float('inf')
+    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', threshold)
+    return request.param
+
+
 def _value_and_grads(fn, y, conv, grad):
     y = y.detach().clone().requires_grad_()
     out = fn(y, conv)
@@ -48,7 +57,7 @@ def _value_and_grads(fn, y, conv, grad):
 )
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
 def test_fused_hidden_layer_matches_float64_reference(
-    batch, channels, height, width, kernel, memory_format, device, require_cpu_kernels
+    batch, channels, height, width, kernel, memory_format, device, require_cpu_kernels, hidden_method
 ):
     if device.type == 'cpu':
         require_cpu_kernels()
@@ -69,7 +78,7 @@ def test_fused_hidden_layer_matches_float64_reference(
         assert error <= 1e-6 * max(scale, 1.0), f'{name}: max error {error:.3g} at scale {scale:.3g}'
 
 
-def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kernels):
+def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kernels, hidden_method):
     require_cpu_kernels()
     torch.manual_seed(1)
     conv = _conv(32, 3)
@@ -84,10 +93,11 @@ def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kerne
 
 
 @pytest.mark.parametrize('threads', [1, 3])
-def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads, require_cpu_kernels):
-    """Each thread recomputes the grad_z rows it shares with its neighbours; every row's bias and
-    weight terms must still be counted once."""
+def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads, require_cpu_kernels, monkeypatch):
+    """Each thread of the C++ kernel recomputes the grad_z rows it shares with its neighbours;
+    every row's bias and weight terms must still be counted once."""
     require_cpu_kernels()
+    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
     torch.manual_seed(5)
     conv = _conv(8, 3)
     y = torch.randn(2, 8, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
@@ -102,6 +112,24 @@ def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads,
         torch.set_num_threads(before)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_hidden_layer_method_follows_the_map_size(require_cpu_kernels, monkeypatch):
+    require_cpu_kernels()
+    assert convffn_ops.FUSED_KERNEL_MIN_BYTES == 32 << 20
+    large = torch.empty(1, 256, 128, 256)  # 32 MiB of float32
+    assert convffn_ops.runs_fused_kernel(large) and not convffn_ops.runs_fused_kernel(large[:, :, :127])
+    torch.manual_seed(9)
+    conv = _conv(24, 3)
+    y = torch.randn(2, 24, 9, 11).to(memory_format=torch.channels_last)
+    grad = torch.randn(2, 24, 9, 11)
+    results = {}
+    for method, threshold in (('fused-kernel', 0), ('onednn', float('inf'))):
+        monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', threshold)
+        results[method] = _value_and_grads(depthwise_conv_gelu, y, conv, grad)
+        assert results[method][0].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(results['fused-kernel'], results['onednn'], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypatch):
@@ -119,7 +147,7 @@ def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypat
     assert torch.equal(depthwise_conv_gelu(y, conv), depthwise_conv_gelu_reference(y, conv))
 
 
-def test_fused_hidden_layer_of_a_conv_without_bias(require_cpu_kernels):
+def test_fused_hidden_layer_of_a_conv_without_bias(require_cpu_kernels, hidden_method):
     require_cpu_kernels()
     torch.manual_seed(8)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
@@ -146,7 +174,7 @@ def test_fused_hidden_layer_rejects_a_conv_it_does_not_compute(require_cpu_kerne
 
 
 @pytest.mark.parametrize('recompute_hidden', [False, True])
-def test_conv_ffn_fused_and_reference_agree(recompute_hidden, device, require_cpu_kernels):
+def test_conv_ffn_fused_and_reference_agree(recompute_hidden, device, require_cpu_kernels, hidden_method):
     if device.type == 'cpu':
         require_cpu_kernels()
     torch.manual_seed(3)
@@ -256,7 +284,7 @@ def test_depthwise_conv_plus_identity_is_the_residual_sum(kernel, device):
         'autograd function, which torch.compile and opcheck do not treat as an operator'
     ),
 )
-def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels):
+def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels, hidden_method):
     require_cpu_kernels()
     torch.manual_seed(6)
     conv = _conv(8, 3)
@@ -306,7 +334,7 @@ def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
         convffn_ops._depthwise_conv_gelu_op(torch.randn(1, 8, 5, 6), conv.weight, conv.bias)
 
 
-def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_kernels):
+def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_kernels, hidden_method):
     require_cpu_kernels()
     conv = _conv(8, 3)
     y = torch.randn(1, 8, 6, 7).to(memory_format=torch.channels_last)

@@ -1,19 +1,41 @@
 """DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``: the public entry and the fused operator.
 
 :func:`depthwise_conv_gelu` runs the PyTorch composition (:func:`~projects.dat.ops.reference.
-depthwise_conv_gelu_reference`) or the custom operator ``torch.ops.dat.depthwise_conv_gelu``, the
-C++ CPU kernel of ``csrc/depthwise_conv_gelu.cpp`` (one pass over memory forward and one
-backward; only ``y`` is kept for the backward pass), as
-:func:`~projects.dat.ops.dispatch.select_backend` decides. The layer has no separate PyTorch fast
-path: the ``pytorch`` backend is the composition.
+depthwise_conv_gelu_reference`) or the custom operator ``torch.ops.dat.depthwise_conv_gelu``, as
+:func:`~projects.dat.ops.dispatch.select_backend` decides. The operator keeps only ``y`` for the
+backward pass, which recomputes the GELU's input; it computes with one of two methods, by the
+size of the map (:func:`runs_fused_kernel`):
+
+- maps of at least :data:`FUSED_KERNEL_MIN_BYTES`: the C++ CPU kernel of
+  ``csrc/depthwise_conv_gelu.cpp``, one pass over memory forward and one backward;
+- smaller maps: oneDNN's depth-wise conv and PyTorch's GELU (and their backward functions),
+  whose arithmetic is about twice as fast as the kernel's but which allocate an intermediate
+  map of the same size.
+
+The crossover is glibc's: an allocation of 32 MiB or more (its largest ``mmap`` threshold) is a
+fresh ``mmap`` that the OS zeroes and faults in page by page each time, so there the
+composition's intermediates cost more than the kernel's slower arithmetic; below it they come
+back from the heap, warm (``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The
+layer has no separate PyTorch fast path: the ``pytorch`` backend is the composition.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels, torch_compat
 from .dispatch import select_backend
 from .reference import depthwise_conv_gelu_reference, identity_folded
+
+# Maps (y, float32) of at least this many bytes go to the fused C++ kernel, smaller ones to
+# oneDNN's conv and PyTorch's GELU (see the module docstring).
+FUSED_KERNEL_MIN_BYTES = 32 << 20
+
+
+def runs_fused_kernel(y: Tensor) -> bool:
+    """Whether the operator computes ``y``'s hidden layer with the C++ kernel (a map of at least
+    :data:`FUSED_KERNEL_MIN_BYTES`), else with oneDNN's conv and PyTorch's GELU."""
+    return y.numel() * y.element_size() >= FUSED_KERNEL_MIN_BYTES
 
 
 def _check_same_depthwise_conv(conv: nn.Conv2d, y: Tensor):
@@ -61,11 +83,22 @@ def _operator_kernels(y: Tensor, weight: Tensor, bias: Tensor):
     return kernels
 
 
+def _nhwc(x: Tensor) -> Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def _gelu_input(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``y + conv(y)`` with the conv's bias, by oneDNN (channels-last in, channels-last out)."""
+    return F.conv2d(y, identity_folded(weight), bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+
 @torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
 def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     kernels = _operator_kernels(y, weight, bias)
+    if not runs_fused_kernel(y):
+        return F.gelu(_nhwc(_gelu_input(y, weight, bias))).permute(0, 3, 1, 2)
     taps = _kernel_taps(weight)
-    out = kernels.depthwise_conv_gelu_forward(y.permute(0, 2, 3, 1), taps, bias)
+    out = kernels.depthwise_conv_gelu_forward(_nhwc(y), taps, bias)
     return out.permute(0, 3, 1, 2)
 
 
@@ -79,9 +112,27 @@ def _depthwise_conv_gelu_backward_op(
     grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = _operator_kernels(y, weight, bias)
+    if not runs_fused_kernel(y):
+        # The gradients in the input's layout: torch 2.1's GELU backward mishandles others.
+        z = _nhwc(_gelu_input(y, weight, bias)).contiguous()
+        grad_z = torch.ops.aten.gelu_backward(_nhwc(grad_out).contiguous(), z).permute(0, 3, 1, 2)
+        padding = [weight.shape[-1] // 2] * 2
+        return torch.ops.aten.convolution_backward(
+            grad_z,
+            y,
+            identity_folded(weight),
+            [bias.shape[0]],
+            [1, 1],
+            padding,
+            [1, 1],
+            False,
+            [0, 0],
+            weight.shape[0],
+            [True, True, True],
+        )
     taps = _kernel_taps(weight)
     grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
-        grad_out.permute(0, 2, 3, 1).contiguous(), y.permute(0, 2, 3, 1), taps, bias
+        _nhwc(grad_out).contiguous(), _nhwc(y), taps, bias
     )
     return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
 
