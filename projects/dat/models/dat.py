@@ -112,8 +112,9 @@ class ConvFFN(nn.Module):
 
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
-    fused C++ kernel on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`), which never
-    stores the GELU input and keeps only ``y`` for the backward pass. With
+    custom operator on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`: a fused C++
+    kernel on large maps, oneDNN's conv and PyTorch's GELU on others), which keeps only ``y`` for
+    the backward pass. With
     ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is recomputed in the backward
     pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
     after ``fc1`` runs on stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations

@@ -8,15 +8,16 @@ size of the map (:func:`runs_fused_kernel`):
 
 - maps of at least :data:`FUSED_KERNEL_MIN_BYTES`: the C++ CPU kernel of
   ``csrc/depthwise_conv_gelu.cpp``, one pass over memory forward and one backward;
-- smaller maps: oneDNN's depth-wise conv and PyTorch's GELU (and their backward functions),
-  whose arithmetic is about twice as fast as the kernel's but which allocate an intermediate
-  map of the same size.
+- smaller maps: oneDNN's depth-wise conv and PyTorch's GELU in place on its output (backward:
+  the conv again, GELU's gradient in place, the conv's backward), whose arithmetic is 2-3x as
+  fast as the kernel's, but which reads and writes the map more often and, backward, allocates
+  one map more than the kernel.
 
-The crossover is glibc's: an allocation of 32 MiB or more (its largest ``mmap`` threshold) is a
-fresh ``mmap`` that the OS zeroes and faults in page by page each time, so there the
-composition's intermediates cost more than the kernel's slower arithmetic; below it they come
-back from the heap, warm (``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The
-layer has no separate PyTorch fast path: the ``pytorch`` backend is the composition.
+On this machine the crossover lies at glibc's largest ``mmap`` threshold: an allocation of
+32 MiB or more is a fresh ``mmap`` that the OS zeroes and faults in page by page each time,
+smaller ones come back from the heap, warm (``docs/benchmarks.md``, "ConvFFN's hidden layer by
+map size"). The layer has no separate PyTorch fast path: the ``pytorch`` backend is the
+composition.
 """
 
 import torch
@@ -96,7 +97,9 @@ def _gelu_input(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     kernels = _operator_kernels(y, weight, bias)
     if not runs_fused_kernel(y):
-        return F.gelu(_nhwc(_gelu_input(y, weight, bias))).permute(0, 3, 1, 2)
+        z = _gelu_input(y, weight, bias)
+        torch.ops.aten.gelu_(_nhwc(z))  # in place: one map at a time, as in the kernel
+        return z
     taps = _kernel_taps(weight)
     out = kernels.depthwise_conv_gelu_forward(_nhwc(y), taps, bias)
     return out.permute(0, 3, 1, 2)
@@ -113,9 +116,11 @@ def _depthwise_conv_gelu_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = _operator_kernels(y, weight, bias)
     if not runs_fused_kernel(y):
-        # The gradients in the input's layout: torch 2.1's GELU backward mishandles others.
-        z = _nhwc(_gelu_input(y, weight, bias)).contiguous()
-        grad_z = torch.ops.aten.gelu_backward(_nhwc(grad_out).contiguous(), z).permute(0, 3, 1, 2)
+        # The gradient in the input's layout (torch 2.1's GELU backward mishandles others), and
+        # grad_z written over z: one map more than the kernel needs, not two.
+        z = _nhwc(_gelu_input(y, weight, bias))
+        torch.ops.aten.gelu_backward.grad_input(_nhwc(grad_out).contiguous(), z, grad_input=z)
+        grad_z = z.permute(0, 3, 1, 2)
         padding = [weight.shape[-1] // 2] * 2
         return torch.ops.aten.convolution_backward(
             grad_z,
@@ -157,7 +162,9 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
     """``GELU(y + conv(y))``, ConvFFN's hidden layer; the same function as
     :func:`~projects.dat.ops.reference.depthwise_conv_gelu_reference`.
 
-    Runs the fused C++ kernel where :func:`~projects.dat.ops.dispatch.select_backend` picks the
+    Runs the operator ``dat::depthwise_conv_gelu`` (the C++ kernel or oneDNN's conv and
+    PyTorch's GELU by the map's size, see the module docstring; only ``y`` is kept for the
+    backward pass) where :func:`~projects.dat.ops.dispatch.select_backend` picks the
     ``cpu-kernel`` backend for ``impl`` (float32 maps on CPU, not under autocast, whose conv
     computes in a half type; the map is made channels-last first if it is not), else the
     composition.
@@ -169,7 +176,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
         impl (str): One of :data:`~projects.dat.ops.dispatch.ATTN_IMPLS`. Defaults to ``'auto'``.
 
     Returns:
-        Tensor: ``(B, C, H, W)``, channels-last where the kernel ran.
+        Tensor: ``(B, C, H, W)``, channels-last where the operator ran.
     """
     device_type = y.device.type
     autocast = torch_compat.is_autocast_enabled(device_type)

@@ -9,7 +9,8 @@ intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
-pass over memory, forward and backward. ``csrc/vector_math.h`` holds the float32 helpers
+pass over memory, forward and backward (for maps of 32 MiB or more; smaller ones are faster in
+oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`). ``csrc/vector_math.h`` holds the float32 helpers
 (``exp``, sums, dot products) that the compiler vectorises. They agree with the PyTorch paths to
 float32 round-off (``tests/test_attention_fast.py``, ``tests/test_layers.py``); which one runs is
 decided by :func:`projects.dat.ops.dispatch.select_backend`.
