@@ -329,9 +329,11 @@ def test_fused_hidden_layer_operator_and_kernel_check_their_inputs(require_cpu_k
 
 def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
     monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
+    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
     conv = _conv(8, 3)
-    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu needs the C\+\+ CPU kernels'):
-        convffn_ops._depthwise_conv_gelu_op(torch.randn(1, 8, 5, 6), conv.weight, conv.bias)
+    y = torch.randn(1, 8, 5, 6).to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu needs the C\+\+ CPU kernels on maps of'):
+        convffn_ops._depthwise_conv_gelu_op(y, conv.weight, conv.bias)
 
 
 def test_fused_hidden_layer_keeps_nan_where_the_composition_has_it(require_cpu_kernels, hidden_method):

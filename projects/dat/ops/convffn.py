@@ -53,14 +53,9 @@ def _check_same_depthwise_conv(conv: nn.Conv2d, y: Tensor):
         raise ValueError(f"expected a 'same' conv ({same}), got {given}")
 
 
-def _kernel_taps(weight: Tensor) -> Tensor:
-    """The kernel's ``(k * k, C)`` taps: the identity-folded ``(C, 1, k, k)`` weight, tap-major."""
-    return identity_folded(weight).flatten(1).t().contiguous()
-
-
-def _operator_kernels(y: Tensor, weight: Tensor, bias: Tensor):
-    """The C++ kernels, after the checks that the fused operators rely on before they reach them
-    (they may be called directly, as ``torch.ops.dat.*``)."""
+def _check_operator_inputs(y: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """The checks that the fused operators rely on (they may be called directly, as
+    ``torch.ops.dat.*``)."""
     channels = y.shape[1] if y.dim() == 4 else -1
     kernel = weight.shape[-1] if weight.dim() == 4 else 0
     if (
@@ -75,34 +70,43 @@ def _operator_kernels(y: Tensor, weight: Tensor, bias: Tensor):
             f'(C, 1, k, k) with an odd k and a bias (C,); got y {tuple(y.shape)} {y.dtype} on {y.device}, '
             f'weight {tuple(weight.shape)}, bias {tuple(bias.shape)}'
         )
+
+
+def _fused_kernels():
+    """The C++ kernels, or an error that says why there are none."""
     kernels = cpu_kernels.load_kernels()
     if kernels is None:
         raise RuntimeError(
-            'dat::depthwise_conv_gelu needs the C++ CPU kernels, which are turned off or could not '
-            'be built (see the log); depthwise_conv_gelu() falls back to PyTorch by itself'
+            'dat::depthwise_conv_gelu needs the C++ CPU kernels on maps of FUSED_KERNEL_MIN_BYTES or more, '
+            'which are turned off or could not be built (see the log); depthwise_conv_gelu() falls back '
+            'to PyTorch by itself'
         )
     return kernels
+
+
+def _kernel_taps(folded: Tensor) -> Tensor:
+    """The kernel's ``(k * k, C)`` taps: the identity-folded ``(C, 1, k, k)`` weight, tap-major."""
+    return folded.flatten(1).t().contiguous()
 
 
 def _nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def _gelu_input(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _gelu_input(y: Tensor, folded: Tensor, bias: Tensor) -> Tensor:
     """``y + conv(y)`` with the conv's bias, by oneDNN (channels-last in, channels-last out)."""
-    return F.conv2d(y, identity_folded(weight), bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    return F.conv2d(y, folded, bias, padding=folded.shape[-1] // 2, groups=folded.shape[0])
 
 
 @torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
 def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    kernels = _operator_kernels(y, weight, bias)
+    _check_operator_inputs(y, weight, bias)
+    folded = identity_folded(weight)
     if not runs_fused_kernel(y):
-        z = _gelu_input(y, weight, bias)
+        z = _gelu_input(y, folded, bias)
         torch.ops.aten.gelu_(_nhwc(z))  # in place: one map at a time, as in the kernel
         return z
-    taps = _kernel_taps(weight)
-    out = kernels.depthwise_conv_gelu_forward(_nhwc(y), taps, bias)
-    return out.permute(0, 3, 1, 2)
+    return _fused_kernels().depthwise_conv_gelu_forward(_nhwc(y), _kernel_taps(folded), bias).permute(0, 3, 1, 2)
 
 
 @_depthwise_conv_gelu_op.register_fake
@@ -114,30 +118,29 @@ def _(y, weight, bias):
 def _depthwise_conv_gelu_backward_op(
     grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = _operator_kernels(y, weight, bias)
+    _check_operator_inputs(y, weight, bias)
+    folded = identity_folded(weight)
     if not runs_fused_kernel(y):
         # The gradient in the input's layout (torch 2.1's GELU backward mishandles others), and
         # grad_z written over z: one map more than the kernel needs, not two.
-        z = _nhwc(_gelu_input(y, weight, bias))
+        z = _nhwc(_gelu_input(y, folded, bias))
         torch.ops.aten.gelu_backward.grad_input(_nhwc(grad_out).contiguous(), z, grad_input=z)
-        grad_z = z.permute(0, 3, 1, 2)
-        padding = [weight.shape[-1] // 2] * 2
+        padding = [folded.shape[-1] // 2] * 2
         return torch.ops.aten.convolution_backward(
-            grad_z,
+            z.permute(0, 3, 1, 2),
             y,
-            identity_folded(weight),
+            folded,
             [bias.shape[0]],
             [1, 1],
             padding,
             [1, 1],
             False,
             [0, 0],
-            weight.shape[0],
+            folded.shape[0],
             [True, True, True],
         )
-    taps = _kernel_taps(weight)
-    grad_y, grad_taps, grad_bias = kernels.depthwise_conv_gelu_backward(
-        _nhwc(grad_out).contiguous(), _nhwc(y), taps, bias
+    grad_y, grad_taps, grad_bias = _fused_kernels().depthwise_conv_gelu_backward(
+        _nhwc(grad_out).contiguous(), _nhwc(y), _kernel_taps(folded), bias
     )
     return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
 
