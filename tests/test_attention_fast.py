@@ -470,12 +470,14 @@ def test_backbone_fast_equals_reference(version, size, device):
         assert_rel_close(a, e, name=f'output {i}')
     # Gradients that are zero in exact math (proj_k biases: softmax ignores them; attention over a
     # single key on 1x1 maps) are round-off on both paths: they must stay tiny against the largest.
+    # The others sum terms over whole maps and several blocks: their float32 round-off reached
+    # 1.1e-5 of their largest value (torch 2.1 on an AVX-512 Xeon, the 112x137 map), hence 3e-5.
     largest = max(g.abs().max().item() for g in grads_ref.values())
     for name, grad in grads_ref.items():
         if grad.abs().max() <= 1e-6 * largest:
             assert grads_fast[name].abs().max() <= 1e-5 * largest, name
         else:
-            assert_rel_close(grads_fast[name], grad, name=name)
+            assert_rel_close(grads_fast[name], grad, tol=3e-5, name=name)
 
 
 @pytest.mark.skipif(not GOLDEN.is_dir(), reason='../shared (golden tensors) not present')
