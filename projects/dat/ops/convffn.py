@@ -13,11 +13,11 @@ size of the map (:func:`runs_fused_kernel`):
   fast as the kernel's, but which reads and writes the map more often and, backward, allocates
   one map more than the kernel.
 
-On this machine the crossover lies at glibc's largest ``mmap`` threshold: an allocation of
-32 MiB or more is a fresh ``mmap`` that the OS zeroes and faults in page by page each time,
-smaller ones come back from the heap, warm (``docs/benchmarks.md``, "ConvFFN's hidden layer by
-map size"). The layer has no separate PyTorch fast path: the ``pytorch`` backend is the
-composition.
+Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's largest
+``mmap`` threshold: an allocation of 32 MiB or more is a fresh ``mmap`` that the OS zeroes and
+faults in page by page each time, smaller ones come back from the heap, warm
+(``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The layer has no separate
+PyTorch fast path: the ``pytorch`` backend is the composition.
 """
 
 import torch
