@@ -6,6 +6,7 @@ These run with the interpreter of ``.venv`` (``make test``) and take seconds eac
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +99,30 @@ def test_check_env_builds_the_cpu_kernels_unless_turned_off(monkeypatch):
     assert check_env.check_cpu_kernels().startswith('turned off (DAT_CPU_KERNELS=0)')
     monkeypatch.delenv('DAT_CPU_KERNELS')
     assert check_env.check_cpu_kernels().startswith('built, agree with the PyTorch path')
+
+
+def test_cpu_kernels_build_with_this_environments_ninja(monkeypatch, tmp_path):
+    """A system ninja first on PATH must not build the cached kernels: two ninja versions taking
+    turns recompile each other's builds (ninja 1.13 hashes its log differently)."""
+    import torch.utils.cpp_extension
+
+    from projects.dat.ops import cpu_kernels
+
+    scripts = Path(sys.executable).parent
+    if not (scripts / 'ninja').is_file():
+        pytest.skip(f'no ninja beside {sys.executable}')
+    system = tmp_path / 'bin'
+    system.mkdir()
+    (system / 'ninja').write_text('#!/bin/sh\nexit 1\n')
+    (system / 'ninja').chmod(0o755)
+    path = f'{system}{os.pathsep}{os.environ["PATH"]}'
+    monkeypatch.setenv('PATH', path)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'extensions'))
+    seen = []
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', lambda *args, **kwargs: seen.append(shutil.which('ninja')))
+    cpu_kernels.build()
+    assert seen == [str(scripts / 'ninja')]
+    assert os.environ['PATH'] == path  # restored
 
 
 def test_mim_lists_the_openmmlab_stack():

@@ -22,11 +22,11 @@ cannot be built, the operators run in PyTorch and one warning says why.
 ``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
 """
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -89,8 +89,6 @@ def build(verbose: bool = False):
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    if shutil.which('ninja') is None:  # the venv's ninja, when the venv is not activated
-        os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     if not (directory / f'{extension_name()}.so').exists():
         print_log(
             f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 1-2 min on 2 cores)',
@@ -99,14 +97,40 @@ def build(verbose: bool = False):
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
     # -fno-trapping-math: lets the compiler vectorise the clamps of exp_approx (branch-free).
     sources = sorted(str(path) for path in SOURCE_DIR.glob('*.cpp'))
-    return load(
-        extension_name(),
-        sources,
-        extra_cflags=['-O3', '-fopenmp', '-fno-trapping-math', *simd_flags()[1]],
-        extra_ldflags=['-fopenmp'],
-        build_directory=str(directory),
-        verbose=verbose,
-    )
+    with _environment_ninja_first():
+        return load(
+            extension_name(),
+            sources,
+            extra_cflags=['-O3', '-fopenmp', '-fno-trapping-math', *simd_flags()[1]],
+            extra_ldflags=['-fopenmp'],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _environment_ninja_first():
+    """Put the ninja of this Python environment (beside ``sys.executable``, where pip installs
+    it) first on ``PATH`` while the kernels build, and restore ``PATH`` after.
+
+    One build folder must always see the same ninja: ninja 1.13 hashes the commands in its log
+    differently from earlier versions, so a system ninja 1.11 and the environment's 1.13, taking
+    turns (an activated environment or not, a script that prepends its ``bin``), each find the
+    other's log stale and recompile every source (1-2 min).
+    """
+    scripts = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(scripts, 'ninja')):
+        yield
+        return
+    saved = os.environ.get('PATH')
+    os.environ['PATH'] = scripts + os.pathsep + (saved or '')
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ['PATH']
+        else:
+            os.environ['PATH'] = saved
 
 
 def load_kernels() -> object | None:
