@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 namespace dat {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
@@ -58,13 +62,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // The largest of x[i] for i < n (n > 0), in kLanes partial maxima (a NaN is passed over, as
-// std::max passes it; the softmax's sum then turns NaN through it).
+// std::max passes it; the softmax's sum then turns NaN through it). Explicit vectors: GCC leaves
+// the loop over an array of partial maxima scalar (one vmaxss per element).
 inline float max_of(const float* x, int64_t n) {
-  float partial[kLanes];
-  std::fill(partial, partial + kLanes, x[0]);
+  FloatVector partial;
+  for (int64_t l = 0; l < kLanes; ++l) partial[l] = x[0];
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] = std::max(partial[l], x[i + l]);
+    const FloatVector v = load_vector<FloatVector>(x + i);
+    partial = partial < v ? v : partial;  // std::max(partial, v) lane by lane
   }
   float largest = partial[0];
   for (int64_t l = 1; l < kLanes; ++l) largest = std::max(largest, partial[l]);
@@ -72,50 +78,80 @@ inline float max_of(const float* x, int64_t n) {
   return largest;
 }
 
+namespace detail {
+// x clamped to [lo, hi] as std::min(std::max(x, lo), hi) (a NaN passes through), lane by lane for
+// vectors. With AVX, the max / min instructions, whose second operand is returned where either
+// is a NaN: the same selects (GCC turns the selects with constant bounds into compares and blends).
+inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
+inline FloatVector clamp(FloatVector x, float lo, float hi) {
+#ifdef __AVX__
+  static_assert(sizeof(FloatVector) == sizeof(__m256));
+  return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
+#else
+  FloatVector low, high;
+  for (int64_t l = 0; l < kLanes; ++l) low[l] = lo, high[l] = hi;
+  x = x < low ? low : x;
+  return high < x ? high : x;
+#endif
+}
+
+// 2^n from the bits of 1.5 * 2^23 + n (see exp_approx), lane by lane for vectors.
+typedef uint32_t UnsignedVector __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+inline float power_of_two(float shifted) {
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  // The bits of 1.5 * 2^23 + n are 0x4B400000 + n for |n| < 2^22; 2^n has the exponent bits n + 127.
+  bits = (bits - 0x4B400000u + 127u) << 23;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+inline FloatVector power_of_two(FloatVector shifted) {
+  return reinterpret_cast<FloatVector>((reinterpret_cast<UnsignedVector>(shifted) - 0x4B400000u + 127u) << 23);
+}
+}  // namespace detail
+
 // exp(x), Cephes' expf: x = n ln 2 + r with n rounded to nearest (ln 2 in two parts), e^r by a
 // degree-5 polynomial, 2^n from the exponent bits. At most 1.5 ulp from the exact value (std::exp
 // and torch's exp: 1 ulp) on [-87, 88]; below -87 it returns exp(-87) (1.6e-38: what it adds to a
 // sum of softmax weights, each <= 1 with one equal to 1, is below float32 round-off). NaN gives
-// NaN. The loops vectorise where compiled with -fno-trapping-math (so that the clamps may be
-// branch-free).
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+// NaN. T: float (whose loops vectorise where compiled with -fno-trapping-math, so that the clamps
+// may be branch-free), or FloatVector for kLanes values at once (the same operations lane by lane, so
+// the same bits: GCC vectorises the float version's loops too, but makes its clamps compares and
+// blends, 3 micro-ops each on Intel cores, where the vector version gets max / min).
+template <typename T>
+inline T exp_approx(T x) {
+  x = detail::clamp(x, -87.0f, 88.0f);
   // Adding 1.5 * 2^23 rounds x / ln 2 to the nearest integer n and leaves n in the low bits of
   // the sum's mantissa: n is read from those bits, so that no float is converted to an integer
   // (undefined for the NaN that the clamp above passes on; its bits only reach 2^n, and p is NaN).
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  const T shifted = x * 1.44269504088896341f + 12582912.0f;
+  const T n = shifted - 12582912.0f;
+  const T r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  uint32_t shifted_bits;
-  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
-  // The bits of 1.5 * 2^23 + n are 0x4B400000 + n for |n| < 2^22; 2^n has the exponent bits n + 127.
-  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
-  return p * two_to_n;
+  return p * detail::power_of_two(shifted);
 }
 
 // x[i] = exp(x[i] - shift) for i < n.
 inline void exp_shifted(float* x, int64_t n, float shift) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_approx(x[i] - shift);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_vector(x + i, exp_approx(load_vector<FloatVector>(x + i) - shift));
+  for (; i < n; ++i) x[i] = exp_approx(x[i] - shift);
 }
 
 // x[i] = exp(x[i] - shift) for i < n, and their sum (in kLanes partial sums) in the same pass.
 inline float exp_shifted_sum(float* x, int64_t n, float shift) {
-  float partial[kLanes] = {};
+  FloatVector partial = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      x[i + l] = exp_approx(x[i + l] - shift);
-      partial[l] += x[i + l];
-    }
+    const FloatVector e = exp_approx(load_vector<FloatVector>(x + i) - shift);
+    store_vector(x + i, e);
+    partial += e;
   }
   float total = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
