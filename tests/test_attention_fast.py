@@ -919,6 +919,25 @@ def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, devic
         assert_rel_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)])
 
 
+@pytest.mark.parametrize('table', [(3, 3), (9, 31)])  # the bias added in windows / pair by pair
+@pytest.mark.parametrize('impl', ['cpu_kernels', 'pytorch'])
+def test_nan_in_deformable_queries_and_keys_stays_where_the_reference_has_it(impl, table, require_cpu_kernels):
+    """A NaN query channel makes that query's output NaN in its head, a NaN key channel the
+    outputs of every query of its head (their softmax reads the key), as in the reference: the
+    softmax's maximum passes over a NaN logit and its sum turns NaN through it."""
+    attn_impl = _fast_impl(impl, require_cpu_kernels)
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 8, 5, 16, 2, 1, 3, 4, table, 'pp', 0.9)
+    q, k = q.detach().clone(), k.detach().clone()
+    q[0, 1, 2, 9] = float('nan')  # head 0 (channels 0-3), query (2, 9)
+    k[0, 6, 7] = float('nan')  # head 1 (channels 4-7), key 7
+    ref = deformable_attention_reference(q, k, v, pos, coords.reshape(-1, 2), rpe, 1)
+    out = deformable_attention(q, k, v, pos, coords[:, 0, 0], coords[0, :, 1], rpe, 1, attn_impl)
+    nan = torch.isnan(ref)
+    assert nan[0, :4, 2, 9].all() and nan[0, 4:].all() and nan.sum() == 4 + 4 * 5 * 16
+    assert torch.equal(torch.isnan(out), nan)
+    assert_rel_close(out[~nan], ref[~nan])
+
+
 def test_plain_op_fallback_differentiates_like_the_custom_operator():
     """The fallback of torches without custom operators (PlainOp) runs the same forward, setup and
     backward functions through an autograd function, and refuses to differentiate without them."""
