@@ -223,7 +223,7 @@ void forward_query_tile(const float* q_row, const float* const* key_rows_t, cons
   // dat::exp_shifted_sum per lane: kLanes partial sums over the window, then the rest.
   for (int64_t n = 0; n < window; ++n) {
     float* weight = weights + n * kTile;
-    for (int64_t l = 0; l < kTile; ++l) weight[l] = dat::exp_approx(weight[l] - row_max[l]);
+    dat::store_vector(weight, dat::exp_approx(load_vector<FloatVector>(weight) - row_max));
   }
   constexpr int64_t whole_window = window - window % dat::kLanes;
   FloatVector partial[dat::kLanes] = {}, total{};
@@ -261,14 +261,16 @@ void backward_query_tile(const float* q_row, const float* grad_out_row, const fl
   transpose_tile(grad_out_row + j0 * d, d, grad_out_t);
   tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + base_offset, table, base, width, d, probs);
   tile_dots<K>(grad_out_t, value_rows_t, nullptr, 0, base, width, d, grad_logits);  // dP
+  FloatVector query_lse, delta;
   for (int64_t l = 0; l < kTile; ++l) {
-    const float query_lse = lse_row[j0 + l];
-    const float delta = dat::dot(grad_out_row + (j0 + l) * d, out_row + (j0 + l) * d, d);  // D = rowsum(dO * O)
-    for (int64_t n = 0; n < window; ++n) {
-      const float p = dat::exp_approx(probs[n * kTile + l] - query_lse);
-      probs[n * kTile + l] = p;
-      grad_logits[n * kTile + l] = p * (grad_logits[n * kTile + l] - delta);  // dS = P * (dP - D)
-    }
+    query_lse[l] = lse_row[j0 + l];
+    delta[l] = dat::dot(grad_out_row + (j0 + l) * d, out_row + (j0 + l) * d, d);  // D = rowsum(dO * O)
+  }
+  for (int64_t n = 0; n < window; ++n) {
+    const FloatVector p = dat::exp_approx(dat::load_vector<FloatVector>(probs + n * kTile) - query_lse);
+    dat::store_vector(probs + n * kTile, p);
+    float* grad = grad_logits + n * kTile;
+    dat::store_vector(grad, p * (dat::load_vector<FloatVector>(grad) - delta));  // dS = P * (dP - D)
   }
   FloatVector sums[kTile];
   for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
