@@ -284,6 +284,27 @@ def test_deformable_cpu_kernels_equal_pytorch_path(chunk, require_cpu_kernels):
         assert_rel_close(a, e, tol=1e-6, name=f'grad {name}')
 
 
+def test_deformable_cpu_kernel_bias_windows_of_every_width(require_cpu_kernels):
+    """The C++ kernels add the bias and take its gradient 8 queries x 8 keys at a time, from the
+    table columns that the keys' taps reach over those queries (a window of 1 to 7 columns above
+    the lowest tap, code specialised per width), where the first key's taps move by at most 4
+    columns over the 8 queries; elsewhere pair by pair. Query rows of 64 against tables 2 to 80
+    columns wide move the taps by 0.06 to 4.4 columns per 8 queries: every window width that
+    occurs, and the pairwise path, each agree with the reference."""
+    require_cpu_kernels()
+    widths = set()
+    for table_width in (2, 12, 30, 48, 66, 80, 96):
+        inputs, coords = _deformable_inputs(1, 16, 3, 64, 2, 1, 4, 6, (5, table_width), 'pp', spread=1.0)
+        _assert_deformable_matches_reference(inputs, coords, 1, None, 'cpu-kernel')
+        ix, _ = deformable_ops._table_coordinates(coords[0, :, 1], inputs[3].detach()[..., 1], table_width)
+        groups = ix[0].reshape(8, 8, 3, 8)  # (query group, query, key block, key)
+        windowed = (groups[:, 7, 0, 0] - groups[:, 0, 0, 0]).abs() <= 4  # by the first key's taps
+        spread = (groups.amax(1) - groups.amin(1)).amax(-1)  # the widest of each block's 8 keys
+        widths.update(spread[windowed].flatten().tolist())
+        widths.update(['pairs'] if not windowed.all() else [])
+    assert widths == {0, 1, 2, 3, 4, 5, 'pairs'}
+
+
 @pytest.mark.parametrize('threads', [1, 3])
 def test_deformable_cpu_kernel_blocks_and_row_segments(threads, require_cpu_kernels):
     # Query rows of 70 (two blocks of the kernel's 32 queries and a tail of 6), a head size of 5

@@ -32,8 +32,8 @@
 // then read at two adjacent columns per pair, instead of four table reads per pair. Over a few
 // neighbouring queries a key's taps span a few columns only (at detection resolutions): 8 keys at
 // a time, those columns are read once into vector registers and each pair picks its two from
-// them (the gradient: the pairs' sums per column are taken in registers and added to R's
-// gradient once); elsewhere the pairs go one by one. The gradient runs the same way backwards:
+// them (the gradient: the pairs' sums per column are taken in registers, transposed into the
+// keys' rows and added to R's gradient once); elsewhere the pairs go one by one. The gradient runs the same way backwards:
 // the pairs' gradients are gathered into R's gradient, which is then spread over the two table
 // rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -67,10 +68,13 @@ constexpr int64_t kQueryBlock = 32;
 // one (bias_in_windows).
 constexpr int64_t kBiasQueries = 8;
 
-// The bias passes work on kVector keys at a time (dat::FloatVector) wherever a block's taps of a key
-// spread over fewer than kBiasWindow columns.
+// The bias passes work on kVector keys at a time (dat::FloatVector) from a window of kBiasWindow
+// table columns per key (one vector per key once transposed), wherever it holds both taps of all
+// their pairs: where the block's taps of those keys spread over at most kBiasWindow - 2 columns
+// above the lowest.
 constexpr int64_t kVector = dat::kLanes;
 constexpr int64_t kBiasWindow = 8;
+static_assert(kBiasWindow == kVector, "a window's columns of the kVector keys transpose into one vector per key");
 using dat::FloatVector;
 using dat::IntVector;
 using dat::load_vector;
@@ -305,36 +309,69 @@ inline void add_bias_by_pair(float* s, int64_t mb, float alpha, const float* int
   }
 }
 
-// add_bias_by_pair for all keys, kVector keys at a time: each key's interpolated row is read once
-// per block at the kBiasWindow + 1 columns its taps can reach (the pair's two taps are then picked
-// from vector registers), where the taps spread over fewer than kBiasWindow columns.
+// Whether a window holds both taps of all pairs of a block of kVector keys whose taps spread over
+// widest columns above the lowest (tap_window).
+inline bool fits_window(int32_t widest) { return widest + 2 <= kBiasWindow; }
+
+// Calls f(std::integral_constant<int32_t, widest>{}) for a widest that fits_window. The bias
+// passes' windows and sums are arrays indexed by the tap offset, which the compiler keeps in
+// vector registers only where their length is a compile-time constant: with a run-time length
+// they live on the stack, zeroed with `rep stos` and read and written once per query.
+template <typename F>
+inline void with_constant_widest(int32_t widest, F&& f) {
+  static_assert(kBiasWindow == 8, "one case per widest that fits a window");
+  switch (widest) {
+    case 0: return f(std::integral_constant<int32_t, 0>{});
+    case 1: return f(std::integral_constant<int32_t, 1>{});
+    case 2: return f(std::integral_constant<int32_t, 2>{});
+    case 3: return f(std::integral_constant<int32_t, 3>{});
+    case 4: return f(std::integral_constant<int32_t, 4>{});
+    case 5: return f(std::integral_constant<int32_t, 5>{});
+    default: return f(std::integral_constant<int32_t, 6>{});
+  }
+}
+
+// add_bias_by_pair for keys n0 .. n0 + kVector - 1 over queries m < mb, whose taps spread over
+// kWidest + 1 columns at most above base: rows[l] points at key n0 + l's interpolated row at
+// column base[l]. Those kWidest + 2 columns are read once into vector registers and each pair
+// picks its two taps from them.
+template <int32_t kWidest>
+inline void add_bias_window(float* s, int64_t mb, float alpha, const float* const* rows, const IntVector& base,
+                            const int32_t* col_ix, const float* col_fx, int64_t ns, int64_t n0) {
+  FloatVector window[kWidest + 2];
+  for (int32_t j = 0; j <= kWidest + 1; ++j) window[j] = window_column(rows, j);
+  for (int64_t m = 0; m < mb; ++m) {
+    const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
+    FloatVector left = window[0], right = window[1];
+    for (int32_t j = 1; j <= kWidest; ++j) {
+      const IntVector here = offset == j;
+      left = here ? window[j] : left;
+      right = here ? window[j + 1] : right;
+    }
+    float* logits = s + m * ns + n0;
+    FloatVector value = load_vector<FloatVector>(logits) * alpha;
+    value += left + (right - left) * load_vector<FloatVector>(col_fx + m * ns + n0);
+    store_vector(logits, value);
+  }
+}
+
+// add_bias_by_pair for all keys, kVector keys at a time: add_bias_window where a window holds the
+// block's taps of those keys.
 inline void add_bias(float* s, int64_t mb, float alpha, const float* interpolated, int64_t row_length,
                      const int32_t* col_ix, const float* col_fx, int64_t ns) {
   int64_t n0 = 0;
   for (; n0 + kVector <= ns; n0 += kVector) {
     IntVector base, reach;
     const int32_t widest = tap_window(col_ix, mb, ns, n0, base, reach);
-    if (widest >= kBiasWindow) {
+    if (!fits_window(widest)) {
       add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, n0 + kVector);
       continue;
     }
     const float* rows[kVector];
     for (int64_t l = 0; l < kVector; ++l) rows[l] = interpolated + (n0 + l) * row_length + base[l];
-    FloatVector window[kBiasWindow + 1];
-    for (int32_t j = 0; j <= widest + 1; ++j) window[j] = window_column(rows, j);
-    for (int64_t m = 0; m < mb; ++m) {
-      const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
-      FloatVector left = window[0], right = window[1];
-      for (int32_t j = 1; j <= widest; ++j) {
-        const IntVector here = offset == j;
-        left = here ? window[j] : left;
-        right = here ? window[j + 1] : right;
-      }
-      float* logits = s + m * ns + n0;
-      FloatVector value = load_vector<FloatVector>(logits) * alpha;
-      value += left + (right - left) * load_vector<FloatVector>(col_fx + m * ns + n0);
-      store_vector(logits, value);
-    }
+    with_constant_widest(widest, [&](auto w) {
+      add_bias_window<decltype(w)::value>(s, mb, alpha, rows, base, col_ix, col_fx, ns, n0);
+    });
   }
   add_bias_by_pair(s, mb, alpha, interpolated, row_length, col_ix, col_fx, ns, n0, ns);
 }
@@ -397,48 +434,77 @@ inline void bias_gradient_by_pair(const float* grad_s, int64_t mb, const int32_t
   }
 }
 
-// The same sums, kVector keys at a time. Along a query row a key's tap ix moves with the query's
-// x, by a few columns over a few queries: per key and tap offset j = ix - min ix over the
-// queries, the sums of dS (S_j) and of dS * fx (F_j) are taken in vector registers, and R's
-// gradient at that offset, S_j - F_j + F_(j-1), is added once per block instead of once per
-// pair. Keys whose taps spread over kBiasWindow columns or more take the pairwise sums.
+// The same sums for keys n0 .. n0 + kVector - 1, whose taps spread over kWidest + 1 columns at
+// most above base (rows[l] and grad_rows[l]: key n0 + l's interpolated row and its gradient at
+// column base[l]). Along a query row a key's tap ix moves with the query's x, by a few columns
+// over a few queries: per key and tap offset j = ix - base, the sums of dS (S_j) and of dS * fx
+// (F_j) are taken in vector registers, and R's gradient at that offset, S_j - F_j + F_(j-1), is
+// added once per block instead of once per pair, for the kVector keys at once (transposed into
+// their rows; a lane past a key's last tap adds a zero).
+template <int32_t kWidest>
+inline void bias_gradient_window(const float* grad_s, int64_t mb, const float* const* rows,
+                                 float* const* grad_rows, const IntVector& base, const IntVector& reach,
+                                 const int32_t* col_ix, const float* col_fx, int64_t ns, int64_t n0,
+                                 float* row_grad_x) {
+  const FloatVector zero = {};
+  FloatVector sums[kWidest + 2] = {}, weighted[kWidest + 2] = {};
+  for (int64_t m = 0; m < mb; ++m) {
+    const FloatVector g = load_vector<FloatVector>(grad_s + m * ns + n0);
+    const FloatVector g1 = g * load_vector<FloatVector>(col_fx + m * ns + n0);
+    const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
+    for (int32_t j = 0; j <= kWidest; ++j) {
+      const IntVector here = offset == j;
+      sums[j] += here ? g : zero;
+      weighted[j] += here ? g1 : zero;
+    }
+  }
+  // The x gradient, the sum of S_j * (R[j + 1] - R[j]) over a key's offsets (masked past its last
+  // tap, where the rows' buffer holds other values).
+  FloatVector column = window_column(rows, 0), grad_x = zero;
+  for (int32_t j = 0; j <= kWidest; ++j) {
+    const FloatVector next = window_column(rows, j + 1);
+    grad_x = j <= reach ? grad_x + sums[j] * (next - column) : grad_x;
+    column = next;
+  }
+  store_vector(row_grad_x + n0, load_vector<FloatVector>(row_grad_x + n0) + grad_x);
+  static_assert(kWidest + 2 <= kBiasWindow);
+  FloatVector by_offset[kBiasWindow];
+  FloatVector carried = zero;
+  for (int32_t j = 0; j <= kWidest + 1; ++j) {
+    by_offset[j] = sums[j] - weighted[j] + carried;
+    carried = weighted[j];
+  }
+  for (int32_t j = kWidest + 2; j < kBiasWindow; ++j) by_offset[j] = zero;
+  dat::transpose(by_offset);  // by_offset[l]: key n0 + l's gradient at offsets 0 .. kBiasWindow - 1
+  for (int64_t l = 0; l < kVector; ++l) {
+    store_vector(grad_rows[l], load_vector<FloatVector>(grad_rows[l]) + by_offset[l]);
+  }
+}
+
+// The same sums as bias_gradient_by_pair for all keys, kVector keys at a time:
+// bias_gradient_window where a window holds the block's taps of those keys.
 inline void bias_gradient(const float* grad_s, int64_t mb, const int32_t* col_ix, const float* col_fx, int64_t ns,
                           const float* interpolated, int64_t row_length, float* grad_interpolated,
                           float* row_grad_x) {
-  const FloatVector zero = {};
   int64_t n0 = 0;
   for (; n0 + kVector <= ns; n0 += kVector) {
     IntVector base, reach;
     const int32_t widest = tap_window(col_ix, mb, ns, n0, base, reach);
-    if (widest >= kBiasWindow) {
+    if (!fits_window(widest)) {
       bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, n0, n0 + kVector, interpolated, row_length,
                             grad_interpolated, row_grad_x);
       continue;
     }
-    FloatVector sums[kBiasWindow] = {}, weighted[kBiasWindow] = {};
-    for (int64_t m = 0; m < mb; ++m) {
-      const FloatVector g = load_vector<FloatVector>(grad_s + m * ns + n0);
-      const FloatVector g1 = g * load_vector<FloatVector>(col_fx + m * ns + n0);
-      const IntVector offset = load_vector<IntVector>(col_ix + m * ns + n0) - base;
-      for (int32_t j = 0; j <= widest; ++j) {
-        const IntVector here = offset == j;
-        sums[j] += here ? g : zero;
-        weighted[j] += here ? g1 : zero;
-      }
-    }
+    const float* rows[kVector];
+    float* grad_rows[kVector];
     for (int64_t l = 0; l < kVector; ++l) {
-      const int64_t n = n0 + l;
-      float* grad_row = grad_interpolated + n * row_length + base[l];
-      const float* row = interpolated + n * row_length + base[l];
-      float carried = 0.0f, grad_x = 0.0f;
-      for (int32_t j = 0; j <= reach[l]; ++j) {
-        grad_row[j] += sums[j][l] - weighted[j][l] + carried;
-        carried = weighted[j][l];
-        grad_x += sums[j][l] * (row[j + 1] - row[j]);
-      }
-      grad_row[reach[l] + 1] += carried;
-      row_grad_x[n] += grad_x;
+      rows[l] = interpolated + (n0 + l) * row_length + base[l];
+      grad_rows[l] = grad_interpolated + (n0 + l) * row_length + base[l];
     }
+    with_constant_widest(widest, [&](auto w) {
+      bias_gradient_window<decltype(w)::value>(grad_s, mb, rows, grad_rows, base, reach, col_ix, col_fx, ns, n0,
+                                               row_grad_x);
+    });
   }
   bias_gradient_by_pair(grad_s, mb, col_ix, col_fx, ns, n0, ns, interpolated, row_length, grad_interpolated,
                         row_grad_x);
@@ -479,7 +545,8 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
   const float alpha = static_cast<float>(scale);
   const int64_t block = std::min(kQueryBlock, width);
   at::parallel_for(0, s.nb * s.hg * rows, 1, [&](int64_t begin, int64_t end) {
-    // Padded: the bias passes read a key's row up to kBiasWindow columns past its last tap.
+    // Padded: the bias passes read a key's row (and add zeros to its gradient, backwards) up to
+    // kBiasWindow - 1 columns past a block's lowest tap.
     std::vector<float> interpolated(ns * row_length + kBiasWindow), q_block(block * d), logits(block * ns),
         out_block(block * d), inverse(block);
     for (int64_t item = begin; item < end; ++item) {
@@ -562,7 +629,7 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
   const int64_t block = std::min(kQueryBlock, width);
   at::parallel_for(0, segments * heads, 1, [&](int64_t begin, int64_t end) {
     // Padded as in the forward pass.
-    std::vector<float> interpolated(ns * row_length + kBiasWindow), grad_interpolated(ns * row_length),
+    std::vector<float> interpolated(ns * row_length + kBiasWindow), grad_interpolated(ns * row_length + kBiasWindow),
         q_block(block * d), grad_out_block(block * d), q_columns_block(block * d), grad_out_columns_block(block * d),
         probs(block * ns), grad_logits(block * ns), grad_q_block(block * d), alphas(block, alpha), row_grad_x(ns);
     std::vector<double> grad_y(ns), grad_x(ns);
@@ -610,8 +677,7 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
           for (int64_t m = 0; m < mb; ++m) {
             float* p = probs.data() + m * ns;
             float* g = grad_logits.data() + m * ns;
-            dat::exp_shifted(p, ns, lse_p[bh * queries + first + m]);
-            const float query_delta = dat::dot(p, g, ns);
+            const float query_delta = dat::exp_shifted_dot(p, g, ns, lse_p[bh * queries + first + m]);
             for (int64_t n = 0; n < ns; ++n) g[n] = p[n] * (g[n] - query_delta);  // dS = P * (dP - D)
           }
           if (in_windows) {

@@ -78,6 +78,32 @@ inline float max_of(const float* x, int64_t n) {
   return largest;
 }
 
+// Transposes the kLanes x kLanes matrix whose rows are rows[0 .. kLanes - 1]: rows[i][j] becomes rows[j][i].
+inline void transpose(FloatVector* rows) {
+#ifdef __AVX__
+  static_assert(kLanes == 8 && sizeof(FloatVector) == sizeof(__m256));
+  __m256 pairs[8], quads[8];
+  for (int i = 0; i < 8; i += 2) {
+    pairs[i] = _mm256_unpacklo_ps(rows[i], rows[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    pairs[i + 1] = _mm256_unpackhi_ps(rows[i], rows[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      quads[i + 2 * h] = _mm256_shuffle_ps(pairs[i + h], pairs[i + 2 + h], 0x44);      // a b c d at 0 | 4
+      quads[i + 2 * h + 1] = _mm256_shuffle_ps(pairs[i + h], pairs[i + 2 + h], 0xEE);  // at 1 | 5
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x20);
+    rows[i + 4] = _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x31);
+  }
+#else
+  for (int64_t i = 0; i < kLanes; ++i) {
+    for (int64_t j = i + 1; j < kLanes; ++j) std::swap(rows[i][j], rows[j][i]);
+  }
+#endif
+}
+
 namespace detail {
 // x clamped to [lo, hi] as std::min(std::max(x, lo), hi) (a NaN passes through), lane by lane for
 // vectors. With AVX, the max / min instructions, whose second operand is returned where either
@@ -137,11 +163,23 @@ inline T exp_approx(T x) {
   return p * detail::power_of_two(shifted);
 }
 
-// x[i] = exp(x[i] - shift) for i < n.
-inline void exp_shifted(float* x, int64_t n, float shift) {
+// x[i] = exp(x[i] - shift) for i < n, and the new x's dot product with y (summed as dot sums) in
+// the same pass.
+inline float exp_shifted_dot(float* x, const float* y, int64_t n, float shift) {
+  FloatVector partial = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store_vector(x + i, exp_approx(load_vector<FloatVector>(x + i) - shift));
-  for (; i < n; ++i) x[i] = exp_approx(x[i] - shift);
+  for (; i + kLanes <= n; i += kLanes) {
+    const FloatVector e = exp_approx(load_vector<FloatVector>(x + i) - shift);
+    store_vector(x + i, e);
+    partial += e * load_vector<FloatVector>(y + i);
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  for (; i < n; ++i) {
+    x[i] = exp_approx(x[i] - shift);
+    total += x[i] * y[i];
+  }
+  return total;
 }
 
 // x[i] = exp(x[i] - shift) for i < n, and their sum (in kLanes partial sums) in the same pass.
