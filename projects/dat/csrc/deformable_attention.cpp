@@ -33,9 +33,9 @@
 // neighbouring queries a key's taps span a few columns only (at detection resolutions): 8 keys at
 // a time, those columns are read once into vector registers and each pair picks its two from
 // them (the gradient: the pairs' sums per column are taken in registers, transposed into the
-// keys' rows and added to R's gradient once); elsewhere the pairs go one by one. The gradient runs the same way backwards:
-// the pairs' gradients are gathered into R's gradient, which is then spread over the two table
-// rows once per query row.
+// keys' rows and added to R's gradient once); elsewhere the pairs go one by one. The gradient
+// runs the same way backwards: the pairs' gradients are gathered into R's gradient, which is then
+// spread over the two table rows once per query row.
 // The kernels take the table y-major (rows of Tw + 4 contiguous).
 //
 // q (and the output, grad_out and grad_q, laid out as q) may be any dense layout: the D block's
@@ -331,10 +331,10 @@ inline void with_constant_widest(int32_t widest, F&& f) {
   }
 }
 
-// add_bias_by_pair for keys n0 .. n0 + kVector - 1 over queries m < mb, whose taps spread over
-// kWidest + 1 columns at most above base: rows[l] points at key n0 + l's interpolated row at
-// column base[l]. Those kWidest + 2 columns are read once into vector registers and each pair
-// picks its two taps from them.
+// add_bias_by_pair for keys n0 .. n0 + kVector - 1 over queries m < mb, whose first taps ix lie at
+// most kWidest columns above base (tap_window): rows[l] points at key n0 + l's interpolated row
+// at column base[l]. The kWidest + 2 columns that the taps reach are read once into vector
+// registers and each pair picks its two taps from them.
 template <int32_t kWidest>
 inline void add_bias_window(float* s, int64_t mb, float alpha, const float* const* rows, const IntVector& base,
                             const int32_t* col_ix, const float* col_fx, int64_t ns, int64_t n0) {
@@ -434,9 +434,9 @@ inline void bias_gradient_by_pair(const float* grad_s, int64_t mb, const int32_t
   }
 }
 
-// The same sums for keys n0 .. n0 + kVector - 1, whose taps spread over kWidest + 1 columns at
-// most above base (rows[l] and grad_rows[l]: key n0 + l's interpolated row and its gradient at
-// column base[l]). Along a query row a key's tap ix moves with the query's x, by a few columns
+// The same sums for keys n0 .. n0 + kVector - 1, whose first taps ix lie at most kWidest columns
+// above base (rows[l] and grad_rows[l]: key n0 + l's interpolated row and its gradient at column
+// base[l]). Along a query row a key's tap ix moves with the query's x, by a few columns
 // over a few queries: per key and tap offset j = ix - base, the sums of dS (S_j) and of dS * fx
 // (F_j) are taken in vector registers, and R's gradient at that offset, S_j - F_j + F_(j-1), is
 // added once per block instead of once per pair, for the kVector keys at once (transposed into
