@@ -285,12 +285,12 @@ def test_deformable_cpu_kernels_equal_pytorch_path(chunk, require_cpu_kernels):
 
 
 def test_deformable_cpu_kernel_bias_windows_of_every_width(require_cpu_kernels):
-    """The C++ kernels add the bias and take its gradient 8 queries x 8 keys at a time, from the
-    table columns that the keys' taps reach over those queries (a window of 1 to 7 columns above
-    the lowest tap, code specialised per width), where the first key's taps move by at most 4
-    columns over the 8 queries; elsewhere pair by pair. Query rows of 64 against tables 2 to 80
-    columns wide move the taps by 0.06 to 4.4 columns per 8 queries: every window width that
-    occurs, and the pairwise path, each agree with the reference."""
+    """The C++ kernels add the bias and take its gradient 8 queries x 8 keys at a time, from a
+    window of the table columns that the keys' taps reach over those queries (taps at most 6
+    columns above the lowest, code specialised per spread), where the first key's taps move by
+    at most 4 columns over the 8 queries; elsewhere pair by pair. Query rows of 64 against tables
+    2 to 96 columns wide move the taps by 0.06 to 5.3 columns per 8 queries: windows of every
+    spread that occurs (0 to 5 columns) and the pairwise path each agree with the reference."""
     require_cpu_kernels()
     widths = set()
     for table_width in (2, 12, 30, 48, 66, 80, 96):
