@@ -186,10 +186,14 @@ inline void tile_dots(const float* vectors_t, const float* const* rows_t, const 
   }
 }
 
-// vectors_t (d, kTile) = the kTile vectors of d channels at rows, transposed.
+// vectors_t (d, kTile) = the kTile vectors of d channels at rows, transposed (d a multiple of kLanes).
 inline void transpose_tile(const float* rows, int64_t d, float* vectors_t) {
-  for (int64_t l = 0; l < kTile; ++l) {
-    for (int64_t c = 0; c < d; ++c) vectors_t[c * kTile + l] = rows[l * d + c];
+  static_assert(kTile == dat::kLanes, "one 8x8 block per kLanes channels");
+  dat::FloatVector block[kTile];
+  for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
+    for (int64_t l = 0; l < kTile; ++l) block[l] = dat::load_vector<dat::FloatVector>(rows + l * d + c0);
+    dat::transpose(block);  // block[j]: channel c0 + j of the kTile queries
+    for (int64_t j = 0; j < dat::kLanes; ++j) dat::store_vector(vectors_t + (c0 + j) * kTile, block[j]);
   }
 }
 
