@@ -1,7 +1,7 @@
 // The hidden layer of DAT++'s ConvFFN, GELU(depth-wise 'same' conv of y, with its bias), and its
 // gradient, for float32 channels-last maps on CPU.
 //
-// Same contract as _depthwise_conv_gelu_op in projects/dat/models/layers.py: y is
+// Same contract as _depthwise_conv_gelu_op in projects/dat/ops/convffn.py: y is
 // (B, H, W, C) contiguous (an NCHW map in channels-last memory), weight is (k * k, C) with the
 // taps row-major (the caller has already folded ConvFFN's identity into the centre tap) and bias
 // is (C). The output is
@@ -12,11 +12,15 @@
 // GELU's input) never goes to memory, nor does its gradient: one pass forward, one backward
 // (which recomputes the GELU's input from y).
 //
-// Every loop over channels runs over contiguous memory and is vectorised by the compiler.
+// Channels go kLanes at a time in explicit vectors (the last ones one by one) and columns up to 8
+// at a time (for_column_blocks): each tap's weights are loaded once per block of columns, and the
+// sums stay in registers. Every sum runs in the order of the plain loops (taps in row-major order
+// for each output, columns in increasing order for the weight and bias gradients).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -40,21 +44,49 @@ ConvShape check_inputs(const torch::Tensor& y, const torch::Tensor& weight, cons
   return {y.size(0), y.size(1), y.size(2), channels, kernel_size};
 }
 
-// z[c] = bias[c] + the conv's taps at position (i, j) of one image (y_image: (H, W, C)).
-inline void conv_at(const float* __restrict__ y_image, const float* __restrict__ weight,
-                    const float* __restrict__ bias, int64_t i, int64_t j, const ConvShape& s,
-                    float* __restrict__ z) {
-  const int64_t channels = s.channels, half = s.kernel_size / 2;
-  std::copy(bias, bias + channels, z);
-  for (int64_t a = 0; a < s.kernel_size; ++a) {
+// Calls step(block, j0) for the columns of a row in increasing order, block (a
+// std::integral_constant) columns j0 .. j0 + block - 1 at a time: 8, 4 or 2 where every tap of
+// those columns lies inside the row (each tap's weights are then loaded once for them), else one.
+template <typename Step>
+inline void for_column_blocks(const ConvShape& s, Step&& step) {
+  const int64_t half = s.kernel_size / 2, inside_end = s.width - half;
+  int64_t j = 0;
+  for (; j < std::min(half, s.width); ++j) step(std::integral_constant<int, 1>{}, j);
+  auto blocks_of = [&](auto block) {
+    for (; j + block <= inside_end; j += block) step(block, j);
+  };
+  blocks_of(std::integral_constant<int, 8>{});
+  blocks_of(std::integral_constant<int, 4>{});
+  blocks_of(std::integral_constant<int, 2>{});
+  for (; j < s.width; ++j) step(std::integral_constant<int, 1>{}, j);
+}
+
+// Whether tap column col lies inside the map; always, for blocks of for_column_blocks wider than one.
+template <int Block>
+inline bool inside_row(int64_t col, const ConvShape& s) {
+  return Block > 1 || (col >= 0 && col < s.width);
+}
+
+// z[n] = bias + the conv's taps at (i, j0 + n), n < Block, of one image (y_image: (H, W, C)), for
+// the channels from c (T: one float or a FloatVector of them). The taps are summed in row-major
+// order, those outside the map left out.
+template <int Block, typename T>
+inline void conv_block(const float* __restrict__ y_image, const float* __restrict__ weight,
+                       const float* __restrict__ bias, int64_t i, int64_t j0, int64_t c, const ConvShape& s,
+                       T* __restrict__ z) {
+  const int64_t k = s.kernel_size, half = k / 2, channels = s.channels;
+  const T b = dat::load_lanes<T>(bias + c);
+  for (int n = 0; n < Block; ++n) z[n] = b;
+  for (int64_t a = 0; a < k; ++a) {
     const int64_t row = i + a - half;
     if (row < 0 || row >= s.height) continue;
-    for (int64_t e = 0; e < s.kernel_size; ++e) {
-      const int64_t col = j + e - half;
-      if (col < 0 || col >= s.width) continue;
-      const float* __restrict__ w = weight + (a * s.kernel_size + e) * channels;
-      const float* __restrict__ x = y_image + (row * s.width + col) * channels;
-      for (int64_t c = 0; c < channels; ++c) z[c] += w[c] * x[c];
+    const float* y_row = y_image + row * s.width * channels + c;
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t col = j0 + e - half;
+      if (!inside_row<Block>(col, s)) continue;
+      const T w = dat::load_lanes<T>(weight + (a * k + e) * channels + c);
+      const float* x = y_row + col * channels;
+      for (int n = 0; n < Block; ++n, x += channels) z[n] += w * dat::load_lanes<T>(x);
     }
   }
 }
@@ -72,15 +104,21 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
   const int64_t channels = s.channels, image = s.height * s.width * channels;
   // One work item per (image, row).
   at::parallel_for(0, s.batch * s.height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(channels);
-    float slope;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.height, i = item % s.height;
-      for (int64_t j = 0; j < s.width; ++j) {
-        conv_at(y_p + b * image, w_p, b_p, i, j, s, z.data());
-        float* __restrict__ o = out_p + item * s.width * channels + j * channels;
-        for (int64_t c = 0; c < channels; ++c) dat::gelu_with_slope(z[c], o[c], slope);
-      }
+      float* out_row = out_p + item * s.width * channels;
+      for_column_blocks(s, [&](auto block, int64_t j0) {
+        dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
+          using T = decltype(lanes);
+          constexpr int kBlock = decltype(block)::value;
+          T z[kBlock], value, slope;
+          conv_block<kBlock>(y_p + b * image, w_p, b_p, i, j0, c, s, z);
+          for (int n = 0; n < kBlock; ++n) {
+            dat::gelu_with_slope(z[n], value, slope);
+            dat::store_lanes(out_row + (j0 + n) * channels + c, value);
+          }
+        });
+      });
     }
   });
   return out;
@@ -111,30 +149,34 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
   float* tg_p = thread_grads.data_ptr<float>();
 
   at::parallel_for(0, s.batch * s.height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ring(k * row_size), z(channels), row_sum((taps + 1) * channels);
+    std::vector<float> ring(k * row_size), row_sum((taps + 1) * channels);
     std::vector<int64_t> ring_item(k, -1);  // the (image, row) item each ring slot holds
     float* thread_sums = tg_p + at::get_thread_num() * (taps + 1) * channels;
-    float value, slope;
     // grad_z of item (b, r), in the ring; the bias gradient counts the rows of [begin, end) only.
     auto grad_z_row = [&](int64_t b, int64_t r) -> const float* {
       const int64_t item = b * s.height + r;
       float* gz_row = ring.data() + (r % k) * row_size;
       if (ring_item[r % k] == item) return gz_row;
       ring_item[r % k] = item;
-      float* __restrict__ grad_bias = row_sum.data() + taps * channels;
+      float* grad_bias = row_sum.data() + taps * channels;
       const bool owned = item >= begin && item < end;
-      for (int64_t j = 0; j < s.width; ++j) {
-        conv_at(y_p + b * image, w_p, b_p, r, j, s, z.data());
-        const float* __restrict__ go = go_p + item * row_size + j * channels;
-        float* __restrict__ gz = gz_row + j * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          dat::gelu_with_slope(z[c], value, slope);
-          gz[c] = go[c] * slope;
-        }
-        if (owned) {
-          for (int64_t c = 0; c < channels; ++c) grad_bias[c] += gz[c];
-        }
-      }
+      const float* go_row = go_p + item * row_size;
+      for_column_blocks(s, [&](auto block, int64_t j0) {
+        dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
+          using T = decltype(lanes);
+          constexpr int kBlock = decltype(block)::value;
+          T z[kBlock], value, slope;
+          conv_block<kBlock>(y_p + b * image, w_p, b_p, r, j0, c, s, z);
+          T bias_sum = dat::load_lanes<T>(grad_bias + c);
+          for (int n = 0; n < kBlock; ++n) {
+            dat::gelu_with_slope(z[n], value, slope);
+            const T gz = dat::load_lanes<T>(go_row + (j0 + n) * channels + c) * slope;
+            dat::store_lanes(gz_row + (j0 + n) * channels + c, gz);
+            bias_sum += gz;
+          }
+          if (owned) dat::store_lanes(grad_bias + c, bias_sum);
+        });
+      });
       return gz_row;
     };
     std::vector<const float*> gz_rows(k);  // grad_z rows i - half .. i + half (null outside)
@@ -146,32 +188,44 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
         const int64_t r = i + a - half;
         gz_rows[a] = r >= 0 && r < s.height ? grad_z_row(b, r) : nullptr;
       }
-      const float* gz_here = gz_rows[half];
-      for (int64_t j = 0; j < s.width; ++j) {
-        // grad_y[i, j] = sum over taps of weight[tap] * grad_z[(i, j) - tap offset] (the
-        // transposed conv); the weight gradient sums grad_z[i, j] * y[(i, j) + tap offset].
-        float* __restrict__ gy = gy_p + item * row_size + j * channels;
-        const float* __restrict__ g_here = gz_here + j * channels;
-        std::fill(gy, gy + channels, 0.0f);
-        for (int64_t a = 0; a < k; ++a) {
-          const float* g_row = gz_rows[k - 1 - a];  // row i - (a - half)
-          const int64_t row_in = i + a - half;
-          for (int64_t e = 0; e < k; ++e) {
-            const int64_t col_out = j - (e - half), col_in = j + (e - half);
-            const int64_t tap = a * k + e;
-            if (g_row != nullptr && col_out >= 0 && col_out < s.width) {
-              const float* __restrict__ w = w_p + tap * channels;
-              const float* __restrict__ g = g_row + col_out * channels;
-              for (int64_t c = 0; c < channels; ++c) gy[c] += w[c] * g[c];
-            }
-            if (row_in >= 0 && row_in < s.height && col_in >= 0 && col_in < s.width) {
-              float* __restrict__ gw = row_sum.data() + tap * channels;
-              const float* __restrict__ x = y_image + row_in * row_size + col_in * channels;
-              for (int64_t c = 0; c < channels; ++c) gw[c] += g_here[c] * x[c];
+      float* gy_row = gy_p + item * row_size;
+      for_column_blocks(s, [&](auto block, int64_t j0) {
+        dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
+          using T = decltype(lanes);
+          constexpr int kBlock = decltype(block)::value;
+          // grad_y[i, j] = sum over taps of weight[tap] * grad_z[(i, j) - tap offset] (the
+          // transposed conv), taps in row-major order.
+          T gy[kBlock] = {};
+          for (int64_t a = 0; a < k; ++a) {
+            const float* g_row = gz_rows[k - 1 - a];  // row i - (a - half)
+            if (g_row == nullptr) continue;
+            for (int64_t e = 0; e < k; ++e) {
+              const int64_t col = j0 - (e - half);
+              if (!inside_row<kBlock>(col, s)) continue;
+              const T w = dat::load_lanes<T>(w_p + (a * k + e) * channels + c);
+              const float* gz = g_row + col * channels + c;
+              for (int n = 0; n < kBlock; ++n, gz += channels) gy[n] += w * dat::load_lanes<T>(gz);
             }
           }
-        }
-      }
+          for (int n = 0; n < kBlock; ++n) dat::store_lanes(gy_row + (j0 + n) * channels + c, gy[n]);
+          // The weight gradient sums grad_z[i, j] * y[(i, j) + tap offset], column after column.
+          T g[kBlock];
+          for (int n = 0; n < kBlock; ++n) g[n] = dat::load_lanes<T>(gz_rows[half] + (j0 + n) * channels + c);
+          for (int64_t a = 0; a < k; ++a) {
+            const int64_t row = i + a - half;
+            if (row < 0 || row >= s.height) continue;
+            for (int64_t e = 0; e < k; ++e) {
+              const int64_t col = j0 + e - half;
+              if (!inside_row<kBlock>(col, s)) continue;
+              float* gw = row_sum.data() + (a * k + e) * channels + c;
+              const float* x = y_image + row * row_size + col * channels + c;
+              T sum = dat::load_lanes<T>(gw);
+              for (int n = 0; n < kBlock; ++n, x += channels) sum += g[n] * dat::load_lanes<T>(x);
+              dat::store_lanes(gw, sum);
+            }
+          }
+        });
+      });
       for (int64_t n = 0; n < (taps + 1) * channels; ++n) thread_sums[n] += row_sum[n];
     }
   });

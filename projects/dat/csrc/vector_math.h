@@ -200,23 +200,59 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   return total;
 }
 
+namespace detail {
+// |x|, lane by lane for vectors.
+inline float magnitude(float x) { return std::fabs(x); }
+inline FloatVector magnitude(FloatVector x) {
+  return reinterpret_cast<FloatVector>(reinterpret_cast<IntVector>(x) & 0x7FFFFFFF);
+}
+// below_zero where x < 0, else otherwise, lane by lane for vectors.
+inline float where_negative(float x, float below_zero, float otherwise) { return x < 0.0f ? below_zero : otherwise; }
+inline FloatVector where_negative(FloatVector x, FloatVector below_zero, FloatVector otherwise) {
+  return x < FloatVector{} ? below_zero : otherwise;
+}
+}  // namespace detail
+
 // GELU(z) = z * Phi(z) and its derivative Phi(z) + z * phi(z) (Phi, phi: the standard normal
 // distribution and density), with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, the
 // formula of torch's vectorised CPU erf). The tail Phi(-|z|) = erfc(|z| / sqrt 2) / 2 is taken
-// directly, not as 1 - Phi(|z|): no cancellation for negative z. Branch-free: vectorises.
-inline void gelu_with_slope(float z, float& value, float& slope) {
-  const float x = std::fabs(z) * 0.70710678118654752f;
-  const float t = 1.0f / (1.0f + 0.3275911f * x);
-  const float gauss = exp_approx(-x * x);  // exp(-z^2 / 2)
-  float poly = 1.061405429f;
-  poly = poly * t - 1.453152027f;
+// directly, not as 1 - Phi(|z|): no cancellation for negative z. Branch-free. T: float, or
+// FloatVector for kLanes values at once (the same operations lane by lane, so the same bits).
+template <typename T>
+inline void gelu_with_slope(T z, T& value, T& slope) {
+  const T x = detail::magnitude(z) * 0.70710678118654752f;
+  const T t = 1.0f / (1.0f + 0.3275911f * x);
+  const T gauss = exp_approx(-x * x);  // exp(-z^2 / 2)
+  T poly = 1.061405429f * t - 1.453152027f;
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  const float tail = 0.5f * poly * t * gauss;  // Phi(-|z|)
-  const float cdf = z < 0.0f ? tail : 1.0f - tail;
+  const T tail = 0.5f * poly * t * gauss;  // Phi(-|z|)
+  const T cdf = detail::where_negative(z, tail, 1.0f - tail);
   value = z * cdf;
   slope = cdf + z * gauss * 0.39894228040143268f;  // 1 / sqrt(2 pi)
+}
+
+// One float, or a FloatVector of kLanes floats, at p: for code written once for both (a loop's
+// full vectors and its tail).
+template <typename T>
+inline T load_lanes(const float* p) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return *p;
+  } else {
+    return load_vector<T>(p);
+  }
+}
+inline void store_lanes(float* p, float v) { *p = v; }
+inline void store_lanes(float* p, const FloatVector& v) { store_vector(p, v); }
+
+// Calls body(lanes, c) for the channels c of [0, channels): a FloatVector lanes for kLanes
+// channels from c while they fill one, then a float lanes for each channel left.
+template <typename Body>
+inline void for_channel_lanes(int64_t channels, Body&& body) {
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) body(FloatVector{}, c);
+  for (; c < channels; ++c) body(0.0f, c);
 }
 
 }  // namespace dat
