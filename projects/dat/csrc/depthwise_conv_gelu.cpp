@@ -67,14 +67,15 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
   return Block > 1 || (col >= 0 && col < s.width);
 }
 
-// z[n] = bias + the conv's taps at (i, j0 + n), n < Block, of one image (y_image: (H, W, C)), for
-// the channels from c (T: one float or a FloatVector of them). The taps are summed in row-major
-// order, those outside the map left out.
-template <int Block, typename T>
-inline void conv_block(const float* __restrict__ y_image, const float* __restrict__ weight,
-                       const float* __restrict__ bias, int64_t i, int64_t j0, int64_t c, const ConvShape& s,
-                       T* __restrict__ z) {
+// Calls emit(n, GELU(z[n]), GELU'(z[n])) for z[n] = bias + the conv's taps at (i, j0 + n), n < Block,
+// of one image (y_image: (H, W, C)), for the channels from c (T: one float or a FloatVector of them).
+// The taps are summed in row-major order, those outside the map left out.
+template <int Block, typename T, typename Emit>
+inline void conv_gelu_block(const float* __restrict__ y_image, const float* __restrict__ weight,
+                            const float* __restrict__ bias, int64_t i, int64_t j0, int64_t c, const ConvShape& s,
+                            Emit&& emit) {
   const int64_t k = s.kernel_size, half = k / 2, channels = s.channels;
+  T z[Block];
   const T b = dat::load_lanes<T>(bias + c);
   for (int n = 0; n < Block; ++n) z[n] = b;
   for (int64_t a = 0; a < k; ++a) {
@@ -88,6 +89,11 @@ inline void conv_block(const float* __restrict__ y_image, const float* __restric
       const float* x = y_row + col * channels;
       for (int n = 0; n < Block; ++n, x += channels) z[n] += w * dat::load_lanes<T>(x);
     }
+  }
+  for (int n = 0; n < Block; ++n) {
+    T value, slope;
+    dat::gelu_with_slope(z[n], value, slope);
+    emit(n, value, slope);
   }
 }
 
@@ -111,12 +117,9 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
         dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
           using T = decltype(lanes);
           constexpr int kBlock = decltype(block)::value;
-          T z[kBlock], value, slope;
-          conv_block<kBlock>(y_p + b * image, w_p, b_p, i, j0, c, s, z);
-          for (int n = 0; n < kBlock; ++n) {
-            dat::gelu_with_slope(z[n], value, slope);
+          conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, i, j0, c, s, [&](int n, T value, T) {
             dat::store_lanes(out_row + (j0 + n) * channels + c, value);
-          }
+          });
         });
       });
     }
@@ -165,15 +168,12 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
         dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
           using T = decltype(lanes);
           constexpr int kBlock = decltype(block)::value;
-          T z[kBlock], value, slope;
-          conv_block<kBlock>(y_p + b * image, w_p, b_p, r, j0, c, s, z);
           T bias_sum = dat::load_lanes<T>(grad_bias + c);
-          for (int n = 0; n < kBlock; ++n) {
-            dat::gelu_with_slope(z[n], value, slope);
+          conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, r, j0, c, s, [&](int n, T, T slope) {
             const T gz = dat::load_lanes<T>(go_row + (j0 + n) * channels + c) * slope;
             dat::store_lanes(gz_row + (j0 + n) * channels + c, gz);
             bias_sum += gz;
-          }
+          });
           if (owned) dat::store_lanes(grad_bias + c, bias_sum);
         });
       });
