@@ -84,7 +84,7 @@ static_assert(kVector == 8, "window_column reads 8 keys' rows");
 // Column j of a window over 8 keys' rows of interpolated bias: lane l is rows[l][j]. Built as a whole
 // vector (written lane by lane into memory, the forward pass measured 4-6 % slower). Past a key's
 // last tap it holds whatever the rows' buffer holds there, which no pair uses.
-inline FloatVector window_column(const float* const* rows, int32_t j) {
+DAT_ALWAYS_INLINE FloatVector window_column(const float* const* rows, int32_t j) {
   return FloatVector{rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j], rows[6][j], rows[7][j]};
 }
 

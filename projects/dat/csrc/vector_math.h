@@ -10,6 +10,11 @@
 #include <immintrin.h>
 #endif
 
+// For the small helpers that hot loops call: GCC stops inlining into a function that has grown past
+// its limits (the D op's backward, with its bias passes for every window width), and an
+// out-of-line call makes the caller spill every live vector register around it.
+#define DAT_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace dat {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
@@ -79,7 +84,7 @@ inline float max_of(const float* x, int64_t n) {
 }
 
 // Transposes the kLanes x kLanes matrix whose rows are rows[0 .. kLanes - 1]: rows[i][j] becomes rows[j][i].
-inline void transpose(FloatVector* rows) {
+DAT_ALWAYS_INLINE void transpose(FloatVector* rows) {
 #ifdef __AVX__
   static_assert(kLanes == 8 && sizeof(FloatVector) == sizeof(__m256));
   __m256 pairs[8], quads[8];
