@@ -53,6 +53,23 @@ def logits_of(
 
 
 @triton.jit
+def query_block_offsets(block, d, queries, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of queries: their offsets and the channels', which of them exist, and the
+    ``(BLOCK_M, BLOCK_D)`` mask of the block's elements."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid_m = offs_m < queries
+    valid_d = offs_d < d
+    return offs_m, offs_d, valid_m, valid_d, valid_m[:, None] & valid_d[None, :]
+
+
+@triton.jit
+def tap_rows(b, offs_m, width, rows, num_keys):
+    """Where each query's row of iy / fy (by its map row) and of ix / fx (by its column) starts."""
+    return (b * rows + offs_m[:, None] // width) * num_keys, (b * width + offs_m[:, None] % width) * num_keys
+
+
+@triton.jit
 def load_queries(ptr, stride_b, stride_h, stride_m, stride_d, b, h, offs_m, offs_d, mask):
     """A ``(BLOCK_M, BLOCK_D)`` block of batch-group b's head h of a tensor laid out as q."""
     return tl.load(ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d,
@@ -108,16 +125,11 @@ def forward(
 ):  # fmt: skip
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_m = offs_m < queries
-    valid_d = offs_d < d
-    query_block = valid_m[:, None] & valid_d[None, :]
+    offs_m, offs_d, valid_m, valid_d, query_block = query_block_offsets(block, d, queries, BLOCK_M, BLOCK_D)
     q = load_queries(q_ptr, q_stride_b, q_stride_h, q_stride_m, q_stride_d, b, h, offs_m, offs_d, query_block)
     head_keys = bh * d * num_keys
     head_table = table_ptr + bh * table_rows * table_cols
-    row_taps = (b * rows + offs_m[:, None] // width) * num_keys
-    col_taps = (b * width + offs_m[:, None] % width) * num_keys
+    row_taps, col_taps = tap_rows(b, offs_m, width, rows, num_keys)
     running_max = tl.full([BLOCK_M], float('-inf'), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -189,8 +201,7 @@ def backward_keys(
             b, h, bh, queries, offs_m, offs_d, valid_m[:, None] & valid_d[None, :], valid_m,
         )  # fmt: skip
         pair = valid_m[:, None] & valid_n[None, :]
-        row_taps = (b * rows + offs_m[:, None] // width) * num_keys
-        col_taps = (b * width + offs_m[:, None] % width) * num_keys
+        row_taps, col_taps = tap_rows(b, offs_m, width, rows, num_keys)
         offset, fy, fx, top_left, top_right, bottom_left, bottom_right = bias_taps(
             iy_ptr, fy_ptr, ix_ptr, fx_ptr, table_ptr + head_table, table_cols, row_taps, col_taps, offs_n, pair
         )
@@ -233,11 +244,7 @@ def backward_queries(
     # One block of queries of one head against every key: dQ = scale * dS.K.
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid_m = offs_m < queries
-    valid_d = offs_d < d
-    query_block = valid_m[:, None] & valid_d[None, :]
+    offs_m, offs_d, valid_m, valid_d, query_block = query_block_offsets(block, d, queries, BLOCK_M, BLOCK_D)
     q, grad_out, lse, delta = load_query_rows(
         q_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         q_stride_b, q_stride_h, q_stride_d, q_stride_m,
@@ -246,8 +253,7 @@ def backward_queries(
     )  # fmt: skip
     head_keys = bh * d * num_keys
     head_table = table_ptr + bh * table_rows * table_cols
-    row_taps = (b * rows + offs_m[:, None] // width) * num_keys
-    col_taps = (b * width + offs_m[:, None] % width) * num_keys
+    row_taps, col_taps = tap_rows(b, offs_m, width, rows, num_keys)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, num_keys, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
