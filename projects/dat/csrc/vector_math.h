@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __AVX__
 #include <immintrin.h>
@@ -242,7 +243,7 @@ inline void gelu_with_slope(T z, T& value, T& slope) {
 // full vectors and its tail).
 template <typename T>
 inline T load_lanes(const float* p) {
-  if constexpr (sizeof(T) == sizeof(float)) {
+  if constexpr (std::is_same_v<T, float>) {
     return *p;
   } else {
     return load_vector<T>(p);
