@@ -67,6 +67,23 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
   return Block > 1 || (col >= 0 && col < s.width);
 }
 
+// Calls tap(a * k + e, x) for the taps (a, e) of the conv at (i, j0) .. (i, j0 + Block - 1) whose
+// inputs lie inside the map, in row-major order; x points at the input of the first column, in
+// y_image (H, W, C) offset by the channel: row i + a - k / 2, column j0 + e - k / 2.
+template <int Block, typename Tap>
+inline void for_taps_inside(const float* y_image, int64_t i, int64_t j0, const ConvShape& s, Tap&& tap) {
+  const int64_t k = s.kernel_size, half = k / 2;
+  for (int64_t a = 0; a < k; ++a) {
+    const int64_t row = i + a - half;
+    if (row < 0 || row >= s.height) continue;
+    const float* y_row = y_image + row * s.width * s.channels;
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t col = j0 + e - half;
+      if (inside_row<Block>(col, s)) tap(a * k + e, y_row + col * s.channels);
+    }
+  }
+}
+
 // Calls emit(n, GELU(z[n]), GELU'(z[n])) for z[n] = bias + the conv's taps at (i, j0 + n), n < Block,
 // of one image (y_image: (H, W, C)), for the channels from c (T: one float or a FloatVector of them).
 // The taps are summed in row-major order, those outside the map left out.
@@ -74,22 +91,14 @@ template <int Block, typename T, typename Emit>
 inline void conv_gelu_block(const float* __restrict__ y_image, const float* __restrict__ weight,
                             const float* __restrict__ bias, int64_t i, int64_t j0, int64_t c, const ConvShape& s,
                             Emit&& emit) {
-  const int64_t k = s.kernel_size, half = k / 2, channels = s.channels;
+  const int64_t channels = s.channels;
   T z[Block];
   const T b = dat::load_lanes<T>(bias + c);
   for (int n = 0; n < Block; ++n) z[n] = b;
-  for (int64_t a = 0; a < k; ++a) {
-    const int64_t row = i + a - half;
-    if (row < 0 || row >= s.height) continue;
-    const float* y_row = y_image + row * s.width * channels + c;
-    for (int64_t e = 0; e < k; ++e) {
-      const int64_t col = j0 + e - half;
-      if (!inside_row<Block>(col, s)) continue;
-      const T w = dat::load_lanes<T>(weight + (a * k + e) * channels + c);
-      const float* x = y_row + col * channels;
-      for (int n = 0; n < Block; ++n, x += channels) z[n] += w * dat::load_lanes<T>(x);
-    }
-  }
+  for_taps_inside<Block>(y_image + c, i, j0, s, [&](int64_t tap, const float* x) {
+    const T w = dat::load_lanes<T>(weight + tap * channels + c);
+    for (int n = 0; n < Block; ++n, x += channels) z[n] += w * dat::load_lanes<T>(x);
+  });
   for (int n = 0; n < Block; ++n) {
     T value, slope;
     dat::gelu_with_slope(z[n], value, slope);
@@ -211,19 +220,12 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
           // The weight gradient sums grad_z[i, j] * y[(i, j) + tap offset], column after column.
           T g[kBlock];
           for (int n = 0; n < kBlock; ++n) g[n] = dat::load_lanes<T>(gz_rows[half] + (j0 + n) * channels + c);
-          for (int64_t a = 0; a < k; ++a) {
-            const int64_t row = i + a - half;
-            if (row < 0 || row >= s.height) continue;
-            for (int64_t e = 0; e < k; ++e) {
-              const int64_t col = j0 + e - half;
-              if (!inside_row<kBlock>(col, s)) continue;
-              float* gw = row_sum.data() + (a * k + e) * channels + c;
-              const float* x = y_image + row * row_size + col * channels + c;
-              T sum = dat::load_lanes<T>(gw);
-              for (int n = 0; n < kBlock; ++n, x += channels) sum += g[n] * dat::load_lanes<T>(x);
-              dat::store_lanes(gw, sum);
-            }
-          }
+          for_taps_inside<kBlock>(y_image + c, i, j0, s, [&](int64_t tap, const float* x) {
+            float* gw = row_sum.data() + tap * channels + c;
+            T sum = dat::load_lanes<T>(gw);
+            for (int n = 0; n < kBlock; ++n, x += channels) sum += g[n] * dat::load_lanes<T>(x);
+            dat::store_lanes(gw, sum);
+          });
         });
       });
       for (int64_t n = 0; n < (taps + 1) * channels; ++n) thread_sums[n] += row_sum[n];
