@@ -1,7 +1,7 @@
-"""The layers of DAT++'s blocks against plain PyTorch: the fused ConvFFN hidden layer
+"""The layers of DAT's blocks against plain PyTorch: the fused ConvFFN hidden layer
 (ops/convffn.py: the C++ CPU kernel and oneDNN's conv with PyTorch's GELU, both where a test takes
-``hidden_method``) against its composition, PointwiseConv2d, GELU2d (models/layers.py) and the
-folded depth-wise residual, and the offset network of the deformable blocks against the
+``hidden_method``) against its composition, PointwiseConv2d, GELU2d, DropPathResidual
+(models/layers.py) and the folded depth-wise residual, and the offset network of the deformable blocks against the
 original's sequence of layers on each group's view of the queries.
 
 The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from projects.dat.models.dat import ConvFFN, OffsetNetwork
-from projects.dat.models.layers import GELU2d, PointwiseConv2d
+from projects.dat.models.layers import DropPathResidual, GELU2d, PointwiseConv2d
 from projects.dat.ops import convffn as convffn_ops
 from projects.dat.ops import (
     cpu_kernels,
@@ -358,3 +358,46 @@ def test_gelu2d_gradient_for_any_layout_of_the_incoming_gradient(memory_format, 
     x32 = x.detach().float().contiguous(memory_format=memory_format).requires_grad_()
     (actual,) = torch.autograd.grad(GELU2d()(x32), x32, grad.float())
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('drop_prob', [0.0, 0.3])
+def test_drop_path_residual_is_the_plain_sum_when_evaluating_or_never_dropping(drop_prob, device):
+    torch.manual_seed(8)
+    x, branch = torch.randn(2, 2, 6, 5, 4).to(device)
+    residual = DropPathResidual(drop_prob)
+    if drop_prob:
+        residual.eval()
+    assert torch.equal(residual(x, branch), x + branch)
+
+
+def test_drop_path_residual_drops_whole_samples_and_scales_the_kept_ones(device):
+    """Each sample's branch is dropped (the output is x itself) or kept and scaled by 1 / keep,
+    as timm's DropPath computes it (to the round-off of one fused multiply-add), with the
+    gradient scaled alike; about drop_prob of 4000 samples are dropped."""
+    torch.manual_seed(9)
+    drop_prob, samples = 0.3, 4000
+    x = torch.randn(samples, 3, 2, 2).to(device, memory_format=torch.channels_last)
+    branch = torch.randn(samples, 3, 2, 2).to(device, memory_format=torch.channels_last).requires_grad_()
+    out = DropPathResidual(drop_prob).train()(x, branch)
+    grad = torch.randn_like(out)
+    (grad_branch,) = torch.autograd.grad(out, branch, grad)
+    kept = (out != x).flatten(1).any(1)
+    assert torch.equal(out[~kept], x[~kept]) and torch.equal(grad_branch[~kept], torch.zeros_like(grad_branch[~kept]))
+    factor = torch.tensor(1.0 / (1.0 - drop_prob), device=device)  # timm: bernoulli(keep).div_(keep)
+    torch.testing.assert_close(out[kept], x[kept] + branch[kept].detach() * factor, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_branch[kept], grad[kept] * factor, rtol=0, atol=0)
+    dropped = samples - kept.sum().item()
+    assert abs(dropped - drop_prob * samples) < 5 * (samples * drop_prob * (1 - drop_prob)) ** 0.5  # 5 sigma
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_drop_path_residual_adds_a_half_branch_to_a_float_residual():
+    """Under autocast a block's branch may be float16 and its residual float32: the sum is float32,
+    as ``x + branch`` is."""
+    torch.manual_seed(10)
+    x, branch = torch.randn(2, 8, 3, 4, 4)
+    out = DropPathResidual(0.5).train()(x, branch.half())
+    assert out.dtype == torch.float32
+    kept = (out != x).flatten(1).any(1)
+    assert 0 < kept.sum() < len(x)
+    torch.testing.assert_close(out[kept], x[kept] + branch.half().float()[kept] * 2, rtol=1e-6, atol=1e-6)

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmcv.cnn.bricks import DropPath
 from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -52,7 +51,7 @@ from .geometry import (
     window_partition,
     window_reverse,
 )
-from .layers import GELU2d, PointwiseConv2d
+from .layers import DropPathResidual, GELU2d, PointwiseConv2d
 from .pretrained import load_pretrained_backbone
 from .variants import ARCH_ZOO, check_drop_path_rate, is_int, resolve_arch
 
@@ -482,13 +481,13 @@ class DATBlock(nn.Module):
             self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn, impl)
         else:
             self.mlp = TokenMLP(dim, mlp_ratio, recompute_ffn)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPathResidual(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lpu is not None:
             x = depthwise_conv_plus_identity(x, self.lpu)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path(x, self.attn(self.norm1(x)))
+        return self.drop_path(x, self.mlp(self.norm2(x)))
 
 
 class Downsample(nn.Sequential):

@@ -1,10 +1,12 @@
-"""Layers of DAT++'s blocks that run faster than their plain PyTorch modules, with the same numbers
+"""Layers of DAT's blocks that run faster than their plain PyTorch modules, with the same numbers
 and the same parameters.
 
 - :class:`PointwiseConv2d`: a 1x1 conv computed as a matrix product over the channels of
   channels-last maps.
 - :class:`GELU2d`: GELU of channels-last maps through their NHWC view
   (:func:`~projects.dat.ops.gelu_2d`).
+- :class:`DropPathResidual`: a residual connection with stochastic depth, the branch scaled and
+  added in one op.
 
 They agree with the plain modules to float32 round-off (``tests/test_layers.py``);
 ``docs/benchmarks.md`` measures what they save.
@@ -52,3 +54,33 @@ class GELU2d(nn.GELU):
 
     def forward(self, x: Tensor) -> Tensor:
         return gelu_2d(x, self.approximate)
+
+
+class DropPathResidual(nn.Module):
+    """``x + DropPath(branch)``: a residual connection whose branch is dropped per sample while
+    training (stochastic depth).
+
+    As timm's ``DropPath`` (the original's) computes it: each sample's branch is multiplied by a
+    factor drawn per sample, ``1 / (1 - drop_prob)`` with probability ``1 - drop_prob``, else 0.
+    The product is added to ``x`` in the same op (``torch.addcmul``), which reads the branch
+    once; the branch's gradient is one product. mmcv's ``DropPath`` and the addition after it
+    divide, multiply and add in three passes over the map, forward, and multiply and divide
+    backward. Evaluating, or with ``drop_prob=0``, it is ``x + branch``.
+
+    Args:
+        drop_prob (float): Probability of dropping a sample's branch. Defaults to 0.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+    def forward(self, x: Tensor, branch: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x + branch
+        keep = 1.0 - self.drop_prob
+        factor = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, factor)
