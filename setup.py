@@ -5,7 +5,8 @@
 import beside it.
 
 ``install_requires`` holds ranges of what ``projects.dat`` itself imports; the toolboxes are
-extras (``pip install 'projects-dat[det]'``, ``[seg]``, ``[cls]``, ``[all]``). The exact set that
+extras (``pip install 'projects-dat[det]'``, ``[seg]``, ``[cls]``, ``[all]``), each with mmcv, which
+the toolboxes import but do not declare. The exact set that
 is tested lives in ``requirements/constraints.txt``; ``make env`` (``tools/setup_env.sh``)
 installs it and then this repository with ``pip install -e . --no-deps --no-build-isolation``.
 """
@@ -17,7 +18,8 @@ from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
-# mmcv and mmengine as mmdet 3.3 declares them; mmcv 2.2 is outside what mmdet 3.3 accepts.
+# mmcv and mmengine as mmdet 3.3 declares them (in its mim requirements, not its metadata); mmcv
+# 2.2 is outside what mmdet 3.3 accepts.
 MMCV = 'mmcv>=2.0.0,<2.2.0'
 MMENGINE = 'mmengine>=0.7.1,<1.0.0'
 
@@ -28,15 +30,15 @@ INSTALL_REQUIRES = [
     'torch>=2.0',
     'numpy',
     MMENGINE,
-    MMCV,
     'Pillow',  # projects.dat.synthetic draws the synthetic datasets
 ]
 
+# Each toolbox imports mmcv, and none declares it in its metadata (mim installs it).
 TOOLBOXES = {
-    'det': ['mmdet>=3.0.0,<3.4.0'],
+    'det': ['mmdet>=3.0.0,<3.4.0', MMCV],
     # mmseg.utils imports ftfy and regex (its tokenizer); mmsegmentation declares them only as extras.
-    'seg': ['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
-    'cls': ['mmpretrain>=1.0.0,<1.3.0'],
+    'seg': ['mmsegmentation>=1.0.0,<1.3.0', MMCV, 'ftfy', 'regex'],
+    'cls': ['mmpretrain>=1.0.0,<1.3.0', MMCV],
 }
 ALL_TOOLBOXES = sorted({req for reqs in TOOLBOXES.values() for req in reqs})
 # ONNX export (tools/deployment/pytorch2onnx.py) and ONNX Runtime, which checks the exported graph.

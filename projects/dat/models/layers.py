@@ -82,5 +82,7 @@ class DropPathResidual(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x + branch
         keep = 1.0 - self.drop_prob
-        factor = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep).div_(keep)
+        # Drawn in float32 (torch 2.1 has no CPU bernoulli_ for float16), divided in the branch's dtype.
+        kept = torch.empty((branch.shape[0],) + (1,) * (branch.dim() - 1), device=branch.device).bernoulli_(keep)
+        factor = kept.to(branch.dtype).div_(keep)
         return torch.addcmul(x, branch, factor)
