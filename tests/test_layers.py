@@ -1,13 +1,16 @@
 """The layers of DAT's blocks against plain PyTorch: the fused ConvFFN hidden layer
 (ops/convffn.py: the C++ CPU kernel and oneDNN's conv with PyTorch's GELU, both where a test takes
 ``hidden_method``) against its composition, PointwiseConv2d, GELU2d, DropPathResidual
-(models/layers.py) and the folded depth-wise residual, and the offset network of the deformable blocks against the
+(models/layers.py) and the folded depth-wise residual, the offset network's strided depth-wise
+conv (ops/depthwise_conv.py) against F.conv2d, and the offset network of the deformable blocks against the
 original's sequence of layers on each group's view of the queries.
 
 The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
 the ConvFFN hidden layer is the composition (the C++ kernel is CPU-only), the other layers are the
 same code. Inputs are made on CPU and moved.
 """
+
+import functools
 
 import pytest
 import torch
@@ -20,8 +23,10 @@ from projects.dat.ops import (
     depthwise_conv_gelu,
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
+    strided_depthwise_conv,
     torch_compat,
 )
+from projects.dat.ops import depthwise_conv as depthwise_conv_ops
 
 
 def _conv(channels, kernel, dtype=torch.float32, device='cpu'):
@@ -401,3 +406,100 @@ def test_drop_path_residual_adds_a_half_branch_to_a_float_residual():
     kept = (out != x).flatten(1).any(1)
     assert 0 < kept.sum() < len(x)
     torch.testing.assert_close(out[kept], x[kept] + branch.half().float()[kept] * 2, rtol=1e-6, atol=1e-6)
+
+
+def _depthwise_inputs(batch, channels, kernel, height, width, memory_format=torch.channels_last, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(batch, channels, height, width, generator=generator, dtype=dtype)
+    weight = torch.randn(channels, 1, kernel, kernel, generator=generator, dtype=dtype)
+    bias = torch.randn(channels, generator=generator, dtype=dtype)
+    return x.contiguous(memory_format=memory_format), weight, bias
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(
+    'batch, channels, kernel, stride, padding, height, width',
+    [
+        (1, 8, 9, 8, 4, 33, 41),  # DAT++'s stage-0 offset conv
+        (3, 12, 7, 4, 3, 14, 9),
+        (2, 16, 5, 2, 2, 11, 8),
+        (2, 8, 3, 1, 1, 5, 7),  # stride 1: oneDNN's weight gradient
+        (1, 4, 4, 4, 0, 10, 13),  # kernel == stride: no padding, the last rows and columns unread
+        (1, 4, 7, 4, 3, 3, 2),  # one output position, most taps on padding
+    ],
+)
+def test_strided_depthwise_conv_operator_equals_the_conv(
+    memory_format, batch, channels, kernel, stride, padding, height, width
+):
+    """The operator's output and its three gradients against F.conv2d's, and its weight gradient
+    against the float64 one."""
+    x, weight, bias = _depthwise_inputs(batch, channels, kernel, height, width, memory_format)
+    results = []
+    plain = functools.partial(torch.nn.functional.conv2d, groups=channels)
+    for conv in (depthwise_conv_ops._strided_depthwise_conv_op, plain):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = conv(*inputs, stride, padding)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(memory_format=memory_format)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    x64, weight64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    out64 = plain(x64, weight64, bias.double(), stride, padding)
+    (expected,) = torch.autograd.grad(out64, weight64, grad.double())
+    actual = depthwise_conv_ops.strided_depthwise_weight_gradient(x, grad, kernel, stride, padding)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_depthwise_conv_runs_its_operator_only_where_it_applies():
+    """The operator for float32 CPU maps with gradients and a stride above 1; else F.conv2d itself:
+    without gradients, for the reference, stride 1, other dtypes and under autocast (whose conv
+    computes in bfloat16)."""
+    x, weight, bias = _depthwise_inputs(1, 4, 5, 9, 9)
+    weight.requires_grad_()
+
+    def backward_node(x=x, weight=weight, bias=bias, stride=2, impl='auto'):
+        out = strided_depthwise_conv(x, weight, bias, stride, 2, impl)
+        return out.grad_fn.name() if out.grad_fn is not None else None
+
+    operator = 'GeneratedBackwardFor_dat_strided_depthwise_conv' if torch_compat.HAS_CUSTOM_OPS else '_AutogradOp'
+    assert backward_node().startswith(operator)
+    assert backward_node(impl='pytorch').startswith(operator)
+    with torch.no_grad():
+        assert backward_node() is None
+    assert backward_node(impl='reference') == 'ConvolutionBackward0'
+    assert backward_node(stride=1) == 'ConvolutionBackward0'
+    assert backward_node(x.double(), weight.detach().double().requires_grad_(), bias.double()) == 'ConvolutionBackward0'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert backward_node() == 'ConvolutionBackward0'
+
+
+def test_strided_depthwise_conv_operator_checks_its_inputs():
+    x, weight, bias = _depthwise_inputs(1, 8, 5, 9, 9)
+    with pytest.raises(
+        ValueError,
+        match=r'dat::strided_depthwise_conv expects a map x \(B, C, H, W\), a depth-wise weight \(C, 1, k, k\) and '
+        r'a bias \(C,\); got x \(1, 8, 9, 9\), weight \(8, 1, 5, 5\), bias \(7,\)',
+    ):
+        depthwise_conv_ops._strided_depthwise_conv_op(x, weight, bias[:7], 2, 2)
+
+
+@pytest.mark.skipif(
+    not torch_compat.HAS_CUSTOM_OPS,
+    reason=f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): no operator to check',
+)
+def test_strided_depthwise_conv_passes_opcheck_and_compiles_without_graph_breaks():
+    x, weight, bias = _depthwise_inputs(2, 8, 5, 9, 11)
+    inputs = [t.requires_grad_() for t in (x, weight, bias)]
+    torch.library.opcheck(depthwise_conv_ops._strided_depthwise_conv_op, (*inputs, 2, 2))
+    compiled = torch.compile(lambda *t: strided_depthwise_conv(*t, 2, 2), backend='aot_eager', fullgraph=True)
+    grad = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last)
+    for fn in (compiled, lambda *t: strided_depthwise_conv(*t, 2, 2)):
+        out = fn(*inputs)
+        assert out.shape == grad.shape
+    actual = (compiled(*inputs), *torch.autograd.grad(compiled(*inputs), inputs, grad))
+    expected = (
+        strided_depthwise_conv(*inputs, 2, 2),
+        *torch.autograd.grad(strided_depthwise_conv(*inputs, 2, 2), inputs, grad),
+    )
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)

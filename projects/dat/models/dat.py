@@ -32,6 +32,7 @@ from ..ops import (
     depthwise_conv_gelu,
     depthwise_conv_plus_identity,
     neighborhood_attention,
+    strided_depthwise_conv,
     window_attention,
 )
 from ..ops.torch_compat import is_autocast_enabled
@@ -306,26 +307,30 @@ class OffsetNetwork(nn.Sequential):
             PointwiseConv2d(group_dim, 2, bias=False),
         )
 
-    def forward(self, q: Tensor, num_groups: int) -> Tensor:
+    def forward(self, q: Tensor, num_groups: int, impl: str = 'auto') -> Tensor:
         """The offsets of every group's keys.
 
         Args:
             q (Tensor): ``(B, C, H, W)`` projected queries; group ``i`` owns channels
                 ``[i * C / groups, (i + 1) * C / groups)``.
             num_groups (int): Offset groups.
+            impl (str): Implementation of the depth-wise conv, one of
+                :data:`~projects.dat.ops.ATTN_IMPLS` (:func:`~projects.dat.ops.strided_depthwise_conv`:
+                ``F.conv2d``, or its operator whose weight gradient is faster on CPU). Defaults to
+                ``'auto'``.
 
         Returns:
             Tensor: ``(B * groups, Hk, Wk, 2)`` offsets, in the order of the 1x1 conv's outputs.
         """
         conv, norm, act, proj = self
         b, c = q.shape[:2]
-        y = F.conv2d(
+        y = strided_depthwise_conv(
             q,
             conv.weight.repeat(num_groups, 1, 1, 1),
             conv.bias.repeat(num_groups),
-            conv.stride,
-            conv.padding,
-            groups=c,
+            conv.stride[0],
+            conv.padding[0],
+            impl,
         )
         hk, wk = y.shape[-2:]
         y = y.permute(0, 2, 3, 1).reshape(b, hk, wk, num_groups, c // num_groups)
@@ -404,7 +409,7 @@ class DeformableAttention(nn.Module):
             tuple: ``pos`` ``(B * groups, Hk, Wk, 2)`` and ``ref`` ``(Hk, Wk, 2)``, both
             normalised with the last axis ``(y, x)``.
         """
-        offset = self.conv_offset(q, self.num_groups)
+        offset = self.conv_offset(q, self.num_groups, self.impl)
         hk, wk = offset.shape[1:3]
         ref = key_reference_points(hk, wk, self.version, q.dtype, q.device)
         if self.version == 'v1':

@@ -6,7 +6,8 @@ and computes the reference math or a fast backend, as :func:`select_backend` dec
 
 - :func:`deformable_attention` (``D`` blocks; :mod:`~projects.dat.ops.deformable`);
 - :func:`neighborhood_attention` (``N`` blocks; :mod:`~projects.dat.ops.neighborhood`);
-- :func:`depthwise_conv_gelu`, ConvFFN's hidden layer (:mod:`~projects.dat.ops.convffn`).
+- :func:`depthwise_conv_gelu`, ConvFFN's hidden layer (:mod:`~projects.dat.ops.convffn`);
+- :func:`strided_depthwise_conv`, the offset network's conv (:mod:`~projects.dat.ops.depthwise_conv`).
 
 :mod:`~projects.dat.ops.reference` holds the reference math of all of them, and the functions
 that have a single implementation: :func:`window_attention` (``L``/``S`` blocks),
@@ -16,6 +17,7 @@ Importing this package defines the custom operators ``torch.ops.dat.*`` (on torc
 
 from .convffn import depthwise_conv_gelu
 from .deformable import deformable_attention
+from .depthwise_conv import strided_depthwise_conv
 from .dispatch import ATTN_IMPLS, BACKENDS, check_attn_impl, select_backend
 from .neighborhood import neighborhood_attention
 from .reference import (
@@ -36,6 +38,7 @@ __all__ = [
     'deformable_attention',
     'neighborhood_attention',
     'depthwise_conv_gelu',
+    'strided_depthwise_conv',
     'window_attention',
     'deformable_attention_logits',
     'deformable_attention_reference',
