@@ -5,10 +5,10 @@
 import beside it.
 
 ``install_requires`` holds ranges of what ``projects.dat`` itself imports; the toolboxes are
-extras (``pip install 'projects-dat[det]'``, ``[seg]``, ``[cls]``, ``[all]``), each with mmcv, which
-the toolboxes import but do not declare. The exact set that
-is tested lives in ``requirements/constraints.txt``; ``make env`` (``tools/setup_env.sh``)
-installs it and then this repository with ``pip install -e . --no-deps --no-build-isolation``.
+extras (``pip install 'projects-dat[det]'``, ``[seg]``, ``[cls]``, ``[all]``), each with mmcv,
+which the toolboxes import but do not declare. The exact set that is tested lives in
+``requirements/constraints.txt``; ``make env`` (``tools/setup_env.sh``) installs it and then this
+repository with ``pip install -e . --no-deps --no-build-isolation``.
 """
 
 import re

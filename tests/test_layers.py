@@ -2,8 +2,8 @@
 (ops/convffn.py: the C++ CPU kernel and oneDNN's conv with PyTorch's GELU, both where a test takes
 ``hidden_method``) against its composition, PointwiseConv2d, GELU2d, DropPathResidual
 (models/layers.py) and the folded depth-wise residual, the offset network's strided depth-wise
-conv (ops/depthwise_conv.py) against F.conv2d, and the offset network of the deformable blocks against the
-original's sequence of layers on each group's view of the queries.
+conv (ops/depthwise_conv.py) against F.conv2d, and the offset network of the deformable blocks
+against the original's sequence of layers on each group's view of the queries.
 
 The tests that take ``device`` (``tests/conftest.py``) also run on CUDA where a GPU is visible; there
 the ConvFFN hidden layer is the composition (the C++ kernel is CPU-only), the other layers are the
@@ -491,15 +491,12 @@ def test_strided_depthwise_conv_passes_opcheck_and_compiles_without_graph_breaks
     x, weight, bias = _depthwise_inputs(2, 8, 5, 9, 11)
     inputs = [t.requires_grad_() for t in (x, weight, bias)]
     torch.library.opcheck(depthwise_conv_ops._strided_depthwise_conv_op, (*inputs, 2, 2))
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward.
     compiled = torch.compile(lambda *t: strided_depthwise_conv(*t, 2, 2), backend='aot_eager', fullgraph=True)
     grad = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last)
-    for fn in (compiled, lambda *t: strided_depthwise_conv(*t, 2, 2)):
-        out = fn(*inputs)
-        assert out.shape == grad.shape
-    actual = (compiled(*inputs), *torch.autograd.grad(compiled(*inputs), inputs, grad))
-    expected = (
-        strided_depthwise_conv(*inputs, 2, 2),
-        *torch.autograd.grad(strided_depthwise_conv(*inputs, 2, 2), inputs, grad),
-    )
-    for a, e in zip(actual, expected, strict=True):
+    results = []
+    for conv in (compiled, lambda *t: strided_depthwise_conv(*t, 2, 2)):
+        out = conv(*inputs)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for a, e in zip(*results, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)

@@ -486,13 +486,13 @@ class DATBlock(nn.Module):
             self.mlp = ConvFFN(dim, mlp_ratio, recompute_ffn, impl)
         else:
             self.mlp = TokenMLP(dim, mlp_ratio, recompute_ffn)
-        self.drop_path = DropPathResidual(drop_path)
+        self.residual = DropPathResidual(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lpu is not None:
             x = depthwise_conv_plus_identity(x, self.lpu)
-        x = self.drop_path(x, self.attn(self.norm1(x)))
-        return self.drop_path(x, self.mlp(self.norm2(x)))
+        x = self.residual(x, self.attn(self.norm1(x)))
+        return self.residual(x, self.mlp(self.norm2(x)))
 
 
 class Downsample(nn.Sequential):

@@ -5,13 +5,13 @@
 the stride is above 1, a gradient is needed, and :func:`~projects.dat.ops.dispatch.select_backend`
 picks any backend but the reference on CPU in float32.
 
-For a strided depth-wise conv, oneDNN's weight gradient takes 10-20x its forward pass, and it
+For a strided depth-wise conv, oneDNN's weight gradient takes 10-25x its forward pass, and it
 computes the bias gradient with it (asked for the bias gradient alone, it takes as long). The
 operator's backward asks oneDNN for the input gradient only, sums the output's gradient for the
 bias, and computes the weight gradient as a conv: of the input with the output's gradient as the
 kernel, dilated by the stride (:func:`strided_depthwise_weight_gradient`), 3-9x as fast as
-oneDNN's. With stride 1 oneDNN's own backward is the faster one (``docs/benchmarks.md``, "The
-offset network's conv backward").
+oneDNN's. With stride 1 oneDNN's own backward is the faster one (``docs/benchmarks.md``,
+"Residuals with stochastic depth, and the offset network's conv backward").
 """
 
 import torch
