@@ -73,6 +73,23 @@ def test_custom_imports_register_dat_from_any_directory(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith('projects.dat')
 
 
+def test_backbone_imports_and_trains_without_mmcv():
+    """``install_requires`` leaves mmcv to the toolbox extras: ``projects.dat`` must import, build
+    DAT and DAT++ and run a training step (drop path, offset network, fast operators) where mmcv
+    cannot be imported."""
+    proc = run_python(
+        'import sys; sys.modules["mmcv"] = None\n'  # any `import mmcv...` now raises ImportError
+        'import torch, projects.dat\n'
+        'from projects.dat.models.dat import DAT\n'
+        'for arch in ("dat-t", "datpp-t"):\n'
+        '    model = DAT(arch, drop_path_rate=0.5).train()\n'
+        '    sum(f.mean() for f in model(torch.randn(2, 3, 64, 96))).backward()\n'
+        'print(sorted(m for m in sys.modules if m.split(".")[0] == "mmcv"))'
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split('\n')[-2] == "['mmcv']"  # only the blocker
+
+
 def test_setuptools_within_bounds():
     """openmim and mmcv still import pkg_resources, removed in setuptools 82."""
     version = Version(importlib.metadata.version('setuptools'))
