@@ -119,7 +119,7 @@ NODE_PREFIX = 'autograd::engine::evaluate_function: '
 DAT_BLOCK_RULES = (
     (r'', r'conv', 'LPU'),  # depthwise_conv_plus_identity(x, self.lpu): the LPU runs in the block's scope
     (r'', None, 'residual'),
-    (r'drop_path', None, 'residual'),
+    (r'residual', None, 'residual'),
     (r'norm[12]', None, 'norm'),
     (r'attn', r'deformable_attention|neighborhood_attention|einsum', 'attn core'),
     (r'attn', r'grid_sampler', 'key sampling'),
