@@ -408,11 +408,11 @@ def test_drop_path_residual_adds_a_half_branch_to_a_float_residual():
     torch.testing.assert_close(out[kept], x[kept] + branch.half().float()[kept] * 2, rtol=1e-6, atol=1e-6)
 
 
-def _depthwise_inputs(batch, channels, kernel, height, width, memory_format=torch.channels_last, dtype=torch.float32):
+def _depthwise_inputs(batch, channels, kernel, height, width, memory_format=torch.channels_last):
     generator = torch.Generator().manual_seed(11)
-    x = torch.randn(batch, channels, height, width, generator=generator, dtype=dtype)
-    weight = torch.randn(channels, 1, kernel, kernel, generator=generator, dtype=dtype)
-    bias = torch.randn(channels, generator=generator, dtype=dtype)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    weight = torch.randn(channels, 1, kernel, kernel, generator=generator)
+    bias = torch.randn(channels, generator=generator)
     return x.contiguous(memory_format=memory_format), weight, bias
 
 

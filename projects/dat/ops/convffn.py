@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels, torch_compat
-from .dispatch import select_backend
+from .dispatch import conv_compute_dtype, select_backend
 from .reference import depthwise_conv_gelu_reference, identity_folded
 
 # Maps (y, float32) of at least this many bytes go to the fused C++ kernel, smaller ones to
@@ -181,10 +181,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
     Returns:
         Tensor: ``(B, C, H, W)``, channels-last where the operator ran.
     """
-    device_type = y.device.type
-    autocast = torch_compat.is_autocast_enabled(device_type)
-    compute_dtype = torch_compat.autocast_dtype(device_type) if autocast else y.dtype
-    if select_backend(impl, y.device, compute_dtype) != 'cpu-kernel':
+    if select_backend(impl, y.device, conv_compute_dtype(y)) != 'cpu-kernel':
         return depthwise_conv_gelu_reference(y, conv)
     _check_same_depthwise_conv(conv, y)
     bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])

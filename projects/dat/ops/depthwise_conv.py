@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import torch_compat
-from .dispatch import select_backend
+from .dispatch import conv_compute_dtype, select_backend
 
 
 def strided_depthwise_weight_gradient(
@@ -81,7 +81,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     stride, padding = ctx.stride, ctx.padding
-    (grad_x,) = torch.ops.aten.convolution_backward(
+    grad_x = torch.ops.aten.convolution_backward(
         grad_out,
         x,
         weight,
@@ -93,7 +93,7 @@ def _backward(ctx, grad_out):
         [0, 0],
         weight.shape[0],
         [True, False, False],
-    )[:1]
+    )[0]
     grad_weight = strided_depthwise_weight_gradient(x, grad_out, weight.shape[-1], stride, padding)
     return grad_x, grad_weight, grad_out.sum((0, 2, 3)), None, None
 
@@ -125,13 +125,13 @@ def strided_depthwise_conv(
     """
     # The operator is F.conv2d but for its backward pass: without gradients, F.conv2d itself.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    compute_dtype = conv_compute_dtype(x)
     runs_operator = (
         needs_grad
         and stride > 1
         and x.device.type == 'cpu'
-        and x.dtype == torch.float32
-        and not torch_compat.is_autocast_enabled('cpu')
-        and select_backend(impl, x.device, x.dtype) != 'reference'
+        and compute_dtype == torch.float32
+        and select_backend(impl, x.device, compute_dtype) != 'reference'
     )
     if not runs_operator:
         return F.conv2d(x, weight, bias, stride, padding, groups=x.shape[1])

@@ -28,8 +28,9 @@ asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
   ``DAT_GPU_KERNELS=1`` turns them on (opt-in until they have run on a GPU).
 
 The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,
-float16 and bfloat16 attention inputs, float64 for float64 ones, and the autocast dtype for the
-ConvFFN hidden layer under autocast. Custom operators have no ONNX symbolic, hence the
+float16 and bfloat16 attention inputs, float64 for float64 ones, and for the convs (the ConvFFN
+hidden layer, the offset network's conv) the autocast dtype under autocast
+(:func:`conv_compute_dtype`). Custom operators have no ONNX symbolic, hence the
 reference during export.
 """
 
@@ -76,6 +77,15 @@ def attention_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype, torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv of ``x`` computes in: the autocast dtype where autocast is on for ``x``'s
+    device (its convs cast their inputs), else ``x``'s dtype."""
+    device_type = x.device.type
+    if torch_compat.is_autocast_enabled(device_type):
+        return torch_compat.autocast_dtype(device_type)
+    return x.dtype
 
 
 def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype, gpu_kernel: bool = False) -> str:
