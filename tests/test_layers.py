@@ -23,10 +23,13 @@ from projects.dat.ops import (
     depthwise_conv_gelu,
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
+    sample_keys,
+    sample_keys_reference,
     strided_depthwise_conv,
     torch_compat,
 )
 from projects.dat.ops import depthwise_conv as depthwise_conv_ops
+from projects.dat.ops import key_sampling as key_sampling_ops
 
 
 def _conv(channels, kernel, dtype=torch.float32, device='cpu'):
@@ -337,7 +340,7 @@ def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
     monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
     conv = _conv(8, 3)
     y = torch.randn(1, 8, 5, 6).to(memory_format=torch.channels_last)
-    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu needs the C\+\+ CPU kernels on maps of'):
+    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu on maps of .* needs the C\+\+ CPU kernels'):
         convffn_ops._depthwise_conv_gelu_op(y, conv.weight, conv.bias)
 
 
@@ -498,5 +501,167 @@ def test_strided_depthwise_conv_passes_opcheck_and_compiles_without_graph_breaks
     for conv in (compiled, lambda *t: strided_depthwise_conv(*t, 2, 2)):
         out = conv(*inputs)
         results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def _key_sampling_inputs(batch, groups, channels, height, width, keys, memory_format=torch.channels_last):
+    """A map and key positions over [-1.3, 1.3] (some outside the map: zero padding), with the
+    corners -1 and 1 exactly among them."""
+    generator = torch.Generator().manual_seed(batch * 1000 + channels)
+    x = torch.randn(batch, channels, height, width, generator=generator).contiguous(memory_format=memory_format)
+    pos = torch.rand(batch * groups, keys, 2, generator=generator) * 2.6 - 1.3
+    pos[0, :2] = torch.tensor([[-1.0, -1.0], [1.0, 1.0]])
+    return x, pos
+
+
+def _sampled_keys_and_grads(sample, x, pos, groups, grad):
+    x, pos = x.clone().requires_grad_(), pos.clone().requires_grad_()
+    out = sample(x, pos, groups)
+    return (out, *torch.autograd.grad(out, (x, pos), grad))
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(
+    'batch, groups, channels, height, width, keys',
+    [
+        (1, 1, 8, 33, 41, 20),  # one group: x's reshape is a view at batch 1
+        (2, 4, 32, 9, 11, 15),  # a batch above 1: grid_sample needs a copy of a channels-last map
+        (3, 2, 10, 7, 6, 6),  # 5 channels per group, not a multiple of the vector width
+        (1, 8, 64, 1, 5, 12),  # a one-row map: every y tap but row 0 is padding
+        (2, 1, 4, 2, 2, 30),  # more keys than pixels
+    ],
+)
+def test_key_sampling_operator_matches_grid_sample(
+    memory_format, batch, groups, channels, height, width, keys, require_cpu_kernels
+):
+    """The operator's keys and gradients (map and positions) against the reference's
+    (F.grid_sample) in float64, and against its float32 numbers."""
+    require_cpu_kernels()
+    x, pos = _key_sampling_inputs(batch, groups, channels, height, width, keys, memory_format)
+    grad = torch.randn(batch, channels, 1, keys, generator=torch.Generator().manual_seed(3))
+    actual = _sampled_keys_and_grads(key_sampling_ops._sample_keys_op, x, pos, groups, grad)
+    expected32 = _sampled_keys_and_grads(sample_keys_reference, x, pos, groups, grad)
+    expected64 = _sampled_keys_and_grads(sample_keys_reference, x.double(), pos.double(), groups, grad.double())
+    for a, e32, e64 in zip(actual, expected32, expected64, strict=True):
+        scale = e64.abs().max().item()
+        torch.testing.assert_close(a.double(), e64, rtol=0, atol=2e-6 * scale)
+        torch.testing.assert_close(a, e32, rtol=0, atol=4e-6 * scale)
+    # The keys and the map's gradient are channels-last (the projections read them in place).
+    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+    assert actual[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_key_sampling_gradients_do_not_depend_on_the_thread_count(require_cpu_kernels, monkeypatch):
+    require_cpu_kernels()
+    x, pos = _key_sampling_inputs(2, 4, 32, 12, 10, 40)
+    grad = torch.randn(2, 32, 1, 40, generator=torch.Generator().manual_seed(4))
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, 3):
+        torch.set_num_threads(count)
+        try:
+            results.append(_sampled_keys_and_grads(key_sampling_ops._sample_keys_op, x, pos, 4, grad))
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_key_sampling_nan_position_reads_nan_for_its_key_only(require_cpu_kernels):
+    """A key at a position that is not finite reads NaN in its group's channels, as with
+    grid_sample, and gets a NaN gradient; the map's gradient and the other keys stay finite."""
+    require_cpu_kernels()
+    x, pos = _key_sampling_inputs(1, 2, 8, 6, 7, 5)
+    pos[1, 2, 0] = float('nan')  # group 1, key 2
+    pos[0, 4, 1] = float('inf')  # group 0, key 4
+    grad = torch.randn(1, 8, 1, 5, generator=torch.Generator().manual_seed(5))
+    out, grad_x, grad_pos = _sampled_keys_and_grads(key_sampling_ops._sample_keys_op, x, pos, 2, grad)
+    expected = sample_keys_reference(x, pos, 2)
+    assert torch.equal(out.isnan(), expected.isnan())
+    nan_keys = torch.zeros(1, 8, 1, 5, dtype=torch.bool)
+    nan_keys[0, 4:, 0, 2] = nan_keys[0, :4, 0, 4] = True
+    assert torch.equal(out.isnan(), nan_keys)
+    assert grad_x.isfinite().all()
+    assert grad_pos[1, 2].isnan().all() and grad_pos[0, 4].isnan().all()
+    assert grad_pos.isnan().sum() == 4
+
+
+def test_sample_keys_runs_its_operator_only_where_it_applies(require_cpu_kernels, monkeypatch):
+    """The operator for float32 positions on CPU with the C++ kernels; else grid_sample itself:
+    for the reference and the PyTorch backend, and float64."""
+    require_cpu_kernels()
+    calls = []
+    operator = key_sampling_ops._sample_keys_op
+    monkeypatch.setattr(key_sampling_ops, '_sample_keys_op', lambda *args: calls.append(1) or operator(*args))
+    x, pos = _key_sampling_inputs(2, 2, 8, 6, 7, 5)
+
+    def runs_operator(x=x, pos=pos, impl='auto'):
+        calls.clear()
+        sample_keys(x, pos, 2, impl)
+        return bool(calls)
+
+    assert runs_operator() and runs_operator(impl='cpu-kernel')
+    assert not runs_operator(impl='reference') and not runs_operator(impl='pytorch')
+    assert not runs_operator(x.double(), pos.double())
+    assert torch.equal(sample_keys(x, pos, 2, 'reference'), sample_keys_reference(x, pos, 2))
+    # A half map is read in float32, as the reference reads it.
+    assert runs_operator(x.bfloat16())
+    half = sample_keys(x.bfloat16(), pos, 2)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, sample_keys_reference(x.bfloat16(), pos, 2))
+
+
+def test_key_sampling_operator_and_kernel_check_their_inputs(require_cpu_kernels):
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    x, pos = _key_sampling_inputs(2, 2, 8, 6, 7, 5)
+    with pytest.raises(
+        ValueError,
+        match=r'dat::sample_keys expects a float32 CPU map x \(B, C, H, W\), positions \(B \* groups, N, 2\) and '
+        r'a number of groups that divides C; got x \(2, 8, 6, 7\) torch.float32 on cpu, pos \(4, 5, 2\) '
+        r'torch.float32 on cpu, groups 3',
+    ):
+        key_sampling_ops._sample_keys_op(x, pos, 3)
+    with pytest.raises(ValueError, match=r'pos \(2, 5, 2\) torch.float32'):
+        key_sampling_ops._sample_keys_op(x, pos[:2], 2)
+    with pytest.raises(ValueError, match=r'pos \(4, 5, 2\) torch.float64'):
+        key_sampling_ops._sample_keys_op(x, pos.double(), 2)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()
+    with pytest.raises(RuntimeError, match=r'expected a number of groups that divides the 8 channels, got 3'):
+        kernels.sample_keys_forward(nhwc, pos, 3)
+    with pytest.raises(RuntimeError, match=r'expected pos \(B \* G, N, 2\) = \(4, N, 2\), got \[4, 5, 3\]'):
+        kernels.sample_keys_forward(nhwc, torch.zeros(4, 5, 3), 2)
+    with pytest.raises(RuntimeError, match=r'expected grad_out \(B, N, C\) = \(2, 5, 8\), got \[2, 4, 8\]'):
+        kernels.sample_keys_backward(torch.zeros(2, 4, 8), nhwc, pos, 2)
+    with pytest.raises(RuntimeError, match=r'expected contiguous Float CPU tensors for x and pos, got a non-'):
+        kernels.sample_keys_forward(x.permute(0, 2, 3, 1).transpose(1, 2), pos, 2)
+
+
+def test_key_sampling_operator_without_kernels_says_so(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
+    x, pos = _key_sampling_inputs(1, 1, 8, 6, 7, 5)
+    with pytest.raises(RuntimeError, match=r'dat::sample_keys needs the C\+\+ CPU kernels'):
+        key_sampling_ops._sample_keys_op(x, pos, 1)
+
+
+@pytest.mark.skipif(
+    not torch_compat.HAS_CUSTOM_OPS,
+    reason=f'torch {torch.__version__} has no torch.library.custom_op (torch 2.4): no operator to check',
+)
+def test_key_sampling_passes_opcheck_and_compiles_without_graph_breaks(require_cpu_kernels):
+    require_cpu_kernels()
+    x, pos = _key_sampling_inputs(2, 2, 8, 6, 7, 5)
+    x.requires_grad_(), pos.requires_grad_()
+    grad = torch.randn(2, 8, 1, 5).to(memory_format=torch.channels_last)
+    # The fakes must match the real outputs to the strides; the backward op on its own.
+    torch.library.opcheck(key_sampling_ops._sample_keys_op, (x, pos, 2))
+    torch.library.opcheck(key_sampling_ops._sample_keys_backward_op, (grad, x.detach(), pos.detach(), 2))
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward.
+    compiled = torch.compile(lambda *t: sample_keys(*t, 2), backend='aot_eager', fullgraph=True)
+    results = []
+    for sample in (compiled, lambda *t: sample_keys(*t, 2)):
+        out = sample(x, pos)
+        results.append((out, *torch.autograd.grad(out, (x, pos), grad)))
     for a, e in zip(*results, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)

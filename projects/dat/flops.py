@@ -17,8 +17,8 @@ mmengine's :class:`~mmengine.analysis.FlopAnalyzer` (a port of fvcore's) provide
 This module spells out the convention's op table (:func:`flop_handles`), adding handlers for
 attention products fvcore does not know (``aten::baddbmm``,
 ``aten::scaled_dot_product_attention``, our fused ``dat::deformable_attention``,
-``dat::neighborhood_attention`` and ``dat::depthwise_conv_gelu``, counted like the reference ops
-they replace) and an exact ``aten::einsum`` handler that needs no numpy work
+``dat::neighborhood_attention``, ``dat::depthwise_conv_gelu`` and ``dat::sample_keys``, counted
+like the reference ops they replace) and an exact ``aten::einsum`` handler that needs no numpy work
 arrays. It also holds the closed-form MACs of the three attention cores of DAT, against which
 the traced counts are tested. Ops that are not counted but look like products are reported
 (:attr:`Complexity.suspicious_ops`) instead of being skipped silently.
@@ -258,6 +258,12 @@ def _fused_depthwise_conv_gelu_flop_jit(inputs: list[Any], outputs: list[Any]) -
     return Counter({'conv': batch * channels * h * w * kh * kw})
 
 
+def _sample_keys_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
+    """Handle of the key sampling op ``dat::sample_keys``: counted as the reference's
+    ``grid_sampler`` (4 per output element, one per bilinear tap)."""
+    return Counter({'grid_sampler': 4 * math.prod(get_shape(outputs[0]))})
+
+
 def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
     """The complete table of op handlers of a convention.
 
@@ -297,6 +303,7 @@ def flop_handles(convention: str = 'paper') -> dict[str, Handle]:
                 'aten::upsample_bilinear2d': elementwise_flop_counter(0, 4),
                 'aten::adaptive_avg_pool2d': elementwise_flop_counter(1, 0),
                 'aten::grid_sampler': elementwise_flop_counter(0, 4),  # bilinear: 4 taps
+                'dat::sample_keys': _sample_keys_flop_jit,
             }
         )
     return handles

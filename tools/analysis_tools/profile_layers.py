@@ -19,7 +19,7 @@ blocks' LayerNorms), ``attn proj`` (q/k/v/qkv and output projections), ``attn co
 softmax, attn.v: DAT's fused operators, Swin's ``WindowMSA`` products and softmax), ``attn
 layout`` (the rest of the attention modules' own ops: permutes, padding, window partition, roll,
 shift masks, query grids, reference points), ``offset net`` and ``key sampling``
-(``grid_sample`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s local perception unit),
+(``grid_sample`` or ``dat::sample_keys`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s local perception unit),
 ``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++: depth-wise conv and GELU,
 fused; Swin: GELU), ``residual`` (the blocks' additions and drop path), ``output norms`` (the
 four output LayerNorms and the layout of the outputs), ``loss``; and three that are no module's:
@@ -32,7 +32,7 @@ and shifted).
 Method. Module forward pre- and post-hooks open and close a ``record_function`` scope named
 after the module on every module, so each forward op's innermost module is its enclosing scope;
 the op's group follows from that module's path and, for modules that run several kinds of
-ops themselves (an attention module's fused core, ``grid_sample`` and layout ops), from the
+ops themselves (an attention module's fused core, key sampling and layout ops), from the
 outermost op's name (:meth:`Grouping.classify`). Backward time is attributed through autograd's sequence
 numbers: the profiler gives each forward op the sequence number of the autograd node it creates,
 and the node's ``autograd::engine::evaluate_function`` event in the backward pass carries the
@@ -114,7 +114,7 @@ PHASES = (FORWARD_SCOPE, BACKWARD_SCOPE)
 NODE_PREFIX = 'autograd::engine::evaluate_function: '
 
 # (block-relative module path, op-name pattern or None for any op, group); the first match wins.
-# Op names are the profiler's (``aten::grid_sampler``, ``dat::deformable_attention``) or flops.py's
+# Op names are the profiler's (``aten::grid_sampler``, ``dat::sample_keys``) or flops.py's
 # op types (``grid_sampler``, ``einsum``), so that one table groups both times and MACs.
 DAT_BLOCK_RULES = (
     (r'', r'conv', 'LPU'),  # depthwise_conv_plus_identity(x, self.lpu): the LPU runs in the block's scope
@@ -122,7 +122,7 @@ DAT_BLOCK_RULES = (
     (r'residual', None, 'residual'),
     (r'norm[12]', None, 'norm'),
     (r'attn', r'deformable_attention|neighborhood_attention|einsum', 'attn core'),
-    (r'attn', r'grid_sampler', 'key sampling'),
+    (r'attn', r'grid_sampler|sample_keys', 'key sampling'),
     (r'attn', None, 'attn layout'),
     (r'attn\.(proj_[qkv]|proj_out|qkv|proj)', None, 'attn proj'),
     (r'attn\.conv_offset(\..*)?', None, 'offset net'),

@@ -20,6 +20,9 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
                                                            torch::Tensor lse, int64_t kernel_size);
+torch::Tensor sample_keys_forward(torch::Tensor x, torch::Tensor pos, int64_t groups);
+std::vector<torch::Tensor> sample_keys_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor pos,
+                                                int64_t groups);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deformable_attention_forward", &deformable_attention_forward,
@@ -34,4 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Neighbourhood attention: output and log-sum-exp (float32, CPU)");
   m.def("neighborhood_attention_backward", &neighborhood_attention_backward,
         "Gradients of neighbourhood attention (q, k, v and the per-(batch, head) bias table)");
+  m.def("sample_keys_forward", &sample_keys_forward,
+        "Each group's keys read bilinearly from a (B, H, W, C) map at their positions (float32, CPU)");
+  m.def("sample_keys_backward", &sample_keys_backward, "Gradients of sample_keys_forward (x and the positions)");
 }

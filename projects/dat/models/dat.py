@@ -32,6 +32,7 @@ from ..ops import (
     depthwise_conv_gelu,
     depthwise_conv_plus_identity,
     neighborhood_attention,
+    sample_keys,
     strided_depthwise_conv,
     window_attention,
 )
@@ -428,14 +429,8 @@ class DeformableAttention(nn.Module):
         else:
             pos, ref = self.sampling_positions(q)
         hk, wk = pos.shape[1:3]
-        group_dim = c // self.num_groups
-        sampled = F.grid_sample(
-            x.reshape(b * self.num_groups, group_dim, h, w).to(pos.dtype),
-            pos.flip(-1),  # (x, y), grid_sample's order
-            mode='bilinear',
-            align_corners=True,
-        )
-        sampled = sampled.reshape(b, c, 1, hk * wk)
+        pos = pos.reshape(-1, hk * wk, 2)
+        sampled = sample_keys(x, pos, self.num_groups, self.impl)
         k = self.proj_k(sampled).reshape(b, c, hk * wk)
         v = self.proj_v(sampled).reshape(b, c, hk * wk)
         query_coords = query_grid(h, w, self.version, pos.dtype, q.device)  # separable: (H,) x (W,)
@@ -443,7 +438,7 @@ class DeformableAttention(nn.Module):
             q,
             k,
             v,
-            pos.reshape(-1, hk * wk, 2),
+            pos,
             query_coords[:, 0, 0],
             query_coords[0, :, 1],
             self.rpe_table,

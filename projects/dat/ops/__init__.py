@@ -7,7 +7,8 @@ and computes the reference math or a fast backend, as :func:`select_backend` dec
 - :func:`deformable_attention` (``D`` blocks; :mod:`~projects.dat.ops.deformable`);
 - :func:`neighborhood_attention` (``N`` blocks; :mod:`~projects.dat.ops.neighborhood`);
 - :func:`depthwise_conv_gelu`, ConvFFN's hidden layer (:mod:`~projects.dat.ops.convffn`);
-- :func:`strided_depthwise_conv`, the offset network's conv (:mod:`~projects.dat.ops.depthwise_conv`).
+- :func:`strided_depthwise_conv`, the offset network's conv (:mod:`~projects.dat.ops.depthwise_conv`);
+- :func:`sample_keys`, the ``D`` blocks' bilinear read of their keys (:mod:`~projects.dat.ops.key_sampling`).
 
 :mod:`~projects.dat.ops.reference` holds the reference math of all of them, and the functions
 that have a single implementation: :func:`window_attention` (``L``/``S`` blocks),
@@ -19,6 +20,7 @@ from .convffn import depthwise_conv_gelu
 from .deformable import deformable_attention
 from .depthwise_conv import strided_depthwise_conv
 from .dispatch import ATTN_IMPLS, BACKENDS, check_attn_impl, select_backend
+from .key_sampling import sample_keys
 from .neighborhood import neighborhood_attention
 from .reference import (
     deformable_attention_logits,
@@ -27,6 +29,7 @@ from .reference import (
     depthwise_conv_plus_identity,
     gelu_2d,
     neighborhood_attention_reference,
+    sample_keys_reference,
     window_attention,
 )
 
@@ -39,11 +42,13 @@ __all__ = [
     'neighborhood_attention',
     'depthwise_conv_gelu',
     'strided_depthwise_conv',
+    'sample_keys',
     'window_attention',
     'deformable_attention_logits',
     'deformable_attention_reference',
     'neighborhood_attention_reference',
     'depthwise_conv_gelu_reference',
+    'sample_keys_reference',
     'depthwise_conv_plus_identity',
     'gelu_2d',
 ]

@@ -74,14 +74,10 @@ def _check_operator_inputs(y: Tensor, weight: Tensor, bias: Tensor) -> None:
 
 def _fused_kernels():
     """The C++ kernels, or an error that says why there are none."""
-    kernels = cpu_kernels.load_kernels()
-    if kernels is None:
-        raise RuntimeError(
-            'dat::depthwise_conv_gelu needs the C++ CPU kernels on maps of FUSED_KERNEL_MIN_BYTES or more, '
-            'which are turned off or could not be built (see the log); depthwise_conv_gelu() falls back '
-            'to PyTorch by itself'
-        )
-    return kernels
+    return cpu_kernels.required_kernels(
+        'dat::depthwise_conv_gelu on maps of FUSED_KERNEL_MIN_BYTES or more',
+        'depthwise_conv_gelu() falls back to PyTorch by itself',
+    )
 
 
 def _kernel_taps(folded: Tensor) -> Tensor:

@@ -10,7 +10,9 @@ computes neighbourhood attention and its gradient window by window (exactly the 
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
 pass over memory, forward and backward (for maps of 32 MiB or more; smaller ones are faster in
-oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`). ``csrc/vector_math.h`` holds the float32 helpers
+oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`). ``csrc/key_sampling.cpp`` reads the
+deformable blocks' keys bilinearly from channels-last maps in place, and writes the gradient
+there (:mod:`~projects.dat.ops.key_sampling`). ``csrc/vector_math.h`` holds the float32 helpers
 (``exp``, sums, dot products) that the compiler vectorises. They agree with the PyTorch paths to
 float32 round-off (``tests/test_attention_fast.py``, ``tests/test_layers.py``); which one runs is
 decided by :func:`projects.dat.ops.dispatch.select_backend`.
@@ -149,3 +151,25 @@ def load_kernels() -> object | None:
                 level=logging.WARNING,
             )
     return _loaded['module']
+
+
+def required_kernels(operator: str, fallback: str) -> object:
+    """The compiled kernels, for an operator that computes with them.
+
+    Args:
+        operator (str): What needs them, for the error (``'dat::sample_keys'``).
+        fallback (str): What the operator's public entry does instead, for the error.
+
+    Returns:
+        module: The compiled extension.
+
+    Raises:
+        RuntimeError: Where the kernels are turned off or could not be built.
+    """
+    kernels = load_kernels()
+    if kernels is None:
+        raise RuntimeError(
+            f'{operator} needs the C++ CPU kernels, which are turned off ({ENV_SWITCH}=0) or could not be '
+            f'built (see the log); {fallback}'
+        )
+    return kernels

@@ -347,13 +347,7 @@ def _required_kernels(table: Tensor):
             'dat::deformable_attention runs the C++ CPU kernels on a float32 CPU table only; got '
             f'{table.dtype} on {table.device}'
         )
-    kernels = cpu_kernels.load_kernels()
-    if kernels is None:
-        raise RuntimeError(
-            'dat::deformable_attention was told to use the C++ CPU kernels, which are turned off or '
-            'could not be built (see the log); deformable_attention() picks PyTorch by itself'
-        )
-    return kernels
+    return cpu_kernels.required_kernels('dat::deformable_attention', 'deformable_attention() picks PyTorch by itself')
 
 
 def _check_gpu_kernel(q: Tensor, table: Tensor):

@@ -1,9 +1,10 @@
 """Which implementation of an operator runs: one rule for every operator.
 
 Each operator entry (:func:`~projects.dat.ops.deformable_attention`,
-:func:`~projects.dat.ops.neighborhood_attention`, :func:`~projects.dat.ops.depthwise_conv_gelu`)
-takes an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMPLS`) and
-asks :func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
+:func:`~projects.dat.ops.neighborhood_attention`, :func:`~projects.dat.ops.depthwise_conv_gelu`,
+:func:`~projects.dat.ops.sample_keys`, :func:`~projects.dat.ops.strided_depthwise_conv`) takes
+an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMPLS`) and asks
+:func:`select_backend` which backend (one of :data:`BACKENDS`) computes it:
 
 =============== ================ ====================== ====================== ===========
 ``impl``        ONNX export, or  CPU, compute dtype     CUDA, compute dtype    otherwise

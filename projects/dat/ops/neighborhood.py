@@ -252,13 +252,9 @@ def _required_kernels(q: Tensor):
             'dat::neighborhood_attention runs the C++ CPU kernels on float32 CPU inputs only; got '
             f'{q.dtype} on {q.device}'
         )
-    kernels = cpu_kernels.load_kernels()
-    if kernels is None:
-        raise RuntimeError(
-            'dat::neighborhood_attention was told to use the C++ CPU kernels, which are turned off or '
-            'could not be built (see the log); neighborhood_attention() picks PyTorch by itself'
-        )
-    return kernels
+    return cpu_kernels.required_kernels(
+        'dat::neighborhood_attention', 'neighborhood_attention() picks PyTorch by itself'
+    )
 
 
 @torch_compat.custom_op('dat::neighborhood_attention', mutates_args=())

@@ -9,7 +9,8 @@ GELU) they are also what every implementation runs.
 - :func:`neighborhood_attention_reference`: neighbourhood attention (DAT++'s ``N`` blocks), with
   the geometry of its windows (:func:`neighborhood_starts`, :func:`neighborhood_indices`).
 - :func:`deformable_attention_reference`: deformable attention with the deformable relative
-  position bias (``D`` blocks); :func:`deformable_attention_logits` for any set of queries.
+  position bias (``D`` blocks); :func:`deformable_attention_logits` for any set of queries;
+  :func:`sample_keys_reference`, the ``D`` blocks' bilinear read of their keys.
 - :func:`depthwise_conv_gelu_reference`: DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``,
   composed of :func:`depthwise_conv_plus_identity` and :func:`gelu_2d`.
 """
@@ -115,6 +116,31 @@ def neighborhood_attention_reference(q: Tensor, k: Tensor, v: Tensor, rpb: Tenso
 
 
 # -------------------------------------------------------------------------- deformable attention
+
+
+def sample_keys_reference(x: Tensor, pos: Tensor, num_groups: int) -> Tensor:
+    """Each group's keys read from a map at their positions, as the original samples them.
+
+    A bilinear read (``F.grid_sample``, ``align_corners=True``, zero padding) of each group's
+    channels at its key positions.
+
+    Args:
+        x (Tensor): ``(B, C, H, W)`` map; group ``i`` owns channels
+            ``[i * C / groups, (i + 1) * C / groups)``.
+        pos (Tensor): ``(B * groups, Ns, 2)`` key positions, normalised, ``(y, x)``.
+        num_groups (int): Number of offset groups.
+
+    Returns:
+        Tensor: ``(B, C, 1, Ns)`` sampled keys, in ``pos``'s dtype.
+    """
+    b, c, h, w = x.shape
+    sampled = F.grid_sample(
+        x.reshape(b * num_groups, c // num_groups, h, w).to(pos.dtype),
+        pos.unsqueeze(1).flip(-1),  # (x, y), grid_sample's order
+        mode='bilinear',
+        align_corners=True,
+    )
+    return sampled.reshape(b, c, 1, pos.shape[1])
 
 
 def deformable_attention_logits(
