@@ -8,10 +8,11 @@
 // of the map's first and last pixels (F.grid_sample's align_corners=True, coordinates in (y, x)
 // order). Group g owns channels [g * C / G, (g + 1) * C / G). The output is (B, N, C): the sum
 // over the four pixels around the key's pixel coordinates ((y + 1) * (H - 1) / 2,
-// (x + 1) * (W - 1) / 2) of their bilinear weights times the group's channels there, pixels outside
-// the map reading zeros, as F.grid_sample's bilinear mode with zero padding computes (in the same
-// order of operations). A position that is not finite reads NaN, as there, and gets a NaN
-// gradient in both coordinates (grid_sample's is NaN in one of them only).
+// (x + 1) * (W - 1) / 2) of their bilinear weights times the group's channels there, pixels
+// outside the map reading zeros, as F.grid_sample's bilinear mode with zero padding computes (the
+// same weights, the corners summed in the same order; equal to float32 round-off). A position
+// that is not finite reads NaN, as there, and gets a NaN gradient in both coordinates
+// (grid_sample's is NaN in one of them only).
 //
 // F.grid_sample takes a (B * G, C / G, H, W) map: a channels-last map of a batch above 1 is copied
 // into it first, and its backward pass writes the input's gradient in the contiguous layout,
