@@ -19,9 +19,9 @@ blocks' LayerNorms), ``attn proj`` (q/k/v/qkv and output projections), ``attn co
 softmax, attn.v: DAT's fused operators, Swin's ``WindowMSA`` products and softmax), ``attn
 layout`` (the rest of the attention modules' own ops: permutes, padding, window partition, roll,
 shift masks, query grids, reference points), ``offset net`` and ``key sampling``
-(``grid_sample`` or ``dat::sample_keys`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s local perception unit),
-``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++: depth-wise conv and GELU,
-fused; Swin: GELU), ``residual`` (the blocks' additions and drop path), ``output norms`` (the
+(``grid_sample`` or ``dat::sample_keys`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s
+local perception unit), ``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++:
+depth-wise conv and GELU, fused; Swin: GELU), ``residual`` (the blocks' additions and drop path), ``output norms`` (the
 four output LayerNorms and the layout of the outputs), ``loss``; and three that are no module's:
 ``Python between ops`` (forward: interpreter time between ops, module calls and this tool's
 hooks), ``AccumulateGrad`` (backward: storing the parameters' gradients) and ``autograd engine``
