@@ -237,14 +237,13 @@ def _fused_deformable_counter(count_bias: bool) -> Handle:
 def _fused_neighborhood_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:
     """Handle of the fast path's op ``dat::neighborhood_attention``.
 
-    Its inputs are ``q``, ``k``, ``v`` laid out ``(B * heads, H, W, d)``, ``rpb``,
-    ``kernel_size``, the chunk size and whether the C++ kernels run; counted as the reference's
-    two einsums (``q.k`` and ``attn.v`` over ``k * k`` keys), not the products the tiles or
-    kernels really compute.
+    Its inputs are ``q``, ``k``, ``v`` laid out ``(B, H, W, heads, d)``, ``rpb``,
+    ``kernel_size``, the queries' scale, the chunk size and the backend; counted as the
+    reference's two einsums (``q.k`` and ``attn.v`` over ``k * k`` keys), not the products the
+    tiles or kernels really compute.
     """
-    batch_heads, h, w, d = get_shape(inputs[0])
     kernel_size = inputs[4].toIValue()
-    return Counter({'einsum': 2 * batch_heads * h * w * kernel_size**2 * d})
+    return Counter({'einsum': 2 * math.prod(get_shape(inputs[0])) * kernel_size**2})
 
 
 def _fused_depthwise_conv_gelu_flop_jit(inputs: list[Any], outputs: list[Any]) -> Counter:

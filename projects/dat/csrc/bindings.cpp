@@ -16,10 +16,10 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
                                                         torch::Tensor bias);
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                          torch::Tensor rpb, int64_t kernel_size);
+                                                          torch::Tensor rpb, int64_t kernel_size, double scale);
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
-                                                           torch::Tensor lse, int64_t kernel_size);
+                                                           torch::Tensor lse, int64_t kernel_size, double scale);
 torch::Tensor sample_keys_forward(torch::Tensor x, torch::Tensor pos, int64_t groups);
 std::vector<torch::Tensor> sample_keys_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor pos,
                                                 int64_t groups);

@@ -2,13 +2,16 @@
 // on CPU: every query visits exactly the k x k keys of its window, so nothing is computed for
 // keys outside it (the tiled PyTorch path computes its tiles' whole key regions and masks them).
 //
-// Same contract as _neighborhood_attention_op in projects/dat/ops/neighborhood.py: q (already
-// scaled), k and v are (BH, H, W, d) with BH = batch * heads (head = bh % heads); rpb is
-// (heads, 2k - 1, 2k - 1). Query (i, j) attends to the keys of the window that starts at
-// clamp(i - k / 2, 0, H - k) (and the same for j), key (i', j') with the bias
-// rpb[head, i' - i + k - 1, j' - j + k - 1]. The forward pass returns the output and each
-// query's log-sum-exp, from which the backward pass recomputes the probabilities. Both passes take
-// 8 neighbouring queries of a row at a time where their windows are not clamped at the row's ends
+// Same contract as _neighborhood_attention_op in projects/dat/ops/neighborhood.py: q, k and v are
+// (B, H, W, heads, d) with contiguous channels and rows W pixels apart, in any other strides, so
+// that the N block's one (B, H, W, 3, heads, d) buffer of the qkv projection is read in place;
+// the output and every gradient are contiguous (B, H, W, heads, d), the layout of the projection
+// that follows. Head bh = b * heads + head; rpb is (heads, 2k - 1, 2k - 1). Query (i, j) attends
+// to the keys of the window that starts at clamp(i - k / 2, 0, H - k) (and the same for j), key
+// (i', j') with the logit scale * q.k + rpb[head, i' - i + k - 1, j' - j + k - 1], the query
+// scaled first, as (scale * q).k. The forward pass returns the output and each query's
+// log-sum-exp, from which the backward pass recomputes the probabilities. Both passes take 8
+// neighbouring queries of a row at a time where their windows are not clamped at the row's ends
 // (forward_query_tile, backward_query_tile), with the same numbers as window by window.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -32,24 +35,54 @@ inline int64_t window_start(int64_t index, int64_t length, int64_t kernel_size) 
   return std::min(std::max(index - kernel_size / 2, int64_t(0)), length - kernel_size);
 }
 
-void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rpb,
-                  int64_t kernel_size) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "expected q, k, v of one shape (BH, H, W, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(kernel_size > 0 && kernel_size % 2 == 1 && q.size(1) >= kernel_size && q.size(2) >= kernel_size,
-              "expected an odd kernel_size > 0 no larger than H and W, got ", kernel_size, " for q ", q.sizes());
-  TORCH_CHECK(rpb.dim() == 3 && rpb.size(0) > 0 && rpb.size(1) == 2 * kernel_size - 1 &&
-                  rpb.size(2) == 2 * kernel_size - 1,
-              "expected rpb (heads, 2k - 1, 2k - 1) = (heads, ", 2 * kernel_size - 1, ", ", 2 * kernel_size - 1,
-              ") with heads > 0, got ", rpb.sizes());
-  TORCH_CHECK(q.size(0) % rpb.size(0) == 0, "expected a number of heads dividing BH = ", q.size(0), ", got ",
-              rpb.size(0), " heads");
-  dat::check_contiguous_cpu({&q, &k, &v, &rpb}, torch::kFloat, "q, k, v and rpb");
+// One head's map in a (B, H, W, heads, d) tensor: pixel p = i * W + j at data + p * stride.
+template <typename T>
+struct Pixels {
+  T* data;
+  int64_t stride;  // floats from one pixel to the next
+
+  T* at(int64_t pixel) const { return data + pixel * stride; }
+};
+
+// Head bh's map in t (B, H, W, heads, d) with rows W pixels apart (checked by check_layout).
+template <typename T>
+Pixels<T> head_pixels(T* data, const torch::Tensor& t, int64_t bh) {
+  const int64_t heads = t.size(3);
+  return {data + bh / heads * t.stride(0) + bh % heads * t.stride(3), t.stride(2)};
 }
 
-// The logits of query (i, j) of head bh (k * k, row-major over the window); returns the window
-// origin through si, sj.
-inline void window_logits(const float* q, const float* keys, const float* head_rpb, int64_t i, int64_t j,
+void check_layout(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat, "expected a float32 CPU tensor for ", name,
+              ", got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.stride(4) == 1 && t.stride(1) == t.size(2) * t.stride(2), "expected ", name,
+              " (B, H, W, heads, d) with contiguous channels and rows W pixels apart, got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rpb,
+                  int64_t kernel_size) {
+  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "expected q, k, v of one shape (B, H, W, heads, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(kernel_size > 0 && kernel_size % 2 == 1 && q.size(1) >= kernel_size && q.size(2) >= kernel_size,
+              "expected an odd kernel_size > 0 no larger than H and W, got ", kernel_size, " for q ", q.sizes());
+  TORCH_CHECK(rpb.dim() == 3 && rpb.size(0) == q.size(3) && rpb.size(1) == 2 * kernel_size - 1 &&
+                  rpb.size(2) == 2 * kernel_size - 1,
+              "expected rpb (heads, 2k - 1, 2k - 1) = (", q.size(3), ", ", 2 * kernel_size - 1, ", ",
+              2 * kernel_size - 1, "), got ", rpb.sizes());
+  check_layout(q, "q");
+  check_layout(k, "k");
+  check_layout(v, "v");
+  dat::check_contiguous_cpu({&rpb}, torch::kFloat, "rpb");
+}
+
+// q_scaled = scale * q (d floats): the query as the logits read it.
+inline void scale_query(const float* q, float scale, int64_t d, float* q_scaled) {
+  for (int64_t c = 0; c < d; ++c) q_scaled[c] = q[c] * scale;
+}
+
+// The logits of the (scaled) query q at (i, j) (k * k, row-major over the window); returns the
+// window origin through si, sj.
+inline void window_logits(const float* q, Pixels<const float> keys, const float* head_rpb, int64_t i, int64_t j,
                           int64_t height, int64_t width, int64_t d, int64_t kernel_size, float* logits, int64_t& si,
                           int64_t& sj) {
   const int64_t table = 2 * kernel_size - 1;
@@ -57,76 +90,85 @@ inline void window_logits(const float* q, const float* keys, const float* head_r
   sj = window_start(j, width, kernel_size);
   for (int64_t a = 0; a < kernel_size; ++a) {
     const float* bias = head_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
-    const float* key = keys + ((si + a) * width + sj) * d;
-    for (int64_t b = 0; b < kernel_size; ++b) logits[a * kernel_size + b] = dat::dot(q, key + b * d, d) + bias[b];
+    const int64_t row = (si + a) * width + sj;
+    for (int64_t b = 0; b < kernel_size; ++b) logits[a * kernel_size + b] = dat::dot(q, keys.at(row + b), d) + bias[b];
   }
 }
 
 // Query (i, j)'s output (d values at out) and log-sum-exp, window by window: its logits are dot
-// products, and the output sums the weighted values.
-void forward_one_query(const float* q_p, const float* k_p, const float* v_p, const float* head_rpb, int64_t i,
-                       int64_t j, int64_t height, int64_t width, int64_t d, int64_t kernel_size, float* logits,
-                       float* out, float* lse) {
+// products, and the output sums the weighted values. Scratch: d floats.
+void forward_one_query(Pixels<const float> q, Pixels<const float> k, Pixels<const float> v, const float* head_rpb,
+                       float scale, int64_t i, int64_t j, int64_t height, int64_t width, int64_t d,
+                       int64_t kernel_size, float* logits, float* scratch, float* out, float* lse) {
   const int64_t window = kernel_size * kernel_size;
   int64_t si, sj;
-  window_logits(q_p + (i * width + j) * d, k_p, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
+  scale_query(q.at(i * width + j), scale, d, scratch);
+  window_logits(scratch, k, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
   const float row_max = *std::max_element(logits, logits + window);
   const float sum = dat::exp_shifted_sum(logits, window, row_max);
   std::fill(out, out + d, 0.0f);
   for (int64_t a = 0; a < kernel_size; ++a) {
-    const float* value = v_p + ((si + a) * width + sj) * d;
-    for (int64_t b = 0; b < kernel_size; ++b) axpy(out, logits[a * kernel_size + b], value + b * d, d);
+    const int64_t row = (si + a) * width + sj;
+    for (int64_t b = 0; b < kernel_size; ++b) axpy(out, logits[a * kernel_size + b], v.at(row + b), d);
   }
   for (int64_t c = 0; c < d; ++c) out[c] /= sum;  // unnormalised weights, then one division
   *lse = std::log(sum) + row_max;
 }
 
+// One head's gradients (B, H, W, heads, d), and what the backward pass reads in that layout.
+struct HeadGradients {
+  Pixels<const float> grad_out, out;
+  const float* lse;  // (H * W)
+  Pixels<float> grad_q, grad_k, grad_v;
+};
+
 // Query (i, j)'s terms of the gradients, window by window: its grad_q, and its terms of grad_k,
-// grad_v (added to the window's keys) and of the bias's gradient (head_grad_rpb). The pointers
-// are those of one head: q, k, v, grad_out, out, grad_q, grad_k, grad_v (H, W, d), lse (H * W).
-void backward_one_query(const float* q_p, const float* k_p, const float* v_p, const float* go_p, const float* out_p,
-                        const float* lse_p, const float* head_rpb, int64_t i, int64_t j, int64_t height, int64_t width,
-                        int64_t d, int64_t kernel_size, float* logits, float* gq_p, float* gk_p, float* gv_p,
-                        float* head_grad_rpb) {
-  const int64_t table = 2 * kernel_size - 1, query = i * width + j, offset = query * d;
-  const float* qv = q_p + offset;
-  const float* dout = go_p + offset;
+// grad_v (added to the window's keys) and of the bias's gradient (head_grad_rpb). Scratch: d
+// floats.
+void backward_one_query(Pixels<const float> q, Pixels<const float> k, Pixels<const float> v, const HeadGradients& g,
+                        const float* head_rpb, float scale, int64_t i, int64_t j, int64_t height, int64_t width,
+                        int64_t d, int64_t kernel_size, float* logits, float* scratch, float* head_grad_rpb) {
+  const int64_t table = 2 * kernel_size - 1, query = i * width + j;
+  const float* qv = scratch;
+  const float* dout = g.grad_out.at(query);
   int64_t si, sj;
-  window_logits(qv, k_p, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
-  const float query_lse = lse_p[query];
-  const float delta = dat::dot(dout, out_p + offset, d);  // D = rowsum(dO * O)
-  float* gq = gq_p + offset;
+  scale_query(q.at(query), scale, d, scratch);
+  window_logits(qv, k, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
+  const float query_lse = g.lse[query];
+  const float delta = dat::dot(dout, g.out.at(query), d);  // D = rowsum(dO * O)
+  float* gq = g.grad_q.at(query);
   std::fill(gq, gq + d, 0.0f);
   for (int64_t a = 0; a < kernel_size; ++a) {
-    const int64_t key_offset = ((si + a) * width + sj) * d;
+    const int64_t row = (si + a) * width + sj;
     float* bias_grad = head_grad_rpb + (si + a - i + kernel_size - 1) * table + (sj - j + kernel_size - 1);
     for (int64_t b = 0; b < kernel_size; ++b) {
-      const int64_t key = key_offset + b * d;
+      const int64_t key = row + b;
       const float p = dat::exp_approx(logits[a * kernel_size + b] - query_lse);
-      const float ds = p * (dat::dot(dout, v_p + key, d) - delta);  // dS = P * (dP - D)
-      axpy(gv_p + key, p, dout, d);
-      axpy(gk_p + key, ds, qv, d);
-      axpy(gq, ds, k_p + key, d);
+      const float ds = p * (dat::dot(dout, v.at(key), d) - delta);  // dS = P * (dP - D)
+      axpy(g.grad_v.at(key), p, dout, d);
+      axpy(g.grad_k.at(key), ds, qv, d);
+      axpy(gq, ds, k.at(key), d);
       bias_grad[b] += ds;
     }
   }
+  for (int64_t c = 0; c < d; ++c) gq[c] *= scale;  // the gradient of the scaled query, then of q
 }
 
-// Rows of one head's keys or values (H, W, d) transposed to (d, W), kept for the last K rows asked
-// for: a thread's query rows move down one row at a time, so each row is transposed about once.
+// Rows of one head's keys or values transposed to (d, W), kept for the last K rows asked for: a
+// thread's query rows move down one row at a time, so each row is transposed about once.
 class TransposedRows {
  public:
   TransposedRows(int64_t kernel_size, int64_t width, int64_t d)
       : width_(width), d_(d), rows_(kernel_size * width * d), tags_(kernel_size, -1) {}
 
-  // Row r of head bh's rows (head: its (H, W, d)), transposed.
-  const float* row(const float* head, int64_t bh, int64_t height, int64_t r) {
+  // Row r of head bh's map, transposed.
+  const float* row(Pixels<const float> head, int64_t bh, int64_t height, int64_t r) {
     const int64_t slot = r % static_cast<int64_t>(tags_.size()), tag = bh * height + r;
     float* out = rows_.data() + slot * width_ * d_;
     if (tags_[slot] != tag) {
-      const float* in = head + r * width_ * d_;
       for (int64_t j = 0; j < width_; ++j) {
-        for (int64_t c = 0; c < d_; ++c) out[c * width_ + j] = in[j * d_ + c];
+        const float* in = head.at(r * width_ + j);
+        for (int64_t c = 0; c < d_; ++c) out[c * width_ + j] = in[c];
       }
       tags_[slot] = tag;
     }
@@ -145,17 +187,17 @@ constexpr int64_t kTile = dat::kLanes;
 // sums[l] = the sum over the window positions (a, b), in order, of weight (a, b) of query l times
 // the vector of channels c0 .. c0 + kLanes - 1 that query reads there, for the kTile queries of a
 // tile: kTile independent sums (one sum alone would wait on each of its additions). rows[a] is
-// the window's row a (W, d) of the values (or keys); the vector at column base + m is read by the
-// queries l <= m with b = m - l < K.
+// the window's row a of the values (or keys), its pixels stride floats apart; the vector at
+// column base + m is read by the queries l <= m with b = m - l < K.
 template <int64_t K>
-inline void weighted_rows(const float* weights, const float* const* rows, int64_t base, int64_t c0, int64_t d,
+inline void weighted_rows(const float* weights, const float* const* rows, int64_t stride, int64_t base, int64_t c0,
                           dat::FloatVector* sums) {
   std::fill(sums, sums + kTile, dat::FloatVector{});
   for (int64_t a = 0; a < K; ++a) {
     for (int64_t b = 0; b < K; ++b) {
       const float* weight = weights + (a * K + b) * kTile;
       for (int64_t l = 0; l < kTile; ++l) {
-        sums[l] += weight[l] * dat::load_vector<dat::FloatVector>(rows[a] + (base + b + l) * d + c0);
+        sums[l] += weight[l] * dat::load_vector<dat::FloatVector>(rows[a] + (base + b + l) * stride + c0);
       }
     }
   }
@@ -186,12 +228,13 @@ inline void tile_dots(const float* vectors_t, const float* const* rows_t, const 
   }
 }
 
-// vectors_t (d, kTile) = the kTile vectors of d channels at rows, transposed (d a multiple of kLanes).
-inline void transpose_tile(const float* rows, int64_t d, float* vectors_t) {
+// vectors_t (d, kTile) = scale times the kTile vectors of d channels at pixels (stride floats
+// apart), transposed (d a multiple of kLanes).
+inline void transpose_tile(const float* pixels, int64_t stride, float scale, int64_t d, float* vectors_t) {
   static_assert(kTile == dat::kLanes, "one 8x8 block per kLanes channels");
   dat::FloatVector block[kTile];
   for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-    for (int64_t l = 0; l < kTile; ++l) block[l] = dat::load_vector<dat::FloatVector>(rows + l * d + c0);
+    for (int64_t l = 0; l < kTile; ++l) block[l] = scale * dat::load_vector<dat::FloatVector>(pixels + l * stride + c0);
     dat::transpose(block);  // block[j]: channel c0 + j of the kTile queries
     for (int64_t j = 0; j < dat::kLanes; ++j) dat::store_vector(vectors_t + (c0 + j) * kTile, block[j]);
   }
@@ -206,17 +249,18 @@ inline void transpose_tile(const float* rows, int64_t d, float* vectors_t) {
 // forward_one_query's order (the dot products' and the exponentials' kLanes partial sums, then
 // the rest), so that the results are the same to the bit and the backward pass, which recomputes
 // the logits pair by pair, finds the logits the log-sum-exp was taken of. d is a multiple of
-// kLanes. Scratch (floats): qt d * kTile, weights K * K * kTile.
+// kLanes. q_row, out_row: row i's pixels; value_rows[a]: the window's row a of the values, its
+// pixels value_stride floats apart. Scratch (floats): qt d * kTile, weights K * K * kTile.
 template <int64_t K>
-void forward_query_tile(const float* q_row, const float* const* key_rows_t, const float* const* value_rows,
-                        const float* head_rpb, int64_t i, int64_t si, int64_t j0, int64_t width, int64_t d,
-                        float* scratch, float* out_row, float* lse_row) {
+void forward_query_tile(Pixels<const float> q_row, const float* const* key_rows_t, const float* const* value_rows,
+                        int64_t value_stride, const float* head_rpb, float scale, int64_t i, int64_t si, int64_t j0,
+                        int64_t width, int64_t d, float* scratch, Pixels<float> out_row, float* lse_row) {
   using dat::FloatVector;
   using dat::load_vector;
   constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K;
   float* qt = scratch;
   float* weights = scratch + d * kTile;
-  transpose_tile(q_row + j0 * d, d, qt);
+  transpose_tile(q_row.at(j0), q_row.stride, scale, d, qt);
   tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + K - 1 - half, table, j0 - half, width, d,
                weights);
   FloatVector row_max = load_vector<FloatVector>(weights);
@@ -236,39 +280,53 @@ void forward_query_tile(const float* q_row, const float* const* key_rows_t, cons
   for (int64_t n = whole_window; n < window; ++n) total += load_vector<FloatVector>(weights + n * kTile);
   FloatVector sums[kTile];
   for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-    weighted_rows<K>(weights, value_rows, j0 - half, c0, d, sums);
-    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(out_row + (j0 + l) * d + c0, sums[l] / total[l]);
+    weighted_rows<K>(weights, value_rows, value_stride, j0 - half, c0, sums);
+    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(out_row.at(j0 + l) + c0, sums[l] / total[l]);
   }
   for (int64_t l = 0; l < kTile; ++l) lse_row[j0 + l] = std::log(total[l]) + row_max[l];
 }
 
+// The window rows of the backward pass's tiles (the rows si .. si + K - 1 of a head): keys and
+// values channel-major (d, W), the keys' pixels (key_stride floats apart) and the keys' and
+// values' gradients (B, H, W, heads, d).
+struct WindowRows {
+  std::vector<const float*> keys_t, values_t, keys;
+  std::vector<float*> grad_keys, grad_values;
+  int64_t key_stride = 0, grad_stride = 0;
+
+  explicit WindowRows(int64_t kernel_size)
+      : keys_t(kernel_size), values_t(kernel_size), keys(kernel_size), grad_keys(kernel_size),
+        grad_values(kernel_size) {}
+};
+
 // The gradients of a tile of queries (as forward_query_tile's) of row i, in the order
 // backward_one_query takes them query after query, so with the same bits: grad_q of the tile's
 // queries; grad_v and grad_k of the keys their windows read (each key's terms added in the order
-// of the queries); the bias's. key_rows_t / value_rows_t: the window rows channel-major (d, W);
-// key_rows, grad_k_rows, grad_v_rows: the window rows (W, d). Scratch: 2 * (d + K * K) * kTile
-// floats.
+// of the queries); the bias's. q_row and g_row: row i's pixels of q, and of grad_out, out and
+// grad_q, and its log-sum-exps (g_row.grad_k / grad_v unused). Scratch: (3 * d + 2 * K * K) *
+// kTile floats.
 template <int64_t K>
-void backward_query_tile(const float* q_row, const float* grad_out_row, const float* out_row, const float* lse_row,
-                         const float* const* key_rows_t, const float* const* value_rows_t,
-                         const float* const* key_rows, float* const* grad_k_rows, float* const* grad_v_rows,
-                         const float* head_rpb, float* head_grad_rpb, int64_t i, int64_t si, int64_t j0, int64_t width,
-                         int64_t d, float* scratch, float* grad_q_row) {
+void backward_query_tile(Pixels<const float> q_row, const HeadGradients& g_row, const WindowRows& rows,
+                         const float* head_rpb, float* head_grad_rpb, float scale, int64_t i, int64_t si, int64_t j0,
+                         int64_t width, int64_t d, float* scratch) {
   using dat::FloatVector;
   constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K, base_offset = K - 1 - half;
   float* qt = scratch;
   float* grad_out_t = qt + d * kTile;
-  float* probs = grad_out_t + d * kTile;
+  float* q_tile = grad_out_t + d * kTile;  // the scaled queries, (kTile, d)
+  float* probs = q_tile + d * kTile;
   float* grad_logits = probs + window * kTile;
   const int64_t base = j0 - half;
-  transpose_tile(q_row + j0 * d, d, qt);
-  transpose_tile(grad_out_row + j0 * d, d, grad_out_t);
-  tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + base_offset, table, base, width, d, probs);
-  tile_dots<K>(grad_out_t, value_rows_t, nullptr, 0, base, width, d, grad_logits);  // dP
+  for (int64_t l = 0; l < kTile; ++l) scale_query(q_row.at(j0 + l), scale, d, q_tile + l * d);
+  transpose_tile(q_tile, d, 1.0f, d, qt);
+  transpose_tile(g_row.grad_out.at(j0), g_row.grad_out.stride, 1.0f, d, grad_out_t);
+  tile_dots<K>(qt, rows.keys_t.data(), head_rpb + (si - i + K - 1) * table + base_offset, table, base, width, d,
+               probs);
+  tile_dots<K>(grad_out_t, rows.values_t.data(), nullptr, 0, base, width, d, grad_logits);  // dP
   FloatVector query_lse, delta;
   for (int64_t l = 0; l < kTile; ++l) {
-    query_lse[l] = lse_row[j0 + l];
-    delta[l] = dat::dot(grad_out_row + (j0 + l) * d, out_row + (j0 + l) * d, d);  // D = rowsum(dO * O)
+    query_lse[l] = g_row.lse[j0 + l];
+    delta[l] = dat::dot(g_row.grad_out.at(j0 + l), g_row.out.at(j0 + l), d);  // D = rowsum(dO * O)
   }
   for (int64_t n = 0; n < window; ++n) {
     const FloatVector p = dat::exp_approx(dat::load_vector<FloatVector>(probs + n * kTile) - query_lse);
@@ -278,22 +336,22 @@ void backward_query_tile(const float* q_row, const float* grad_out_row, const fl
   }
   FloatVector sums[kTile];
   for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-    weighted_rows<K>(grad_logits, key_rows, base, c0, d, sums);
-    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(grad_q_row + (j0 + l) * d + c0, sums[l]);
+    weighted_rows<K>(grad_logits, rows.keys.data(), rows.key_stride, base, c0, sums);
+    for (int64_t l = 0; l < kTile; ++l) dat::store_vector(g_row.grad_q.at(j0 + l) + c0, scale * sums[l]);
   }
   // Key column base + m of window row a gets query l's terms for b = m - l in [0, K), l ascending.
   for (int64_t a = 0; a < K; ++a) {
     for (int64_t m = 0; m < K + kTile - 1; ++m) {
       const int64_t first = std::max<int64_t>(0, m - (K - 1)), last = std::min<int64_t>(kTile - 1, m);
-      float* grad_v = grad_v_rows[a] + (base + m) * d;
-      float* grad_k = grad_k_rows[a] + (base + m) * d;
+      float* grad_v = rows.grad_values[a] + (base + m) * rows.grad_stride;
+      float* grad_k = rows.grad_keys[a] + (base + m) * rows.grad_stride;
       for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
         FloatVector value_sum = dat::load_vector<FloatVector>(grad_v + c0);
         FloatVector key_sum = dat::load_vector<FloatVector>(grad_k + c0);
         for (int64_t l = first; l <= last; ++l) {
           const int64_t n = (a * K + m - l) * kTile + l;
-          value_sum += probs[n] * dat::load_vector<FloatVector>(grad_out_row + (j0 + l) * d + c0);
-          key_sum += grad_logits[n] * dat::load_vector<FloatVector>(q_row + (j0 + l) * d + c0);
+          value_sum += probs[n] * dat::load_vector<FloatVector>(g_row.grad_out.at(j0 + l) + c0);
+          key_sum += grad_logits[n] * dat::load_vector<FloatVector>(q_tile + l * d + c0);
         }
         dat::store_vector(grad_v + c0, value_sum);
         dat::store_vector(grad_k + c0, key_sum);
@@ -353,13 +411,15 @@ QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width) {
 
 }  // namespace
 
-// Returns out (BH, H, W, d) and lse (BH, H * W).
+// Returns out (B, H, W, heads, d) and lse (B * heads, H * W).
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                          torch::Tensor rpb, int64_t kernel_size) {
+                                                          torch::Tensor rpb, int64_t kernel_size, double scale) {
   check_inputs(q, k, v, rpb, kernel_size);
-  const int64_t bh_count = q.size(0), height = q.size(1), width = q.size(2), d = q.size(3), heads = rpb.size(0);
+  const int64_t height = q.size(1), width = q.size(2), heads = q.size(3), d = q.size(4);
+  const int64_t bh_count = q.size(0) * heads;
   const int64_t window = kernel_size * kernel_size, table_size = rpb.size(1) * rpb.size(2);
-  auto out = torch::empty_like(q);
+  const float alpha = static_cast<float>(scale);
+  auto out = torch::empty(q.sizes(), q.options());
   auto lse = torch::empty({bh_count, height * width}, q.options());
   const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
   const float* q_p = q.data_ptr<float>();
@@ -375,49 +435,53 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
     TransposedRows transposed_keys(query_tiles.any() ? kernel_size : 0, width, d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / height, i = item % height;
-      const int64_t head_offset = bh * height * width * d;
+      const auto q_h = head_pixels(q_p, q, bh), k_h = head_pixels(k_p, k, bh), v_h = head_pixels(v_p, v, bh);
+      const auto out_h = head_pixels(out_p, out, bh);
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
-      float* out_row = out_p + head_offset + i * width * d;
       float* lse_row = lse_p + item * width;
       if (query_tiles.any()) {
         const int64_t si = window_start(i, height, kernel_size);
         for (int64_t a = 0; a < kernel_size; ++a) {
-          key_rows_t[a] = transposed_keys.row(k_p + head_offset, bh, height, si + a);
-          value_rows[a] = v_p + head_offset + (si + a) * width * d;
+          key_rows_t[a] = transposed_keys.row(k_h, bh, height, si + a);
+          value_rows[a] = v_h.at((si + a) * width);
         }
+        const Pixels<const float> q_row{q_h.at(i * width), q_h.stride};
+        const Pixels<float> out_row{out_h.at(i * width), out_h.stride};
         for (int64_t j0 = query_tiles.begin; j0 < query_tiles.end; j0 += kTile) {
-          query_tiles.forward(q_p + head_offset + i * width * d, key_rows_t.data(), value_rows.data(), head_rpb, i, si,
-                              j0, width, d, scratch.data(), out_row, lse_row);
+          query_tiles.forward(q_row, key_rows_t.data(), value_rows.data(), v_h.stride, head_rpb, alpha, i, si, j0,
+                              width, d, scratch.data(), out_row, lse_row);
         }
       }
       for (int64_t j = 0; j < width; ++j) {
         if (j >= query_tiles.begin && j < query_tiles.end) continue;
-        forward_one_query(q_p + head_offset, k_p + head_offset, v_p + head_offset, head_rpb, i, j, height, width, d,
-                          kernel_size, logits.data(), out_row + j * d, lse_row + j);
+        forward_one_query(q_h, k_h, v_h, head_rpb, alpha, i, j, height, width, d, kernel_size, logits.data(),
+                          scratch.data(), out_h.at(i * width + j), lse_row + j);
       }
     }
   });
   return {out, lse};
 }
 
-// Returns grad_q, grad_k, grad_v (BH, H, W, d) and grad_rpb per bh (BH, 2k - 1, 2k - 1) (the
-// caller sums it over the batch). Work items are whole bh slices, so that the scatter into the
-// keys' and values' gradients never races, and each key's terms are added in the queries' order
-// whatever the threads.
+// Returns grad_q, grad_k, grad_v (B, H, W, heads, d) and grad_rpb per bh (B * heads, 2k - 1,
+// 2k - 1) (the caller sums it over the batch). Work items are whole bh slices, so that the scatter
+// into the keys' and values' gradients never races, and each key's terms are added in the
+// queries' order whatever the threads.
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
-                                                           torch::Tensor lse, int64_t kernel_size) {
+                                                           torch::Tensor lse, int64_t kernel_size, double scale) {
   check_inputs(q, k, v, rpb, kernel_size);
   dat::check_contiguous_cpu({&grad_out, &out, &lse}, torch::kFloat, "grad_out, out and lse");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "expected grad_out and out of q's shape ",
               q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
-  const int64_t bh_count = q.size(0), height = q.size(1), width = q.size(2), d = q.size(3), heads = rpb.size(0);
-  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (BH, H * W) = (", bh_count,
-              ", ", height * width, "), got ", lse.sizes());
+  const int64_t height = q.size(1), width = q.size(2), heads = q.size(3), d = q.size(4);
+  const int64_t bh_count = q.size(0) * heads;
+  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (B * heads, H * W) = (",
+              bh_count, ", ", height * width, "), got ", lse.sizes());
   const int64_t window = kernel_size * kernel_size, table = rpb.size(1), table_size = table * table;
-  auto grad_q = torch::empty_like(q);
-  auto grad_k = torch::zeros_like(k);
-  auto grad_v = torch::zeros_like(v);
+  const float alpha = static_cast<float>(scale);
+  auto grad_q = torch::empty(q.sizes(), q.options());
+  auto grad_k = torch::zeros(q.sizes(), q.options());
+  auto grad_v = torch::zeros(q.sizes(), q.options());
   auto grad_rpb = torch::zeros({bh_count, table, table}, q.options());
   const float* go_p = grad_out.data_ptr<float>();
   const float* q_p = q.data_ptr<float>();
@@ -432,40 +496,42 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
   float* grpb_p = grad_rpb.data_ptr<float>();
   const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
   at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(window), scratch(2 * (d + window) * kTile);
-    std::vector<const float*> key_rows_t(kernel_size), value_rows_t(kernel_size), key_rows(kernel_size);
-    std::vector<float*> grad_k_rows(kernel_size), grad_v_rows(kernel_size);
+    std::vector<float> logits(window), scratch((3 * d + 2 * window) * kTile);
+    WindowRows rows(kernel_size);
     TransposedRows transposed_keys(query_tiles.any() ? kernel_size : 0, width, d);
     TransposedRows transposed_values(query_tiles.any() ? kernel_size : 0, width, d);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t head_offset = bh * height * width * d, row_size = width * d;
+      const auto q_h = head_pixels(q_p, q, bh), k_h = head_pixels(k_p, k, bh), v_h = head_pixels(v_p, v, bh);
+      const HeadGradients g{head_pixels(go_p, grad_out, bh), head_pixels(out_p, out, bh),
+                            lse_p + bh * height * width,     head_pixels(gq_p, grad_q, bh),
+                            head_pixels(gk_p, grad_k, bh),   head_pixels(gv_p, grad_v, bh)};
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
       float* head_grad_rpb = grpb_p + bh * table_size;
-      const float *q_h = q_p + head_offset, *k_h = k_p + head_offset, *v_h = v_p + head_offset;
-      const float *go_h = go_p + head_offset, *out_h = out_p + head_offset, *lse_h = lse_p + bh * height * width;
-      float *gq_h = gq_p + head_offset, *gk_h = gk_p + head_offset, *gv_h = gv_p + head_offset;
+      rows.key_stride = k_h.stride;
+      rows.grad_stride = g.grad_k.stride;
       for (int64_t i = 0; i < height; ++i) {
-        const int64_t si = window_start(i, height, kernel_size);
+        const int64_t si = window_start(i, height, kernel_size), row = i * width;
         if (query_tiles.any()) {
           for (int64_t a = 0; a < kernel_size; ++a) {
-            key_rows_t[a] = transposed_keys.row(k_h, bh, height, si + a);
-            value_rows_t[a] = transposed_values.row(v_h, bh, height, si + a);
-            key_rows[a] = k_h + (si + a) * row_size;
-            grad_k_rows[a] = gk_h + (si + a) * row_size;
-            grad_v_rows[a] = gv_h + (si + a) * row_size;
+            rows.keys_t[a] = transposed_keys.row(k_h, bh, height, si + a);
+            rows.values_t[a] = transposed_values.row(v_h, bh, height, si + a);
+            rows.keys[a] = k_h.at((si + a) * width);
+            rows.grad_keys[a] = g.grad_k.at((si + a) * width);
+            rows.grad_values[a] = g.grad_v.at((si + a) * width);
           }
         }
+        const Pixels<const float> q_row{q_h.at(row), q_h.stride};
+        const HeadGradients g_row{{g.grad_out.at(row), g.grad_out.stride}, {g.out.at(row), g.out.stride}, g.lse + row,
+                                  {g.grad_q.at(row), g.grad_q.stride},       g.grad_k, g.grad_v};
         // Queries in order along the row (each key's terms are added query after query).
         for (int64_t j = 0; j < width;) {
           if (j >= query_tiles.begin && j < query_tiles.end) {
-            query_tiles.backward(q_h + i * row_size, go_h + i * row_size, out_h + i * row_size, lse_h + i * width,
-                                 key_rows_t.data(), value_rows_t.data(), key_rows.data(), grad_k_rows.data(),
-                                 grad_v_rows.data(), head_rpb, head_grad_rpb, i, si, j, width, d, scratch.data(),
-                                 gq_h + i * row_size);
+            query_tiles.backward(q_row, g_row, rows, head_rpb, head_grad_rpb, alpha, i, si, j, width, d,
+                                 scratch.data());
             j += kTile;
           } else {
-            backward_one_query(q_h, k_h, v_h, go_h, out_h, lse_h, head_rpb, i, j, height, width, d, kernel_size,
-                               logits.data(), gq_h, gk_h, gv_h, head_grad_rpb);
+            backward_one_query(q_h, k_h, v_h, g, head_rpb, alpha, i, j, height, width, d, kernel_size, logits.data(),
+                               scratch.data(), head_grad_rpb);
             ++j;
           }
         }

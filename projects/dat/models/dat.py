@@ -268,9 +268,11 @@ class NeighborhoodAttention(nn.Module):
         x = x.permute(0, 2, 3, 1)
         x = pad_to_at_least(x, self.kernel_size)
         hp, wp = x.shape[1:3]
-        qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv.unbind(0)
-        out = neighborhood_attention(q * self.scale, k, v, self.rpb, self.kernel_size, self.impl)
+        qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, c // self.num_heads)
+        # Views of the one qkv buffer, which the C++ kernels read in place (and whose gradient
+        # the three gradients are stacked into, along the same axis).
+        q, k, v = (t.permute(0, 3, 1, 2, 4) for t in qkv.unbind(3))
+        out = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.impl, scale=self.scale)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, hp, wp, c)[:, :h, :w]
         return self.proj(out).permute(0, 3, 1, 2)
 

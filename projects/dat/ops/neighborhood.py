@@ -12,8 +12,11 @@ queries lie inside an Sy x Sx key region (S = T + k - 1), so each tile is one de
 (Ty Tx) x (Sy Sx) attention, two matrix products, in which the keys outside a query's window
 get the bias -inf. Tiles are k queries wide (regions of 2k - 1 keys: about 3.4x the products of
 the k * k windows, at matrix-product speed); an axis no longer than 2k is a single tile.
-Inside the operator q, k and v are (B * heads, H, W, d); tile slots are numbered tile by
-tile, row-major in each tile.
+The operator takes q, k and v laid out (B, H, W, heads, d) with contiguous channels and rows W
+pixels apart, in any other strides (the C++ kernels read the ``N`` block's qkv buffer in
+place), and the logits' scale; it returns the output (and the gradients) contiguous
+(B, H, W, heads, d), the layout of the projection that follows. The pytorch backend computes on
+(B * heads, H * W, d) copies; its tile slots are numbered tile by tile, row-major in each tile.
 
 Both backends keep only q, k, v, the output and the log-sum-exp of each query; the backward
 pass recomputes the probabilities (chunk by chunk of tile rows on the ``pytorch`` backend).
@@ -174,15 +177,26 @@ def _plan(height: int, width: int, kernel_size: int, device: torch.device) -> _N
     return _NeighborhoodPlan(height, width, kernel_size, device)
 
 
+def _heads_first(t: Tensor) -> Tensor:
+    """``(B, H, W, heads, d)`` as ``(B * heads, H * W, d)``, the layout of the pytorch backend."""
+    b, height, width, heads, d = t.shape
+    return t.permute(0, 3, 1, 2, 4).reshape(b * heads, height * width, d)
+
+
+def _pixels_first(t: Tensor, heads: int, height: int, width: int) -> Tensor:
+    """``(B * heads, H * W, d)`` as a contiguous ``(B, H, W, heads, d)``, the operators' outputs."""
+    bh, _, d = t.shape
+    return t.view(bh // heads, heads, height, width, d).permute(0, 2, 3, 1, 4).contiguous()
+
+
 def _tiled(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float
 ) -> tuple[_NeighborhoodPlan, Tensor, Tensor, Tensor, Tensor]:
     """What the forward and the backward operator of the pytorch backend share: the tiling,
-    ``q``, ``k`` and ``v`` viewed ``(BH, HW, d)``, and the flat bias table with -inf appended
-    (``(heads, (2k - 1) ** 2 + 1)``, for the pairs outside a window)."""
-    bh, height, width, d = q.shape
-    plan = _plan(height, width, kernel_size, q.device)
-    qf, kf, vf = (t.view(bh, height * width, d) for t in (q, k, v))
+    ``scale * q``, ``k`` and ``v`` laid out ``(BH, HW, d)``, and the flat bias table with -inf
+    appended (``(heads, (2k - 1) ** 2 + 1)``, for the pairs outside a window)."""
+    plan = _plan(q.shape[1], q.shape[2], kernel_size, q.device)
+    qf, kf, vf = _heads_first(q * scale), _heads_first(k), _heads_first(v)
     heads = rpb.shape[0]
     table = torch.cat([rpb.reshape(heads, -1), rpb.new_full((heads, 1), float('-inf'))], dim=1)
     return plan, qf, kf, vf, table
@@ -224,22 +238,20 @@ def _check_op_inputs(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: 
         raise ValueError(f'dat::neighborhood_attention backend must be one of {OPERATOR_BACKENDS}, got {backend!r}')
     table = 2 * kernel_size - 1
     valid = (
-        q.dim() == 4
+        q.dim() == 5
         and k.shape == q.shape
         and v.shape == q.shape
         and kernel_size > 0
         and kernel_size % 2 == 1
         and min(q.shape[1:3]) >= kernel_size
-        and rpb.dim() == 3
-        and rpb.shape[1:] == (table, table)
-        and rpb.shape[0] > 0
-        and q.shape[0] % rpb.shape[0] == 0
+        and q.shape[3] > 0
+        and rpb.shape == (q.shape[3], table, table)
         and chunk > 0
     )
     if not valid:
         raise ValueError(
-            'dat::neighborhood_attention expects q, k, v (BH, H, W, d) with H, W >= kernel_size, an odd '
-            'kernel_size > 0, rpb (heads, 2k - 1, 2k - 1) with heads > 0 dividing BH and chunk > 0; got '
+            'dat::neighborhood_attention expects q, k, v (B, H, W, heads, d) with H, W >= kernel_size, an '
+            'odd kernel_size > 0, heads > 0, rpb (heads, 2k - 1, 2k - 1) and chunk > 0; got '
             f'q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, '
             f'kernel_size {kernel_size}, chunk {chunk}'
         )
@@ -259,14 +271,14 @@ def _required_kernels(q: Tensor):
 
 @torch_compat.custom_op('dat::neighborhood_attention', mutates_args=())
 def _neighborhood_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, chunk: int, backend: str
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float, chunk: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     _check_op_inputs(q, k, v, rpb, kernel_size, chunk, backend)
     if backend == 'cpu-kernel':
-        out, lse = _required_kernels(q).neighborhood_attention_forward(q, k, v, rpb, kernel_size)
+        out, lse = _required_kernels(q).neighborhood_attention_forward(q, k, v, rpb, kernel_size, scale)
         return out, lse
-    plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size)
-    bh, d = q.shape[0], q.shape[3]
+    plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size, scale)
+    bh, d = qf.shape[0], qf.shape[2]
     out_slots = q.new_empty(bh, plan.num_slots, d)
     lse_slots = q.new_empty(bh, plan.num_slots)
     for y0, y1 in plan.chunks(bh, chunk):
@@ -279,14 +291,15 @@ def _neighborhood_attention_op(
         out_c = torch.bmm(weights, v_c).div_(row_sum)
         out_slots[:, s0:s1] = out_c.view(bh, s1 - s0, d)
         lse_slots[:, s0:s1] = row_sum.log_().add_(row_max).view(bh, s1 - s0)
-    out = out_slots.index_select(1, plan.slot).view(q.shape)
+    b, height, width, heads, _ = q.shape
+    out = _pixels_first(out_slots.index_select(1, plan.slot), heads, height, width)
     return out, lse_slots.index_select(1, plan.slot)
 
 
 @_neighborhood_attention_op.register_fake
-def _(q, k, v, rpb, kernel_size, chunk, backend):
-    bh, height, width, _ = q.shape
-    return torch.empty_like(q), q.new_empty(bh, height * width)
+def _(q, k, v, rpb, kernel_size, scale, chunk, backend):
+    b, height, width, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(b * heads, height * width)
 
 
 @torch_compat.custom_op('dat::neighborhood_attention_backward', mutates_args=())
@@ -299,29 +312,30 @@ def _neighborhood_attention_backward_op(
     out: Tensor,
     lse: Tensor,
     kernel_size: int,
+    scale: float,
     chunk: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_op_inputs(q, k, v, rpb, kernel_size, chunk, backend)
-    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[1] * q.shape[2]):
+    b, height, width, heads, d = q.shape
+    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (b * heads, height * width):
         raise ValueError(
             f"dat::neighborhood_attention_backward expects grad_out and out of q's shape "
-            f'{tuple(q.shape)} and lse {(q.shape[0], q.shape[1] * q.shape[2])}; got grad_out '
+            f'{tuple(q.shape)} and lse {(b * heads, height * width)}; got grad_out '
             f'{tuple(grad_out.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}'
         )
-    heads = rpb.shape[0]
     if backend == 'cpu-kernel':
         grad_q, grad_k, grad_v, grad_rpb_per_bh = _required_kernels(q).neighborhood_attention_backward(
-            grad_out, q, k, v, rpb, out, lse, kernel_size
+            grad_out, q, k, v, rpb, out, lse, kernel_size, scale
         )
         return grad_q, grad_k, grad_v, grad_rpb_per_bh.view(-1, *rpb.shape).sum(0)
-    plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size)
-    bh, d = q.shape[0], q.shape[3]
-    grad_out = grad_out.reshape(qf.shape)
+    plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size, scale)
+    bh = qf.shape[0]
+    grad_out, out = _heads_first(grad_out), _heads_first(out)
     # A query that two tiles hold gets its gradient through the tile of its slot only: in the
     # other tile its dO and D are zero, so its dS is zero.
     owned = torch.zeros(plan.num_slots, dtype=q.dtype, device=q.device).index_fill_(0, plan.slot, 1.0)
-    delta = (grad_out * out.view(qf.shape)).sum(-1)  # D = rowsum(dO * O), (BH, HW)
+    delta = (grad_out * out).sum(-1)  # D = rowsum(dO * O), (BH, HW)
     grad_q_slots = q.new_empty(bh, plan.num_slots, d)
     grad_k = torch.zeros_like(kf)
     grad_v = torch.zeros_like(vf)
@@ -342,28 +356,29 @@ def _neighborhood_attention_backward_op(
         grad_q_slots[:, s0:s1] = torch.bmm(grad_logits, k_c).view(bh, s1 - s0, d)
         grad_k.index_add_(1, key_index, torch.bmm(grad_logits.transpose(1, 2), q_c).view(bh, -1, d))
         grad_table += plan.bias_gradient(grad_logits, heads, y0, y1)
-    grad_q = grad_q_slots.index_select(1, plan.slot).view(q.shape)
-    return grad_q, grad_k.view(k.shape), grad_v.view(v.shape), grad_table.view(rpb.shape)
+    grad_q = grad_q_slots.index_select(1, plan.slot).mul_(scale)
+    grad_q, grad_k, grad_v = (_pixels_first(g, heads, height, width) for g in (grad_q, grad_k, grad_v))
+    return grad_q, grad_k, grad_v, grad_table.view(rpb.shape)
 
 
 @_neighborhood_attention_backward_op.register_fake
-def _(grad_out, q, k, v, rpb, out, lse, kernel_size, chunk, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rpb)
+def _(grad_out, q, k, v, rpb, out, lse, kernel_size, scale, chunk, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(rpb)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, kernel_size, chunk, backend = inputs
+    q, k, v, rpb, kernel_size, scale, chunk, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, rpb, out, lse)
-    ctx.kernel_size, ctx.chunk, ctx.backend = kernel_size, chunk, backend
+    ctx.kernel_size, ctx.scale, ctx.chunk, ctx.backend = kernel_size, scale, chunk, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, rpb, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_rpb = _neighborhood_attention_backward_op(
-        grad_out.contiguous(), q, k, v, rpb, out, lse, ctx.kernel_size, ctx.chunk, ctx.backend
+        grad_out.contiguous(), q, k, v, rpb, out, lse, ctx.kernel_size, ctx.scale, ctx.chunk, ctx.backend
     )
-    return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+    return grad_q, grad_k, grad_v, grad_rpb, None, None, None, None
 
 
 _neighborhood_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -377,6 +392,7 @@ def neighborhood_attention(
     kernel_size: int,
     impl: str = 'auto',
     chunk_elements: int | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Neighbourhood attention (NATTEN semantics, dilation 1) with a relative position bias.
 
@@ -387,10 +403,13 @@ def neighborhood_attention(
     keys outside each query's window masked. Both save only ``q, k, v``, the output and each
     query's log-sum-exp, and the backward pass recomputes the probabilities, so memory never
     grows with ``HW * k * k * d`` (nor stores ``HW * k * k``). They compute in float32 (float64
-    for float64 inputs) and return the input dtype.
+    for float64 inputs) and return the input dtype. The C++ kernels read q, k and v in place
+    where their memory is laid out ``(B, H, W, heads, d)`` with rows ``W`` pixels apart (e.g.
+    views of one ``(B, H, W, 3, heads, d)`` buffer, as the ``N`` block passes them), else a
+    copy in that layout; the output is laid out that way too.
 
     Args:
-        q (Tensor): ``(B, heads, H, W, d)`` queries, already scaled by ``d ** -0.5``.
+        q (Tensor): ``(B, heads, H, W, d)`` queries.
         k (Tensor): ``(B, heads, H, W, d)`` keys.
         v (Tensor): ``(B, heads, H, W, d)`` values.
         rpb (Tensor): ``(heads, 2k - 1, 2k - 1)`` relative position bias table.
@@ -399,6 +418,9 @@ def neighborhood_attention(
         chunk_elements (int, optional): Logits per chunk of the pytorch backend. Defaults to
             :data:`NEIGHBORHOOD_CHUNK_ELEMENTS` on CPU and to a memory budget on CUDA
             (:func:`~projects.dat.ops.chunking.default_chunk_elements`).
+        scale (float): What the queries are multiplied by before the products (the logits are
+            ``(scale * q).k`` plus the bias; DAT++: ``d ** -0.5``). Defaults to 1.0 (``q``
+            already scaled).
 
     Returns:
         Tensor: ``(B, heads, H, W, d)``.
@@ -406,8 +428,8 @@ def neighborhood_attention(
     dtype, acc = attention_dtypes(q, k, v)
     backend = select_backend(impl, q.device, acc)
     if backend == 'reference':  # checks nothing: shapes may be traced (ONNX export)
-        return neighborhood_attention_reference(q, k, v, rpb, kernel_size)
-    b, heads, h, w, d = q.shape
+        return neighborhood_attention_reference(q if scale == 1.0 else q * scale, k, v, rpb, kernel_size)
+    _, heads, h, w, _ = q.shape
     if (
         k.shape != q.shape
         or v.shape != q.shape
@@ -422,19 +444,21 @@ def neighborhood_attention(
             f'v {tuple(v.shape)}, rpb {tuple(rpb.shape)}, kernel_size {kernel_size}'
         )
 
-    def batch_heads(t: Tensor) -> Tensor:
-        return t.to(acc).reshape(b * heads, h, w, d).contiguous()
+    def pixels_last(t: Tensor) -> Tensor:
+        t = t.to(acc).permute(0, 2, 3, 1, 4)  # (B, H, W, heads, d), as the operator takes it
+        return t if t.stride(4) == 1 and t.stride(1) == w * t.stride(2) else t.contiguous()
 
     if chunk_elements is None:
         chunk_elements = default_chunk_elements(q.device, acc, NEIGHBORHOOD_CHUNK_ELEMENTS, NEIGHBORHOOD_CHUNK_BUFFERS)
 
     out, _ = _neighborhood_attention_op(
-        batch_heads(q),
-        batch_heads(k),
-        batch_heads(v),
+        pixels_last(q),
+        pixels_last(k),
+        pixels_last(v),
         rpb.to(acc).contiguous(),
         kernel_size,
+        scale,
         chunk_elements,
         backend,
     )
-    return out.view(b, heads, h, w, d).to(dtype)
+    return out.permute(0, 3, 1, 2, 4).to(dtype)
