@@ -125,4 +125,7 @@ def sample_keys(x: Tensor, pos: Tensor, num_groups: int, impl: str = 'auto') -> 
     """
     if select_backend(impl, x.device, pos.dtype) != 'cpu-kernel':
         return sample_keys_reference(x, pos, num_groups)
-    return _sample_keys_op(x.to(pos.dtype), pos.contiguous(), num_groups)
+    # Channels-last here, so that a map in another layout is converted once (the operator saves
+    # its input for the backward pass, which reads the same layout).
+    x = x.to(pos.dtype).contiguous(memory_format=torch.channels_last)
+    return _sample_keys_op(x, pos.contiguous(), num_groups)
