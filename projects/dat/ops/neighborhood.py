@@ -291,7 +291,7 @@ def _neighborhood_attention_op(
         out_c = torch.bmm(weights, v_c).div_(row_sum)
         out_slots[:, s0:s1] = out_c.view(bh, s1 - s0, d)
         lse_slots[:, s0:s1] = row_sum.log_().add_(row_max).view(bh, s1 - s0)
-    b, height, width, heads, _ = q.shape
+    _, height, width, heads, _ = q.shape
     out = _pixels_first(out_slots.index_select(1, plan.slot), heads, height, width)
     return out, lse_slots.index_select(1, plan.slot)
 
@@ -404,9 +404,9 @@ def neighborhood_attention(
     query's log-sum-exp, and the backward pass recomputes the probabilities, so memory never
     grows with ``HW * k * k * d`` (nor stores ``HW * k * k``). They compute in float32 (float64
     for float64 inputs) and return the input dtype. The C++ kernels read q, k and v in place
-    where their memory is laid out ``(B, H, W, heads, d)`` with rows ``W`` pixels apart (e.g.
-    views of one ``(B, H, W, 3, heads, d)`` buffer, as the ``N`` block passes them), else a
-    copy in that layout; the output is laid out that way too.
+    where each pixel's channels are contiguous and the rows are ``W`` pixels apart (contiguous
+    tensors, or views of one ``(B, H, W, 3, heads, d)`` buffer as the ``N`` block passes them),
+    else a copy; the output's memory is laid out ``(B, H, W, heads, d)``.
 
     Args:
         q (Tensor): ``(B, heads, H, W, d)`` queries.
