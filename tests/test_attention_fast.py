@@ -489,9 +489,9 @@ def test_neighborhood_kernel_query_tiles_equal_window_by_window(height, width, d
         window = slice(j - half, j + half + 1)
         q_c, k_c, v_c, grad_out_c = (t[:, :, window].contiguous() for t in (q, k, v, grad_out))
         out_c, lse_c = kernels.neighborhood_attention_forward(q_c, k_c, v_c, rpb, kernel, scale)
-        grad_q_c = kernels.neighborhood_attention_backward(grad_out_c, q_c, k_c, v_c, rpb, out_c, lse_c, kernel, scale)[
-            0
-        ]
+        grad_q_c, *_ = kernels.neighborhood_attention_backward(
+            grad_out_c, q_c, k_c, v_c, rpb, out_c, lse_c, kernel, scale
+        )
         assert torch.equal(out[:, :, j], out_c[:, :, half]), f'output of query column {j}'
         assert torch.equal(lse.view(3, height, width)[:, :, j], lse_c.view(3, height, kernel)[:, :, half]), j
         assert torch.equal(grad_q[:, :, j], grad_q_c[:, :, half]), f'grad q of query column {j}'

@@ -21,13 +21,13 @@ layout`` (the rest of the attention modules' own ops: permutes, padding, window 
 shift masks, query grids, reference points), ``offset net`` and ``key sampling``
 (``grid_sample`` or ``dat::sample_keys`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s
 local perception unit), ``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++:
-depth-wise conv and GELU, fused; Swin: GELU), ``residual`` (the blocks' additions and drop path), ``output norms`` (the
-four output LayerNorms and the layout of the outputs), ``loss``; and three that are no module's:
-``Python between ops`` (forward: interpreter time between ops, module calls and this tool's
-hooks), ``AccumulateGrad`` (backward: storing the parameters' gradients) and ``autograd engine``
-(backward: time between autograd nodes, and nodes no forward op of the step created). Rows are
-per stage and block kind (DAT: ``N`` neighbourhood, ``D`` deformable; Swin: ``W`` windows, plain
-and shifted).
+depth-wise conv and GELU, fused; Swin: GELU), ``residual`` (the blocks' additions and drop
+path), ``output norms`` (the four output LayerNorms and the layout of the outputs), ``loss``;
+and three that are no module's: ``Python between ops`` (forward: interpreter time between ops,
+module calls and this tool's hooks), ``AccumulateGrad`` (backward: storing the parameters'
+gradients) and ``autograd engine`` (backward: time between autograd nodes, and nodes no forward
+op of the step created). Rows are per stage and block kind (DAT: ``N`` neighbourhood, ``D``
+deformable; Swin: ``W`` windows, plain and shifted).
 
 Method. Module forward pre- and post-hooks open and close a ``record_function`` scope named
 after the module on every module, so each forward op's innermost module is its enclosing scope;
