@@ -54,7 +54,7 @@ EXTRAS_REQUIRE = {
     'deploy': DEPLOY,
     # benchmark.py and profile_layers.py build timm's Swin-T where mmdet cannot be imported.
     'bench': ['timm'],
-    # The Triton kernels of deformable attention on CUDA (torch's CUDA wheels for Linux bring Triton).
+    # The Triton kernels of the attention operators on CUDA (torch's CUDA wheels for Linux bring Triton).
     'gpu': ['triton>=3.0'],
 }
 

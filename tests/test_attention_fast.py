@@ -92,25 +92,25 @@ def _deformable_inputs(b, c, h, w, heads, groups, hk, wk, table, version, spread
 
 @pytest.fixture
 def gpu_kernel(monkeypatch):
-    """A function of the device that returns the attn_impl under which the D op runs its GPU
+    """A function of the device that returns the attn_impl under which the D and N ops run their GPU
     kernels, ``'fast'``: on CUDA where they are turned on (``DAT_GPU_KERNELS=1``, as
     ``tools/gpu_check.sh`` sets it), else the test is skipped. On CPU the kernels run in Triton's
     interpreter, which Triton sets up on import (``TRITON_INTERPRET=1``): those cases run in a
-    process of their own (:func:`test_gpu_kernel_cases_pass_in_triton_interpreter`), where the D
-    op's entry sends its float32 work to the kernels, and are skipped elsewhere."""
-    select = deformable_ops.select_backend
+    process of their own (:func:`test_gpu_kernel_cases_pass_in_triton_interpreter`), where the
+    ops' entries send their float32 work to the kernels, and are skipped elsewhere."""
 
     def interpreted(impl, device, compute_dtype, gpu_kernel=False):
         if impl == 'fast' and compute_dtype == torch.float32:
             return 'gpu-kernel'
-        return select(impl, device, compute_dtype, gpu_kernel)
+        return select_backend(impl, device, compute_dtype, gpu_kernel)
 
     def use(device):
         if device.type == 'cpu':
             if not gpu_kernels.interpreting():
                 pytest.skip("runs in Triton's interpreter: test_gpu_kernel_cases_pass_in_triton_interpreter")
             monkeypatch.setenv(gpu_kernels.ENV_SWITCH, '1')
-            monkeypatch.setattr(deformable_ops, 'select_backend', interpreted)
+            for ops in (deformable_ops, neighborhood_ops):
+                monkeypatch.setattr(ops, 'select_backend', interpreted)
         if not gpu_kernels.available():
             switch = gpu_kernels.ENV_SWITCH
             pytest.skip(f'the GPU kernels are off ({switch}=1 turns them on) or Triton 3 or newer does not import')
@@ -120,22 +120,22 @@ def gpu_kernel(monkeypatch):
 
 
 def test_gpu_kernel_cases_pass_in_triton_interpreter():
-    """The CPU cases of the D op's GPU kernels (``gpu_kernel`` in their id), in a process with
+    """The CPU cases of the D and N ops' GPU kernels (``gpu_kernel`` in their id), in a process with
     ``TRITON_INTERPRET=1``: the kernels' output and gradients against the reference (and, for half
     inputs, against the PyTorch path)."""
     if not gpu_kernels.triton_imports():
         pytest.skip('Triton 3 or newer does not import here')
     if gpu_kernels.interpreting():
         pytest.skip('already in the interpreter')
-    cases = 'cpu-gpu_kernel or (gpu_kernel_half and cpu)'
+    cases = 'cpu-gpu_kernel or (gpu_kernel_half and cpu) or (neighborhood_gpu_kernel and cpu)'
     command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k', cases]
     env = {**os.environ, gpu_kernels.INTERPRET_SWITCH: '1'}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # Every case ran: 7 shapes, 6 layouts, float16 inputs, the far keys, the NaN position and
-    # opcheck (and bfloat16 was skipped).
-    expected = r'17 passed, 1 skipped(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?'
+    # Every case ran: D: 7 shapes, 6 layouts, float16 inputs, the far keys, the NaN position; N: 4
+    # shapes, the qkv buffer, NaN inputs; opcheck of both (and bfloat16 was skipped).
+    expected = r'23 passed, 1 skipped(, \d+ deselected)?(, \d+ warnings?)? in [\d.]+s( \(.*\))?'
     assert re.fullmatch(expected, summary), summary
 
 
@@ -400,16 +400,42 @@ def test_neighborhood_matches_reference(b, heads, h, w, d, kernel, impl, chunk, 
         assert_rel_close(a, e, name=f'grad {name}')
 
 
-@pytest.mark.parametrize('impl', ['cpu-kernel', 'pytorch', 'reference'])
-def test_neighborhood_reads_the_qkv_buffer_in_place_and_scales_queries(impl, device, require_cpu_kernels, monkeypatch):
+# Small enough for Triton's interpreter, which runs the programs one by one: one and several
+# tiles of 8 x 8 pixels per axis, maps of the kernel's size, borders where windows shift inwards,
+# channels not a power of two.
+@pytest.mark.parametrize(
+    'b, heads, h, w, d, kernel',
+    [(1, 1, 7, 9, 4, 7), (2, 1, 10, 11, 4, 3), (1, 2, 9, 17, 13, 5), (1, 1, 5, 3, 8, 3)],
+)
+def test_neighborhood_gpu_kernel_matches_reference(b, heads, h, w, d, kernel, device, gpu_kernel):
+    impl = gpu_kernel(device)
+    g = torch.Generator().manual_seed(h * w)
+    q, k, v = (torch.randn(b, heads, h, w, d, generator=g).to(device).requires_grad_() for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(device).requires_grad_()
+    ref = neighborhood_attention_reference(q, k, v, rpb, kernel)
+    fast = neighborhood_attention(q, k, v, rpb, kernel, impl)
+    assert_rel_close(fast, ref, name='output')
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(fast, (q, k, v, rpb), grad_out)
+    for name, a, e in zip('qkvb', grads, torch.autograd.grad(ref, (q, k, v, rpb), grad_out), strict=True):
+        assert_rel_close(a, e, name=f'grad {name}')
+
+
+@pytest.mark.parametrize('impl', ['cpu-kernel', pytest.param('gpu-kernel', id='gpu_kernel'), 'pytorch', 'reference'])
+def test_neighborhood_reads_the_qkv_buffer_in_place_and_scales_queries(
+    impl, device, require_cpu_kernels, gpu_kernel, monkeypatch
+):
     """As the N block calls it: q, k, v are views of one (B, H, W, 3, heads, d) buffer and the
     queries' scale is an argument. Agrees with the reference on ``scale * q`` (forward, and the
-    gradients of the buffer and the table); the C++ kernels get the views themselves (no copy)
-    and give the same bits as pre-scaled contiguous inputs."""
+    gradients of the buffer and the table); the C++ and GPU kernels get the views themselves (no
+    copy), and the C++ kernels give the same bits as pre-scaled contiguous inputs."""
+    b, h, w, heads, d, kernel, scale = 2, 11, 19, 2, 16, 7, 16**-0.5
     if impl == 'cpu-kernel':
         _fast_impl('cpu_kernels', require_cpu_kernels, device)
+    if impl == 'gpu-kernel':
+        impl = gpu_kernel(device)
+        h, w, kernel = 9, 10, 3  # few programs for Triton's interpreter
     g = torch.Generator().manual_seed(1)
-    b, h, w, heads, d, kernel, scale = 2, 11, 19, 2, 16, 7, 16**-0.5
     qkv = torch.randn(b, h, w, 3, heads, d, generator=g).to(device).requires_grad_()
     rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(device).requires_grad_()
     grad_out = torch.randn(b, heads, h, w, d, generator=g).to(device)
@@ -424,9 +450,11 @@ def test_neighborhood_reads_the_qkv_buffer_in_place_and_scales_queries(impl, dev
     for name, a, e in zip(('qkv', 'rpb'), grads, torch.autograd.grad(ref, (qkv, rpb), grad_out), strict=True):
         assert_rel_close(a, e, name=f'grad {name}')
     assert len(passed) == (impl != 'reference')
-    if impl != 'cpu-kernel':
+    if impl not in ('cpu-kernel', 'fast'):
         return
     assert all(t.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for t in passed[0][:3])
+    if impl == 'fast':
+        return
     inputs = [t.detach().contiguous().requires_grad_() for t in (q * scale, k, v, rpb)]
     prescaled = neighborhood_attention(*inputs, kernel, impl)
     assert torch.equal(out, prescaled)
@@ -681,10 +709,10 @@ def test_custom_ops_pass_opcheck(backend, device, require_cpu_kernels, gpu_kerne
         gpu_kernel(device)
     g = torch.Generator().manual_seed(0)
     # q, k, v as the N block passes them: views of one (B, H, W, 3, heads, d) buffer.
-    qkv = torch.randn(2, 9, 10, 3, 2, 8, generator=g).to(device).requires_grad_()
+    qkv = torch.randn(1, 8, 9, 3, 2, 4, generator=g).to(device).requires_grad_()
     q, k, v = qkv.unbind(3)
-    rpb = torch.randn(2, 13, 13, generator=g).to(device).requires_grad_()
-    n_args = (q, k, v, rpb, 7, 0.5, 1 << 22, 'pytorch' if backend == 'gpu-kernel' else backend)  # no N GPU kernel
+    rpb = torch.randn(2, 5, 5, generator=g).to(device).requires_grad_()
+    n_args = (q, k, v, rpb, 3, 0.5, 1 << 22, backend)
     torch.library.opcheck(torch.ops.dat.neighborhood_attention.default, n_args)
     out, lse = torch.ops.dat.neighborhood_attention(*n_args)
     detached = [t.detach() for t in (q, k, v, rpb, out, lse)]
@@ -913,6 +941,26 @@ def test_neighborhood_kernel_checks_lse_and_layouts(require_cpu_kernels):
             kernels.neighborhood_attention_forward(q, bad, q, rpb, 3, 1.0)
 
 
+def test_operators_told_to_use_gpu_kernels_that_are_off_say_so(monkeypatch):
+    monkeypatch.setattr(gpu_kernels, 'interpreting', lambda: True)  # CPU tensors pass as on the device
+    monkeypatch.delenv(gpu_kernels.ENV_SWITCH, raising=False)
+    off = r'was told to use its GPU kernels, which are not turned on \(DAT_GPU_KERNELS=1\)'
+    x = torch.randn(1, 5, 6, 1, 4)
+    with pytest.raises(RuntimeError, match=rf'dat::neighborhood_attention {off}.* neighborhood_attention\(\) picks'):
+        neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(1, 5, 5), 3, 1.0, 1 << 20, 'gpu-kernel')
+    (q, k, v, pos, rpe), coords = _deformable_inputs(1, 4, 5, 6, 1, 1, 2, 3, (7, 9), 'pp', 0.9)
+    args = (
+        q.detach().reshape(1, 1, 4, 30),
+        k.detach().reshape(1, 1, 4, 6),
+        v.detach().reshape(1, 1, 4, 6),
+        pos.detach(),
+    )
+    with pytest.raises(RuntimeError, match=rf'dat::deformable_attention {off}.* deformable_attention\(\) picks'):
+        deformable_ops._deformable_attention_op(
+            *args, coords[:, 0, 0], coords[0, :, 1], rpe.detach(), 1, 40, 'gpu-kernel'
+        )
+
+
 def test_operators_called_directly_check_their_inputs():
     (q, k, v, pos, rpe), coords = _deformable_inputs(2, 8, 5, 6, 2, 2, 2, 3, (7, 9), 'pp', 0.9)
     q, k, v = q.detach().reshape(4, 1, 4, 30), k.detach().reshape(4, 1, 4, 6), v.detach().reshape(4, 1, 4, 6)
@@ -939,8 +987,10 @@ def test_operators_called_directly_check_their_inputs():
         deformable_ops._deformable_attention_op(q, k, v, pos, qy, qx, rpe, 2, 40, 'cuda')
     x = torch.randn(2, 5, 6, 2, 8)
     neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1.0, 1 << 20, 'pytorch')  # valid
-    with pytest.raises(ValueError, match=r"backend must be one of \('pytorch', 'cpu-kernel'\), got 'gpu-kernel'"):
+    with pytest.raises(ValueError, match=r'runs its GPU kernels on float32 CUDA tensors; got torch.float32 on cpu'):
         neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1.0, 1 << 20, 'gpu-kernel')
+    with pytest.raises(ValueError, match=rf"backend must be one of {backends}, got 'cuda'"):
+        neighborhood_ops._neighborhood_attention_op(x, x, x, torch.randn(2, 5, 5), 3, 1.0, 1 << 20, 'cuda')
     with pytest.raises(ValueError, match=r'runs the C\+\+ CPU kernels on float32 CPU inputs only; got torch.float64'):
         x64, rpb64 = x.double(), torch.randn(2, 5, 5).double()
         neighborhood_ops._neighborhood_attention_op(x64, x64, x64, rpb64, 3, 1.0, 1 << 20, 'cpu-kernel')
@@ -978,11 +1028,11 @@ def test_nan_key_position_gives_nan_where_it_is_read_and_nothing_else(
     assert torch.equal(grad_q[0], grad_q_clean[0])  # the NaN image's gradient is 0 * NaN
 
 
-@pytest.mark.parametrize('impl', ['cpu_kernels', 'pytorch'])
-def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, device, require_cpu_kernels):
+@pytest.mark.parametrize('impl', ['cpu_kernels', 'gpu_kernel', 'pytorch'])
+def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, device, require_cpu_kernels, gpu_kernel):
     """NaN inputs give NaN outputs (the tiled path also at the queries of the NaN key's tile, whose
     masked logits are NaN), and never an error or a read outside the inputs."""
-    attn_impl = _fast_impl(impl, require_cpu_kernels, device)
+    attn_impl = _fast_impl(impl, require_cpu_kernels, device, gpu_kernel)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 8, 4, generator=g) for _ in range(3))
     rpb = torch.randn(2, 5, 5, generator=g).to(device)
@@ -992,7 +1042,7 @@ def test_nan_in_neighborhood_inputs_stays_where_the_reference_has_it(impl, devic
     ref = neighborhood_attention_reference(q, k, v, rpb, 3)
     out = neighborhood_attention(q, k, v, rpb, 3, attn_impl)
     assert torch.isnan(ref).any() and torch.isnan(out[torch.isnan(ref)]).all()  # no NaN is hidden
-    if impl == 'cpu_kernels':  # exactly the k x k windows: NaN nowhere else
+    if impl != 'pytorch':  # exactly the k x k windows: NaN nowhere else
         assert torch.equal(torch.isnan(out), torch.isnan(ref))
         assert_rel_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)])
 

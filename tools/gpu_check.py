@@ -16,8 +16,8 @@ every step, so a run stopped from outside keeps what it did.
    ``tests/test_backbone.py`` (fast paths against the reference: forward, backward, AMP,
    ``with_cp``, odd sizes; TF32 off), with pytest.
 3. ``benchmark``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference path, fast path
-   computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D op in its
-   Triton kernels where Triton imports; the check sets ``DAT_GPU_KERNELS=1`` for every step),
+   computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D and N ops in
+   their Triton kernels where Triton imports; the check sets ``DAT_GPU_KERNELS=1`` for every step),
    and Swin-T (mmdet's, or timm's where mmdet cannot be imported: ``swin_t`` in the JSON says
    which), at 1344x800@1 and 224@64, fwd and fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and
    peak CUDA memory; then the ratios of the fast path to the reference, to the PyTorch path and
@@ -207,7 +207,7 @@ class Run:
         # The steps' processes import projects.dat from this checkout (gpu_check.sh sets it too).
         paths = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
         self.env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=os.pathsep.join([*paths, str(REPO)]))
-        # The D op's Triton kernels are opt-in until they have run on a GPU: this check is where
+        # The Triton kernels are opt-in until they have run on a GPU: this check is where
         # they do (unless the caller says otherwise).
         self.env.setdefault(GPU_KERNELS_SWITCH, '1')
         self.report: dict[str, Any] = dict(

@@ -284,6 +284,6 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(torch.device(device))
         info['cuda'] = torch.version.cuda
-        # Whether the fast path's deformable attention runs in its Triton kernels (opt-in).
+        # Whether the fast path's deformable and neighbourhood attention run in their Triton kernels (opt-in).
         info['gpu_kernels'] = gpu_kernels.available()
     return info

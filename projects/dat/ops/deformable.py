@@ -353,18 +353,13 @@ def _required_kernels(table: Tensor):
 def _check_gpu_kernel(q: Tensor, table: Tensor):
     """Checks that the Triton kernels can run: CUDA tensors (CPU ones in Triton's interpreter),
     half or float32 queries and a float32 table."""
-    on_device = q.device.type == 'cuda' or (q.device.type == 'cpu' and gpu_kernels.interpreting())
-    if not on_device or q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or table.dtype != torch.float32:
-        raise ValueError(
-            'dat::deformable_attention runs its GPU kernels on CUDA tensors, float32 or half queries and a '
-            f'float32 table; got {q.dtype} queries on {q.device} and a {table.dtype} table'
-        )
-    if not gpu_kernels.available():
-        raise RuntimeError(
-            'dat::deformable_attention was told to use its GPU kernels, which are not turned on '
-            f'({gpu_kernels.ENV_SWITCH}=1) or Triton 3 or newer does not import; deformable_attention() '
-            'picks PyTorch by itself'
-        )
+    gpu_kernels.check_inputs(
+        'dat::deformable_attention',
+        q.device,
+        q.dtype in (torch.float32, torch.float16, torch.bfloat16) and table.dtype == torch.float32,
+        'CUDA tensors, float32 or half queries and a float32 table',
+        f'{q.dtype} queries on {q.device} and a {table.dtype} table',
+    )
 
 
 def _dense(t: Tensor) -> Tensor:

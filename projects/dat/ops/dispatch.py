@@ -25,7 +25,7 @@ an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMP
 - ``cpu-kernel``: the same operators computed by the C++ CPU kernels
   (:mod:`~projects.dat.ops.cpu_kernels`; ``DAT_CPU_KERNELS=0`` turns them off).
 - ``gpu-kernel``: the same operators computed by Triton kernels on CUDA
-  (:mod:`~projects.dat.ops.gpu_kernels`; deformable attention only), where
+  (:mod:`~projects.dat.ops.gpu_kernels`; deformable and neighbourhood attention), where
   ``DAT_GPU_KERNELS=1`` turns them on (opt-in until they have run on a GPU).
 
 The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,

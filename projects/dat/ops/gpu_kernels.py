@@ -1,4 +1,4 @@
-"""The optional GPU kernels of deformable attention, in Triton.
+"""The optional GPU kernels of deformable and neighbourhood attention, in Triton.
 
 On CUDA the PyTorch path of :mod:`~projects.dat.ops.deformable` makes about a dozen passes over
 every chunk of logits (the bias's gathers, the products, the softmax's steps, and backwards the
@@ -15,8 +15,17 @@ launching their kernels. These kernels compute the same arithmetic the way flash
   the keys' table coordinates summed over every query in registers, the table's gradient added
   to memory tap by tap) and one per block of queries (the gradient of q); both recompute the
   probabilities from the log-sum-exp.
+- :func:`neighborhood_attention_forward` and :func:`neighborhood_attention_backward`: the ``N``
+  blocks' attention (:mod:`~projects.dat.ops.neighborhood`, whose PyTorch path computes dense
+  tile-by-region products, about 3.4x the pairs, with their logits in memory, and adds the
+  gradients of k and v with ``index_add_``). One program per tile of 8 x 8 pixels of a head visits
+  the tile's pairs one window offset at a time: forward, a running softmax of its queries;
+  backward, one kernel per tile of queries (the gradient of q, and of the bias table: one addition
+  per tile and offset) and one per tile of keys (the gradients of k and v, over the queries whose
+  windows hold them). They read q, k and v in place (any strides, contiguous channels) and compute
+  in float32, as the operator does for every input dtype but float64.
 
-Products of float32 inputs run in IEEE float32 (no TF32), so the kernels agree with the PyTorch
+The deformable kernels' products of float32 inputs run in IEEE float32 (no TF32), so they agree with the PyTorch
 path to float32 round-off (the table's gradient is summed in whatever order the additions to
 memory arrive, as the PyTorch path's scatter-adds on CUDA are); under autocast (half inputs) the
 logits of the product are rounded to the inputs' dtype, as the PyTorch path's half product
@@ -40,7 +49,7 @@ ENV_SWITCH = 'DAT_GPU_KERNELS'
 MIN_TRITON_MAJOR = 3
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
-# Each kernel's (queries, keys) per block and warps per program, whatever the map (a few compiled
+# Each deformable kernel's (queries, keys) per block and warps per program, whatever the map (a few compiled
 # variants, not one per size). With 32 channels per head (every DAT and DAT++ variant) none spills
 # registers on sm_90, for float32 or half inputs (tests/test_gpu_kernels.py compiles them); not
 # yet timed on a GPU.
@@ -48,6 +57,11 @@ KERNEL_BLOCKS = dict(forward=(64, 32), backward_keys=(16, 64), backward_queries=
 NUM_WARPS = 8
 # The smallest channel block: the smallest side that Triton's products take.
 MIN_BLOCK = 16
+# The neighbourhood kernels' tile (rows, columns of pixels) and warps per program: none spills
+# registers on sm_90 with 32 channels per head (8 warps: the forward kernel does); not yet timed on
+# a GPU.
+NEIGHBORHOOD_TILE = (8, 8)
+NEIGHBORHOOD_NUM_WARPS = 4
 
 
 def interpreting() -> bool:
@@ -77,6 +91,26 @@ def available() -> bool:
     return os.environ.get(ENV_SWITCH, '0') == '1' and triton_imports()
 
 
+def check_inputs(op: str, device: torch.device, dtypes_ok: bool, expected: str, given: str) -> None:
+    """Raises where an operator told to use its GPU kernels cannot: its inputs are not on CUDA (on
+    CPU outside Triton's interpreter) or not of the dtypes the kernels take, or the kernels are off.
+
+    Args:
+        op (str): The operator, e.g. ``'dat::deformable_attention'``.
+        device (torch.device): Where its inputs are.
+        dtypes_ok (bool): Whether their dtypes are what the kernels take.
+        expected (str): What the kernels take, for the message.
+        given (str): What was given, for the message.
+    """
+    if not (device.type == 'cuda' or (device.type == 'cpu' and interpreting())) or not dtypes_ok:
+        raise ValueError(f'{op} runs its GPU kernels on {expected}; got {given}')
+    if not available():
+        raise RuntimeError(
+            f'{op} was told to use its GPU kernels, which are not turned on ({ENV_SWITCH}=1) or Triton 3 or '
+            f'newer does not import; {op.split("::")[-1]}() picks PyTorch by itself'
+        )
+
+
 @functools.cache
 def _kernels():
     """The Triton kernels ``(forward, backward_keys, backward_queries)``; the first call imports
@@ -84,6 +118,14 @@ def _kernels():
     from . import deformable_triton
 
     return deformable_triton.forward, deformable_triton.backward_keys, deformable_triton.backward_queries
+
+
+@functools.cache
+def _neighborhood_kernels():
+    """The Triton kernels ``(forward, backward_queries, backward_keys)`` of neighbourhood attention."""
+    from . import neighborhood_triton
+
+    return neighborhood_triton.forward, neighborhood_triton.backward_queries, neighborhood_triton.backward_keys
 
 
 def _common_constants(q: Tensor, d: int) -> dict:
@@ -179,3 +221,85 @@ def deformable_attention_backward(
         BLOCK_M=block_m, BLOCK_N=block_n, **_common_constants(q, d),
     )  # fmt: skip
     return grad_q, grad_k, grad_v, grad_table, grad_coords.sum(1)
+
+
+def _neighborhood_launch(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float):
+    """What every neighbourhood kernel takes after its pointers (the strides of q, k and v, the sizes,
+    the scale and the compile-time constants), and its grid."""
+    b, height, width, heads, d = q.shape
+    tile_h, tile_w = NEIGHBORHOOD_TILE
+    tiles = -(-height // tile_h) * -(-width // tile_w)
+    args = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], heads, height, width, d, kernel_size, scale)
+    constants = dict(
+        TILE_H=tile_h,
+        TILE_W=tile_w,
+        BLOCK_D=1 << max(0, d - 1).bit_length(),
+        num_warps=NEIGHBORHOOD_NUM_WARPS,
+    )
+    return (tiles, b * heads), args, constants
+
+
+def _channels_contiguous(t: Tensor) -> Tensor:
+    """``t`` where its channels (last axis) are contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def neighborhood_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Neighbourhood attention's output and each query's log-sum-exp, in one Triton kernel.
+
+    The contract of the C++ forward kernel (``csrc/neighborhood_attention.cpp``): the logits of a
+    query and a key of its window are ``(scale * q).k`` plus the table's entry at their offset.
+
+    Args:
+        q (Tensor): ``(B, H, W, heads, d)`` float32 queries, any strides (a copy where the channels
+            are not contiguous).
+        k (Tensor): ``(B, H, W, heads, d)`` keys, as q.
+        v (Tensor): ``(B, H, W, heads, d)`` values, as q.
+        rpb (Tensor): ``(heads, 2k - 1, 2k - 1)`` float32 bias table.
+        kernel_size (int): Window size ``k`` (odd, at most H and W).
+        scale (float): Factor of the queries.
+
+    Returns:
+        tuple: The output, contiguous ``(B, H, W, heads, d)``, and the log-sum-exp
+        ``(B * heads, H * W)``.
+    """
+    q, k, v = (_channels_contiguous(t) for t in (q, k, v))
+    b, height, width, heads, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * heads, height * width, dtype=q.dtype, device=q.device)
+    grid, args, constants = _neighborhood_launch(q, k, v, kernel_size, scale)
+    forward, _, _ = _neighborhood_kernels()
+    forward[grid](q, k, v, rpb.contiguous(), out, lse, *args, **constants)
+    return out, lse
+
+
+def neighborhood_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, out: Tensor, lse: Tensor, kernel_size: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The gradients of :func:`neighborhood_attention_forward`, in two Triton kernels: one per tile
+    of queries (the gradients of q and of the table) and one per tile of keys (those of k and v).
+    Both recompute the probabilities from the log-sum-exp.
+
+    Args:
+        grad_out (Tensor): The output's gradient, ``(B, H, W, heads, d)``.
+        q, k, v, rpb, kernel_size, scale: As for :func:`neighborhood_attention_forward`.
+        out (Tensor): The forward pass's output.
+        lse (Tensor): ``(B * heads, H * W)`` log-sum-exp of the forward pass.
+
+    Returns:
+        tuple: The gradients of q, k and v, contiguous ``(B, H, W, heads, d)``, and of the table.
+    """
+    q, k, v = (_channels_contiguous(t) for t in (q, k, v))
+    grad_out = grad_out.contiguous()
+    delta = (grad_out * out).sum(-1).contiguous()  # D = rowsum(dO * O), (B, H, W, heads)
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    grad_rpb = torch.zeros(rpb.shape, dtype=rpb.dtype, device=rpb.device)
+    grid, args, constants = _neighborhood_launch(q, k, v, kernel_size, scale)
+    rpb, lse = rpb.contiguous(), lse.contiguous()
+    _, backward_queries, backward_keys = _neighborhood_kernels()
+    backward_queries[grid](q, k, v, rpb, grad_out, lse, delta, grad_q, grad_rpb, *args, **constants)
+    backward_keys[grid](q, k, v, rpb, grad_out, lse, delta, grad_k, grad_v, *args, **constants)
+    return grad_q, grad_k, grad_v, grad_rpb

@@ -18,9 +18,12 @@ place), and the logits' scale; it returns the output (and the gradients) contigu
 (B, H, W, heads, d), the layout of the projection that follows. The pytorch backend computes on
 (B * heads, H * W, d) copies; its tile slots are numbered tile by tile, row-major in each tile.
 
-Both backends keep only q, k, v, the output and the log-sum-exp of each query; the backward
+On the ``gpu-kernel`` backend Triton kernels visit each query's window exactly, tile by tile of
+pixels on the GPU (:mod:`~projects.dat.ops.gpu_kernels`), forward and backward.
+
+Every backend keeps only q, k, v, the output and the log-sum-exp of each query; the backward
 pass recomputes the probabilities (chunk by chunk of tile rows on the ``pytorch`` backend).
-Neither ever holds the (HW, k * k, d) windows.
+None ever holds the (HW, k * k, d) windows.
 """
 
 import functools
@@ -28,7 +31,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import cpu_kernels, torch_compat
+from . import cpu_kernels, gpu_kernels, torch_compat
 from .chunking import default_chunk_elements
 from .dispatch import attention_dtypes, select_backend
 from .reference import neighborhood_attention_reference, neighborhood_starts
@@ -38,8 +41,8 @@ from .reference import neighborhood_attention_reference, neighborhood_starts
 # buffers alive.
 NEIGHBORHOOD_CHUNK_ELEMENTS = 1 << 22
 NEIGHBORHOOD_CHUNK_BUFFERS = 3
-# What computes the operators (the backends of ops/dispatch.py but the reference; no GPU kernel).
-OPERATOR_BACKENDS = ('pytorch', 'cpu-kernel')
+# What computes the operators (the backends of ops/dispatch.py but the reference).
+OPERATOR_BACKENDS = ('pytorch', 'cpu-kernel', 'gpu-kernel')
 
 
 def neighborhood_tiles(
@@ -257,6 +260,18 @@ def _check_op_inputs(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: 
         )
 
 
+def _check_gpu_kernel(q: Tensor):
+    """Checks that the Triton kernels can run: float32 CUDA tensors (CPU ones in Triton's
+    interpreter)."""
+    gpu_kernels.check_inputs(
+        'dat::neighborhood_attention',
+        q.device,
+        q.dtype == torch.float32,
+        'float32 CUDA tensors',
+        f'{q.dtype} on {q.device}',
+    )
+
+
 def _required_kernels(q: Tensor):
     """The C++ kernels, for an operator told to use them (float32 CPU inputs)."""
     if q.device.type != 'cpu' or q.dtype != torch.float32:
@@ -277,6 +292,9 @@ def _neighborhood_attention_op(
     if backend == 'cpu-kernel':
         out, lse = _required_kernels(q).neighborhood_attention_forward(q, k, v, rpb, kernel_size, scale)
         return out, lse
+    if backend == 'gpu-kernel':
+        _check_gpu_kernel(q)
+        return gpu_kernels.neighborhood_attention_forward(q, k, v, rpb, kernel_size, scale)
     plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size, scale)
     bh, d = qf.shape[0], qf.shape[2]
     out_slots = q.new_empty(bh, plan.num_slots, d)
@@ -329,6 +347,9 @@ def _neighborhood_attention_backward_op(
             grad_out, q, k, v, rpb, out, lse, kernel_size, scale
         )
         return grad_q, grad_k, grad_v, grad_rpb_per_bh.view(-1, *rpb.shape).sum(0)
+    if backend == 'gpu-kernel':
+        _check_gpu_kernel(q)
+        return gpu_kernels.neighborhood_attention_backward(grad_out, q, k, v, rpb, out, lse, kernel_size, scale)
     plan, qf, kf, vf, table = _tiled(q, k, v, rpb, kernel_size, scale)
     bh = qf.shape[0]
     grad_out, out = _heads_first(grad_out), _heads_first(out)
@@ -426,7 +447,7 @@ def neighborhood_attention(
         Tensor: ``(B, heads, H, W, d)``.
     """
     dtype, acc = attention_dtypes(q, k, v)
-    backend = select_backend(impl, q.device, acc)
+    backend = select_backend(impl, q.device, acc, gpu_kernel=True)
     if backend == 'reference':  # checks nothing: shapes may be traced (ONNX export)
         return neighborhood_attention_reference(q if scale == 1.0 else q * scale, k, v, rpb, kernel_size)
     _, heads, h, w, _ = q.shape
