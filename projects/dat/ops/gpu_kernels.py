@@ -25,11 +25,11 @@ launching their kernels. These kernels compute the same arithmetic the way flash
   windows hold them). They read q, k and v in place (any strides, contiguous channels) and compute
   in float32, as the operator does for every input dtype but float64.
 
-The deformable kernels' products of float32 inputs run in IEEE float32 (no TF32), so they agree with the PyTorch
-path to float32 round-off (the table's gradient is summed in whatever order the additions to
-memory arrive, as the PyTorch path's scatter-adds on CUDA are); under autocast (half inputs) the
-logits of the product are rounded to the inputs' dtype, as the PyTorch path's half product
-returns them.
+The deformable kernels' products of float32 inputs run in IEEE float32 (no TF32), so they agree
+with the PyTorch path to float32 round-off (the table's gradient is summed in whatever order the
+additions to memory arrive, as the PyTorch path's scatter-adds on CUDA are); under autocast (half
+inputs) the logits of the product are rounded to the inputs' dtype, as the PyTorch path's half
+product returns them.
 
 The kernels are opt-in until they have run on a GPU: ``DAT_GPU_KERNELS=1`` turns them on
 (``tools/gpu_check.sh`` does, to test and time them). Triton is imported when a kernel is first
@@ -49,10 +49,10 @@ ENV_SWITCH = 'DAT_GPU_KERNELS'
 MIN_TRITON_MAJOR = 3
 INTERPRET_SWITCH = 'TRITON_INTERPRET'
 
-# Each deformable kernel's (queries, keys) per block and warps per program, whatever the map (a few compiled
-# variants, not one per size). With 32 channels per head (every DAT and DAT++ variant) none spills
-# registers on sm_90, for float32 or half inputs (tests/test_gpu_kernels.py compiles them); not
-# yet timed on a GPU.
+# Each deformable kernel's (queries, keys) per block and warps per program, whatever the map (a few
+# compiled variants, not one per size). With 32 channels per head (every DAT and DAT++ variant)
+# none spills registers on sm_90, for float32 or half inputs (tests/test_gpu_kernels.py compiles
+# them); not yet timed on a GPU.
 KERNEL_BLOCKS = dict(forward=(64, 32), backward_keys=(16, 64), backward_queries=(64, 32))
 NUM_WARPS = 8
 # The smallest channel block: the smallest side that Triton's products take.
