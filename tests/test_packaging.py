@@ -177,7 +177,7 @@ def test_install_requires_are_ranges_of_what_the_package_imports(metadata):
                 names = {alias.name for alias in node.names} | {(node.module or '').split('.')[-1]}
                 (eager_modules if node in top_level else lazy_modules).update(names)
     optional_files = {path for path in trees if path.stem in lazy_modules - eager_modules}
-    assert {path.stem for path in optional_files} == {'deformable_triton'}
+    assert {path.stem for path in optional_files} == {'deformable_triton', 'neighborhood_triton'}
     imported, optional = set(), set()
     for path, tree in trees.items():
         top_level = set(tree.body) if path not in optional_files else set()

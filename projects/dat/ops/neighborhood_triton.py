@@ -71,8 +71,9 @@ def query_offsets(query, length, kernel_size, valid):
 @triton.jit
 def key_offsets(key, length, kernel_size, valid):
     """A tile of keys' offsets along one axis: key minus query, over the queries whose windows
-    hold each key (those of ``[first, last]``; windows start no further than ``k // 2`` before
-    their query, except at the map's far end)."""
+    hold each key, ``first`` to ``last``: those within ``k // 2`` of it, and where it is within
+    ``k - 1`` of the map's start (end) also every query before (after) them, whose windows are
+    shifted inwards."""
     radius = kernel_size // 2
     first = tl.where(key - kernel_size + 1 <= 0, 0, key - kernel_size + 1 + radius)
     last = tl.where(key >= length - kernel_size, length - 1, key + radius)
