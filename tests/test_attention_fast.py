@@ -1098,7 +1098,7 @@ def test_is_autocast_enabled_per_device_type():
 
 # select_backend's table: (impl, where) -> backend, or the error it raises. 'cuda' is decided from
 # the device alone (no GPU needed); 'cuda_gpu_kernel' is an operator with a GPU kernel, Triton
-# taken as importable.
+# taken as importable; 'cuda_deterministic' the same under torch.use_deterministic_algorithms(True).
 _BACKEND_TABLE = {
     'reference': dict(
         kernels='reference',
@@ -1106,6 +1106,7 @@ _BACKEND_TABLE = {
         kernels_off='reference',
         cuda='reference',
         cuda_gpu_kernel='reference',
+        cuda_deterministic='reference',
         meta='reference',
         onnx='reference',
     ),
@@ -1115,6 +1116,7 @@ _BACKEND_TABLE = {
         kernels_off='pytorch',
         cuda='pytorch',
         cuda_gpu_kernel='gpu-kernel',
+        cuda_deterministic='pytorch',
         meta='reference',
         onnx='reference',
     ),
@@ -1124,6 +1126,7 @@ _BACKEND_TABLE = {
         kernels_off='pytorch',
         cuda='pytorch',
         cuda_gpu_kernel='gpu-kernel',
+        cuda_deterministic='pytorch',
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
@@ -1133,6 +1136,7 @@ _BACKEND_TABLE = {
         kernels_off='pytorch',
         cuda='pytorch',
         cuda_gpu_kernel='pytorch',
+        cuda_deterministic='pytorch',
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
@@ -1142,20 +1146,25 @@ _BACKEND_TABLE = {
         kernels_off=RuntimeError,
         cuda=RuntimeError,
         cuda_gpu_kernel=RuntimeError,
+        cuda_deterministic=RuntimeError,
         meta=RuntimeError,
         onnx=RuntimeError,
     ),
 }
 
 
-@pytest.mark.parametrize('where', ['kernels', 'float64', 'kernels_off', 'cuda', 'cuda_gpu_kernel', 'meta', 'onnx'])
+@pytest.mark.parametrize(
+    'where', ['kernels', 'float64', 'kernels_off', 'cuda', 'cuda_gpu_kernel', 'cuda_deterministic', 'meta', 'onnx']
+)
 @pytest.mark.parametrize('impl', ATTN_IMPLS)
 def test_select_backend_follows_its_table(impl, where, monkeypatch, require_cpu_kernels):
     if where == 'kernels':
         require_cpu_kernels()
-    gpu_kernel = where == 'cuda_gpu_kernel'
+    gpu_kernel = where in ('cuda_gpu_kernel', 'cuda_deterministic')
     if gpu_kernel:
         monkeypatch.setattr(dispatch, 'gpu_kernels_available', lambda: True)
+    if where == 'cuda_deterministic':
+        monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
     device = torch.device('cuda' if gpu_kernel else where if where in ('cuda', 'meta') else 'cpu')
     dtype = torch.float64 if where == 'float64' else None
     if where == 'kernels_off':

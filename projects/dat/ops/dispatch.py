@@ -26,7 +26,8 @@ an implementation ``impl`` (the backbone's ``attn_impl``, one of :data:`ATTN_IMP
   (:mod:`~projects.dat.ops.cpu_kernels`; ``DAT_CPU_KERNELS=0`` turns them off).
 - ``gpu-kernel``: the same operators computed by Triton kernels on CUDA
   (:mod:`~projects.dat.ops.gpu_kernels`; deformable and neighbourhood attention), where
-  ``DAT_GPU_KERNELS=1`` turns them on (opt-in until they have run on a GPU).
+  ``DAT_GPU_KERNELS=1`` turns them on (opt-in until they have run on a GPU), except under
+  ``torch.use_deterministic_algorithms(True)``: they sum the tables' gradients in no fixed order.
 
 The compute dtype is what the operator computes its softmax (or conv) in: float32 for float32,
 float16 and bfloat16 attention inputs, float64 for float64 ones, and for the convs (the ConvFFN
@@ -130,6 +131,14 @@ def select_backend(impl: str, device: torch.device, compute_dtype: torch.dtype, 
             f"attn_impl='cpu-kernel' cannot run the C++ CPU kernels here: {reason}; use "
             "attn_impl='fast' to fall back to PyTorch"
         )
-    if gpu_kernel and device.type == 'cuda' and compute_dtype == torch.float32 and gpu_kernels_available():
+    # The GPU kernels add the tables' gradients with atomic adds, in no fixed order: where PyTorch
+    # was asked for deterministic algorithms, its operators run instead.
+    if (
+        gpu_kernel
+        and device.type == 'cuda'
+        and compute_dtype == torch.float32
+        and not torch.are_deterministic_algorithms_enabled()
+        and gpu_kernels_available()
+    ):
         return 'gpu-kernel'
     return 'pytorch'
