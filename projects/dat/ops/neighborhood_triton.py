@@ -105,9 +105,19 @@ def load_channels(ptr, pixel, offs_d, mask):
 
 
 @triton.jit
-def table_entry(dy, dx, kernel_size):
-    """The flat index, in a head's ``(2k - 1, 2k - 1)`` table, of the bias of offset ``(dy, dx)``."""
-    return (dy + kernel_size - 1) * (2 * kernel_size - 1) + dx + kernel_size - 1
+def table_entry(h, dy, dx, kernel_size):
+    """The flat index, in the ``(heads, 2k - 1, 2k - 1)`` table, of head h's bias of offset
+    ``(dy, dx)``."""
+    table = 2 * kernel_size - 1
+    return (h * table + dy + kernel_size - 1) * table + dx + kernel_size - 1
+
+
+@triton.jit
+def softmax_backward(q, k, v, grad_out, bias, lse, delta, pair):
+    """A block of pairs' probabilities P, recomputed from each query's log-sum-exp, and the
+    logits' gradient dS = P * (dO.v - D)."""
+    probs = tl.where(pair, tl.exp(tl.sum(q * k, 1) + bias - lse), 0.0)
+    return probs, probs * (tl.sum(grad_out * v, 1) - delta)
 
 
 @triton.jit
@@ -118,13 +128,13 @@ def keys_at_offset(
     b, h, qy, qx, dy, dx, height, width, d, kernel_size, offs_d,
 ):  # fmt: skip
     """A tile of queries' pairs at offset ``(dy, dx)``: which count, the channels of k and v of
-    their keys, and their entry in the head's table."""
+    their keys, and their entry in the table (:func:`table_entry`)."""
     ky, kx = qy + dy, qx + dx
     pair = pair_counts(qy, qx, ky, kx, height, width, kernel_size)
     key_block = pair[:, None] & (offs_d < d)[None, :]
     k = load_channels(k_ptr, pixels(k_stride_b, k_stride_y, k_stride_x, k_stride_h, b, h, ky, kx), offs_d, key_block)
     v = load_channels(v_ptr, pixels(v_stride_b, v_stride_y, v_stride_x, v_stride_h, b, h, ky, kx), offs_d, key_block)
-    return pair, k, v, table_entry(dy, dx, kernel_size)
+    return pair, k, v, table_entry(h, dy, dx, kernel_size)
 
 
 @triton.jit
@@ -157,8 +167,6 @@ def forward(
     b, h, qy, qx, valid_q, offs_d, query_block = tile_of_program(heads, height, width, d, TILE_H, TILE_W, BLOCK_D)
     query = pixels(q_stride_b, q_stride_y, q_stride_x, q_stride_h, b, h, qy, qx)
     q = load_channels(q_ptr, query, offs_d, query_block) * scale
-    table = 2 * kernel_size - 1
-    head_table = rpb_ptr + h * table * table
     running_max = tl.full([TILE_H * TILE_W], float('-inf'), tl.float32)
     running_sum = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
@@ -171,7 +179,7 @@ def forward(
                 v_stride_b, v_stride_y, v_stride_x, v_stride_h,
                 b, h, qy, qx, dy, dx, height, width, d, kernel_size, offs_d,
             )  # fmt: skip
-            logits = tl.where(pair, tl.sum(q * k, 1) + tl.load(head_table + entry), float('-inf'))
+            logits = tl.where(pair, tl.sum(q * k, 1) + tl.load(rpb_ptr + entry), float('-inf'))
             new_max = tl.maximum(running_max, logits)
             # Queries with no pair yet keep a maximum of -inf; shifting them by 0 keeps their sums 0.
             # A NaN logit makes its query's sum, and so its output, NaN, as on the other paths.
@@ -204,8 +212,6 @@ def backward_queries(
         q_ptr, grad_out_ptr, lse_ptr, delta_ptr, q_stride_b, q_stride_y, q_stride_x, q_stride_h,
         heads, height, width, d, b, h, qy, qx, scale, offs_d, valid_q,
     )  # fmt: skip
-    table = 2 * kernel_size - 1
-    head_table = h * table * table
     grad_q = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     first_y, end_y = query_offsets(qy, height, kernel_size, valid_q)
     first_x, end_x = query_offsets(qx, width, kernel_size, valid_q)
@@ -216,10 +222,9 @@ def backward_queries(
                 v_stride_b, v_stride_y, v_stride_x, v_stride_h,
                 b, h, qy, qx, dy, dx, height, width, d, kernel_size, offs_d,
             )  # fmt: skip
-            probs = tl.where(pair, tl.exp(tl.sum(q * k, 1) + tl.load(rpb_ptr + head_table + entry) - lse), 0.0)
-            grad_logits = probs * (tl.sum(grad_out * v, 1) - delta)  # dS = P * (dO.v - D)
+            _, grad_logits = softmax_backward(q, k, v, grad_out, tl.load(rpb_ptr + entry), lse, delta, pair)
             grad_q += grad_logits[:, None] * k
-            tl.atomic_add(grad_rpb_ptr + head_table + entry, tl.sum(grad_logits, 0))
+            tl.atomic_add(grad_rpb_ptr + entry, tl.sum(grad_logits, 0))
     dense_query = dense_pixels(heads, height, width, d, b, h, qy, qx)
     tl.store(grad_q_ptr + dense_query[:, None] + offs_d[None, :], grad_q * scale, mask=query_block)
 
@@ -238,8 +243,6 @@ def backward_keys(
     b, h, ky, kx, valid_k, offs_d, key_block = tile_of_program(heads, height, width, d, TILE_H, TILE_W, BLOCK_D)
     k = load_channels(k_ptr, pixels(k_stride_b, k_stride_y, k_stride_x, k_stride_h, b, h, ky, kx), offs_d, key_block)
     v = load_channels(v_ptr, pixels(v_stride_b, v_stride_y, v_stride_x, v_stride_h, b, h, ky, kx), offs_d, key_block)
-    table = 2 * kernel_size - 1
-    head_table = rpb_ptr + h * table * table
     grad_k = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     grad_v = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     first_y, end_y = key_offsets(ky, height, kernel_size, valid_k)
@@ -252,9 +255,8 @@ def backward_keys(
                 q_ptr, grad_out_ptr, lse_ptr, delta_ptr, q_stride_b, q_stride_y, q_stride_x, q_stride_h,
                 heads, height, width, d, b, h, qy, qx, scale, offs_d, pair,
             )  # fmt: skip
-            bias = tl.load(head_table + table_entry(dy, dx, kernel_size))
-            probs = tl.where(pair, tl.exp(tl.sum(q * k, 1) + bias - lse), 0.0)
-            grad_logits = probs * (tl.sum(grad_out * v, 1) - delta)
+            bias = tl.load(rpb_ptr + table_entry(h, dy, dx, kernel_size))
+            probs, grad_logits = softmax_backward(q, k, v, grad_out, bias, lse, delta, pair)
             grad_v += probs[:, None] * grad_out
             grad_k += grad_logits[:, None] * q
     dense_key = dense_pixels(heads, height, width, d, b, h, ky, kx)[:, None] + offs_d[None, :]
