@@ -1,10 +1,11 @@
 """tools/gpu_check.sh: its dry run on CPU (the steps of the GPU run, small), and its helpers.
 
 The dry run runs without the wheels' install step (this environment has everything): the
-environment probe, a few CPU cases of the device-parametrised tests, the backbone benchmark
-(DAT-T++ reference, PyTorch and fast path, Swin-T; fwd and fwd+bwd; fp32 and AMP) at tiny sizes with one
-timed iteration, the profile of a training step and, since mmcv's ops are compiled here, the
-demo detector's training step; mmdet's inference benchmark runs on CUDA only and is skipped.
+environment probe, a few CPU cases of the device-parametrised tests, the attention operators alone
+(PyTorch against the C++ kernels), the backbone benchmark (DAT-T++ reference, PyTorch and fast
+path, Swin-T; fwd and fwd+bwd; fp32 and AMP) at tiny sizes with one timed iteration, the profile
+of a training step and, since mmcv's ops are compiled here, the demo detector's training step;
+mmdet's inference benchmark runs on CUDA only and is skipped.
 """
 
 import importlib.util
@@ -54,6 +55,13 @@ def test_dry_run_passes_every_step(dry_run):
     assert report['imports']['projects.dat']['ok'] and report['imports']['mmcv.ops']['ok']
     tests = steps['tests']
     assert tests['status'] == 'passed' and tests['passed'] > 0 and tests['failed'] == 0, tests
+    assert steps['kernels']['status'] == 'passed' and steps['kernels']['measurements'] > 0, steps['kernels']
+    kernel_totals = {(t['op'], t['backend']) for t in report['kernels']['totals']}
+    assert kernel_totals == {(op, b) for op in ('deformable', 'neighborhood') for b in ('pytorch', 'cpu-kernel')}
+    # In order of importance: the kernels before the benchmark, the AMP benchmark after the profile.
+    names = list(steps)
+    assert names.index('kernels') < names.index('benchmark:fp32:datpp-t:reference') < names.index('profile')
+    assert names.index('profile') < names.index('benchmark:amp:datpp-t:reference')
     benchmark_steps = [name for name in steps if name.startswith('benchmark:')]
     assert len(benchmark_steps) == 6 and all(steps[name]['status'] == 'passed' for name in benchmark_steps)
     assert steps['profile']['status'] == 'passed' and steps['profile']['cases'] == 3, steps['profile']

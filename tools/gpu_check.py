@@ -4,30 +4,36 @@ every figure. ``tools/gpu_check.sh`` installs the carried wheels first and runs 
 
 First run on a GPU (one H200, torch 2.11) on 2026-12-04, at 2d48c45: every step passed but one
 test case, whose tolerance was fixed since; results in ``docs/benchmarks.md``. The ``profile``
-step was added after that run and has run on CPU only (``--device cpu``).
+step and the ``kernels`` step were added after that run and have run on CPU only (``--device
+cpu``).
 
 Steps, in order of importance, each with its own time limit inside an overall budget
 (``--budget-s``; a step that no longer fits is skipped and says so). The JSON is rewritten after
 every step, so a run stopped from outside keeps what it did.
 
 1. ``environment``: Python, torch, CUDA, the GPU, and which packages import (``mmcv.ops`` decides
-   step 4; ``mmdet``'s models decide which Swin-T the benchmark builds).
+   step 6; ``mmdet``'s models decide which Swin-T the benchmark builds).
 2. ``tests``: the ``cuda`` cases of ``tests/test_attention_fast.py``, ``tests/test_layers.py`` and
    ``tests/test_backbone.py`` (fast paths against the reference: forward, backward, AMP,
    ``with_cp``, odd sizes; TF32 off), with pytest.
-3. ``benchmark``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference path, fast path
+3. ``kernels``: ``tools/analysis_tools/benchmark_kernels.py``, DAT-T++'s attention operators
+   alone at the arguments of its 1344x800 forward pass, the PyTorch backend against the Triton
+   kernels (the check sets ``DAT_GPU_KERNELS=1`` for every step), forward and forward+backward,
+   with their differences; then the kernels at the other block sizes of its ``TUNING``: the
+   evidence for making each operator's kernels the default on CUDA and for their block sizes.
+4. ``benchmark:fp32:*``: ``tools/analysis_tools/benchmark.py``, DAT-T++ reference path, fast path
    computed in PyTorch (``datpp-t:pytorch``) and fast path (``datpp-t:fast``: the D and N ops in
-   their Triton kernels where Triton imports; the check sets ``DAT_GPU_KERNELS=1`` for every step),
-   and Swin-T (mmdet's, or timm's where mmdet cannot be imported: ``swin_t`` in the JSON says
-   which), at 1344x800@1 and 224@64, fwd and fwd+bwd, fp32 and AMP (fp16 on CUDA), latency and
-   peak CUDA memory; then the ratios of the fast path to the reference, to the PyTorch path and
-   to Swin-T. Each model set runs in one process (``--no-isolate``): a worker process per
-   measurement would start CUDA 24 times, a large part of the budget; on a GPU the caching
-   allocator counts each model's peak apart all the same.
-4. ``profile``: ``tools/analysis_tools/profile_ops.py``, one training step (fwd+bwd, fp32) of
+   their Triton kernels where Triton imports), and Swin-T (mmdet's, or timm's where mmdet cannot
+   be imported: ``swin_t`` in the JSON says which), at 1344x800@1 and 224@64, fwd and fwd+bwd,
+   latency and peak CUDA memory; then the ratios of the fast path to the reference, to the
+   PyTorch path and to Swin-T. Each model set runs in one process (``--no-isolate``): a worker
+   process per measurement would start CUDA 24 times, a large part of the budget; on a GPU the
+   caching allocator counts each model's peak apart all the same.
+5. ``profile``: ``tools/analysis_tools/profile_ops.py``, one training step (fwd+bwd, fp32) of
    DAT-T++'s fast path, its PyTorch path and Swin-T under ``torch.profiler``: the device time of each operator,
    module class and backward node, the device's busy time and kernel count per step.
-5. ``detector_train`` and ``mmdet_benchmark``: where ``import mmcv.ops`` works, two training
+6. ``benchmark:amp:*``: step 4 under AMP (fp16 on CUDA).
+7. ``detector_train`` and ``mmdet_benchmark``: where ``import mmcv.ops`` works, two training
    iterations of the demo DAT++ Mask R-CNN (``configs/demo``, synthetic COCO) with
    ``tools/train.py``, then ``mim run mmdet benchmark`` (mmdet's inference benchmark, CUDA only)
    on its checkpoint; else both are skipped, saying why.
@@ -63,6 +69,7 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ('tests/test_attention_fast.py', 'tests/test_layers.py', 'tests/test_backbone.py')
 BENCHMARK = 'tools/analysis_tools/benchmark.py'
+KERNELS = 'tools/analysis_tools/benchmark_kernels.py'
 PROFILE = 'tools/analysis_tools/profile_ops.py'
 # In one process, in this order: GPU kernels failing on their first GPU (the fast path, last) do
 # not cost the other profiles.
@@ -102,6 +109,8 @@ class Plan:
     repeats: int
     bench_threads: int | None  # CPU threads of the benchmark and the profile (None: torch's default)
     profile_input: str
+    kernels_input: str  # the input whose attention calls the kernels step times
+    kernels_tune: bool  # also the GPU kernels' other block sizes
     det_iters: int  # training iterations of the demo detector
     det_val_images: int  # synthetic validation images (mmdet's benchmark needs as many as its iterations)
     mmdet_bench_iters: int
@@ -118,6 +127,8 @@ PLANS = {
         repeats=8,
         bench_threads=None,
         profile_input='1344x800@1',
+        kernels_input='1344x800@1',
+        kernels_tune=True,
         det_iters=2,
         det_val_images=30,
         mmdet_bench_iters=25,
@@ -125,6 +136,7 @@ PLANS = {
         limits=dict(
             environment=60,
             tests=210,
+            kernels=90,
             benchmark=110,
             profile=90,
             detector_data=60,
@@ -140,6 +152,8 @@ PLANS = {
         repeats=1,
         bench_threads=1,  # tiny inputs: a second thread only waits, and slows down on a busy machine
         profile_input='48x32@2',
+        kernels_input='48x32@2',
+        kernels_tune=False,  # the GPU kernels run on CUDA (on CPU only in Triton's slow interpreter)
         det_iters=1,
         det_val_images=2,
         mmdet_bench_iters=2,
@@ -147,6 +161,7 @@ PLANS = {
         limits=dict(
             environment=60,
             tests=120,
+            kernels=60,
             benchmark=90,
             profile=60,
             detector_data=60,
@@ -212,7 +227,7 @@ class Run:
         self.env.setdefault(GPU_KERNELS_SWITCH, '1')
         self.report: dict[str, Any] = dict(
             check='tools/gpu_check.sh',
-            note='first run on a GPU on 2026-12-04 (H200); the profile step has run on CPU only before',
+            note='first run on a GPU on 2026-12-04 (H200); the profile and kernels steps have run on CPU only before',
             device=device,
             dry_run=device != 'cuda',
             started=time.strftime('%Y-%m-%d %H:%M:%S %z'),
@@ -439,39 +454,70 @@ def step_tests(run: Run) -> None:
     )
 
 
-def step_benchmark(run: Run) -> None:
-    """One benchmark.py process per precision and model set; each one's JSON holds what it
+def step_kernels(run: Run) -> None:
+    """DAT-T++'s attention operators alone: the PyTorch backend against the kernels (Triton on
+    CUDA, C++ on CPU), and on CUDA the Triton kernels' other block sizes."""
+    limit = run.time_for('kernels')
+    if limit is None:
+        return
+    path = run.scratch / 'kernels.json'
+    plan = run.plan
+    cmd = [sys.executable, KERNELS, '--arch', 'datpp-t', '--input', plan.kernels_input, '--device', run.device]
+    cmd += ['--warmup', str(min(plan.warmup, 2)), '--repeats', str(min(plan.repeats, 5)), '--json', str(path)]
+    cmd += ['--tune'] if plan.kernels_tune else []
+    cmd += ['--threads', str(plan.bench_threads)] if plan.bench_threads else []
+    result = run.command('kernels', cmd, limit)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    run.report['kernels'] = {key: data[key] for key in ('calls', 'rows', 'totals') if key in data}
+    rows = data.get('rows', [])
+    failed = [row for row in rows if 'error' in row or row.get('agrees') is False]
+    status = outcome(result)
+    reason = None
+    if status == 'passed' and (failed or not rows):
+        status, reason = 'failed', f'{len(failed)} of {len(rows)} measurements failed or disagree'
+    run.record('kernels', status=status, seconds=result['seconds'], reason=reason, measurements=len(rows))
+
+
+def _benchmark(run: Run, amp: bool) -> None:
+    """One benchmark.py process per model set, at one precision; each one's JSON holds what it
     measured, also when it was stopped."""
-    all_results: list[dict[str, Any]] = []
-    machine = None
-    for amp in (False, True):
-        for models in MODEL_SETS:
-            step = f'benchmark:{"amp" if amp else "fp32"}:{models[0]}'
-            limit = run.time_for(step)
-            if limit is None:
-                continue
-            path = run.scratch / f'bench_{len(all_results)}_{"amp" if amp else "fp32"}_{models[0]}.json'
-            cmd = [sys.executable, BENCHMARK, '--models', *models, '--inputs', *run.plan.bench_inputs]
-            cmd += ['--modes', 'fwd', 'fwd+bwd', '--device', run.device, '--warmup', str(run.plan.warmup)]
-            # MACs depend on the input alone: a CPU run of benchmark.py counts them.
-            cmd += ['--repeats', str(run.plan.repeats), '--no-isolate', '--no-macs', '--json', str(path)]
-            cmd += ['--amp'] if amp else []
-            cmd += ['--threads', str(run.plan.bench_threads)] if run.plan.bench_threads else []
-            result = run.command(step, cmd, limit)
-            data = json.loads(path.read_text()) if path.is_file() else {}
-            results = data.get('results', [])
-            machine = machine or data.get('machine')
-            all_results += results
-            expected = len(models) * len(run.plan.bench_inputs) * 2
-            status = outcome(result)
-            reason = None if len(results) == expected else f'{len(results)} of {expected} measurements'
-            run.report['benchmark'] = dict(machine=machine, results=all_results, ratios=ratios(all_results))
-            sources = {r['model_source'] for r in all_results if r['job']['model'] == 'swin-t'}
-            if sources:
-                run.report['swin_t'] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
-            run.record(step, status=status, seconds=result['seconds'], reason=reason, measurements=len(results))
+    all_results: list[dict[str, Any]] = run.report.get('benchmark', {}).get('results', [])
+    machine = run.report.get('benchmark', {}).get('machine')
+    for models in MODEL_SETS:
+        step = f'benchmark:{"amp" if amp else "fp32"}:{models[0]}'
+        limit = run.time_for(step)
+        if limit is None:
+            continue
+        path = run.scratch / f'bench_{len(all_results)}_{"amp" if amp else "fp32"}_{models[0]}.json'
+        cmd = [sys.executable, BENCHMARK, '--models', *models, '--inputs', *run.plan.bench_inputs]
+        cmd += ['--modes', 'fwd', 'fwd+bwd', '--device', run.device, '--warmup', str(run.plan.warmup)]
+        # MACs depend on the input alone: a CPU run of benchmark.py counts them.
+        cmd += ['--repeats', str(run.plan.repeats), '--no-isolate', '--no-macs', '--json', str(path)]
+        cmd += ['--amp'] if amp else []
+        cmd += ['--threads', str(run.plan.bench_threads)] if run.plan.bench_threads else []
+        result = run.command(step, cmd, limit)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        results = data.get('results', [])
+        machine = machine or data.get('machine')
+        all_results += results
+        expected = len(models) * len(run.plan.bench_inputs) * 2
+        status = outcome(result)
+        reason = None if len(results) == expected else f'{len(results)} of {expected} measurements'
+        run.report['benchmark'] = dict(machine=machine, results=all_results, ratios=ratios(all_results))
+        sources = {r['model_source'] for r in all_results if r['job']['model'] == 'swin-t'}
+        if sources:
+            run.report['swin_t'] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
+        run.record(step, status=status, seconds=result['seconds'], reason=reason, measurements=len(results))
     if all_results:
         run.report['benchmark']['table'] = results_table(all_results)
+
+
+def step_benchmark_fp32(run: Run) -> None:
+    _benchmark(run, amp=False)
+
+
+def step_benchmark_amp(run: Run) -> None:
+    _benchmark(run, amp=True)
 
 
 def step_profile(run: Run) -> None:
@@ -592,6 +638,10 @@ def step_mmdet_benchmark(run: Run, checkpoint: Path, options: list[str]) -> None
     )
 
 
+# After the environment, in order of importance (the module docstring).
+STEPS = (step_tests, step_kernels, step_benchmark_fp32, step_profile, step_benchmark_amp, step_detector)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', choices=sorted(PLANS), default='cuda', help='cuda, or cpu for the dry run')
@@ -612,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             step_environment(run)
             if run.report['steps'].get('environment', {}).get('status') == 'passed':
-                for step in (step_tests, step_benchmark, step_profile, step_detector):
+                for step in STEPS:
                     try:
                         step(run)
                     except Exception as exc:  # a bug of this script must not cost the later steps
@@ -629,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fields in steps.items():
         extra = f' ({fields["reason"]})' if fields.get('reason') else ''
         print(f'  {name}: {fields["status"]}{extra}')
+    for total in run.report.get('kernels', {}).get('totals', []):
+        print(f'  kernels {total}')
     if 'benchmark' in run.report:
         print(run.report['benchmark'].get('table', ''))
         for row in run.report['benchmark']['ratios']:
