@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -298,9 +299,13 @@ class Report:
         return totals
 
     def write(self) -> None:
+        """Rewrite the JSON file whole (a reader never sees half of it, also when this process is
+        killed while writing)."""
         if self.path:
-            with open(self.path, 'w') as f:
+            tmp = f'{self.path}.tmp'
+            with open(tmp, 'w') as f:
                 json.dump(dict(self.meta, calls=self.calls, rows=self.rows, totals=self.totals()), f, indent=1)
+            os.replace(tmp, self.path)
 
 
 def format_totals(totals: Sequence[dict[str, Any]]) -> str:
