@@ -95,3 +95,10 @@ def test_gpu_kernels_must_be_turned_on(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         benchmark_kernels.parse_args(['--device', 'cuda'])
     assert f'set {gpu_kernels.ENV_SWITCH}=1' in capsys.readouterr().err
+
+
+def test_time_limit_stops_starting_measurements():
+    calls = benchmark_kernels.record_calls('datpp-t', 32, 32, 1, 'cpu')
+    report = benchmark_kernels.Report(None, {}, calls)
+    benchmark_kernels.run_measurements(calls, ['pytorch'], False, 0, 1, report, time_limit_s=0.0)
+    assert report.rows == [] and report.meta['not_measured'] == len(calls)

@@ -14,7 +14,8 @@ compares each backend's output and gradients with those of the first backend.
 ``--tune`` also times the GPU kernels at the block sizes of :data:`TUNING` (after every call has
 run at the launchers' own, so that a run stopped early keeps the comparison of the backends).
 Each setting replaces constants of :mod:`projects.dat.ops.gpu_kernels` in this process for its
-measurements and restores them after.
+measurements and restores them after. ``--time-limit-s`` stops starting measurements after that
+time (the JSON's ``not_measured`` counts what was left).
 
 Reports per call and setting the milliseconds and the differences of the output and of each
 gradient from the first backend's (relative to their magnitudes: :data:`AGREEMENT`), and per
@@ -325,45 +326,72 @@ def format_totals(totals: Sequence[dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-def run_measurements(
-    calls: Sequence[Call], backends: Sequence[str], tune: bool, warmup: int, repeats: int, report: Report
-) -> None:
-    """Every call with every backend at the launchers' block sizes, then (``tune``) every call with
-    the GPU kernels at each of :data:`TUNING`'s settings; each compared with the first backend."""
-    reference: dict[int, list[torch.Tensor]] = {}
-    # (backend, setting, the operator whose kernels the setting tunes: None for every operator)
-    plan = [(backend, Setting({}), None) for backend in backends]
+def measurement_plan(calls: Sequence[Call], backends: Sequence[str], tune: bool) -> list[tuple[str, Setting, int]]:
+    """``(backend, setting, call index)`` in the order of measurement: every call with every backend
+    at the launchers' block sizes, then (``tune``) every call with the GPU kernels at each of
+    :data:`TUNING`'s settings for its operator."""
+    plan = [(backend, Setting({}), index) for backend in backends for index in range(len(calls))]
     if tune:
-        ops = dict.fromkeys(call.op for call in calls)
-        plan += [('gpu-kernel', Setting(constants), op) for op in ops for constants in TUNING[op]]
-    for backend, setting, tuned_op in plan:
-        for index, call in enumerate(calls):
-            if tuned_op not in (None, call.op):
-                continue
-            row = dict(call=index, op=call.op, backend=backend, setting=setting.label())
-            try:
-                with setting:
-                    times, results = measure(call, backend, warmup, repeats)
-            except Exception as exc:  # a backend that cannot run here, a kernel that does not compile
-                row['error'] = f'{type(exc).__name__}: {exc}'[:500]
-                print(f'  {call.describe()}: {backend} {setting.label()}: {row["error"]}', flush=True)
-                report.add(row)
-                continue
-            row.update({k: round(v, 3) for k, v in times.items()})
-            if index in reference:
-                diffs = differences(results, reference[index])
-                row['differences'] = dict(zip(result_names(call.op), diffs, strict=True))
-                row['largest_difference'] = max(diffs)
-                row['agrees'] = row['largest_difference'] <= AGREEMENT
-            else:
-                reference[index] = results
-            print(
-                f'  {call.describe()} x{call.count}: {backend} {setting.label()}: forward {row["fwd_ms"]:.2f} ms, '
-                f'forward+backward {row["fwd_bwd_ms"]:.2f} ms'
-                + (f', largest difference {row["largest_difference"]:.1e}' if 'largest_difference' in row else ''),
-                flush=True,
-            )
+        for op in dict.fromkeys(call.op for call in calls):
+            for constants in TUNING[op]:
+                plan += [('gpu-kernel', Setting(constants), i) for i, call in enumerate(calls) if call.op == op]
+    return plan
+
+
+def run_measurements(
+    calls: Sequence[Call],
+    backends: Sequence[str],
+    tune: bool,
+    warmup: int,
+    repeats: int,
+    report: Report,
+    time_limit_s: float | None = None,
+) -> None:
+    """Measures the :func:`measurement_plan`, each result compared with the first backend's.
+
+    Args:
+        calls (Sequence[Call]): The recorded calls.
+        backends (Sequence[str]): The backends, the first the reference of the comparisons.
+        tune (bool): Also the GPU kernels at :data:`TUNING`'s settings.
+        warmup (int): Untimed calls before the timed ones.
+        repeats (int): Timed calls.
+        report (Report): Where the rows go.
+        time_limit_s (float, optional): Start no measurement after this many seconds; the rest is
+            counted in the report's ``not_measured``.
+    """
+    reference: dict[int, list[torch.Tensor]] = {}
+    plan = measurement_plan(calls, backends, tune)
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    for done, (backend, setting, index) in enumerate(plan):
+        if deadline is not None and time.monotonic() > deadline:
+            report.meta['not_measured'] = len(plan) - done
+            print(f'Time limit of {time_limit_s:.0f} s: {len(plan) - done} of {len(plan)} not measured', flush=True)
+            break
+        call = calls[index]
+        row = dict(call=index, op=call.op, backend=backend, setting=setting.label())
+        try:
+            with setting:
+                times, results = measure(call, backend, warmup, repeats)
+        except Exception as exc:  # a backend that cannot run here, a kernel that does not compile
+            row['error'] = f'{type(exc).__name__}: {exc}'[:500]
+            print(f'  {call.describe()}: {backend} {setting.label()}: {row["error"]}', flush=True)
             report.add(row)
+            continue
+        row.update({k: round(v, 3) for k, v in times.items()})
+        if index in reference:
+            diffs = differences(results, reference[index])
+            row['differences'] = dict(zip(result_names(call.op), diffs, strict=True))
+            row['largest_difference'] = max(diffs)
+            row['agrees'] = row['largest_difference'] <= AGREEMENT
+        else:
+            reference[index] = results
+        print(
+            f'  {call.describe()} x{call.count}: {backend} {setting.label()}: forward {row["fwd_ms"]:.2f} ms, '
+            f'forward+backward {row["fwd_bwd_ms"]:.2f} ms'
+            + (f', largest difference {row["largest_difference"]:.1e}' if 'largest_difference' in row else ''),
+            flush=True,
+        )
+        report.add(row)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -383,6 +411,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls before the timed ones')
     parser.add_argument('--repeats', type=int, default=5, help='timed calls (their median is reported)')
     parser.add_argument('--threads', type=int, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        '--time-limit-s', type=float, help='start no measurement after this many seconds (the rest is not measured)'
+    )
     parser.add_argument('--json', help='write the calls and every measurement to this file')
     args = parser.parse_args(argv)
     if args.backends is None:
@@ -404,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     calls = [c for c in record_calls(args.arch, width, height, batch, args.device) if c.op in args.ops]
     report = Report(args.json, dict(machine=machine, args=vars(args)), calls)
     print(f'{args.arch} at {args.input}: {len(calls)} distinct attention calls', flush=True)
-    run_measurements(calls, args.backends, args.tune, args.warmup, args.repeats, report)
+    run_measurements(calls, args.backends, args.tune, args.warmup, args.repeats, report, args.time_limit_s)
     report.write()
     totals = report.totals()
     print(format_totals(totals), flush=True)
