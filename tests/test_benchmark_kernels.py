@@ -68,7 +68,12 @@ def test_backends_agree_and_totals_weigh_calls_by_count(tmp_path, capsys):
         rows = [r for r in data['rows'] if (r['op'], r['backend']) == (total['op'], total['backend'])]
         expected = sum(data['calls'][r['call']]['count'] * r['fwd_bwd_ms'] for r in rows)
         assert total['fwd_bwd_ms'] == pytest.approx(expected, rel=1e-6, abs=1e-3)
-    assert '| deformable | cpu-kernel | default |' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '| deformable | cpu-kernel | default |' in out and 'Fastest deformable cpu-kernel: default' in out
+    assert {(b['op'], b['backend']) for b in data['fastest']} == {
+        ('deformable', 'cpu-kernel'),
+        ('neighborhood', 'cpu-kernel'),
+    }
 
 
 def test_tuning_settings_apply_to_their_operator_and_are_undone(monkeypatch):
@@ -102,3 +107,27 @@ def test_time_limit_stops_starting_measurements():
     report = benchmark_kernels.Report(None, {}, calls)
     benchmark_kernels.run_measurements(calls, ['pytorch'], False, 0, 1, report, time_limit_s=0.0)
     assert report.rows == [] and report.meta['not_measured'] == len(calls)
+
+
+def test_fastest_settings_pick_the_quickest_agreeing_setting_per_backend():
+    def total(backend, setting, fwd, step, diff=0.0):
+        return dict(
+            op='neighborhood', backend=backend, setting=setting, fwd_ms=fwd, fwd_bwd_ms=step, largest_difference=diff
+        )
+
+    totals = [
+        total('pytorch', 'default', 10.0, 40.0),
+        total('gpu-kernel', 'default', 4.0, 20.0, 1e-6),
+        total('gpu-kernel', 'NEIGHBORHOOD_TILE=(4, 8)', 3.0, 10.0, 1e-2),  # quicker, but wrong
+        total('gpu-kernel', 'NEIGHBORHOOD_TILE=(4, 16)', 5.0, 16.0, 1e-6),
+    ]
+    assert benchmark_kernels.fastest_settings(totals) == [
+        dict(
+            op='neighborhood',
+            backend='gpu-kernel',
+            setting='NEIGHBORHOOD_TILE=(4, 16)',
+            fwd_bwd_ms=16.0,
+            fwd_over_first=0.5,
+            fwd_bwd_over_first=0.4,
+        )
+    ]

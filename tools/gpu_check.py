@@ -471,7 +471,7 @@ def step_kernels(run: Run) -> None:
     cmd += ['--threads', str(plan.bench_threads)] if plan.bench_threads else []
     result = run.command('kernels', cmd, limit)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    run.report['kernels'] = {key: data[key] for key in ('calls', 'rows', 'totals') if key in data}
+    run.report['kernels'] = {key: data[key] for key in ('calls', 'rows', 'totals', 'fastest') if key in data}
     rows = data.get('rows', [])
     failed = [row for row in rows if 'error' in row or row.get('agrees') is False]
     not_measured = data.get('not_measured', 0)
@@ -690,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fields in steps.items():
         extra = f' ({fields["reason"]})' if fields.get('reason') else ''
         print(f'  {name}: {fields["status"]}{extra}')
-    for total in run.report.get('kernels', {}).get('totals', []):
-        print(f'  kernels {total}')
+    for best in run.report.get('kernels', {}).get('fastest', []):
+        print(f'  kernels, fastest setting that agrees: {best}')
     if 'benchmark' in run.report:
         print(run.report['benchmark'].get('table', ''))
         for row in run.report['benchmark']['ratios']:

@@ -305,8 +305,37 @@ class Report:
         if self.path:
             tmp = f'{self.path}.tmp'
             with open(tmp, 'w') as f:
-                json.dump(dict(self.meta, calls=self.calls, rows=self.rows, totals=self.totals()), f, indent=1)
+                totals = self.totals()
+                report = dict(self.meta, calls=self.calls, rows=self.rows, totals=totals)
+                json.dump(dict(report, fastest=fastest_settings(totals)), f, indent=1)
             os.replace(tmp, self.path)
+
+
+def fastest_settings(totals: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per operator and backend after the first: the setting with the shortest training step among
+    those that agree with the first backend in every call, with its times over the first
+    backend's (what decides the backend and its block sizes).
+
+    Args:
+        totals (Sequence[dict]): :meth:`Report.totals`, the first backend's first per operator.
+    """
+    first: dict[str, dict[str, Any]] = {}
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for t in totals:
+        base = first.setdefault(t['op'], t)
+        if t is base or t['largest_difference'] > AGREEMENT:
+            continue
+        key = (t['op'], t['backend'])
+        if key not in best or t['fwd_bwd_ms'] < best[key]['fwd_bwd_ms']:
+            best[key] = dict(
+                op=t['op'],
+                backend=t['backend'],
+                setting=t['setting'],
+                fwd_bwd_ms=t['fwd_bwd_ms'],
+                fwd_over_first=round(t['fwd_ms'] / base['fwd_ms'], 3),
+                fwd_bwd_over_first=round(t['fwd_bwd_ms'] / base['fwd_bwd_ms'], 3),
+            )
+    return list(best.values())
 
 
 def format_totals(totals: Sequence[dict[str, Any]]) -> str:
@@ -439,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     report.write()
     totals = report.totals()
     print(format_totals(totals), flush=True)
+    for best in fastest_settings(totals):
+        ratios = f'training step {best["fwd_bwd_over_first"]:.2f}x, forward {best["fwd_over_first"]:.2f}x'
+        print(f'Fastest {best["op"]} {best["backend"]}: {best["setting"]} ({ratios} the first backend)', flush=True)
     return totals
 
 
