@@ -20,8 +20,10 @@ time (the JSON's ``not_measured`` counts what was left).
 Reports per call and setting the milliseconds and the differences of the output and of each
 gradient from the first backend's (relative to their magnitudes: :data:`AGREEMENT`), and per
 operator and setting the time of one forward pass and of one training step (each call's time
-times its count). The JSON (``--json``) is rewritten after every measurement; a setting that fails
-(an error or a kernel that does not compile) is recorded with its error, and the run goes on.
+times its count), and per operator the fastest setting of each backend that agrees with the first
+(:func:`fastest_settings`). The JSON (``--json``) is rewritten after every measurement; a setting
+that fails (an error or a kernel that does not compile) is recorded with its error, and the run
+goes on.
 
 Example (``tools/gpu_check.py``'s ``kernels`` step)::
 
