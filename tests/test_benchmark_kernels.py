@@ -64,6 +64,7 @@ def test_backends_agree_and_totals_weigh_calls_by_count(tmp_path, capsys):
         assert 'error' not in row and row['fwd_ms'] > 0 and row['fwd_bwd_ms'] > 0
         if row['backend'] == 'cpu-kernel':  # compared with the first backend, pytorch
             assert row['agrees'] and set(row['differences']) >= {'out', 'grad_q', 'grad_k', 'grad_v'}
+            assert row['compared_with'] == 'pytorch default'
     for total in totals:
         rows = [r for r in data['rows'] if (r['op'], r['backend']) == (total['op'], total['backend'])]
         expected = sum(data['calls'][r['call']]['count'] * r['fwd_bwd_ms'] for r in rows)

@@ -390,7 +390,8 @@ def run_measurements(
         time_limit_s (float, optional): Start no measurement after this many seconds; the rest is
             counted in the report's ``not_measured``.
     """
-    reference: dict[int, list[torch.Tensor]] = {}
+    # Per call: the first results measured (the first backend's, unless it failed) and what gave them.
+    reference: dict[int, tuple[str, list[torch.Tensor]]] = {}
     plan = measurement_plan(calls, backends, tune)
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     for done, (backend, setting, index) in enumerate(plan):
@@ -410,12 +411,13 @@ def run_measurements(
             continue
         row.update({k: round(v, 3) for k, v in times.items()})
         if index in reference:
-            diffs = differences(results, reference[index])
+            row['compared_with'], expected = reference[index]
+            diffs = differences(results, expected)
             row['differences'] = dict(zip(result_names(call.op), diffs, strict=True))
             row['largest_difference'] = max(diffs)
             row['agrees'] = row['largest_difference'] <= AGREEMENT
         else:
-            reference[index] = results
+            reference[index] = (f'{backend} {setting.label()}', results)
         print(
             f'  {call.describe()} x{call.count}: {backend} {setting.label()}: forward {row["fwd_ms"]:.2f} ms, '
             f'forward+backward {row["fwd_bwd_ms"]:.2f} ms'
