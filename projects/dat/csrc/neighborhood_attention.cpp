@@ -154,21 +154,45 @@ void backward_one_query(Pixels<const float> q, Pixels<const float> k, Pixels<con
   for (int64_t c = 0; c < d; ++c) gq[c] *= scale;  // the gradient of the scaled query, then of q
 }
 
+// out[c * out_stride + l] = scale * pixels[l * stride + c] for kLanes pixels l (stride floats
+// apart) and d channels c (a multiple of kLanes): kLanes x kLanes blocks transposed in vector
+// registers.
+inline void transpose_pixels(const float* pixels, int64_t stride, float scale, int64_t d, float* out,
+                             int64_t out_stride) {
+  dat::FloatVector block[dat::kLanes];
+  for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
+    for (int64_t l = 0; l < dat::kLanes; ++l) {
+      block[l] = scale * dat::load_vector<dat::FloatVector>(pixels + l * stride + c0);
+    }
+    dat::transpose(block);  // block[j]: channel c0 + j of the kLanes pixels
+    for (int64_t j = 0; j < dat::kLanes; ++j) dat::store_vector(out + (c0 + j) * out_stride, block[j]);
+  }
+}
+
 // Rows of one head's keys or values transposed to (d, W), kept for the last K rows asked for: a
 // thread's query rows move down one row at a time, so each row is transposed about once.
 class TransposedRows {
  public:
+  // d: a multiple of kLanes (the tiled passes' condition) where kernel_size > 0.
   TransposedRows(int64_t kernel_size, int64_t width, int64_t d)
-      : width_(width), d_(d), rows_(kernel_size * width * d), tags_(kernel_size, -1) {}
+      : width_(width), d_(d), rows_(kernel_size * width * d), tags_(kernel_size, -1) {
+    TORCH_INTERNAL_ASSERT(kernel_size == 0 || d % dat::kLanes == 0);
+  }
 
-  // Row r of head bh's map, transposed.
+  // Row r of head bh's map, transposed, kLanes pixels at a time in vector registers (one float at a
+  // time, stores W floats apart would take about a sixth of the forward pass at 1344x800); the
+  // last W mod kLanes pixels one by one.
   const float* row(Pixels<const float> head, int64_t bh, int64_t height, int64_t r) {
     const int64_t slot = r % static_cast<int64_t>(tags_.size()), tag = bh * height + r;
     float* out = rows_.data() + slot * width_ * d_;
     if (tags_[slot] != tag) {
-      for (int64_t j = 0; j < width_; ++j) {
-        const float* in = head.at(r * width_ + j);
-        for (int64_t c = 0; c < d_; ++c) out[c * width_ + j] = in[c];
+      const float* in = head.at(r * width_);
+      int64_t j = 0;
+      for (; j + dat::kLanes <= width_; j += dat::kLanes) {
+        transpose_pixels(in + j * head.stride, head.stride, 1.0f, d_, out + j, width_);
+      }
+      for (; j < width_; ++j) {
+        for (int64_t c = 0; c < d_; ++c) out[c * width_ + j] = in[j * head.stride + c];
       }
       tags_[slot] = tag;
     }
@@ -228,18 +252,6 @@ inline void tile_dots(const float* vectors_t, const float* const* rows_t, const 
   }
 }
 
-// vectors_t (d, kTile) = scale times the kTile vectors of d channels at pixels (stride floats
-// apart), transposed (d a multiple of kLanes).
-inline void transpose_tile(const float* pixels, int64_t stride, float scale, int64_t d, float* vectors_t) {
-  static_assert(kTile == dat::kLanes, "one 8x8 block per kLanes channels");
-  dat::FloatVector block[kTile];
-  for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-    for (int64_t l = 0; l < kTile; ++l) block[l] = scale * dat::load_vector<dat::FloatVector>(pixels + l * stride + c0);
-    dat::transpose(block);  // block[j]: channel c0 + j of the kTile queries
-    for (int64_t j = 0; j < dat::kLanes; ++j) dat::store_vector(vectors_t + (c0 + j) * kTile, block[j]);
-  }
-}
-
 // Queries j0 .. j0 + kTile - 1 of row i side by side (one per lane), where their windows are not
 // clamped at the left or right edge: query j0 + l's window starts at column j0 + l - K / 2, so
 // for a window position (a, b) the kTile queries read kTile neighbouring keys, contiguous in the
@@ -260,7 +272,7 @@ void forward_query_tile(Pixels<const float> q_row, const float* const* key_rows_
   constexpr int64_t half = K / 2, table = 2 * K - 1, window = K * K;
   float* qt = scratch;
   float* weights = scratch + d * kTile;
-  transpose_tile(q_row.at(j0), q_row.stride, scale, d, qt);
+  transpose_pixels(q_row.at(j0), q_row.stride, scale, d, qt, kTile);
   tile_dots<K>(qt, key_rows_t, head_rpb + (si - i + K - 1) * table + K - 1 - half, table, j0 - half, width, d,
                weights);
   FloatVector row_max = load_vector<FloatVector>(weights);
@@ -318,8 +330,8 @@ void backward_query_tile(Pixels<const float> q_row, const HeadGradients& g_row, 
   float* grad_logits = probs + window * kTile;
   const int64_t base = j0 - half;
   for (int64_t l = 0; l < kTile; ++l) scale_query(q_row.at(j0 + l), scale, d, q_tile + l * d);
-  transpose_tile(q_tile, d, 1.0f, d, qt);
-  transpose_tile(g_row.grad_out.at(j0), g_row.grad_out.stride, 1.0f, d, grad_out_t);
+  transpose_pixels(q_tile, d, 1.0f, d, qt, kTile);
+  transpose_pixels(g_row.grad_out.at(j0), g_row.grad_out.stride, 1.0f, d, grad_out_t, kTile);
   tile_dots<K>(qt, rows.keys_t.data(), head_rpb + (si - i + K - 1) * table + base_offset, table, base, width, d,
                probs);
   tile_dots<K>(grad_out_t, rows.values_t.data(), nullptr, 0, base, width, d, grad_logits);  // dP
