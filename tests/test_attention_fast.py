@@ -378,6 +378,7 @@ def test_deformable_float64_is_exact_and_passes_gradcheck(device):
         (1, 2, 20, 17, 8, 5),
         (2, 2, 23, 30, 4, 7),  # several tiles per axis, the last one overlapping
         (1, 2, 9, 8, 13, 7),  # d not a multiple of the kernels' 8 lanes
+        (1, 2, 9, 21, 40, 7),  # C++ tiles whose keys' gradient sums take 32 channels, then 8
     ],
 )
 # The C++ kernel (window by window), or the tiled PyTorch path in one chunk or one tile row per chunk.

@@ -311,6 +311,41 @@ struct WindowRows {
         grad_values(kernel_size) {}
 };
 
+// Vectors of channels whose sums add_query_terms keeps in registers at once: 2 x 4 sums and a
+// register per weight fit AVX2's 16.
+constexpr int64_t kSumVectors = 4;
+
+// Adds the terms of a tile's queries first .. last (ascending) to one key's sums of channels
+// c0 .. c0 + V * kLanes - 1 in grad_v (query l's P times its dO) and grad_k (its dS times its
+// scaled q), each query's two weights read once for all V vectors: probs[n] and grad_logits[n] at
+// n = n0 - l * (kTile - 1), the window position whose key this is. grad_out: the tile's first
+// query's pixel of dO, its pixels stride floats apart; q_tile: the scaled queries (kTile, d).
+template <int64_t V>
+inline void add_query_terms(const float* probs, const float* grad_logits, int64_t n0, const float* grad_out,
+                            int64_t stride, const float* q_tile, int64_t d, int64_t first, int64_t last, int64_t c0,
+                            float* grad_v, float* grad_k) {
+  using dat::FloatVector;
+  FloatVector value_sums[V], key_sums[V];
+  for (int64_t v = 0; v < V; ++v) {
+    value_sums[v] = dat::load_vector<FloatVector>(grad_v + c0 + v * dat::kLanes);
+    key_sums[v] = dat::load_vector<FloatVector>(grad_k + c0 + v * dat::kLanes);
+  }
+  for (int64_t l = first; l <= last; ++l) {
+    const int64_t n = n0 - l * (kTile - 1);
+    const float p = probs[n], ds = grad_logits[n];
+    const float* dout = grad_out + l * stride + c0;
+    const float* query = q_tile + l * d + c0;
+    for (int64_t v = 0; v < V; ++v) {
+      value_sums[v] += p * dat::load_vector<FloatVector>(dout + v * dat::kLanes);
+      key_sums[v] += ds * dat::load_vector<FloatVector>(query + v * dat::kLanes);
+    }
+  }
+  for (int64_t v = 0; v < V; ++v) {
+    dat::store_vector(grad_v + c0 + v * dat::kLanes, value_sums[v]);
+    dat::store_vector(grad_k + c0 + v * dat::kLanes, key_sums[v]);
+  }
+}
+
 // The gradients of a tile of queries (as forward_query_tile's) of row i, in the order
 // backward_one_query takes them query after query, so with the same bits: grad_q of the tile's
 // queries; grad_v and grad_k of the keys their windows read (each key's terms added in the order
@@ -357,16 +392,15 @@ void backward_query_tile(Pixels<const float> q_row, const HeadGradients& g_row, 
       const int64_t first = std::max<int64_t>(0, m - (K - 1)), last = std::min<int64_t>(kTile - 1, m);
       float* grad_v = rows.grad_values[a] + (base + m) * rows.grad_stride;
       float* grad_k = rows.grad_keys[a] + (base + m) * rows.grad_stride;
-      for (int64_t c0 = 0; c0 < d; c0 += dat::kLanes) {
-        FloatVector value_sum = dat::load_vector<FloatVector>(grad_v + c0);
-        FloatVector key_sum = dat::load_vector<FloatVector>(grad_k + c0);
-        for (int64_t l = first; l <= last; ++l) {
-          const int64_t n = (a * K + m - l) * kTile + l;
-          value_sum += probs[n] * dat::load_vector<FloatVector>(g_row.grad_out.at(j0 + l) + c0);
-          key_sum += grad_logits[n] * dat::load_vector<FloatVector>(q_tile + l * d + c0);
-        }
-        dat::store_vector(grad_v + c0, value_sum);
-        dat::store_vector(grad_k + c0, key_sum);
+      const int64_t n0 = (a * K + m) * kTile;  // query l's P and dS at n0 - l * (kTile - 1)
+      int64_t c0 = 0;
+      for (; c0 + kSumVectors * dat::kLanes <= d; c0 += kSumVectors * dat::kLanes) {
+        add_query_terms<kSumVectors>(probs, grad_logits, n0, g_row.grad_out.at(j0), g_row.grad_out.stride, q_tile,
+                                     d, first, last, c0, grad_v, grad_k);
+      }
+      for (; c0 < d; c0 += dat::kLanes) {
+        add_query_terms<1>(probs, grad_logits, n0, g_row.grad_out.at(j0), g_row.grad_out.stride, q_tile, d, first,
+                           last, c0, grad_v, grad_k);
       }
     }
     float* bias_grad = head_grad_rpb + (si + a - i + K - 1) * table + base_offset;
