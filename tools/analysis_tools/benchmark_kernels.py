@@ -197,6 +197,8 @@ def measure(call: Call, backend: str, warmup: int, repeats: int) -> tuple[dict[s
             op(*args)
 
     grad_args, leaves = _inputs(call, backend, with_grad=True)
+    # An untimed call: it gives the output gradient's shape, and a kernel's compilation (Triton
+    # compiles at the first launch) stays out of the timed calls even without --warmup.
     with torch.no_grad():
         out = op(*args)[0]
     generator = torch.Generator(device=device).manual_seed(0)
