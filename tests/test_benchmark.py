@@ -230,6 +230,19 @@ def test_interleaved_run_writes_every_measurement(tmp_path):
     assert results[2]['peak_mem_mib'] > results[0]['peak_mem_mib']
 
 
+def test_results_record_the_allocator_settings(monkeypatch):
+    """Settings that decide whether freed memory goes back to the OS change CPU timings by a
+    fifth (page faults): every result's machine record names them, and nothing else."""
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '4294967296')
+    monkeypatch.setenv('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')
+    monkeypatch.setenv('DAT_UNRELATED_SETTING', '1')
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    allocator = benchmarking.machine_description('cpu', 1)['allocator']
+    assert allocator['MALLOC_MMAP_THRESHOLD_'] == '4294967296'
+    assert allocator['LD_PRELOAD'] == '/usr/lib/libjemalloc.so.2'
+    assert 'DAT_UNRELATED_SETTING' not in allocator and 'GLIBC_TUNABLES' not in allocator
+
+
 @pytest.mark.parametrize(
     'machine_mib, expected', [(None, 'released to the OS'), (1.0, 'released to the OS'), (1e9, 'kept')]
 )

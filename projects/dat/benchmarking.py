@@ -36,6 +36,7 @@ __all__ = [
     'build_swin_t',
     'build_model',
     'seeded_model_and_input',
+    'allocator_settings',
     'machine_description',
 ]
 
@@ -259,6 +260,33 @@ def seeded_model_and_input(spec: str, width: int, height: int, batch: int, devic
     return model, run, source, torch.randn(batch, 3, height, width, device=device)
 
 
+def allocator_settings() -> dict[str, str]:
+    """How this process's freed memory goes back to the OS: the environment that sets it (a
+    preloaded allocator, glibc's ``MALLOC_*`` tunables) and the kernel's transparent huge pages.
+
+    On CPU a large tensor that the allocator hands back to the OS is faulted in page by page when
+    the next one takes its place (glibc maps every allocation above its mmap threshold, at most
+    32 MiB, afresh): at detection sizes that changed a training step's time by a fifth and its
+    spread between rounds several times over (docs/benchmarks.md, "Page faults"). Timings are
+    comparable only with the same settings, so every result records them.
+
+    Returns:
+        dict: the variables that are set (``LD_PRELOAD``, ``GLIBC_TUNABLES`` and names with
+        ``MALLOC`` in them), and ``transparent_hugepage``: the kernel's mode where it says.
+    """
+    settings = {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if name in ('LD_PRELOAD', 'GLIBC_TUNABLES') or 'MALLOC' in name
+    }
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            settings['transparent_hugepage'] = f.read().split('[', 1)[1].split(']', 1)[0]
+    except (OSError, IndexError):
+        pass
+    return settings
+
+
 def machine_description(device: str, threads: int) -> dict[str, Any]:
     """CPU / GPU, memory, software versions and load, for the record."""
     cpu = platform.processor() or platform.machine()
@@ -281,6 +309,7 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
         info['load_average'] = list(os.getloadavg())
     except OSError:
         pass
+    info['allocator'] = allocator_settings()
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(torch.device(device))
         info['cuda'] = torch.version.cuda

@@ -38,7 +38,13 @@ workers' peaks together come near the machine's memory (then each returns its fr
 the OS after its iteration, so that the idle ones hold little; the log and the JSON say which).
 Returning it is not what a training loop does, and not free: the next iteration page-faults its
 memory in afresh. Workers that keep it run one untimed iteration more after the warm-up (which
-ends by returning memory, so that idle workers stay small while the others warm up).
+ends by returning memory, so that idle workers stay small while the others warm up). Kept means
+what the allocator keeps: glibc by default returns every block above its mmap threshold (at
+most 32 MiB) as soon as it is freed, in a training loop as here, so a model's largest tensors
+are faulted in afresh every iteration; an allocator that keeps them (``MALLOC_MMAP_THRESHOLD_``
+and ``MALLOC_TRIM_THRESHOLD_`` above the step's peak, or a preloaded jemalloc / tcmalloc) makes
+CPU timings faster and steadier, and changes the models' ratios (docs/benchmarks.md, "Page
+faults"). The JSON's ``machine.allocator`` records those settings.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
 before the first iteration (and, as ``peak_reserved_mib``, the peak of what PyTorch's caching
