@@ -41,10 +41,10 @@ memory in afresh. Workers that keep it run one untimed iteration more after the 
 ends by returning memory, so that idle workers stay small while the others warm up). Kept means
 what the allocator keeps: glibc by default returns every block above its mmap threshold (at
 most 32 MiB) as soon as it is freed, in a training loop as here, so a model's largest tensors
-are faulted in afresh every iteration; an allocator that keeps them (``MALLOC_MMAP_THRESHOLD_``
-and ``MALLOC_TRIM_THRESHOLD_`` above the step's peak, or a preloaded jemalloc / tcmalloc) makes
-CPU timings faster and steadier, and changes the models' ratios (docs/benchmarks.md, "Page
-faults"). The JSON's ``machine.allocator`` records those settings.
+are faulted in afresh every iteration. Keeping them too (``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` set above the step's peak) made CPU timings faster and steadier and
+changed the models' ratios (docs/benchmarks.md, "Page faults"); the JSON's ``machine.allocator``
+records such settings (and a preloaded allocator).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the memory allocated
 before the first iteration (and, as ``peak_reserved_mib``, the peak of what PyTorch's caching
