@@ -61,6 +61,7 @@ def _value_and_grads(fn, y, conv, grad):
         (1, 5, 4, 6, 5),  # channels not a multiple of the vector width, a 5x5 kernel
         (2, 16, 1, 3, 3),  # a one-row map: every tap but the middle row is padding
         (3, 64, 14, 14, 3),
+        (1, 40, 6, 37, 3),  # rows of several column blocks, channels of two cache lines and a half
     ],
 )
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])

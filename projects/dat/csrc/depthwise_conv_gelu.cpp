@@ -67,6 +67,19 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
   return Block > 1 || (col >= 0 && col < s.width);
 }
 
+// Prefetches row's lines for the Block columns after j0 (the next column block) at the 16
+// channels (one cache line) from c, where c starts a line. The kernels walk a row column block by
+// column block, all channels of a block before the next, so the loads of consecutive columns lie
+// C floats apart, a pattern that the hardware prefetchers do not follow; on maps larger than the
+// last-level cache the rows that a conv reads for the first time then wait for memory.
+template <int Block>
+inline void prefetch_next_columns(const float* row, int64_t j0, int64_t c, const ConvShape& s) {
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
+  if (c % kLineFloats != 0) return;
+  const int64_t end = std::min(s.width, j0 + 2 * Block);
+  for (int64_t j = j0 + Block; j < end; ++j) __builtin_prefetch(row + j * s.channels + c, 0, 3);
+}
+
 // Calls tap(a * k + e, x) for the taps (a, e) of the conv at (i, j0) .. (i, j0 + Block - 1) whose
 // inputs lie inside the map, in row-major order; x points at the input of the first column, in
 // y_image (H, W, C) offset by the channel: row i + a - k / 2, column j0 + e - k / 2.
@@ -122,10 +135,14 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.height, i = item % s.height;
       float* out_row = out_p + item * s.width * channels;
+      // The row that this output row reads first (the others were read for the rows above).
+      const int64_t newest = i + s.kernel_size / 2;
+      const float* newest_row = newest < s.height ? y_p + b * image + newest * s.width * channels : nullptr;
       for_column_blocks(s, [&](auto block, int64_t j0) {
         dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
           using T = decltype(lanes);
           constexpr int kBlock = decltype(block)::value;
+          if (newest_row != nullptr) prefetch_next_columns<kBlock>(newest_row, j0, c, s);
           conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, i, j0, c, s, [&](int n, T value, T) {
             dat::store_lanes(out_row + (j0 + n) * channels + c, value);
           });
@@ -173,10 +190,14 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
       float* grad_bias = row_sum.data() + taps * channels;
       const bool owned = item >= begin && item < end;
       const float* go_row = go_p + item * row_size;
+      // y's row below r's taps: no other row of grad_z read it before.
+      const float* newest_row = r + half < s.height ? y_p + b * image + (r + half) * row_size : nullptr;
       for_column_blocks(s, [&](auto block, int64_t j0) {
         dat::for_channel_lanes(channels, [&](auto lanes, int64_t c) {
           using T = decltype(lanes);
           constexpr int kBlock = decltype(block)::value;
+          prefetch_next_columns<kBlock>(go_row, j0, c, s);
+          if (newest_row != nullptr) prefetch_next_columns<kBlock>(newest_row, j0, c, s);
           T bias_sum = dat::load_lanes<T>(grad_bias + c);
           conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, r, j0, c, s, [&](int n, T, T slope) {
             const T gz = dat::load_lanes<T>(go_row + (j0 + n) * channels + c) * slope;
