@@ -70,8 +70,10 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
 // Prefetches row's lines for the Block columns after j0 (the next column block) at the 16
 // channels (one cache line) from c, where c starts a line. The kernels walk a row column block by
 // column block, all channels of a block before the next, so the loads of consecutive columns lie
-// C floats apart, a pattern that the hardware prefetchers do not follow; on maps larger than the
-// last-level cache the rows that a conv reads for the first time then wait for memory.
+// C floats apart, a pattern that the hardware prefetchers do not follow where a column is a few
+// cache lines (256 channels); on maps larger than the last-level cache the rows that a conv reads
+// for the first time then wait for memory (docs/benchmarks.md, "ConvFFN's hidden-layer kernel
+// prefetches the next columns").
 template <int Block>
 inline void prefetch_next_columns(const float* row, int64_t j0, int64_t c, const ConvShape& s) {
   constexpr int64_t kLineFloats = 64 / sizeof(float);
