@@ -73,13 +73,14 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
 // C floats apart, a pattern that the hardware prefetchers do not follow where a column is a few
 // cache lines (256 channels); on maps larger than the last-level cache the rows that a conv reads
 // for the first time then wait for memory (docs/benchmarks.md, "ConvFFN's hidden-layer kernel
-// prefetches the next columns").
-template <int Block>
+// prefetches the next columns"). ForWrite = 1 for a row about to be written (the forward's output:
+// its lines are read for ownership before the stores).
+template <int Block, int ForWrite = 0>
 inline void prefetch_next_columns(const float* row, int64_t j0, int64_t c, const ConvShape& s) {
   constexpr int64_t kLineFloats = 64 / sizeof(float);
   if (c % kLineFloats != 0) return;
   const int64_t end = std::min(s.width, j0 + 2 * Block);
-  for (int64_t j = j0 + Block; j < end; ++j) __builtin_prefetch(row + j * s.channels + c, 0, 3);
+  for (int64_t j = j0 + Block; j < end; ++j) __builtin_prefetch(row + j * s.channels + c, ForWrite, 3);
 }
 
 // Calls tap(a * k + e, x) for the taps (a, e) of the conv at (i, j0) .. (i, j0 + Block - 1) whose
@@ -145,6 +146,7 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
           using T = decltype(lanes);
           constexpr int kBlock = decltype(block)::value;
           if (newest_row != nullptr) prefetch_next_columns<kBlock>(newest_row, j0, c, s);
+          prefetch_next_columns<kBlock, 1>(out_row, j0, c, s);
           conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, i, j0, c, s, [&](int n, T value, T) {
             dat::store_lanes(out_row + (j0 + n) * channels + c, value);
           });
