@@ -68,7 +68,8 @@ inline bool inside_row(int64_t col, const ConvShape& s) {
 }
 
 // Prefetches row's lines for the Block columns after j0 (the next column block) at the 16
-// channels (one cache line) from c, where c starts a line. The kernels walk a row column block by
+// channels from c, once per 16 channels (a cache line; where C is a multiple of 16, the lines
+// exactly, torch's allocations being aligned to 64 bytes). The kernels walk a row column block by
 // column block, all channels of a block before the next, so the loads of consecutive columns lie
 // C floats apart, a pattern that the hardware prefetchers do not follow where a column is a few
 // cache lines (256 channels); on maps larger than the last-level cache the rows that a conv reads
