@@ -9,14 +9,16 @@ size of the map (:func:`runs_fused_kernel`):
 - maps of at least :data:`FUSED_KERNEL_MIN_BYTES`: the C++ CPU kernel of
   ``csrc/depthwise_conv_gelu.cpp``, one pass over memory forward and one backward;
 - smaller maps: oneDNN's depth-wise conv and PyTorch's GELU in place on its output (backward:
-  the conv again, GELU's gradient in place, the conv's backward), whose arithmetic is 2-3x as
-  fast as the kernel's, but which reads and writes the map more often and, backward, allocates
-  one map more than the kernel.
+  the conv again, GELU's gradient in place, the conv's backward), whose arithmetic was 2-3x as
+  fast as the kernel's on the Intel Xeon below, but which reads and writes the map more often
+  and, backward, allocates one map more than the kernel.
 
 Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's largest
 ``mmap`` threshold: an allocation of 32 MiB or more is a fresh ``mmap`` that the OS zeroes and
 faults in page by page each time, smaller ones come back from the heap, warm
-(``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The layer has no separate
+(``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The crossover depends on the CPU:
+on a 2-core AMD EPYC the kernel was the faster below it too at 256 channels, and oneDNN at 1024
+and more ("The kernel against oneDNN's conv and GELU on this machine"). The layer has no separate
 PyTorch fast path: the ``pytorch`` backend is the composition.
 """
 
