@@ -249,7 +249,7 @@ def test_results_record_the_allocator_settings(monkeypatch):
 def test_workers_keep_memory_between_iterations_only_where_it_fits(machine_mib, expected, monkeypatch):
     """Freed memory is kept (as in training: no page faults for fresh pages every iteration)
     unless the workers' peaks together come near the machine's memory, or it is unknown."""
-    monkeypatch.setattr(benchmark, '_memory_total_mib', lambda: machine_mib)
+    monkeypatch.setattr(benchmark, 'memory_total_mib', lambda: machine_mib)
     job = benchmark.Job(
         model='datpp-t:fast',
         width=32,

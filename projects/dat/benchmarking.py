@@ -287,6 +287,15 @@ def allocator_settings() -> dict[str, str]:
     return settings
 
 
+def memory_total_mib() -> float | None:
+    """The machine's memory (``MemTotal``) in MiB, or None where /proc/meminfo is not readable."""
+    try:
+        with open('/proc/meminfo') as f:
+            return int(f.readline().split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_description(device: str, threads: int) -> dict[str, Any]:
     """CPU / GPU, memory, software versions and load, for the record."""
     cpu = platform.processor() or platform.machine()
@@ -303,9 +312,10 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
         torch=torch.__version__,
         platform=platform.platform(),
     )
+    memory_mib = memory_total_mib()
+    if memory_mib is not None:
+        info['memory_gib'] = round(memory_mib / 1024, 1)
     try:
-        with open('/proc/meminfo') as f:
-            info['memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
         info['load_average'] = list(os.getloadavg())
     except OSError:
         pass

@@ -99,6 +99,7 @@ from torch import nn
 
 from projects.dat.benchmarking import (
     machine_description,
+    memory_total_mib,
     parse_input_spec,
     parse_model_spec,
     run_step,
@@ -270,15 +271,6 @@ def _release_memory() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _memory_total_mib() -> float | None:
-    """The machine's memory (``MemTotal``), or None where /proc/meminfo is not readable."""
-    try:
-        with open('/proc/meminfo') as f:
-            return int(f.readline().split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _peak_rss_mib() -> float:
@@ -501,7 +493,7 @@ def measure_interleaved(jobs: list[Job], log: Any = print) -> list[dict[str, Any
             workers.append(worker)
             peaks.append(worker.call('warmup')['peak_rss_mib'])
             log(f'  {job.model} ready in {time.perf_counter() - t0:.0f} s')
-        total_mib = _memory_total_mib()
+        total_mib = memory_total_mib()
         if total_mib is not None and sum(peaks) <= KEEP_MEMORY_FRACTION * total_mib:
             for w in workers:
                 w.call('keep-memory')

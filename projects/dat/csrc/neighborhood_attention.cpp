@@ -115,11 +115,23 @@ void forward_one_query(Pixels<const float> q, Pixels<const float> k, Pixels<cons
   *lse = std::log(sum) + row_max;
 }
 
-// One head's gradients (B, H, W, heads, d), and what the backward pass reads in that layout.
-struct HeadGradients {
+// What one head's queries read and write in the backward pass, from a pixel on: the output's
+// gradient, the output and the queries' gradient (B, H, W, heads, d), and the log-sum-exps (H * W).
+struct QueryGradients {
   Pixels<const float> grad_out, out;
-  const float* lse;  // (H * W)
-  Pixels<float> grad_q, grad_k, grad_v;
+  const float* lse;
+  Pixels<float> grad_q;
+
+  // The same from pixel p on (e.g. a row's first query).
+  QueryGradients from(int64_t p) const {
+    return {{grad_out.at(p), grad_out.stride}, {out.at(p), out.stride}, lse + p, {grad_q.at(p), grad_q.stride}};
+  }
+};
+
+// One head's gradients: its queries' (QueryGradients) and its keys' and values'.
+struct HeadGradients {
+  QueryGradients queries;
+  Pixels<float> grad_k, grad_v;
 };
 
 // Query (i, j)'s terms of the gradients, window by window: its grad_q, and its terms of grad_k,
@@ -130,13 +142,14 @@ void backward_one_query(Pixels<const float> q, Pixels<const float> k, Pixels<con
                         int64_t d, int64_t kernel_size, float* logits, float* scratch, float* head_grad_rpb) {
   const int64_t table = 2 * kernel_size - 1, query = i * width + j;
   const float* qv = scratch;
-  const float* dout = g.grad_out.at(query);
+  const QueryGradients& query_maps = g.queries;
+  const float* dout = query_maps.grad_out.at(query);
   int64_t si, sj;
   scale_query(q.at(query), scale, d, scratch);
   window_logits(qv, k, head_rpb, i, j, height, width, d, kernel_size, logits, si, sj);
-  const float query_lse = g.lse[query];
-  const float delta = dat::dot(dout, g.out.at(query), d);  // D = rowsum(dO * O)
-  float* gq = g.grad_q.at(query);
+  const float query_lse = query_maps.lse[query];
+  const float delta = dat::dot(dout, query_maps.out.at(query), d);  // D = rowsum(dO * O)
+  float* gq = query_maps.grad_q.at(query);
   std::fill(gq, gq + d, 0.0f);
   for (int64_t a = 0; a < kernel_size; ++a) {
     const int64_t row = (si + a) * width + sj;
@@ -315,16 +328,27 @@ struct WindowRows {
 // register per weight fit AVX2's 16.
 constexpr int64_t kSumVectors = 4;
 
-// Adds the terms of a tile's queries first .. last (ascending) to one key's sums of channels
-// c0 .. c0 + V * kLanes - 1 in grad_v (query l's P times its dO) and grad_k (its dS times its
-// scaled q), each query's two weights read once for all V vectors: probs[n] and grad_logits[n] at
-// n = n0 - l * (kTile - 1), the window position whose key this is. grad_out: the tile's first
-// query's pixel of dO, its pixels stride floats apart; q_tile: the scaled queries (kTile, d).
+// What a backward tile's queries give the keys of their windows: probs and grad_logits, each
+// query's P and dS per window position ((K * K, kTile), query l's term of window position n at
+// n * kTile + l); grad_out, the tile's first query's pixel of dO, its pixels stride floats apart;
+// q_tile, the scaled queries (kTile, d).
+struct TileTerms {
+  const float* probs;
+  const float* grad_logits;
+  const float* grad_out;
+  int64_t stride;
+  const float* q_tile;
+  int64_t d;
+};
+
+// add_query_terms for channels c0 .. c0 + V * kLanes - 1, each query's two weights read once for
+// all V vectors.
 template <int64_t V>
-inline void add_query_terms(const float* probs, const float* grad_logits, int64_t n0, const float* grad_out,
-                            int64_t stride, const float* q_tile, int64_t d, int64_t first, int64_t last, int64_t c0,
-                            float* grad_v, float* grad_k) {
+inline void add_query_terms_to(const TileTerms& t, int64_t n0, int64_t first, int64_t last, int64_t c0, float* grad_v,
+                               float* grad_k) {
   using dat::FloatVector;
+  const float *probs = t.probs, *grad_logits = t.grad_logits, *grad_out = t.grad_out, *q_tile = t.q_tile;
+  const int64_t stride = t.stride, d = t.d;
   FloatVector value_sums[V], key_sums[V];
   for (int64_t v = 0; v < V; ++v) {
     value_sums[v] = dat::load_vector<FloatVector>(grad_v + c0 + v * dat::kLanes);
@@ -346,14 +370,24 @@ inline void add_query_terms(const float* probs, const float* grad_logits, int64_
   }
 }
 
+// Adds the terms of a tile's queries first .. last (ascending) to one key's gradients grad_v
+// (query l's P times its dO) and grad_k (its dS times its scaled q), d channels: P and dS of query
+// l at n0 - l * (kTile - 1), the window position whose key this is.
+inline void add_query_terms(const TileTerms& t, int64_t n0, int64_t first, int64_t last, float* grad_v, float* grad_k) {
+  int64_t c0 = 0;
+  for (; c0 + kSumVectors * dat::kLanes <= t.d; c0 += kSumVectors * dat::kLanes) {
+    add_query_terms_to<kSumVectors>(t, n0, first, last, c0, grad_v, grad_k);
+  }
+  for (; c0 < t.d; c0 += dat::kLanes) add_query_terms_to<1>(t, n0, first, last, c0, grad_v, grad_k);
+}
+
 // The gradients of a tile of queries (as forward_query_tile's) of row i, in the order
 // backward_one_query takes them query after query, so with the same bits: grad_q of the tile's
 // queries; grad_v and grad_k of the keys their windows read (each key's terms added in the order
-// of the queries); the bias's. q_row and g_row: row i's pixels of q, and of grad_out, out and
-// grad_q, and its log-sum-exps (g_row.grad_k / grad_v unused). Scratch: (3 * d + 2 * K * K) *
-// kTile floats.
+// of the queries); the bias's. q_row and g_row: row i's pixels of q, and what its queries read
+// and write. Scratch: (3 * d + 2 * K * K) * kTile floats.
 template <int64_t K>
-void backward_query_tile(Pixels<const float> q_row, const HeadGradients& g_row, const WindowRows& rows,
+void backward_query_tile(Pixels<const float> q_row, const QueryGradients& g_row, const WindowRows& rows,
                          const float* head_rpb, float* head_grad_rpb, float scale, int64_t i, int64_t si, int64_t j0,
                          int64_t width, int64_t d, float* scratch) {
   using dat::FloatVector;
@@ -387,21 +421,13 @@ void backward_query_tile(Pixels<const float> q_row, const HeadGradients& g_row, 
     for (int64_t l = 0; l < kTile; ++l) dat::store_vector(g_row.grad_q.at(j0 + l) + c0, scale * sums[l]);
   }
   // Key column base + m of window row a gets query l's terms for b = m - l in [0, K), l ascending.
+  const TileTerms terms{probs, grad_logits, g_row.grad_out.at(j0), g_row.grad_out.stride, q_tile, d};
   for (int64_t a = 0; a < K; ++a) {
     for (int64_t m = 0; m < K + kTile - 1; ++m) {
       const int64_t first = std::max<int64_t>(0, m - (K - 1)), last = std::min<int64_t>(kTile - 1, m);
       float* grad_v = rows.grad_values[a] + (base + m) * rows.grad_stride;
       float* grad_k = rows.grad_keys[a] + (base + m) * rows.grad_stride;
-      const int64_t n0 = (a * K + m) * kTile;  // query l's P and dS at n0 - l * (kTile - 1)
-      int64_t c0 = 0;
-      for (; c0 + kSumVectors * dat::kLanes <= d; c0 += kSumVectors * dat::kLanes) {
-        add_query_terms<kSumVectors>(probs, grad_logits, n0, g_row.grad_out.at(j0), g_row.grad_out.stride, q_tile,
-                                     d, first, last, c0, grad_v, grad_k);
-      }
-      for (; c0 < d; c0 += dat::kLanes) {
-        add_query_terms<1>(probs, grad_logits, n0, g_row.grad_out.at(j0), g_row.grad_out.stride, q_tile, d, first,
-                           last, c0, grad_v, grad_k);
-      }
+      add_query_terms(terms, (a * K + m) * kTile, first, last, grad_v, grad_k);
     }
     float* bias_grad = head_grad_rpb + (si + a - i + K - 1) * table + base_offset;
     for (int64_t b = 0; b < K; ++b) {
@@ -548,9 +574,10 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
     TransposedRows transposed_values(query_tiles.any() ? kernel_size : 0, width, d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const auto q_h = head_pixels(q_p, q, bh), k_h = head_pixels(k_p, k, bh), v_h = head_pixels(v_p, v, bh);
-      const HeadGradients g{head_pixels(go_p, grad_out, bh), head_pixels(out_p, out, bh),
-                            lse_p + bh * height * width,     head_pixels(gq_p, grad_q, bh),
-                            head_pixels(gk_p, grad_k, bh),   head_pixels(gv_p, grad_v, bh)};
+      const HeadGradients g{{head_pixels(go_p, grad_out, bh), head_pixels(out_p, out, bh), lse_p + bh * height * width,
+                             head_pixels(gq_p, grad_q, bh)},
+                            head_pixels(gk_p, grad_k, bh),
+                            head_pixels(gv_p, grad_v, bh)};
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
       float* head_grad_rpb = grpb_p + bh * table_size;
       rows.key_stride = k_h.stride;
@@ -567,8 +594,7 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
           }
         }
         const Pixels<const float> q_row{q_h.at(row), q_h.stride};
-        const HeadGradients g_row{{g.grad_out.at(row), g.grad_out.stride}, {g.out.at(row), g.out.stride}, g.lse + row,
-                                  {g.grad_q.at(row), g.grad_q.stride},       g.grad_k, g.grad_v};
+        const QueryGradients g_row = g.queries.from(row);
         // Queries in order along the row (each key's terms are added query after query).
         for (int64_t j = 0; j < width;) {
           if (j >= query_tiles.begin && j < query_tiles.end) {
