@@ -5,23 +5,12 @@ import math
 
 import pytest
 import torch
+from fixtures.tiny_archs import TINY
 
 import projects.dat.models.dat as dat_module
 from projects.dat import DAT
 from projects.dat.models.variants import CANONICAL_ARCHS, resolve_arch
 
-TINY = {
-    'v1': dict(
-        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 NAN, INF = float('nan'), float('inf')
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_archs import TINY as TINY_ARCHS
 
 from projects.dat import DAT, set_attn_impl
 from projects.dat.converter import convert_original_state_dict
@@ -56,18 +57,8 @@ needs_custom_ops = pytest.mark.skipif(
         'functions, which torch.compile and opcheck do not treat as operators'
     ),
 )
-TINY = {
-    'v1': dict(
-        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 4, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
+# Stage 2 with two heads per offset group (the fixture's has one).
+TINY = dict(TINY_ARCHS, pp=dict(TINY_ARCHS['pp'], heads=[1, 2, 4, 4]))
 
 
 def assert_rel_close(actual, expected, tol=1e-5, name='', floor=1e-6):

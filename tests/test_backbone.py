@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.released import RELEASED_PARAMS
+from fixtures.tiny_archs import TINY
 
 from projects.dat import DAT
 from projects.dat.converter import (
@@ -46,19 +47,6 @@ KEY_FILES = {
     'dat_pp_base': ('datpp-b', 224),
     'dat_pp_base_384': ('datpp-b', 224),
 }  # DAT++ 384 keeps the 224 tables
-
-TINY = {
-    'v1': dict(
-        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 
 
 def load_golden(name):

@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fixtures.tiny_archs import TINY
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
@@ -1049,19 +1050,14 @@ def test_named_checkpoints_load_as_mmengine_loads_them(served, monkeypatch):
     assert list(mmcls['state_dict']) == ['w']  # the backbone's weights, as mmengine's loader keeps them
 
 
-TINY_ARCH = dict(
-    version='pp', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[1, 1, 2, 2], stage_spec=['ND', 'N', 'ND', 'DD']
-)
-
-
 def test_clean_url_loads_through_pretrained_init_cfg(served):
     from projects.dat import DAT
 
     folder, base = served
-    source = DAT(arch=TINY_ARCH, img_size=32)
+    source = DAT(arch=TINY['pp'], img_size=32)
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}}, folder / 'tiny.pth')
     init_cfg = dict(type='Pretrained', checkpoint=base + 'tiny.pth', prefix='backbone.')
-    model = DAT(arch=TINY_ARCH, img_size=32, init_cfg=init_cfg)
+    model = DAT(arch=TINY['pp'], img_size=32, init_cfg=init_cfg)
     model.init_weights()
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key

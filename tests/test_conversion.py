@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_archs import TINY
 
 from projects.dat import DAT
 from projects.dat.converter import (
@@ -20,18 +21,6 @@ from projects.dat.converter import (
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_KEYS = REPO.parent / 'shared' / 'reference' / 'official_keys'
-TINY = {
-    'v1': dict(
-        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 
 
 def original_checkpoint(arch, dense=False):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.tiny_archs import TINY
 from torch import nn
 
 from projects.dat import DAT
@@ -45,23 +46,6 @@ def _load_tool():
 
 
 get_flops = _load_tool()
-
-TINY = {
-    'v1': dict(
-        version='v1',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[0, 0, 2, 2],
-        stage_spec=['LS', 'L', 'LD', 'D'],
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 
 
 @pytest.mark.parametrize('arch', [a for a in CANONICAL_ARCHS if PAPER_COMPLEXITY[a][2] == 224])

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_archs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / 'shared' / 'golden'
@@ -58,18 +59,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY = {
-    'v1': dict(
-        version='v1', dims=[16, 32, 64, 128], heads=[1, 2, 2, 4], groups=[0, 0, 2, 2], stage_spec=['LS', 'L', 'LD', 'D']
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 ONEDNN_BF16_WIDTH1 = (
     'PyTorch/oneDNN bug: the bfloat16 weight gradient of a strided conv is garbage '
     '(uninitialised memory, often inf/NaN) when its output is 1 pixel wide: in DAT++ (stem '

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_archs import TINY
 from PIL import Image
 
 from projects.dat import DAT
@@ -18,23 +19,6 @@ spec = importlib.util.spec_from_file_location(
 )
 vis = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(vis)
-
-TINY = {
-    'v1': dict(
-        version='v1',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[0, 0, 2, 2],
-        stage_spec=['LS', 'L', 'LD', 'D'],
-    ),
-    'pp': dict(
-        version='pp',
-        dims=[16, 32, 64, 128],
-        heads=[1, 2, 2, 4],
-        groups=[1, 1, 2, 2],
-        stage_spec=['ND', 'N', 'ND', 'DD'],
-    ),
-}
 
 
 def _tiny(version):
