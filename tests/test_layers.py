@@ -21,6 +21,7 @@ from projects.dat.ops import convffn as convffn_ops
 from projects.dat.ops import (
     cpu_kernels,
     depthwise_conv_gelu,
+    depthwise_conv_gelu_linear,
     depthwise_conv_gelu_reference,
     depthwise_conv_plus_identity,
     sample_keys,
@@ -203,6 +204,52 @@ def test_conv_ffn_fused_and_reference_agree(recompute_hidden, device, require_cp
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('fc_bias', [True, False])
+def test_hidden_layer_and_linear_operator_equals_the_checkpointed_composition(
+    fc_bias, require_cpu_kernels, hidden_method
+):
+    """dat::depthwise_conv_gelu_linear gives fc(GELU(y + conv(y))) and its gradients as the
+    composition does, and keeps only y of the hidden maps for the backward pass."""
+    require_cpu_kernels()
+    torch.manual_seed(7)
+    conv = _conv(12, 3)
+    fc = PointwiseConv2d(12, 5, bias=fc_bias)
+    y = torch.randn(2, 12, 9, 7).to(memory_format=torch.channels_last)
+    grad = torch.randn(2, 5, 9, 7)
+    params = [conv.weight, conv.bias, *fc.parameters()]
+
+    def value_and_grads(fn):
+        yi = y.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            out = fn(yi)
+        return saved, (out, *torch.autograd.grad(out, [yi, *params], grad))
+
+    saved, fused = value_and_grads(lambda t: depthwise_conv_gelu_linear(t, conv, fc))
+    _, composed = value_and_grads(lambda t: fc(depthwise_conv_gelu(t, conv)))
+    for a, e in zip(fused, composed, strict=True):  # fc's weight gradient is summed in another order
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert saved.count(y.shape) == 1  # y; the composition also keeps the hidden layer's output
+
+
+def test_fused_hidden_layer_backward_writes_the_forward_output(require_cpu_kernels):
+    """The kernel's backward pass, asked for it, gives the forward pass's output to the bit (rows
+    split between threads mid-image: the rows a thread recomputes for its neighbour are not
+    written twice)."""
+    require_cpu_kernels()
+    kernels = cpu_kernels.load_kernels()
+    torch.manual_seed(8)
+    y, grad = torch.randn(2, 2, 13, 11, 20).unbind(0)
+    taps, bias = torch.randn(9, 20), torch.randn(20)
+    out = kernels.depthwise_conv_gelu_forward(y, taps, bias)
+    with_output = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, True)
+    without = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, False)
+    assert len(with_output) == 4 and len(without) == 3
+    assert torch.equal(with_output[3], out)
+    for a, e in zip(with_output[:3], without, strict=True):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize('bias', [True, False])
 def test_pointwise_conv_equals_the_conv(memory_format, bias, device):
@@ -304,11 +351,25 @@ def test_fused_hidden_layer_passes_opcheck_and_compiles_without_graph_breaks(req
     torch.library.opcheck(
         convffn_ops._depthwise_conv_gelu_backward_op, (grad, y.detach(), conv.weight.detach(), conv.bias.detach())
     )
+    fc = PointwiseConv2d(8, 3)
+    torch.library.opcheck(convffn_ops._depthwise_conv_gelu_linear_op, (y, conv.weight, conv.bias, fc.weight, fc.bias))
+    torch.library.opcheck(
+        convffn_ops._depthwise_conv_gelu_linear_backward_op,
+        (torch.randn(2, 3, 5, 6), y.detach(), conv.weight.detach(), conv.bias.detach(), fc.weight.detach()),
+    )
     # fullgraph=True fails on any graph break; aot_eager traces forward and backward.
     compiled = torch.compile(lambda t: depthwise_conv_gelu(t, conv), backend='aot_eager', fullgraph=True)
     for a, e in zip(
         _value_and_grads(lambda t, c: compiled(t), y, conv, grad),
         _value_and_grads(depthwise_conv_gelu, y, conv, grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(lambda t: depthwise_conv_gelu_linear(t, conv, fc), backend='aot_eager', fullgraph=True)
+    fc_grad = torch.randn(2, 3, 5, 6)
+    for a, e in zip(
+        _value_and_grads(lambda t, c: compiled(t), y, conv, fc_grad),
+        _value_and_grads(lambda t, c: depthwise_conv_gelu_linear(t, c, fc), y, conv, fc_grad),
         strict=True,
     ):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
@@ -333,7 +394,16 @@ def test_fused_hidden_layer_operator_and_kernel_check_their_inputs(require_cpu_k
     with pytest.raises(RuntimeError, match=r'expected bias \(8\), got \[9\]'):
         kernels.depthwise_conv_gelu_forward(nhwc, torch.randn(9, 8), torch.randn(9))
     with pytest.raises(RuntimeError, match=r"expected grad_out of y's shape \[1, 5, 6, 8\], got \[1, 5, 5, 8\]"):
-        kernels.depthwise_conv_gelu_backward(nhwc[:, :, :5].contiguous(), nhwc, torch.randn(9, 8), torch.randn(8))
+        kernels.depthwise_conv_gelu_backward(
+            nhwc[:, :, :5].contiguous(), nhwc, torch.randn(9, 8), torch.randn(8), False
+        )
+    fc = torch.randn(4, 7, 1, 1)
+    with pytest.raises(
+        ValueError, match=r'expects a 1x1 conv weight .* for a 8-channel map; got weight \(4, 7, 1, 1\)'
+    ):
+        convffn_ops._depthwise_conv_gelu_linear_op(y, conv.weight, conv.bias, fc, torch.randn(4))
+    with pytest.raises(ValueError, match=r"expected a 1x1 conv after the hidden layer .*'kernel_size': \(3, 3\)"):
+        depthwise_conv_gelu_linear(y, conv, torch.nn.Conv2d(8, 4, 3))
 
 
 def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):

@@ -21,7 +21,9 @@ layout`` (the rest of the attention modules' own ops: permutes, padding, window 
 shift masks, query grids, reference points), ``offset net`` and ``key sampling``
 (``grid_sample`` or ``dat::sample_keys`` of the keys; DAT's ``D`` blocks), ``LPU`` (DAT++'s
 local perception unit), ``FFN fc`` (the two linear / 1x1 layers), ``FFN hidden`` (DAT++:
-depth-wise conv and GELU, fused; Swin: GELU), ``residual`` (the blocks' additions and drop
+depth-wise conv and GELU, fused; in a CPU training step with ``recompute_ffn`` also fc2, which
+runs inside the operator ``dat::depthwise_conv_gelu_linear`` while its MACs count in ``FFN fc``;
+Swin: GELU), ``residual`` (the blocks' additions and drop
 path), ``output norms`` (the four output LayerNorms and the layout of the outputs), ``loss``;
 and three that are no module's: ``Python between ops`` (forward: interpreter time between ops,
 module calls and this tool's hooks), ``AccumulateGrad`` (backward: storing the parameters'

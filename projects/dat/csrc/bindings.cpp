@@ -14,7 +14,7 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
                                                          torch::Tensor x_taps);
 torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias);
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
-                                                        torch::Tensor bias);
+                                                        torch::Tensor bias, bool with_output);
 std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor rpb, int64_t kernel_size, double scale);
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_conv_gelu_forward", &depthwise_conv_gelu_forward,
         "GELU(depth-wise conv + bias) of a (B, H, W, C) map: ConvFFN's hidden layer (float32, CPU)");
   m.def("depthwise_conv_gelu_backward", &depthwise_conv_gelu_backward,
-        "Gradients of depthwise_conv_gelu_forward (y, weight, bias)");
+        "Gradients of depthwise_conv_gelu_forward (y, weight, bias), and with with_output its output");
   m.def("neighborhood_attention_forward", &neighborhood_attention_forward,
         "Neighbourhood attention: output and log-sum-exp (float32, CPU)");
   m.def("neighborhood_attention_backward", &neighborhood_attention_backward,

@@ -158,20 +158,23 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
   return out;
 }
 
-// Returns the gradients of y (B, H, W, C), of weight (k * k, C) and of bias (C).
+// Returns the gradients of y (B, H, W, C), of weight (k * k, C) and of bias (C), and with
+// with_output also the forward pass's output GELU(z) (B, H, W, C), which the pass recomputes on the
+// way (for the gradient of a layer that reads it, without a forward pass to recompute it).
 //
 // One pass over the rows: row i's grad_y needs grad_z = grad_out * GELU'(z) (z recomputed from y)
 // of rows i - k / 2 .. i + k / 2, so each thread keeps the last k rows of grad_z it computed in a
 // ring (it moves down one row per row; a thread recomputes the rows it shares with its
 // neighbours' at its first row) and grad_z never goes to memory.
 std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
-                                                        torch::Tensor bias) {
+                                                        torch::Tensor bias, bool with_output) {
   const ConvShape s = check_inputs(y, weight, bias);
   dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "expected grad_out of y's shape ", y.sizes(), ", got ", grad_out.sizes());
   const int64_t channels = s.channels, k = s.kernel_size, taps = k * k, half = k / 2;
   const int64_t row_size = s.width * channels, image = s.height * row_size;
   auto grad_y = torch::empty_like(y);
+  auto output = with_output ? torch::empty_like(y) : torch::Tensor();
   // The weight (taps) and bias (last) gradients of each thread's rows; each row's are summed
   // apart first (float32 sums of fewer terms).
   auto thread_grads = torch::zeros({at::get_num_threads(), taps + 1, channels}, y.options());
@@ -180,13 +183,15 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
   const float* w_p = weight.data_ptr<float>();
   const float* b_p = bias.data_ptr<float>();
   float* gy_p = grad_y.data_ptr<float>();
+  float* out_p = with_output ? output.data_ptr<float>() : nullptr;
   float* tg_p = thread_grads.data_ptr<float>();
 
   at::parallel_for(0, s.batch * s.height, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ring(k * row_size), row_sum((taps + 1) * channels);
     std::vector<int64_t> ring_item(k, -1);  // the (image, row) item each ring slot holds
     float* thread_sums = tg_p + at::get_thread_num() * (taps + 1) * channels;
-    // grad_z of item (b, r), in the ring; the bias gradient counts the rows of [begin, end) only.
+    // grad_z of item (b, r), in the ring; the bias gradient (and the output) counts the rows of
+    // [begin, end) only.
     auto grad_z_row = [&](int64_t b, int64_t r) -> const float* {
       const int64_t item = b * s.height + r;
       float* gz_row = ring.data() + (r % k) * row_size;
@@ -195,6 +200,7 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
       float* grad_bias = row_sum.data() + taps * channels;
       const bool owned = item >= begin && item < end;
       const float* go_row = go_p + item * row_size;
+      float* out_row = owned && out_p != nullptr ? out_p + item * row_size : nullptr;
       // y's row below r's taps: no other row of grad_z read it before.
       const float* newest_row = r + half < s.height ? y_p + b * image + (r + half) * row_size : nullptr;
       for_column_blocks(s, [&](auto block, int64_t j0) {
@@ -204,7 +210,8 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
           prefetch_next_columns<kBlock>(go_row, j0, c, s);
           if (newest_row != nullptr) prefetch_next_columns<kBlock>(newest_row, j0, c, s);
           T bias_sum = dat::load_lanes<T>(grad_bias + c);
-          conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, r, j0, c, s, [&](int n, T, T slope) {
+          conv_gelu_block<kBlock, T>(y_p + b * image, w_p, b_p, r, j0, c, s, [&](int n, T value, T slope) {
+            if (out_row != nullptr) dat::store_lanes(out_row + (j0 + n) * channels + c, value);
             const T gz = dat::load_lanes<T>(go_row + (j0 + n) * channels + c) * slope;
             dat::store_lanes(gz_row + (j0 + n) * channels + c, gz);
             bias_sum += gz;
@@ -259,5 +266,7 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
   });
   auto sums = thread_grads.sum(0);
   // Copies: the outputs must not share memory (custom operators may not return aliases).
-  return {grad_y, sums.narrow(0, 0, taps).clone(), sums[taps].clone()};
+  std::vector<torch::Tensor> grads{grad_y, sums.narrow(0, 0, taps).clone(), sums[taps].clone()};
+  if (with_output) grads.push_back(output);
+  return grads;
 }

@@ -30,6 +30,7 @@ from ..ops import (
     check_attn_impl,
     deformable_attention,
     depthwise_conv_gelu,
+    depthwise_conv_gelu_linear,
     depthwise_conv_plus_identity,
     neighborhood_attention,
     sample_keys,
@@ -115,13 +116,15 @@ class ConvFFN(nn.Module):
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
     custom operator on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`: a fused C++
     kernel on large maps, oneDNN's conv and PyTorch's GELU on others), which keeps only ``y`` for
-    the backward pass. With
-    ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is recomputed in the backward
-    pass (not ``fc2``); the results are the same. Without autograd (inference) on CPU everything
-    after ``fc1`` runs on stripes of rows of about :data:`FFN_STRIPE_BYTES` of hidden activations
-    each, which stay in the CPU's cache instead of the whole maps going through memory one layer
-    after the other (the same numbers: each stripe's conv reads its neighbour rows); not while
-    the forward pass is traced (:func:`~.geometry.shapes_are_traced`).
+    the backward pass. With ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is
+    recomputed in the backward pass (not ``fc2``); on CPU (float32) the hidden layer and ``fc2``
+    then run as one operator whose backward pass recomputes the hidden layer once
+    (:func:`~projects.dat.ops.depthwise_conv_gelu_linear`). The results are the same. Without
+    autograd (inference) on CPU everything after ``fc1`` runs on stripes of rows of about
+    :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in the CPU's cache instead of
+    the whole maps going through memory one layer after the other (the same numbers: each
+    stripe's conv reads its neighbour rows); not while the forward pass is traced
+    (:func:`~.geometry.shapes_are_traced`).
 
     Args:
         dim (int): Channels.
@@ -176,9 +179,11 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.fc1(x)
-        if torch.is_grad_enabled() and y.requires_grad:
-            return _run_hidden(self._after_fc1, y, self.recompute_hidden)
-        return self._after_fc1_in_stripes(y)
+        if not (torch.is_grad_enabled() and y.requires_grad):
+            return self._after_fc1_in_stripes(y)
+        if self.recompute_hidden:
+            return depthwise_conv_gelu_linear(y, self.dwconv, self.fc2, self.impl)
+        return self._after_fc1(y)
 
 
 class WindowAttention(nn.Module):

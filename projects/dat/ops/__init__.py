@@ -6,7 +6,9 @@ and computes the reference math or a fast backend, as :func:`select_backend` dec
 
 - :func:`deformable_attention` (``D`` blocks; :mod:`~projects.dat.ops.deformable`);
 - :func:`neighborhood_attention` (``N`` blocks; :mod:`~projects.dat.ops.neighborhood`);
-- :func:`depthwise_conv_gelu`, ConvFFN's hidden layer (:mod:`~projects.dat.ops.convffn`);
+- :func:`depthwise_conv_gelu`, ConvFFN's hidden layer, and :func:`depthwise_conv_gelu_linear`, the
+  hidden layer and the 1x1 conv after it, keeping only the hidden layer's input for the backward
+  pass (:mod:`~projects.dat.ops.convffn`);
 - :func:`strided_depthwise_conv`, the offset network's conv (:mod:`~projects.dat.ops.depthwise_conv`);
 - :func:`sample_keys`, the ``D`` blocks' bilinear read of their keys (:mod:`~projects.dat.ops.key_sampling`).
 
@@ -16,7 +18,7 @@ that have a single implementation: :func:`window_attention` (``L``/``S`` blocks)
 Importing this package defines the custom operators ``torch.ops.dat.*`` (on torch >= 2.4).
 """
 
-from .convffn import depthwise_conv_gelu
+from .convffn import depthwise_conv_gelu, depthwise_conv_gelu_linear
 from .deformable import deformable_attention
 from .depthwise_conv import strided_depthwise_conv
 from .dispatch import ATTN_IMPLS, BACKENDS, check_attn_impl, select_backend
@@ -41,6 +43,7 @@ __all__ = [
     'deformable_attention',
     'neighborhood_attention',
     'depthwise_conv_gelu',
+    'depthwise_conv_gelu_linear',
     'strided_depthwise_conv',
     'sample_keys',
     'window_attention',

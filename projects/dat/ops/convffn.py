@@ -1,4 +1,4 @@
-"""DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``: the public entry and the fused operator.
+"""DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``: the public entries and the fused operators.
 
 :func:`depthwise_conv_gelu` runs the PyTorch composition (:func:`~projects.dat.ops.reference.
 depthwise_conv_gelu_reference`) or the custom operator ``torch.ops.dat.depthwise_conv_gelu``, as
@@ -20,10 +20,19 @@ faults in page by page each time, smaller ones come back from the heap, warm
 on a 2-core AMD EPYC the kernel was the faster below it too at 256 channels, and oneDNN at 1024
 and more ("The kernel against oneDNN's conv and GELU on this machine"). The layer has no separate
 PyTorch fast path: the ``pytorch`` backend is the composition.
+
+:func:`depthwise_conv_gelu_linear` runs the hidden layer and the 1x1 conv after it (ConvFFN's fc2)
+as the operator ``torch.ops.dat.depthwise_conv_gelu_linear``, which keeps only ``y`` too: its
+backward pass takes the hidden layer's gradient as the operator above does and, on the way, its
+output for the 1x1 conv's weight gradient, instead of a forward pass of the hidden layer to
+recompute it first (what activation checkpointing of the two would do).
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 from . import cpu_kernels, torch_compat
@@ -96,9 +105,8 @@ def _gelu_input(y: Tensor, folded: Tensor, bias: Tensor) -> Tensor:
     return F.conv2d(y, folded, bias, padding=folded.shape[-1] // 2, groups=folded.shape[0])
 
 
-@torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
-def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    _check_operator_inputs(y, weight, bias)
+def _hidden_forward(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``GELU(y + conv(y))`` by the method of ``y``'s size (the operators' forward pass)."""
     folded = identity_folded(weight)
     if not runs_fused_kernel(y):
         z = _gelu_input(y, folded, bias)
@@ -107,21 +115,25 @@ def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return _fused_kernels().depthwise_conv_gelu_forward(_nhwc(y), _kernel_taps(folded), bias).permute(0, 3, 1, 2)
 
 
-@_depthwise_conv_gelu_op.register_fake
-def _(y, weight, bias):
-    return torch.empty_like(y)
-
-
-@torch_compat.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
-def _depthwise_conv_gelu_backward_op(
-    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor
+def _hidden_backward(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, use_output: Callable[[Tensor], None] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_operator_inputs(y, weight, bias)
+    """The gradients of ``y``, ``weight`` and ``bias`` from the output's, by the method of ``y``'s
+    size (the operators' backward pass), recomputing the GELU's input.
+
+    Args:
+        grad_out, y, weight, bias: As the backward operator's.
+        use_output (Callable, optional): Called with the recomputed output ``GELU(y + conv(y))``
+            (channels-last) before the map it lies in is reused: the gradient of a layer that
+            reads the output, without a forward pass to recompute it.
+    """
     folded = identity_folded(weight)
     if not runs_fused_kernel(y):
         # The gradient in the input's layout (torch 2.1's GELU backward mishandles others), and
         # grad_z written over z: one map more than the kernel needs, not two.
         z = _nhwc(_gelu_input(y, folded, bias))
+        if use_output is not None:
+            use_output(F.gelu(z).permute(0, 3, 1, 2))
         torch.ops.aten.gelu_backward.grad_input(_nhwc(grad_out).contiguous(), z, grad_input=z)
         padding = [folded.shape[-1] // 2] * 2
         return torch.ops.aten.convolution_backward(
@@ -137,10 +149,32 @@ def _depthwise_conv_gelu_backward_op(
             folded.shape[0],
             [True, True, True],
         )
-    grad_y, grad_taps, grad_bias = _fused_kernels().depthwise_conv_gelu_backward(
-        _nhwc(grad_out).contiguous(), _nhwc(y), _kernel_taps(folded), bias
+    grads = _fused_kernels().depthwise_conv_gelu_backward(
+        _nhwc(grad_out).contiguous(), _nhwc(y), _kernel_taps(folded), bias, use_output is not None
     )
+    if use_output is not None:
+        use_output(grads[3].permute(0, 3, 1, 2))
+    grad_y, grad_taps, grad_bias = grads[:3]
     return grad_y.permute(0, 3, 1, 2), grad_taps.t().reshape(weight.shape).contiguous(), grad_bias
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu', mutates_args=())
+def _depthwise_conv_gelu_op(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    _check_operator_inputs(y, weight, bias)
+    return _hidden_forward(y, weight, bias)
+
+
+@_depthwise_conv_gelu_op.register_fake
+def _(y, weight, bias):
+    return torch.empty_like(y)
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu_backward', mutates_args=())
+def _depthwise_conv_gelu_backward_op(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_operator_inputs(y, weight, bias)
+    return _hidden_backward(grad_out, y, weight, bias)
 
 
 @_depthwise_conv_gelu_backward_op.register_fake
@@ -157,6 +191,81 @@ def _backward(ctx, grad_out):
 
 
 _depthwise_conv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_linear_inputs(y: Tensor, fc_weight: Tensor, fc_bias: Tensor | None = None) -> None:
+    """The 1x1 conv that reads the hidden layer: weight ``(C_out, C, 1, 1)`` and bias ``(C_out,)``
+    (the backward operator has no bias)."""
+    out_channels = fc_weight.shape[0] if fc_weight.dim() == 4 else -1
+    bias_shape = (out_channels,) if fc_bias is None else fc_bias.shape
+    if fc_weight.shape != (out_channels, y.shape[1], 1, 1) or bias_shape != (out_channels,):
+        raise ValueError(
+            'dat::depthwise_conv_gelu_linear expects a 1x1 conv weight (C_out, C, 1, 1) and bias (C_out,) for '
+            f'a {y.shape[1]}-channel map; got weight {tuple(fc_weight.shape)}, bias {tuple(bias_shape)}'
+        )
+
+
+def _linear_2d(hidden: Tensor, fc_weight: Tensor, fc_bias: Tensor) -> Tensor:
+    """The 1x1 conv of a channels-last map as a matrix product (as ``PointwiseConv2d``)."""
+    return F.linear(_nhwc(hidden), fc_weight.flatten(1), fc_bias).permute(0, 3, 1, 2)
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu_linear', mutates_args=())
+def _depthwise_conv_gelu_linear_op(
+    y: Tensor, weight: Tensor, bias: Tensor, fc_weight: Tensor, fc_bias: Tensor
+) -> Tensor:
+    _check_operator_inputs(y, weight, bias)
+    _check_linear_inputs(y, fc_weight, fc_bias)
+    return _linear_2d(_hidden_forward(y, weight, bias), fc_weight, fc_bias)
+
+
+@_depthwise_conv_gelu_linear_op.register_fake
+def _(y, weight, bias, fc_weight, fc_bias):
+    batch, _, height, width = y.shape
+    return y.new_empty(batch, height, width, fc_weight.shape[0]).permute(0, 3, 1, 2)
+
+
+@torch_compat.custom_op('dat::depthwise_conv_gelu_linear_backward', mutates_args=())
+def _depthwise_conv_gelu_linear_backward_op(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, fc_weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_operator_inputs(y, weight, bias)
+    _check_linear_inputs(y, fc_weight)
+    batch, channels, height, width = y.shape
+    grad_rows = _nhwc(grad_out).reshape(-1, fc_weight.shape[0])  # (B H W, C_out)
+    grad_hidden = grad_rows.mm(fc_weight.flatten(1)).view(batch, height, width, channels).permute(0, 3, 1, 2)
+    fc_grads = []
+
+    def fc_weight_and_bias_gradients(hidden: Tensor):
+        # As F.linear's backward computes them: the weight's as (input^T grad)^T.
+        fc_grads.append(_nhwc(hidden).reshape(-1, channels).t().mm(grad_rows).t().reshape(fc_weight.shape).contiguous())
+        fc_grads.append(grad_rows.sum(0))
+
+    grad_y, grad_weight, grad_bias = _hidden_backward(grad_hidden, y, weight, bias, fc_weight_and_bias_gradients)
+    return grad_y, grad_weight, grad_bias, *fc_grads
+
+
+@_depthwise_conv_gelu_linear_backward_op.register_fake
+def _(grad_out, y, weight, bias, fc_weight):
+    return (
+        torch.empty_like(y),
+        torch.empty_like(weight),
+        torch.empty_like(bias),
+        torch.empty_like(fc_weight),
+        fc_weight.new_empty(fc_weight.shape[0]),
+    )
+
+
+def _setup_linear_context(ctx, inputs, output):
+    y, weight, bias, fc_weight, _ = inputs
+    ctx.save_for_backward(y, weight, bias, fc_weight)
+
+
+def _linear_backward(ctx, grad_out):
+    return _depthwise_conv_gelu_linear_backward_op(grad_out, *ctx.saved_tensors)
+
+
+_depthwise_conv_gelu_linear_op.register_autograd(_linear_backward, setup_context=_setup_linear_context)
 
 
 def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tensor:
@@ -184,3 +293,37 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
     _check_same_depthwise_conv(conv, y)
     bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
     return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, bias)
+
+
+def depthwise_conv_gelu_linear(y: Tensor, conv: nn.Conv2d, fc: nn.Conv2d, impl: str = 'auto') -> Tensor:
+    """``fc(GELU(y + conv(y)))``, ConvFFN after its first layer, keeping only ``y`` for the backward
+    pass (ConvFFN's ``recompute_hidden``).
+
+    Where :func:`~projects.dat.ops.dispatch.select_backend` picks the ``cpu-kernel`` backend for
+    ``impl`` (as for :func:`depthwise_conv_gelu`), the operator ``dat::depthwise_conv_gelu_linear``:
+    its backward pass recomputes the hidden layer once, in the pass that takes its gradient (the
+    C++ kernel writes it out on the way; oneDNN's method takes it from the conv it runs anyway), and
+    ``fc``'s gradients from it. Elsewhere the composition under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant), whose backward pass recomputes the hidden layer
+    for ``fc`` first and the hidden layer's own backward its input again. The same numbers.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` map (fc1's output).
+        conv (nn.Conv2d): The depth-wise conv, as for :func:`depthwise_conv_gelu`.
+        fc (nn.Conv2d): The 1x1 conv that follows (ConvFFN's fc2, a ``PointwiseConv2d``).
+        impl (str): One of :data:`~projects.dat.ops.dispatch.ATTN_IMPLS`. Defaults to ``'auto'``.
+
+    Returns:
+        Tensor: ``(B, C_out, H, W)``, channels-last where the operator ran.
+    """
+    if select_backend(impl, y.device, conv_compute_dtype(y)) != 'cpu-kernel':
+        return cp.checkpoint(lambda t: fc(depthwise_conv_gelu(t, conv, impl)), y, use_reentrant=False)
+    _check_same_depthwise_conv(conv, y)
+    pointwise = dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    given = {name: getattr(fc, name, None) for name in pointwise}
+    if given != pointwise:
+        raise ValueError(f'expected a 1x1 conv after the hidden layer ({pointwise}), got {given}')
+    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+    fc_bias = fc.bias if fc.bias is not None else fc.weight.new_zeros(fc.weight.shape[0])
+    y = y.contiguous(memory_format=torch.channels_last)
+    return _depthwise_conv_gelu_linear_op(y, conv.weight, bias, fc.weight, fc_bias)
