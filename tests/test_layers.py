@@ -232,18 +232,23 @@ def test_hidden_layer_and_linear_operator_equals_the_checkpointed_composition(
     assert saved.count(y.shape) == 1  # y; the composition also keeps the hidden layer's output
 
 
-def test_fused_hidden_layer_backward_writes_the_forward_output(require_cpu_kernels):
-    """The kernel's backward pass, asked for it, gives the forward pass's output to the bit (rows
-    split between threads mid-image: the rows a thread recomputes for its neighbour are not
-    written twice)."""
+@pytest.mark.parametrize('threads', [1, 2, 3])
+def test_fused_hidden_layer_backward_writes_the_forward_output(threads, require_cpu_kernels):
+    """The kernel's backward pass, asked for it, gives the forward pass's output to the bit: every
+    row written (into an uninitialised tensor), also where threads split the rows mid-image."""
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
     torch.manual_seed(8)
-    y, grad = torch.randn(2, 2, 13, 11, 20).unbind(0)
+    y, grad = torch.randn(2, 1, 13, 11, 20).unbind(0)
     taps, bias = torch.randn(9, 20), torch.randn(20)
-    out = kernels.depthwise_conv_gelu_forward(y, taps, bias)
-    with_output = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, True)
-    without = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = kernels.depthwise_conv_gelu_forward(y, taps, bias)
+        with_output = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, True)
+        without = kernels.depthwise_conv_gelu_backward(grad, y, taps, bias, False)
+    finally:
+        torch.set_num_threads(before)
     assert len(with_output) == 4 and len(without) == 3
     assert torch.equal(with_output[3], out)
     for a, e in zip(with_output[:3], without, strict=True):
