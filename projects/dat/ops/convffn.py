@@ -64,6 +64,20 @@ def _check_same_depthwise_conv(conv: nn.Conv2d, y: Tensor):
         raise ValueError(f"expected a 'same' conv ({same}), got {given}")
 
 
+def _check_pointwise_conv(fc: nn.Conv2d):
+    """The operator with the layer after the hidden one computes that layer as a 1x1 conv (a matrix
+    product over the channels)."""
+    pointwise = dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    given = {name: getattr(fc, name, None) for name in pointwise}
+    if given != pointwise:
+        raise ValueError(f'expected a 1x1 conv after the hidden layer ({pointwise}), got {given}')
+
+
+def _bias_or_zeros(conv: nn.Conv2d) -> Tensor:
+    """The conv's bias, or zeros for a conv without one (the operators take a bias)."""
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+
+
 def _check_operator_inputs(y: Tensor, weight: Tensor, bias: Tensor) -> None:
     """The checks that the fused operators rely on (they may be called directly, as
     ``torch.ops.dat.*``)."""
@@ -291,8 +305,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
     if select_backend(impl, y.device, conv_compute_dtype(y)) != 'cpu-kernel':
         return depthwise_conv_gelu_reference(y, conv)
     _check_same_depthwise_conv(conv, y)
-    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
-    return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, bias)
+    return _depthwise_conv_gelu_op(y.contiguous(memory_format=torch.channels_last), conv.weight, _bias_or_zeros(conv))
 
 
 def depthwise_conv_gelu_linear(y: Tensor, conv: nn.Conv2d, fc: nn.Conv2d, impl: str = 'auto') -> Tensor:
@@ -319,11 +332,6 @@ def depthwise_conv_gelu_linear(y: Tensor, conv: nn.Conv2d, fc: nn.Conv2d, impl: 
     if select_backend(impl, y.device, conv_compute_dtype(y)) != 'cpu-kernel':
         return cp.checkpoint(lambda t: fc(depthwise_conv_gelu(t, conv, impl)), y, use_reentrant=False)
     _check_same_depthwise_conv(conv, y)
-    pointwise = dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
-    given = {name: getattr(fc, name, None) for name in pointwise}
-    if given != pointwise:
-        raise ValueError(f'expected a 1x1 conv after the hidden layer ({pointwise}), got {given}')
-    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
-    fc_bias = fc.bias if fc.bias is not None else fc.weight.new_zeros(fc.weight.shape[0])
+    _check_pointwise_conv(fc)
     y = y.contiguous(memory_format=torch.channels_last)
-    return _depthwise_conv_gelu_linear_op(y, conv.weight, bias, fc.weight, fc_bias)
+    return _depthwise_conv_gelu_linear_op(y, conv.weight, _bias_or_zeros(conv), fc.weight, _bias_or_zeros(fc))
