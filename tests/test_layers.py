@@ -63,6 +63,9 @@ def _value_and_grads(fn, y, conv, grad):
         (2, 16, 1, 3, 3),  # a one-row map: every tap but the middle row is padding
         (3, 64, 14, 14, 3),
         (1, 40, 6, 37, 3),  # rows of several column blocks, channels of two cache lines and a half
+        # The kernel reads copies of the rows with padded columns (C a multiple of 512):
+        (1, 512, 5, 19, 3),
+        (2, 1024, 3, 4, 5),  # two images: the copies' ring must not mix their rows
     ],
 )
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
@@ -102,16 +105,19 @@ def test_fused_hidden_layer_equals_float32_pytorch_composition(require_cpu_kerne
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('channels', [8, 512])  # 512: from copies of the rows
 @pytest.mark.parametrize('threads', [1, 3])
-def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads, require_cpu_kernels, monkeypatch):
+def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(
+    threads, channels, require_cpu_kernels, monkeypatch
+):
     """Each thread of the C++ kernel recomputes the grad_z rows it shares with its neighbours;
     every row's bias and weight terms must still be counted once."""
     require_cpu_kernels()
     monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
     torch.manual_seed(5)
-    conv = _conv(8, 3)
-    y = torch.randn(2, 8, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
-    grad = torch.randn(2, 8, 7, 5)
+    conv = _conv(channels, 3)
+    y = torch.randn(2, channels, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
+    grad = torch.randn(2, channels, 7, 5)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -120,8 +126,10 @@ def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(threads,
         expected = _value_and_grads(depthwise_conv_gelu, y, conv, grad)
     finally:
         torch.set_num_threads(before)
+    # Sums of per-thread sums, in another order per thread count; a row counted twice or not at
+    # all would be off by about one.
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_hidden_layer_method_follows_the_map_size(require_cpu_kernels, monkeypatch):
@@ -232,15 +240,16 @@ def test_hidden_layer_and_linear_operator_equals_the_checkpointed_composition(
     assert saved.count(y.shape) == 1  # y; the composition also keeps the hidden layer's output
 
 
+@pytest.mark.parametrize('channels', [20, 512])  # 512: from copies of the rows
 @pytest.mark.parametrize('threads', [1, 2, 3])
-def test_fused_hidden_layer_backward_writes_the_forward_output(threads, require_cpu_kernels):
+def test_fused_hidden_layer_backward_writes_the_forward_output(threads, channels, require_cpu_kernels):
     """The kernel's backward pass, asked for it, gives the forward pass's output to the bit: every
     row written (into an uninitialised tensor), also where threads split the rows mid-image."""
     require_cpu_kernels()
     kernels = cpu_kernels.load_kernels()
     torch.manual_seed(8)
-    y, grad = torch.randn(2, 1, 13, 11, 20).unbind(0)
-    taps, bias = torch.randn(9, 20), torch.randn(20)
+    y, grad = torch.randn(2, 1, 13, 11, channels).unbind(0)
+    taps, bias = torch.randn(9, channels), torch.randn(channels)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
