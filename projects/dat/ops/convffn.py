@@ -17,9 +17,11 @@ Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's
 ``mmap`` threshold: an allocation of 32 MiB or more is a fresh ``mmap`` that the OS zeroes and
 faults in page by page each time, smaller ones come back from the heap, warm
 (``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The crossover depends on the CPU:
-on a 2-core AMD EPYC the kernel was the faster below it too at 256 channels, and oneDNN at 1024
-and more ("The kernel against oneDNN's conv and GELU on this machine"). The layer has no separate
-PyTorch fast path: the ``pytorch`` backend is the composition.
+on a 2-core AMD EPYC the kernel was the faster forward+backward below it too at 256 and 512
+channels, about even at 1024, and DAT-T++'s training step took 2-3.5 % less time with every map
+on the kernel (``FUSED_KERNEL_MIN_BYTES = 0``; "ConvFFN's hidden-layer kernel on padded copies of
+its rows"). The layer has no separate PyTorch fast path: the ``pytorch`` backend is the
+composition.
 
 :func:`depthwise_conv_gelu_linear` runs the hidden layer and the 1x1 conv after it (ConvFFN's fc2)
 as the operator ``torch.ops.dat.depthwise_conv_gelu_linear``, which keeps only ``y`` too: its
