@@ -18,7 +18,7 @@ Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's
 faults in page by page each time, smaller ones come back from the heap, warm
 (``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The crossover depends on the CPU:
 on a 2-core AMD EPYC the kernel was the faster forward+backward below it too at 256 and 512
-channels, about even at 1024, and DAT-T++'s training step took 2-3.5 % less time with every map
+channels, about even at 1024, and DAT-T++'s training step took 2-5 % less time with every map
 on the kernel (``FUSED_KERNEL_MIN_BYTES = 0``; "ConvFFN's hidden-layer kernel on padded copies of
 its rows"). The layer has no separate PyTorch fast path: the ``pytorch`` backend is the
 composition.
