@@ -114,7 +114,7 @@ torch::Tensor strided_taps(const torch::Tensor& weight, const ConvShape& s) {
 // A thread's ring of row buffers, each W columns row_stride(s) floats apart and holding one row
 // of one image at a time: row r of image b in slot r % slots. The slots lie one cache line further
 // apart than a row's size, so that the same column of two slots falls into different sets (without
-// it, the backward pass at 512 channels took up to 1.45x as long in some processes as in others).
+// it, the backward pass at 512 channels took up to 1.5x as long in some processes as in others).
 class RowRing {
  public:
   RowRing(int64_t slots, const ConvShape& s)
@@ -148,6 +148,7 @@ class InputRows {
     if (reads_copies(s)) copies_.emplace(slots, s);
   }
 
+  // Row r of image b.
   const float* row(int64_t b, int64_t r) {
     const float* source = y_ + (b * shape_.height + r) * shape_.width * shape_.channels;
     if (!copies_) return source;
