@@ -119,8 +119,7 @@ class RowRing {
  public:
   RowRing(int64_t slots, const ConvShape& s)
       : shape_(s),
-        stride_(row_stride(s)),
-        slot_floats_(s.width * stride_ + kLineFloats),
+        slot_floats_(s.width * row_stride(s) + kLineFloats),
         buffer_(torch::empty({slots * slot_floats_}, torch::kFloat)),
         items_(slots, -1) {}
 
@@ -135,7 +134,7 @@ class RowRing {
 
  private:
   ConvShape shape_;
-  int64_t stride_, slot_floats_;
+  int64_t slot_floats_;
   torch::Tensor buffer_;
   std::vector<int64_t> items_;
 };
