@@ -16,9 +16,25 @@
 // out-of-line call makes the caller spill every live vector register around it.
 #define DAT_ALWAYS_INLINE inline __attribute__((always_inline))
 
-namespace dat {
+// The vectors' width: 8 floats (AVX2's 256 bits, or portable code where built without AVX2),
+// or 16 in a file that defines DAT_VECTOR_LANES as 16 before including this header (one built for
+// AVX-512). Each width has its own inline namespace, so that two files of different widths never
+// share one definition of a helper.
+#ifndef DAT_VECTOR_LANES
+#define DAT_VECTOR_LANES 8
+#endif
+#if DAT_VECTOR_LANES == 16
+#define DAT_VECTOR_NAMESPACE lanes16
+#elif DAT_VECTOR_LANES == 8
+#define DAT_VECTOR_NAMESPACE lanes8
+#else
+#error "DAT_VECTOR_LANES must be 8 or 16"
+#endif
 
-constexpr int64_t kLanes = 8;  // independent partial sums: the compiler vectorises them without reassociating
+namespace dat {
+inline namespace DAT_VECTOR_NAMESPACE {
+
+constexpr int64_t kLanes = DAT_VECTOR_LANES;  // also the independent partial sums of the loops below
 
 // Explicit vectors of kLanes floats / int32 (GCC and Clang vector types: AVX2 where built so), for
 // loops the compiler does not vectorise as wanted by itself (partial sums kept in registers).
@@ -86,8 +102,8 @@ inline float max_of(const float* x, int64_t n) {
 
 // Transposes the kLanes x kLanes matrix whose rows are rows[0 .. kLanes - 1]: rows[i][j] becomes rows[j][i].
 DAT_ALWAYS_INLINE void transpose(FloatVector* rows) {
-#ifdef __AVX__
-  static_assert(kLanes == 8 && sizeof(FloatVector) == sizeof(__m256));
+#if defined(__AVX__) && DAT_VECTOR_LANES == 8
+  static_assert(sizeof(FloatVector) == sizeof(__m256));
   __m256 pairs[8], quads[8];
   for (int i = 0; i < 8; i += 2) {
     pairs[i] = _mm256_unpacklo_ps(rows[i], rows[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
@@ -116,7 +132,7 @@ namespace detail {
 // is a NaN: the same selects (GCC turns the selects with constant bounds into compares and blends).
 inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
 inline FloatVector clamp(FloatVector x, float lo, float hi) {
-#ifdef __AVX__
+#if defined(__AVX__) && DAT_VECTOR_LANES == 8
   static_assert(sizeof(FloatVector) == sizeof(__m256));
   return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
 #else
@@ -261,4 +277,5 @@ inline void for_channel_lanes(int64_t channels, Body&& body) {
   for (; c < channels; ++c) body(0.0f, c);
 }
 
+}  // inline namespace DAT_VECTOR_NAMESPACE
 }  // namespace dat

@@ -17,11 +17,11 @@ Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's
 ``mmap`` threshold: an allocation of 32 MiB or more is a fresh ``mmap`` that the OS zeroes and
 faults in page by page each time, smaller ones come back from the heap, warm
 (``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The crossover depends on the CPU:
-on a 2-core AMD EPYC the kernel was the faster forward+backward below it too at 256 and 512
-channels, about even at 1024, and DAT-T++'s training step took 2-5 % less time with every map
-on the kernel (``FUSED_KERNEL_MIN_BYTES = 0``; "ConvFFN's hidden-layer kernel on padded copies of
-its rows"). The layer has no separate PyTorch fast path: the ``pytorch`` backend is the
-composition.
+on a 2-core AMD EPYC (Zen 4) the kernel, in AVX-512 vectors as oneDNN's conv, was the faster
+forward+backward below it too at every DAT-T++ map (1.04-2.05x), and DAT-T++'s training step took
+1.5-5 % less time with every map on the kernel (``FUSED_KERNEL_MIN_BYTES = 0``; runs with the
+AVX2 and the AVX-512 kernel, "ConvFFN's hidden-layer kernel in AVX-512 vectors"). The layer has
+no separate PyTorch fast path: the ``pytorch`` backend is the composition.
 
 :func:`depthwise_conv_gelu_linear` runs the hidden layer and the 1x1 conv after it (ConvFFN's fc2)
 as the operator ``torch.ops.dat.depthwise_conv_gelu_linear``, which keeps only ``y`` too: its

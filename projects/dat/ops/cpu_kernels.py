@@ -9,8 +9,9 @@ intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
-pass over memory, forward and backward (for maps of 32 MiB or more; smaller ones are faster in
-oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`). ``csrc/key_sampling.cpp`` reads the
+pass over memory, forward and backward (by default for maps of 32 MiB or more, the crossover
+measured on an Intel Xeon; smaller ones go to oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`),
+in 16-lane AVX-512 vectors where torch runs AVX-512 (:func:`simd_flags`). ``csrc/key_sampling.cpp`` reads the
 deformable blocks' keys bilinearly from channels-last maps in place, and writes the gradient
 there (:mod:`~projects.dat.ops.key_sampling`). ``csrc/vector_math.h`` holds the float32 helpers
 (``exp``, sums, dot products) that the compiler vectorises. They agree with the PyTorch paths to
@@ -43,12 +44,17 @@ _loaded = {}
 
 def simd_flags() -> tuple[str, list[str]]:
     """The instruction set the kernels are compiled for, and its compiler flags: AVX2 with FMA
-    where torch's own CPU kernels run with AVX2 or better (``ATEN_CPU_CAPABILITY`` lowers
-    both), else the compiler's baseline. Not ``-march=native``: a cache folder may be shared by
-    machines of several CPU types, and each capability gets its own module name. A torch without
-    ``torch.backends.cpu.get_cpu_capability`` (2.0) gets the baseline."""
+    where torch's own CPU kernels run with AVX2, the same and ConvFFN's hidden-layer kernel in
+    AVX-512 (``DAT_AVX512``, ``csrc/depthwise_conv_gelu.cpp``) where they run with AVX-512
+    (``ATEN_CPU_CAPABILITY`` lowers both), else the compiler's baseline. Not ``-march=native``: a
+    cache folder may be shared by machines of several CPU types, and each capability gets its own
+    module name. A torch without ``torch.backends.cpu.get_cpu_capability`` (2.0) gets the
+    baseline."""
     get_capability = getattr(getattr(torch.backends, 'cpu', None), 'get_cpu_capability', None)
-    if get_capability is not None and get_capability() in ('AVX2', 'AVX512'):
+    capability = get_capability() if get_capability is not None else None
+    if capability == 'AVX512':
+        return 'avx512', ['-mavx2', '-mfma', '-DDAT_AVX512']
+    if capability == 'AVX2':
         return 'avx2', ['-mavx2', '-mfma']
     return 'baseline', []
 
