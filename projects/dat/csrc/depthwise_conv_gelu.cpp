@@ -12,9 +12,9 @@
 // GELU's input) never goes to memory, nor does its gradient: one pass forward, one backward
 // (which recomputes the GELU's input from y).
 //
-// Channels go kLanes (8 or 16) at a time in explicit vectors (the last ones one by one) and columns up to 8
-// at a time (for_column_blocks): each tap's weights are loaded once per block of columns, and the
-// sums stay in registers. Where C is a multiple of 512 the kernels read copies of y's rows and of
+// Channels go kLanes (8, or 16 with AVX-512) at a time in explicit vectors (the last ones one by
+// one) and columns up to 8 at a time (for_column_blocks): each tap's weights are loaded once per
+// block of columns, and the sums stay in registers. Where C is a multiple of 512 the kernels read copies of y's rows and of
 // the taps with padded columns (reads_copies). Every sum runs in the order of the plain loops
 // (taps in row-major order for each output, columns in increasing order for the weight and bias
 // gradients).
@@ -31,9 +31,10 @@
 #include "checks.h"
 
 // Built for a CPU with AVX-512 (DAT_AVX512, cpu_kernels.simd_flags), this file's functions take
-// vectors of 16 channels: 0.71-0.81x the time of 8-lane AVX2 forward and 0.77-0.99x backward at
-// DAT-T++'s hidden maps, the same bits. The other kernels stay 8-lane AVX2 (with AVX-512 enabled
-// the neighbourhood attention's forward took 1.04-1.16x its time).
+// vectors of 16 channels: on a Zen 4 EPYC 0.71-0.93x the time of 8 AVX2 lanes forward and
+// 0.79-0.99x backward at DAT-T++'s and DAT-B++'s hidden maps, the same bits. The other kernels
+// stay 8-lane AVX2 (with AVX-512 enabled the neighbourhood attention's forward took 1.04-1.16x
+// its time).
 #ifdef DAT_AVX512
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
 #define DAT_VECTOR_LANES 16

@@ -9,17 +9,18 @@ intermediate buffers and several passes. ``csrc/neighborhood_attention.cpp``
 computes neighbourhood attention and its gradient window by window (exactly the ``k x k`` keys
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
-pass over memory, forward and backward (by default for maps of 32 MiB or more, the crossover
-measured on an Intel Xeon; smaller ones go to oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`),
-in 16-lane AVX-512 vectors where torch runs AVX-512 (:func:`simd_flags`). ``csrc/key_sampling.cpp`` reads the
-deformable blocks' keys bilinearly from channels-last maps in place, and writes the gradient
-there (:mod:`~projects.dat.ops.key_sampling`). ``csrc/vector_math.h`` holds the float32 helpers
-(``exp``, sums, dot products) that the compiler vectorises. They agree with the PyTorch paths to
-float32 round-off (``tests/test_attention_fast.py``, ``tests/test_layers.py``); which one runs is
-decided by :func:`projects.dat.ops.dispatch.select_backend`.
+pass over memory, forward and backward, in 16-lane AVX-512 vectors where torch runs AVX-512
+(:func:`simd_flags`); by default for maps of 32 MiB or more, the crossover measured on an Intel
+Xeon (smaller ones go to oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`).
+``csrc/key_sampling.cpp`` reads the deformable blocks' keys bilinearly from channels-last maps in
+place, and writes the gradient there (:mod:`~projects.dat.ops.key_sampling`).
+``csrc/vector_math.h`` holds the float32 helpers (``exp``, sums, dot products) that the compiler
+vectorises. They agree with the PyTorch paths to float32 round-off
+(``tests/test_attention_fast.py``, ``tests/test_layers.py``); which one runs is decided by
+:func:`projects.dat.ops.dispatch.select_backend`.
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
-torch version and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
+torch version, instruction set (:func:`simd_flags`) and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); ``make env`` builds it (``tools/check_env.py``). Where it
 cannot be built, the operators run in PyTorch and one warning says why.
 ``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
