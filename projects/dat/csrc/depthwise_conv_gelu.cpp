@@ -33,7 +33,7 @@
 // Built for a CPU with AVX-512 (DAT_AVX512, cpu_kernels.simd_flags), this file's functions take
 // vectors of 16 channels: on a Zen 4 EPYC 0.71-0.93x the time of 8 AVX2 lanes forward and
 // 0.79-0.99x backward at DAT-T++'s and DAT-B++'s hidden maps, the same bits. The other kernels
-// stay 8-lane AVX2 (with AVX-512 enabled the neighbourhood attention's forward took 1.04-1.16x
+// stay 8-lane AVX2 (with AVX-512 enabled the neighbourhood attention's forward took 1.06-1.09x
 // its time). GCC's pragma: other compilers keep the 8 AVX2 lanes.
 #if defined(DAT_AVX512) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
