@@ -14,10 +14,10 @@
 //
 // Channels go kLanes (8, or 16 with AVX-512) at a time in explicit vectors (the last ones one by
 // one) and columns up to 8 at a time (for_column_blocks): each tap's weights are loaded once per
-// block of columns, and the sums stay in registers. Where C is a multiple of 512 the kernels read copies of y's rows and of
-// the taps with padded columns (reads_copies). Every sum runs in the order of the plain loops
-// (taps in row-major order for each output, columns in increasing order for the weight and bias
-// gradients).
+// block of columns, and the sums stay in registers. Where C is a multiple of 512 the kernels read
+// copies of y's rows and of the taps with padded columns (reads_copies). Every sum runs in the
+// order of the plain loops (taps in row-major order for each output, columns in increasing order
+// for the weight and bias gradients).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
