@@ -43,9 +43,8 @@ def _conv(channels, kernel, dtype=torch.float32, device='cpu'):
 
 @pytest.fixture(params=['fused-kernel', 'onednn'])
 def hidden_method(request, monkeypatch):
-    """Runs the test with each method of the fused hidden layer, whatever the map's size."""
-    threshold = 0 if request.param == 'fused-kernel' else float('inf')
-    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', threshold)
+    """Runs the test with each method of the fused hidden layer, whatever the kernels' build."""
+    monkeypatch.setattr(convffn_ops, 'runs_fused_kernel', lambda: request.param == 'fused-kernel')
     return request.param
 
 
@@ -113,7 +112,7 @@ def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(
     """Each thread of the C++ kernel recomputes the grad_z rows it shares with its neighbours;
     every row's bias and weight terms must still be counted once."""
     require_cpu_kernels()
-    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
+    monkeypatch.setattr(convffn_ops, 'runs_fused_kernel', lambda: True)
     torch.manual_seed(5)
     conv = _conv(channels, 3)
     y = torch.randn(2, channels, 7, 5).to(memory_format=torch.channels_last)  # 14 rows: odd chunks
@@ -132,22 +131,10 @@ def test_fused_hidden_layer_gradients_do_not_depend_on_the_thread_count(
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_hidden_layer_method_follows_the_map_size(require_cpu_kernels, monkeypatch):
-    require_cpu_kernels()
-    assert convffn_ops.FUSED_KERNEL_MIN_BYTES == 32 << 20
-    large = torch.empty(1, 256, 128, 256)  # 32 MiB of float32
-    assert convffn_ops.runs_fused_kernel(large) and not convffn_ops.runs_fused_kernel(large[:, :, :127])
-    torch.manual_seed(9)
-    conv = _conv(24, 3)
-    y = torch.randn(2, 24, 9, 11).to(memory_format=torch.channels_last)
-    grad = torch.randn(2, 24, 9, 11)
-    results = {}
-    for method, threshold in (('fused-kernel', 0), ('onednn', float('inf'))):
-        monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', threshold)
-        results[method] = _value_and_grads(depthwise_conv_gelu, y, conv, grad)
-        assert results[method][0].is_contiguous(memory_format=torch.channels_last)
-    for a, e in zip(results['fused-kernel'], results['onednn'], strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(('build', 'fused'), [('avx512', True), ('avx2', True), ('baseline', False)])
+def test_fused_hidden_layer_method_follows_the_build(build, fused, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, 'simd_flags', lambda: (build, []))
+    assert convffn_ops.runs_fused_kernel() is fused
 
 
 def test_fused_hidden_layer_falls_back_where_the_kernel_does_not_apply(monkeypatch):
@@ -422,10 +409,10 @@ def test_fused_hidden_layer_operator_and_kernel_check_their_inputs(require_cpu_k
 
 def test_fused_hidden_layer_operator_without_kernels_says_so(monkeypatch):
     monkeypatch.setattr(cpu_kernels, 'load_kernels', lambda: None)
-    monkeypatch.setattr(convffn_ops, 'FUSED_KERNEL_MIN_BYTES', 0)
+    monkeypatch.setattr(convffn_ops, 'runs_fused_kernel', lambda: True)
     conv = _conv(8, 3)
     y = torch.randn(1, 8, 5, 6).to(memory_format=torch.channels_last)
-    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu on maps of .* needs the C\+\+ CPU kernels'):
+    with pytest.raises(RuntimeError, match=r'dat::depthwise_conv_gelu in AVX2 .* vectors needs the C\+\+ CPU kernels'):
         convffn_ops._depthwise_conv_gelu_op(y, conv.weight, conv.bias)
 
 

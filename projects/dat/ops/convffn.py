@@ -4,23 +4,22 @@
 depthwise_conv_gelu_reference`) or the custom operator ``torch.ops.dat.depthwise_conv_gelu``, as
 :func:`~projects.dat.ops.dispatch.select_backend` decides. The operator keeps only ``y`` for the
 backward pass, which recomputes the GELU's input; it computes with one of two methods, by the
-size of the map (:func:`runs_fused_kernel`):
+build of the C++ kernels (:func:`runs_fused_kernel`):
 
-- maps of at least :data:`FUSED_KERNEL_MIN_BYTES`: the C++ CPU kernel of
-  ``csrc/depthwise_conv_gelu.cpp``, one pass over memory forward and one backward;
-- smaller maps: oneDNN's depth-wise conv and PyTorch's GELU in place on its output (backward:
-  the conv again, GELU's gradient in place, the conv's backward), whose arithmetic was 2-3x as
-  fast as the kernel's on the Intel Xeon below, but which reads and writes the map more often
-  and, backward, allocates one map more than the kernel.
+- where the kernels are built in vector registers (AVX2 or AVX-512,
+  :func:`~projects.dat.ops.cpu_kernels.simd_flags`): the kernel of ``csrc/depthwise_conv_gelu.cpp``,
+  one pass over memory forward and one backward;
+- in the compiler's baseline build (a CPU without AVX2): oneDNN's depth-wise conv and PyTorch's
+  GELU in place on its output (backward: the conv again, GELU's gradient in place, the conv's
+  backward), which reads and writes the map more often and, backward, allocates one map more
+  than the kernel, but whose arithmetic is vectorised there and the kernel's is not.
 
-Where it was measured (a 2-core Intel Xeon, glibc) the crossover lies at glibc's largest
-``mmap`` threshold: an allocation of 32 MiB or more is a fresh ``mmap`` that the OS zeroes and
-faults in page by page each time, smaller ones come back from the heap, warm
-(``docs/benchmarks.md``, "ConvFFN's hidden layer by map size"). The crossover depends on the CPU:
-on a 2-core AMD EPYC (Zen 4) the kernel, in AVX-512 vectors as oneDNN's conv, was the faster
-forward+backward below it too at every DAT-T++ map (1.04-2.05x), and DAT-T++'s training step took
-1.5-5 % less time with every map on the kernel (``FUSED_KERNEL_MIN_BYTES = 0``; runs with the
-AVX2 and the AVX-512 kernel, "ConvFFN's hidden-layer kernel in AVX-512 vectors"). The layer has
+Measured on two 2-core CPUs with AVX-512, an Intel Xeon and an AMD EPYC (Zen 4)
+(``docs/benchmarks.md``, "ConvFFN's hidden layer: the method by build"): at every hidden map of
+DAT-T++ at 224@32, 512x832 and 1344x800, oneDNN's method took 1.2-2.05x the kernel's time
+forward+backward on the Xeon (1.17-2.18x with torch and oneDNN limited to AVX2, against the AVX2
+build), and DAT-T++'s training step took 2-5 % less with the kernel at 512x832 and 1344x800; with
+both limited to their baseline, oneDNN's method took 0.53-0.92x the kernel's time. The layer has
 no separate PyTorch fast path: the ``pytorch`` backend is the composition.
 
 :func:`depthwise_conv_gelu_linear` runs the hidden layer and the 1x1 conv after it (ConvFFN's fc2)
@@ -41,15 +40,11 @@ from . import cpu_kernels, torch_compat
 from .dispatch import conv_compute_dtype, select_backend
 from .reference import depthwise_conv_gelu_reference, identity_folded
 
-# Maps (y, float32) of at least this many bytes go to the fused C++ kernel, smaller ones to
-# oneDNN's conv and PyTorch's GELU (see the module docstring).
-FUSED_KERNEL_MIN_BYTES = 32 << 20
 
-
-def runs_fused_kernel(y: Tensor) -> bool:
-    """Whether the operator computes ``y``'s hidden layer with the C++ kernel (a map of at least
-    :data:`FUSED_KERNEL_MIN_BYTES`), else with oneDNN's conv and PyTorch's GELU."""
-    return y.numel() * y.element_size() >= FUSED_KERNEL_MIN_BYTES
+def runs_fused_kernel() -> bool:
+    """Whether the operators compute with the C++ kernel (built in AVX2 or AVX-512 vectors), else
+    with oneDNN's conv and PyTorch's GELU (the baseline build; see the module docstring)."""
+    return cpu_kernels.simd_flags()[0] != 'baseline'
 
 
 def _check_same_depthwise_conv(conv: nn.Conv2d, y: Tensor):
@@ -102,7 +97,7 @@ def _check_operator_inputs(y: Tensor, weight: Tensor, bias: Tensor) -> None:
 def _fused_kernels():
     """The C++ kernels, or an error that says why there are none."""
     return cpu_kernels.required_kernels(
-        'dat::depthwise_conv_gelu on maps of FUSED_KERNEL_MIN_BYTES or more',
+        'dat::depthwise_conv_gelu in AVX2 or AVX-512 vectors',
         'depthwise_conv_gelu() falls back to PyTorch by itself',
     )
 
@@ -122,9 +117,9 @@ def _gelu_input(y: Tensor, folded: Tensor, bias: Tensor) -> Tensor:
 
 
 def _hidden_forward(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``GELU(y + conv(y))`` by the method of ``y``'s size (the operators' forward pass)."""
+    """``GELU(y + conv(y))`` by the method of the build (the operators' forward pass)."""
     folded = identity_folded(weight)
-    if not runs_fused_kernel(y):
+    if not runs_fused_kernel():
         z = _gelu_input(y, folded, bias)
         torch.ops.aten.gelu_(_nhwc(z))  # in place: one map at a time, as in the kernel
         return z
@@ -134,8 +129,8 @@ def _hidden_forward(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def _hidden_backward(
     grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, use_output: Callable[[Tensor], None] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of ``y``, ``weight`` and ``bias`` from the output's, by the method of ``y``'s
-    size (the operators' backward pass), recomputing the GELU's input.
+    """The gradients of ``y``, ``weight`` and ``bias`` from the output's, by the method of the
+    build (the operators' backward pass), recomputing the GELU's input.
 
     Args:
         grad_out, y, weight, bias: As the backward operator's.
@@ -144,7 +139,7 @@ def _hidden_backward(
             reads the output, without a forward pass to recompute it.
     """
     folded = identity_folded(weight)
-    if not runs_fused_kernel(y):
+    if not runs_fused_kernel():
         # The gradient in the input's layout (torch 2.1's GELU backward mishandles others), and
         # grad_z written over z: one map more than the kernel needs, not two.
         z = _nhwc(_gelu_input(y, folded, bias))
@@ -289,7 +284,7 @@ def depthwise_conv_gelu(y: Tensor, conv: nn.Conv2d, impl: str = 'auto') -> Tenso
     :func:`~projects.dat.ops.reference.depthwise_conv_gelu_reference`.
 
     Runs the operator ``dat::depthwise_conv_gelu`` (the C++ kernel or oneDNN's conv and
-    PyTorch's GELU by the map's size, see the module docstring; only ``y`` is kept for the
+    PyTorch's GELU by the kernels' build, see the module docstring; only ``y`` is kept for the
     backward pass) where :func:`~projects.dat.ops.dispatch.select_backend` picks the
     ``cpu-kernel`` backend for ``impl`` (float32 maps on CPU, not under autocast, whose conv
     computes in a half type; the map is made channels-last first if it is not), else the
