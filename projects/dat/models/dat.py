@@ -115,7 +115,7 @@ class ConvFFN(nn.Module):
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
     custom operator on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`: a fused C++
-    kernel on large maps, oneDNN's conv and PyTorch's GELU on others), which keeps only ``y`` for
+    kernel where built with AVX2 or AVX-512, else oneDNN's conv and PyTorch's GELU), which keeps only ``y`` for
     the backward pass. With ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is
     recomputed in the backward pass (not ``fc2``); on CPU (float32) the hidden layer and ``fc2``
     then run as one operator whose backward pass recomputes the hidden layer once

@@ -10,8 +10,8 @@ computes neighbourhood attention and its gradient window by window (exactly the 
 of each query, where the PyTorch path computes whole tile regions and masks them).
 ``csrc/depthwise_conv_gelu.cpp`` computes ConvFFN's hidden layer ``GELU(y + DWConv(y))`` in one
 pass over memory, forward and backward, in 16-lane AVX-512 vectors where torch runs AVX-512
-(:func:`simd_flags`); by default for maps of 32 MiB or more, the crossover measured on an Intel
-Xeon (smaller ones go to oneDNN and PyTorch, :mod:`~projects.dat.ops.convffn`).
+(:func:`simd_flags`); it runs in the AVX2 and AVX-512 builds, while the baseline build leaves the
+layer to oneDNN and PyTorch, which were the faster there (:mod:`~projects.dat.ops.convffn`).
 ``csrc/key_sampling.cpp`` reads the deformable blocks' keys bilinearly from channels-last maps in
 place, and writes the gradient there (:mod:`~projects.dat.ops.key_sampling`).
 ``csrc/vector_math.h`` holds the float32 helpers (``exp``, sums, dot products) that the compiler
