@@ -2,7 +2,7 @@
 and the same parameters.
 
 - :class:`PointwiseConv2d`: a 1x1 conv computed as a matrix product over the channels of
-  channels-last maps.
+  channels-last maps (:func:`~projects.dat.ops.pointwise_conv_2d`).
 - :class:`GELU2d`: GELU of channels-last maps through their NHWC view
   (:func:`~projects.dat.ops.gelu_2d`).
 - :class:`DropPathResidual`: a residual connection with stochastic depth, the branch scaled and
@@ -13,20 +13,18 @@ They agree with the plain modules to float32 round-off (``tests/test_layers.py``
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import gelu_2d
+from ..ops import gelu_2d, pointwise_conv_2d
 
 
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)`` that multiplies channels-last maps as matrices.
 
-    On CPU (oneDNN) a 1x1 conv's backward pass on channels-last maps is slower than the two
-    matrix products of ``F.linear``'s backward on the same memory viewed as NHWC. Channels-last
-    maps (DAT++'s are: they come from LayerNorms over the NHWC view) are multiplied as
-    ``(B * H * W, C)`` matrices; others go to the conv. The parameters, their names and shapes
-    are the conv's.
+    Channels-last maps (DAT++'s are: they come from LayerNorms over the NHWC view) are
+    multiplied as ``(B * H * W, C)`` matrices, whose backward pass is faster on CPU than the
+    conv's (:func:`~projects.dat.ops.pointwise_conv_2d`); others go to the conv. The parameters,
+    their names and shapes are the conv's.
 
     Args:
         in_channels (int): Input channels.
@@ -38,9 +36,7 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
-        return super().forward(x)
+        return pointwise_conv_2d(x, self.weight, self.bias)
 
 
 class GELU2d(nn.GELU):

@@ -14,7 +14,8 @@ and computes the reference math or a fast backend, as :func:`select_backend` dec
 
 :mod:`~projects.dat.ops.reference` holds the reference math of all of them, and the functions
 that have a single implementation: :func:`window_attention` (``L``/``S`` blocks),
-:func:`depthwise_conv_plus_identity` (the local perception unit) and :func:`gelu_2d`.
+:func:`depthwise_conv_plus_identity` (the local perception unit), :func:`gelu_2d` and
+:func:`pointwise_conv_2d`.
 Importing this package defines the custom operators ``torch.ops.dat.*`` (on torch >= 2.4).
 """
 
@@ -31,6 +32,7 @@ from .reference import (
     depthwise_conv_plus_identity,
     gelu_2d,
     neighborhood_attention_reference,
+    pointwise_conv_2d,
     sample_keys_reference,
     window_attention,
 )
@@ -54,4 +56,5 @@ __all__ = [
     'sample_keys_reference',
     'depthwise_conv_plus_identity',
     'gelu_2d',
+    'pointwise_conv_2d',
 ]

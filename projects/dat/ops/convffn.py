@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import cpu_kernels, torch_compat
 from .dispatch import conv_compute_dtype, select_backend
-from .reference import depthwise_conv_gelu_reference, identity_folded
+from .reference import depthwise_conv_gelu_reference, identity_folded, pointwise_conv_2d
 
 
 def runs_fused_kernel() -> bool:
@@ -216,18 +216,13 @@ def _check_linear_inputs(y: Tensor, fc_weight: Tensor, fc_bias: Tensor | None = 
         )
 
 
-def _linear_2d(hidden: Tensor, fc_weight: Tensor, fc_bias: Tensor) -> Tensor:
-    """The 1x1 conv of a channels-last map as a matrix product (as ``PointwiseConv2d``)."""
-    return F.linear(_nhwc(hidden), fc_weight.flatten(1), fc_bias).permute(0, 3, 1, 2)
-
-
 @torch_compat.custom_op('dat::depthwise_conv_gelu_linear', mutates_args=())
 def _depthwise_conv_gelu_linear_op(
     y: Tensor, weight: Tensor, bias: Tensor, fc_weight: Tensor, fc_bias: Tensor
 ) -> Tensor:
     _check_operator_inputs(y, weight, bias)
     _check_linear_inputs(y, fc_weight, fc_bias)
-    return _linear_2d(_hidden_forward(y, weight, bias), fc_weight, fc_bias)
+    return pointwise_conv_2d(_hidden_forward(y, weight, bias), fc_weight, fc_bias)
 
 
 @_depthwise_conv_gelu_linear_op.register_fake

@@ -13,6 +13,8 @@ GELU) they are also what every implementation runs.
   :func:`sample_keys_reference`, the ``D`` blocks' bilinear read of their keys.
 - :func:`depthwise_conv_gelu_reference`: DAT++'s ConvFFN hidden layer ``GELU(y + DWConv(y))``,
   composed of :func:`depthwise_conv_plus_identity` and :func:`gelu_2d`.
+- :func:`pointwise_conv_2d`: a 1x1 conv, as a matrix product over the channels of channels-last
+  maps.
 """
 
 import torch
@@ -250,6 +252,28 @@ def gelu_2d(x: Tensor, approximate: str = 'none') -> Tensor:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return _gelu(x.permute(0, 2, 3, 1), approximate).permute(0, 3, 1, 2)
     return _gelu(x, approximate)
+
+
+def pointwise_conv_2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A 1x1 conv of a map (stride 1, no padding), through its NHWC view where it is channels-last.
+
+    On CPU (oneDNN) a 1x1 conv's backward pass on channels-last maps is slower than the two
+    matrix products of ``F.linear``'s backward on the same memory viewed as NHWC, so a
+    channels-last map is multiplied as a ``(B * H * W, C)`` matrix; others go to ``F.conv2d``.
+    The values are the same to float32 round-off, and so is the output's memory format.
+
+    Args:
+        x (Tensor): Any input of ``F.conv2d``; a ``(B, C, H, W)`` channels-last map goes through
+            its NHWC view.
+        weight (Tensor): ``(C_out, C, 1, 1)`` conv weight.
+        bias (Tensor, optional): ``(C_out,)``. Defaults to None.
+
+    Returns:
+        Tensor: ``(B, C_out, H, W)``.
+    """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
 
 
 def identity_folded(weight: Tensor) -> Tensor:
