@@ -115,11 +115,11 @@ class ConvFFN(nn.Module):
     Its three hidden ``4C``-channel tensors (``y``, the GELU input and the GELU output) are the
     largest activations of a DAT++ block. The hidden layer ``GELU(y + DWConv3x3(y))`` runs as one
     custom operator on CPU (float32; :func:`~projects.dat.ops.depthwise_conv_gelu`: a fused C++
-    kernel where built with AVX2 or AVX-512, else oneDNN's conv and PyTorch's GELU), which keeps only ``y`` for
-    the backward pass. With ``recompute_hidden`` only ``y`` is kept at all: the hidden layer is
-    recomputed in the backward pass (not ``fc2``); on CPU (float32) the hidden layer and ``fc2``
-    then run as one operator whose backward pass recomputes the hidden layer once
-    (:func:`~projects.dat.ops.depthwise_conv_gelu_linear`). The results are the same. Without
+    kernel where built with AVX2 or AVX-512, else oneDNN's conv and PyTorch's GELU), which keeps
+    only ``y`` for the backward pass. With ``recompute_hidden`` only ``y`` is kept at all: the
+    hidden layer is recomputed in the backward pass (not ``fc2``); on CPU (float32) the hidden
+    layer and ``fc2`` then run as one operator whose backward pass recomputes the hidden layer
+    once (:func:`~projects.dat.ops.depthwise_conv_gelu_linear`). The results are the same. Without
     autograd (inference) on CPU everything after ``fc1`` runs on stripes of rows of about
     :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in the CPU's cache instead of
     the whole maps going through memory one layer after the other (the same numbers: each
