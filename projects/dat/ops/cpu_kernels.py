@@ -20,9 +20,10 @@ vectorises. They agree with the PyTorch paths to float32 round-off
 :func:`projects.dat.ops.dispatch.select_backend`.
 
 The module is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) once per
-torch version, instruction set (:func:`simd_flags`) and checkout, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``); ``make env`` builds it (``tools/check_env.py``). Where it
-cannot be built, the operators run in PyTorch and one warning says why.
+torch version, instruction set (:func:`simd_flags`) and checkout, and cached under
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); ``make env`` builds it
+(``tools/check_env.py``). Where it cannot be built, the operators run in PyTorch and one warning
+says why.
 ``DAT_CPU_KERNELS=0`` turns the kernels off (to compare).
 """
 
