@@ -130,9 +130,22 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
 
 
 def training_loss(outputs: Any) -> torch.Tensor:
-    """The loss a timed or profiled training step backpropagates: the sum of the means of every
-    output tensor (float32), so that every output gets a gradient."""
-    return sum(t.float().mean() for t in _tensor_leaves(outputs))
+    """The loss a timed or profiled training step backpropagates: the sum over every output
+    tensor (float32) of the mean of its elements, each weighted by its channel's (dim 1's) place
+    on a ramp from 1 to 2, so that every output gets a gradient that differs across channels.
+
+    With equal weights, the input gradient of a LayerNorm before the outputs (as in DAT's and
+    Swin's backbones, whose norms are initialised to equal weights) is zero in exact arithmetic,
+    and the backward pass would carry round-off in place of gradients.
+    """
+    return sum(_channel_weighted_mean(t.float()) for t in _tensor_leaves(outputs))
+
+
+def _channel_weighted_mean(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() < 2:
+        return t.mean()
+    ramp = torch.linspace(1.0, 2.0, t.size(1), device=t.device)
+    return (t * ramp.view(-1, *([1] * (t.dim() - 2)))).mean()
 
 
 def run_step(model: nn.Module, run: Any, inputs: torch.Tensor, backward: bool, amp: bool) -> None:

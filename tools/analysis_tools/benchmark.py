@@ -20,9 +20,8 @@ Model specs (``--models``):
   the same architecture, with mmdet's four output norms (:class:`projects.dat.benchmarking.TimmSwinT`); each result's
   ``model_source`` says which ran;
 - ``CONFIG.py[:IMPL][:cp|nocp]``: the whole model of an mmdet / mmseg / mmpretrain config,
-  run in ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing); the
-  backward pass starts from the sum of the means of its outputs. ``:cp`` / ``:nocp`` override
-  the config's ``model.backbone.with_cp``.
+  run in ``mode='tensor'`` (backbone, neck and heads, without losses and post-processing).
+  ``:cp`` / ``:nocp`` override the config's ``model.backbone.with_cp``.
 
 Input specs (``--inputs``): ``S@B`` or ``WxH@B``, e.g. ``224@32`` or ``1344x800@1`` (width x
 height, as mmdet writes image scales).
@@ -32,7 +31,9 @@ Protocol (the original DAT code's): ``--warmup`` untimed iterations (default 50)
 shows the median latency per iteration and images/s = batch / median; the JSON output keeps
 every iteration's time, and is written after every group of measurements (a run stopped early
 keeps what it measured). ``--quick`` runs 2 + 5 for a small CPU. Forward runs in eval mode
-under ``torch.no_grad()``; forward+backward in train mode with the gradients of all parameters.
+under ``torch.no_grad()``; forward+backward in train mode with the gradients of all parameters,
+from the same loss for every spec (``projects.dat.benchmarking.training_loss``: the outputs'
+means, weighted by channel).
 Between timed iterations a worker keeps the memory it freed, as a training loop does, unless the
 workers' peaks together come near the machine's memory (then each returns its freed memory to
 the OS after its iteration, so that the idle ones hold little; the log and the JSON say which).

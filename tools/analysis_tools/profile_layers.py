@@ -2,7 +2,7 @@
 
 For each model spec (``benchmark.py``'s: ``datpp-t:fast``, ``swin-t``, ...; built and seeded by
 :mod:`projects.dat.benchmarking`, as ``benchmark.py`` builds them) and input, one training step
-as ``benchmark.py`` times it (train mode, the loss is the sum of the means of the outputs,
+as ``benchmark.py`` times it (train mode, the loss is ``benchmarking.training_loss``,
 gradients of all parameters) runs under ``torch.profiler``; every forward and backward op is
 attributed to a group, such as stage 2's ``D`` blocks' attention core or Swin-T's stage 2 FFN
 linear layers, and each group gets
@@ -246,7 +246,7 @@ def module_scopes(model: nn.Module) -> Iterator[None]:
 def train_step(model: nn.Module, run: Any, inputs: torch.Tensor) -> tuple[float, float]:
     """One training step as ``benchmark.py``'s; returns its forward and backward seconds.
 
-    The forward part includes the loss (the sum of the means of the outputs).
+    The forward part includes the loss (:func:`benchmarking.training_loss`).
     """
     t0 = time.perf_counter()
     with record_function(FORWARD_SCOPE):
