@@ -76,10 +76,11 @@ def test_training_loss_sends_a_gradient_through_the_output_norms(spec):
     """The timed backward pass carries gradients, not round-off: the outputs' LayerNorms have equal
     weights as initialised, so a plain sum of means has a zero input gradient (about 1e-10 in
     float32 here); the channel-weighted loss gives the input a gradient of 5e-4 to 2e-3."""
-    model, run, _, x = benchmarking.seeded_model_and_input(spec, 64, 64, 1)
+    _, run, _, x = benchmarking.seeded_model_and_input(spec, 64, 64, 1)
     x.requires_grad_(True)
     benchmarking.training_loss(run(x)).backward()
     assert x.grad.abs().max() > 1e-4
+
 
 def test_fast_pytorch_is_the_pytorch_implementation():
     """``fast-pytorch`` (the name of earlier runs) builds the model with attn_impl='pytorch', the fast
