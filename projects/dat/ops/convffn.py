@@ -37,6 +37,7 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 from . import cpu_kernels, torch_compat
+from .cpu_kernels import nhwc
 from .dispatch import conv_compute_dtype, select_backend
 from .reference import depthwise_conv_gelu_reference, identity_folded, pointwise_conv_2d
 
@@ -107,10 +108,6 @@ def _kernel_taps(folded: Tensor) -> Tensor:
     return folded.flatten(1).t().contiguous()
 
 
-def _nhwc(x: Tensor) -> Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
 def _gelu_input(y: Tensor, folded: Tensor, bias: Tensor) -> Tensor:
     """``y + conv(y)`` with the conv's bias, by oneDNN (channels-last in, channels-last out)."""
     return F.conv2d(y, folded, bias, padding=folded.shape[-1] // 2, groups=folded.shape[0])
@@ -121,9 +118,9 @@ def _hidden_forward(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     folded = identity_folded(weight)
     if not runs_fused_kernel():
         z = _gelu_input(y, folded, bias)
-        torch.ops.aten.gelu_(_nhwc(z))  # in place: one map at a time, as in the kernel
+        torch.ops.aten.gelu_(nhwc(z))  # in place: one map at a time, as in the kernel
         return z
-    return _fused_kernels().depthwise_conv_gelu_forward(_nhwc(y), _kernel_taps(folded), bias).permute(0, 3, 1, 2)
+    return _fused_kernels().depthwise_conv_gelu_forward(nhwc(y), _kernel_taps(folded), bias).permute(0, 3, 1, 2)
 
 
 def _hidden_backward(
@@ -142,10 +139,10 @@ def _hidden_backward(
     if not runs_fused_kernel():
         # The gradient in the input's layout (torch 2.1's GELU backward mishandles others), and
         # grad_z written over z: one map more than the kernel needs, not two.
-        z = _nhwc(_gelu_input(y, folded, bias))
+        z = nhwc(_gelu_input(y, folded, bias))
         if use_output is not None:
             use_output(F.gelu(z).permute(0, 3, 1, 2))
-        torch.ops.aten.gelu_backward.grad_input(_nhwc(grad_out).contiguous(), z, grad_input=z)
+        torch.ops.aten.gelu_backward.grad_input(nhwc(grad_out).contiguous(), z, grad_input=z)
         padding = [folded.shape[-1] // 2] * 2
         return torch.ops.aten.convolution_backward(
             z.permute(0, 3, 1, 2),
@@ -161,7 +158,7 @@ def _hidden_backward(
             [True, True, True],
         )
     grads = _fused_kernels().depthwise_conv_gelu_backward(
-        _nhwc(grad_out).contiguous(), _nhwc(y), _kernel_taps(folded), bias, use_output is not None
+        nhwc(grad_out).contiguous(), nhwc(y), _kernel_taps(folded), bias, use_output is not None
     )
     if use_output is not None:
         use_output(grads[3].permute(0, 3, 1, 2))
@@ -238,13 +235,13 @@ def _depthwise_conv_gelu_linear_backward_op(
     _check_operator_inputs(y, weight, bias)
     _check_linear_inputs(y, fc_weight)
     batch, channels, height, width = y.shape
-    grad_rows = _nhwc(grad_out).reshape(-1, fc_weight.shape[0])  # (B H W, C_out)
+    grad_rows = nhwc(grad_out).reshape(-1, fc_weight.shape[0])  # (B H W, C_out)
     grad_hidden = grad_rows.mm(fc_weight.flatten(1)).view(batch, height, width, channels).permute(0, 3, 1, 2)
     fc_grads = []
 
     def fc_weight_and_bias_gradients(hidden: Tensor):
         # As F.linear's backward computes them: the weight's as (input^T grad)^T.
-        fc_grads.append(_nhwc(hidden).reshape(-1, channels).t().mm(grad_rows).t().reshape(fc_weight.shape).contiguous())
+        fc_grads.append(nhwc(hidden).reshape(-1, channels).t().mm(grad_rows).t().reshape(fc_weight.shape).contiguous())
         fc_grads.append(grad_rows.sum(0))
 
     grad_y, grad_weight, grad_bias = _hidden_backward(grad_hidden, y, weight, bias, fc_weight_and_bias_gradients)

@@ -181,3 +181,9 @@ def required_kernels(operator: str, fallback: str) -> object:
             f'built (see the log); {fallback}'
         )
     return kernels
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """The ``(B, H, W, C)`` view of a ``(B, C, H, W)`` map, the kernels' layout (contiguous where
+    the map is channels-last)."""
+    return x.permute(0, 2, 3, 1)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels, torch_compat
+from .cpu_kernels import nhwc
 from .dispatch import select_backend
 from .reference import sample_keys_reference
 
@@ -48,10 +49,6 @@ def _kernels():
     return cpu_kernels.required_kernels('dat::sample_keys', 'sample_keys() falls back to F.grid_sample by itself')
 
 
-def _nhwc(x: Tensor) -> Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
 def _keys_as_map(keys: Tensor) -> Tensor:
     """``(B, N, C)`` keys as the ``(B, C, 1, N)`` channels-last map the projections take."""
     b, n, c = keys.shape
@@ -61,7 +58,7 @@ def _keys_as_map(keys: Tensor) -> Tensor:
 @torch_compat.custom_op('dat::sample_keys', mutates_args=())
 def _sample_keys_op(x: Tensor, pos: Tensor, num_groups: int) -> Tensor:
     _check_operator_inputs(x, pos, num_groups)
-    keys = _kernels().sample_keys_forward(_nhwc(x.contiguous(memory_format=torch.channels_last)), pos, num_groups)
+    keys = _kernels().sample_keys_forward(nhwc(x.contiguous(memory_format=torch.channels_last)), pos, num_groups)
     return _keys_as_map(keys)
 
 
@@ -75,8 +72,8 @@ def _sample_keys_backward_op(grad_out: Tensor, x: Tensor, pos: Tensor, num_group
     _check_operator_inputs(x, pos, num_groups)
     b, c, _, n = grad_out.shape
     grad_x, grad_pos = _kernels().sample_keys_backward(
-        _nhwc(grad_out).reshape(b, n, c).contiguous(),
-        _nhwc(x.contiguous(memory_format=torch.channels_last)),
+        nhwc(grad_out).reshape(b, n, c).contiguous(),
+        nhwc(x.contiguous(memory_format=torch.channels_last)),
         pos,
         num_groups,
     )
