@@ -479,6 +479,33 @@ def test_neighborhood_cpu_kernel_and_tiled_path_match_float64(require_cpu_kernel
             assert_rel_close(a.double(), e, tol=2e-6, name=f'{impl} {name}')
 
 
+def test_neighborhood_cpu_kernel_row_segments(require_cpu_kernels):
+    """With fewer (batch, head) slices than threads, the backward pass splits each head's query rows
+    into segments (here 1, 2 and 3 of 23 rows, at least 7 high), each with its own gradients of the
+    key and value rows its windows read and of the bias, summed after. With each split the
+    gradients agree with float64; the queries' gradients, which no two segments share, keep their
+    bits."""
+    require_cpu_kernels()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 23, 19, 32, generator=g).requires_grad_() for _ in range(3))
+    rpb = torch.randn(1, 13, 13, generator=g).requires_grad_()
+    grad_out = torch.randn(1, 1, 23, 19, 32, generator=g)
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    exact = torch.autograd.grad(neighborhood_attention(*inputs, 7, 'pytorch'), inputs, grad_out.double())
+    previous = torch.get_num_threads()
+    grad_q = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads = torch.autograd.grad(neighborhood_attention(q, k, v, rpb, 7, 'cpu-kernel'), (q, k, v, rpb), grad_out)
+            for name, a, e in zip(('q', 'k', 'v', 'rpb'), grads, exact, strict=True):
+                assert_rel_close(a.double(), e, tol=2e-6, name=f'grad {name}, {threads} threads')
+            grad_q[threads] = grads[0]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(grad_q[1], grad_q[2]) and torch.equal(grad_q[1], grad_q[3])
+
+
 @pytest.mark.parametrize(
     'height, width, d, kernel',
     [

@@ -35,13 +35,15 @@ inline int64_t window_start(int64_t index, int64_t length, int64_t kernel_size) 
   return std::min(std::max(index - kernel_size / 2, int64_t(0)), length - kernel_size);
 }
 
-// One head's map in a (B, H, W, heads, d) tensor: pixel p = i * W + j at data + p * stride.
+// One head's map in a (B, H, W, heads, d) tensor: pixel p = i * W + j at data + (p - first) *
+// stride (first > 0: a buffer that holds the map's pixels from first on).
 template <typename T>
 struct Pixels {
   T* data;
   int64_t stride;  // floats from one pixel to the next
+  int64_t first = 0;
 
-  T* at(int64_t pixel) const { return data + pixel * stride; }
+  T* at(int64_t pixel) const { return data + (pixel - first) * stride; }
 };
 
 // Head bh's map in t (B, H, W, heads, d) with rows W pixels apart (checked by check_layout).
@@ -481,6 +483,35 @@ QueryTiles query_tiles_for(int64_t kernel_size, int64_t d, int64_t width) {
   return fns;
 }
 
+// A backward work item's query rows [begin, end) of a head, the key rows [key_begin, key_end) that
+// their windows read, and where its buffer of those rows' gradients starts (buffer_row).
+struct RowSegment {
+  int64_t begin, end, key_begin, key_end, buffer_row;
+
+  int64_t key_rows() const { return key_end - key_begin; }
+};
+
+// Segment s of n of a head's height query rows, its key rows' buffer from buffer_row on.
+RowSegment row_segment(int64_t s, int64_t n, int64_t height, int64_t kernel_size, int64_t buffer_row) {
+  const int64_t begin = height * s / n, end = height * (s + 1) / n;
+  return {begin, end, window_start(begin, height, kernel_size),
+          window_start(end - 1, height, kernel_size) + kernel_size, buffer_row};
+}
+
+// Adds the segments' gradients of key row r (in head_buffers: (key row, W, d) per segment, from
+// each one's buffer_row on) to the head's, segment after segment.
+void add_segment_rows(const std::vector<RowSegment>& segments, int64_t r, int64_t width, int64_t d,
+                      const float* head_buffers, Pixels<float> head) {
+  float* row = head.at(r * width);
+  for (const RowSegment& segment : segments) {
+    if (r < segment.key_begin || r >= segment.key_end) continue;
+    const float* buffer = head_buffers + (segment.buffer_row + r - segment.key_begin) * width * d;
+    for (int64_t j = 0; j < width; ++j) {
+      for (int64_t c = 0; c < d; ++c) row[j * head.stride + c] += buffer[j * d + c];
+    }
+  }
+}
+
 }  // namespace
 
 // Returns out (B, H, W, heads, d) and lse (B * heads, H * W).
@@ -535,9 +566,14 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
 }
 
 // Returns grad_q, grad_k, grad_v (B, H, W, heads, d) and grad_rpb per bh (B * heads, 2k - 1,
-// 2k - 1) (the caller sums it over the batch). Work items are whole bh slices, so that the scatter
-// into the keys' and values' gradients never races, and each key's terms are added in the
-// queries' order whatever the threads.
+// 2k - 1) (the caller sums it over the batch).
+//
+// Work items are (segment of query rows, bh): each adds its queries' terms, query after query, to
+// its own gradients of the bias and of the key and value rows that its windows read, which are
+// summed after, segment after segment. There are just enough segments per head to give every
+// thread work, each at least K rows high; where there is one (the bh slices are at least as many
+// as the threads), the items add to grad_k and grad_v in place. The bits depend on the number of
+// segments, hence on the threads where there are fewer bh slices than threads.
 std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                                                            torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
                                                            torch::Tensor lse, int64_t kernel_size, double scale) {
@@ -551,10 +587,22 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
               bh_count, ", ", height * width, "), got ", lse.sizes());
   const int64_t window = kernel_size * kernel_size, table = rpb.size(1), table_size = table * table;
   const float alpha = static_cast<float>(scale);
+  const int64_t threads = at::get_num_threads();
+  const int64_t segments =
+      std::max<int64_t>(1, std::min(height / kernel_size, (threads + bh_count - 1) / bh_count));
+  std::vector<RowSegment> row_segments;
+  int64_t buffered_rows = 0;  // the segments' key rows together
+  for (int64_t segment = 0; segment < segments; ++segment) {
+    row_segments.push_back(row_segment(segment, segments, height, kernel_size, buffered_rows));
+    buffered_rows += row_segments.back().key_rows();
+  }
   auto grad_q = torch::empty(q.sizes(), q.options());
   auto grad_k = torch::zeros(q.sizes(), q.options());
   auto grad_v = torch::zeros(q.sizes(), q.options());
-  auto grad_rpb = torch::zeros({bh_count, table, table}, q.options());
+  // Each segment's gradients of its key rows (bh, key row, W, d), where there are several.
+  auto segment_grad_k = torch::zeros({segments > 1 ? bh_count : 0, buffered_rows, width, d}, q.options());
+  auto segment_grad_v = torch::zeros_like(segment_grad_k);
+  auto grad_rpb = torch::zeros({segments, bh_count, table, table}, q.options());
   const float* go_p = grad_out.data_ptr<float>();
   const float* q_p = q.data_ptr<float>();
   const float* k_p = k.data_ptr<float>();
@@ -565,24 +613,35 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
   float* gq_p = grad_q.data_ptr<float>();
   float* gk_p = grad_k.data_ptr<float>();
   float* gv_p = grad_v.data_ptr<float>();
+  float* segment_gk_p = segment_grad_k.data_ptr<float>();
+  float* segment_gv_p = segment_grad_v.data_ptr<float>();
   float* grpb_p = grad_rpb.data_ptr<float>();
   const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
-  at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, segments * bh_count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(window), scratch((3 * d + 2 * window) * kTile);
     WindowRows rows(kernel_size);
     TransposedRows transposed_keys(query_tiles.any() ? kernel_size : 0, width, d);
     TransposedRows transposed_values(query_tiles.any() ? kernel_size : 0, width, d);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t item = begin; item < end; ++item) {
+      // item = (segment, bh), the layout of grad_rpb.
+      const RowSegment& segment = row_segments[item / bh_count];
+      const int64_t bh = item % bh_count;
       const auto q_h = head_pixels(q_p, q, bh), k_h = head_pixels(k_p, k, bh), v_h = head_pixels(v_p, v, bh);
+      auto grad_k_h = head_pixels(gk_p, grad_k, bh), grad_v_h = head_pixels(gv_p, grad_v, bh);
+      if (segments > 1) {
+        const int64_t offset = (bh * buffered_rows + segment.buffer_row) * width * d;
+        grad_k_h = Pixels<float>{segment_gk_p + offset, d, segment.key_begin * width};
+        grad_v_h = Pixels<float>{segment_gv_p + offset, d, segment.key_begin * width};
+      }
       const HeadGradients g{{head_pixels(go_p, grad_out, bh), head_pixels(out_p, out, bh), lse_p + bh * height * width,
                              head_pixels(gq_p, grad_q, bh)},
-                            head_pixels(gk_p, grad_k, bh),
-                            head_pixels(gv_p, grad_v, bh)};
+                            grad_k_h,
+                            grad_v_h};
       const float* head_rpb = rpb_p + (bh % heads) * table_size;
-      float* head_grad_rpb = grpb_p + bh * table_size;
+      float* head_grad_rpb = grpb_p + item * table_size;
       rows.key_stride = k_h.stride;
       rows.grad_stride = g.grad_k.stride;
-      for (int64_t i = 0; i < height; ++i) {
+      for (int64_t i = segment.begin; i < segment.end; ++i) {
         const int64_t si = window_start(i, height, kernel_size), row = i * width;
         if (query_tiles.any()) {
           for (int64_t a = 0; a < kernel_size; ++a) {
@@ -610,5 +669,15 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
       }
     }
   });
-  return {grad_q, grad_k, grad_v, grad_rpb};
+  if (segments > 1) {
+    at::parallel_for(0, bh_count * height, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / height, r = item % height;
+        const int64_t offset = bh * buffered_rows * width * d;
+        add_segment_rows(row_segments, r, width, d, segment_gk_p + offset, head_pixels(gk_p, grad_k, bh));
+        add_segment_rows(row_segments, r, width, d, segment_gv_p + offset, head_pixels(gv_p, grad_v, bh));
+      }
+    });
+  }
+  return {grad_q, grad_k, grad_v, grad_rpb.sum(0)};
 }
