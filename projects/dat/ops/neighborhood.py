@@ -6,14 +6,14 @@ neighborhood_attention_reference`) or the custom operator ``torch.ops.dat.neighb
 decides.
 
 On the ``cpu-kernel`` backend the C++ kernels (``csrc/neighborhood_attention.cpp``) visit each
-query's k * k window exactly, forward and backward (a work item per query row forward; per head
-backward, or per segment of a head's rows where there are fewer heads than threads). On the
-``pytorch`` backend the map is tiled: the queries are cut into Ty x Tx tiles
+query's k * k window exactly, forward and backward (a work item per query row forward; per (batch,
+head) slice backward, or per segment of a slice's rows where there are fewer slices than threads).
+On the ``pytorch`` backend the map is tiled: the queries are cut into Ty x Tx tiles
 (:func:`neighborhood_tiles`); the windows of a tile's queries lie inside an Sy x Sx key region
-(S = T + k - 1), so each tile is one dense (Ty Tx) x (Sy Sx) attention, two matrix products, in which
-the keys outside a query's window get the bias -inf. Tiles are k queries wide (regions of 2k - 1
-keys: about 3.4x the products of the k * k windows, at matrix-product speed); an axis no longer
-than 2k is a single tile.
+(S = T + k - 1), so each tile is one dense (Ty Tx) x (Sy Sx) attention, two matrix products, in
+which the keys outside a query's window get the bias -inf. Tiles are k queries wide (regions of
+2k - 1 keys: about 3.4x the products of the k * k windows, at matrix-product speed); an axis no
+longer than 2k is a single tile.
 The operator takes q, k and v laid out (B, H, W, heads, d) with contiguous channels and rows W
 pixels apart, in any other strides (the C++ kernels read the ``N`` block's qkv buffer in
 place), and the logits' scale; it returns the output (and the gradients) contiguous
