@@ -310,3 +310,17 @@ def test_plot_of_a_benchmark_json(tmp_path, x):
             for size in ('224@1', '1344x800@1')
             for mode in ('fwd', 'fwd+bwd')
         ]
+
+
+def test_results_record_the_checkout_commit(tmp_path):
+    """Every result names the commit it measured (and whether files differed from it), so that a
+    JSON in docs/bench/ says what it is a measurement of; outside a checkout, nothing."""
+    head = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip('not run from a git checkout')
+    described = benchmarking.machine_description('cpu', 1)['git']
+    assert described['commit'] == head.stdout.strip() and described['changed_files'] >= 0
+    assert benchmarking.checkout_description(tmp_path) is None  # not a checkout
+    subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+    (tmp_path / 'venv').mkdir()
+    assert benchmarking.checkout_description(tmp_path / 'venv') is None  # inside another repository

@@ -322,7 +322,9 @@ class Run:
 
 
 def git_description() -> dict[str, Any] | None:
-    """The checkout's commit and whether it has changes, where it is a git checkout."""
+    """The checkout's commit and whether it has changes, where it is a git checkout (as
+    ``projects.dat.benchmarking.checkout_description``, which this script, run before the package's
+    dependencies are installed, does not import)."""
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True, check=True)
         status = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True, text=True, check=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import os.path as osp
 import platform
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ __all__ = [
     'build_model',
     'seeded_model_and_input',
     'allocator_settings',
+    'checkout_description',
     'machine_description',
 ]
 
@@ -309,8 +312,33 @@ def memory_total_mib() -> float | None:
         return None
 
 
+def checkout_description(root: str | Path | None = None) -> dict[str, Any] | None:
+    """The git commit of the checkout that this package runs from, and how many of its files
+    differ from that commit; None where the package is not run from the top of a git checkout
+    (e.g. installed in site-packages, or git not installed).
+
+    Args:
+        root (str | Path, optional): The checkout to describe; default: the one holding
+            ``projects/dat``.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(['git', '-C', str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        # A checkout above root (a virtual environment inside the user's own repository) is not ours.
+        if Path(git('rev-parse', '--show-toplevel').strip()).resolve() != root.resolve():
+            return None
+        return dict(
+            commit=git('rev-parse', 'HEAD').strip(), changed_files=len(git('status', '--porcelain').splitlines())
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine_description(device: str, threads: int) -> dict[str, Any]:
-    """CPU / GPU, memory, software versions and load, for the record."""
+    """CPU / GPU, memory, software versions, load and the checkout's commit, for the record."""
     cpu = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -333,6 +361,7 @@ def machine_description(device: str, threads: int) -> dict[str, Any]:
     except OSError:
         pass
     info['allocator'] = allocator_settings()
+    info['git'] = checkout_description()
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(torch.device(device))
         info['cuda'] = torch.version.cuda
