@@ -6,7 +6,7 @@ the compiler's baseline (no AVX2, no FMA: the portable code of ``csrc/vector_mat
 where the AVX2 build has shuffles and min / max instructions, and sums that round differently).
 The rest of the suite runs this machine's module; these tests run the kernel tests again in a
 process where torch's CPU capability is lowered (``ATEN_CPU_CAPABILITY``), in which the module of
-that capability is built (about 1-2 min on two cores the first time, cached after) and loaded:
+that capability is built (about half a minute on two cores the first time, cached after) and loaded:
 the baseline build with the tests of ``tests/test_attention_fast.py`` and ``tests/test_layers.py``
 (but the Triton interpreter's), and, on a machine with AVX-512, the AVX2 build with those of
 ``tests/test_layers.py`` (its other kernels are compiled as in the AVX-512 build).

@@ -3,7 +3,8 @@
 // inside the tensor it indexes. The checks run once per call, outside the kernels' loops.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -14,7 +15,7 @@
 namespace dat {
 
 // Each tensor is contiguous, on the CPU and of `dtype`; `what` names the group in the error.
-inline void check_contiguous_cpu(std::initializer_list<const torch::Tensor*> tensors, torch::ScalarType dtype,
+inline void check_contiguous_cpu(std::initializer_list<const at::Tensor*> tensors, at::ScalarType dtype,
                                  const char* what) {
   for (const auto* t : tensors) {
     TORCH_CHECK(t->defined(), "expected ", dtype, " CPU tensors for ", what, ", got an undefined tensor");
@@ -35,7 +36,7 @@ inline std::pair<int32_t, int32_t> min_max(const int32_t* values, int64_t count)
 }
 
 // Every value of the contiguous int32 tensor `index` lies in [low, high]; `what` names it in the error.
-inline void check_index_range(const torch::Tensor& index, int64_t low, int64_t high, const char* what) {
+inline void check_index_range(const at::Tensor& index, int64_t low, int64_t high, const char* what) {
   if (index.numel() == 0) return;
   const auto range = min_max(index.data_ptr<int32_t>(), index.numel());
   TORCH_CHECK(range.first >= low && range.second <= high, "expected ", what, " in [", low, ", ", high,

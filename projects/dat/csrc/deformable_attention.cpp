@@ -44,8 +44,11 @@
 // in place); with a unit stride over the queries (contiguous q) a block of queries is gathered
 // first.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -147,7 +150,7 @@ struct QueryMaps {
   T* data;
   int64_t batch_stride, head_stride, channel_stride, query_stride;
 
-  explicit QueryMaps(const torch::Tensor& t)
+  explicit QueryMaps(const at::Tensor& t)
       : data(t.data_ptr<float>()),
         batch_stride(t.stride(0)),
         head_stride(t.stride(1)),
@@ -161,8 +164,8 @@ struct QueryMaps {
 // Checks that every tap the kernels follow lies inside the padded table: rows iy and iy + 1, and
 // for each key n of batch-group b the columns x_taps[b, n] = [lo, hi] that its interpolated row is
 // computed at, which must hold the columns ix and ix + 1 of all its queries.
-void check_taps(const torch::Tensor& table, const torch::Tensor& iy, const torch::Tensor& ix,
-                const torch::Tensor& x_taps) {
+void check_taps(const at::Tensor& table, const at::Tensor& iy, const at::Tensor& ix,
+                const at::Tensor& x_taps) {
   const int64_t table_rows = table.size(2), row_length = table.size(3);
   dat::check_index_range(iy, 0, table_rows - 2, "the y tap indices iy (rows of the padded table, up to Th + 2)");
   dat::check_index_range(x_taps, 0, row_length - 1, "the x tap ranges x_taps (columns of the padded table)");
@@ -184,16 +187,16 @@ void check_taps(const torch::Tensor& table, const torch::Tensor& iy, const torch
 
 // q, grad_out: float32 CPU tensors of any strides that fill their memory without gaps or overlaps
 // (a permutation of a contiguous tensor), so that grad_q and the output can take their layout.
-void check_queries(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.is_non_overlapping_and_dense(), "expected ",
+void check_queries(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_non_overlapping_and_dense(), "expected ",
               name, " as a float32 CPU tensor dense in memory (its axes in any order), got a ", t.scalar_type(),
               " tensor on ", t.device(), " of shape ", t.sizes(), " and strides ", t.strides());
 }
 
 // Checks the shapes, dtypes, layouts and tap indices of q, k, v and the bias inputs.
-AttentionShape check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                            const torch::Tensor& table, const torch::Tensor& iy, const torch::Tensor& fy,
-                            const torch::Tensor& ix, const torch::Tensor& fx, const torch::Tensor& x_taps,
+AttentionShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& table, const at::Tensor& iy, const at::Tensor& fy,
+                            const at::Tensor& ix, const at::Tensor& fx, const at::Tensor& x_taps,
                             BiasInputs& bias) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && table.dim() == 4 && iy.dim() == 3 && ix.dim() == 3,
               "expected q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns), table (nb, hg, Th + 4, Tw + 4), iy/fy "
@@ -203,21 +206,21 @@ AttentionShape check_inputs(const torch::Tensor& q, const torch::Tensor& k, cons
   TORCH_CHECK(q.size(3) == s.queries(),
               "expected q (nb, hg, d, rows * W) with the rows of iy and the W of ix, rows * W = ", s.queries(),
               ", got q ", q.sizes(), ", iy ", iy.sizes(), ", ix ", ix.sizes());
-  TORCH_CHECK(k.sizes() == torch::IntArrayRef({s.nb, s.hg, s.d, s.ns}) && v.sizes() == k.sizes(),
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({s.nb, s.hg, s.d, s.ns}) && v.sizes() == k.sizes(),
               "expected k and v (", s.nb, ", ", s.hg, ", ", s.d, ", Ns) with the Ns of ix, got k ", k.sizes(), ", v ",
               v.sizes(), ", ix ", ix.sizes());
   TORCH_CHECK(table.size(0) == s.nb && table.size(1) == s.hg && table.size(2) >= 2 && table.size(3) >= 2,
               "expected a table (nb, hg, Th + 4, Tw + 4) for q's (nb, hg) = (", s.nb, ", ", s.hg, "), got ",
               table.sizes());
-  TORCH_CHECK(iy.sizes() == torch::IntArrayRef({s.nb, s.rows, s.ns}) && fy.sizes() == iy.sizes(),
+  TORCH_CHECK(iy.sizes() == at::IntArrayRef({s.nb, s.rows, s.ns}) && fy.sizes() == iy.sizes(),
               "expected iy and fy (", s.nb, ", rows, ", s.ns, "), got ", iy.sizes(), " and ", fy.sizes());
-  TORCH_CHECK(ix.sizes() == torch::IntArrayRef({s.nb, s.width, s.ns}) && fx.sizes() == ix.sizes(),
+  TORCH_CHECK(ix.sizes() == at::IntArrayRef({s.nb, s.width, s.ns}) && fx.sizes() == ix.sizes(),
               "expected ix and fx (", s.nb, ", W, ", s.ns, "), got ", ix.sizes(), " and ", fx.sizes());
-  TORCH_CHECK(x_taps.sizes() == torch::IntArrayRef({s.nb, s.ns, 2}), "expected x_taps (", s.nb, ", ", s.ns,
+  TORCH_CHECK(x_taps.sizes() == at::IntArrayRef({s.nb, s.ns, 2}), "expected x_taps (", s.nb, ", ", s.ns,
               ", 2), got ", x_taps.sizes());
-  dat::check_contiguous_cpu({&k, &v, &table, &fy, &fx}, torch::kFloat, "k, v, the tables and tap weights");
+  dat::check_contiguous_cpu({&k, &v, &table, &fy, &fx}, at::kFloat, "k, v, the tables and tap weights");
   check_queries(q, "q");
-  dat::check_contiguous_cpu({&iy, &ix, &x_taps}, torch::kInt, "the tap indices");
+  dat::check_contiguous_cpu({&iy, &ix, &x_taps}, at::kInt, "the tap indices");
   check_taps(table, iy, ix, x_taps);
   bias = {table.data_ptr<float>(), iy.data_ptr<int32_t>(), fy.data_ptr<float>(), ix.data_ptr<int32_t>(),
           fx.data_ptr<float>(), x_taps.data_ptr<int32_t>(), table.size(2) * table.size(3), table.size(3)};
@@ -225,9 +228,9 @@ AttentionShape check_inputs(const torch::Tensor& q, const torch::Tensor& k, cons
 }
 
 // One float32 per query: (nb, hg, rows * W) contiguous values.
-void check_per_query(const torch::Tensor& t, const AttentionShape& s, const char* name) {
-  dat::check_contiguous_cpu({&t}, torch::kFloat, name);
-  TORCH_CHECK(t.sizes() == torch::IntArrayRef({s.nb, s.hg, s.queries()}), "expected ", name, " (", s.nb, ", ", s.hg,
+void check_per_query(const at::Tensor& t, const AttentionShape& s, const char* name) {
+  dat::check_contiguous_cpu({&t}, at::kFloat, name);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef({s.nb, s.hg, s.queries()}), "expected ", name, " (", s.nb, ", ", s.hg,
               ", ", s.queries(), "), got ", t.sizes());
 }
 
@@ -526,16 +529,16 @@ inline void bias_gradient_in_windows(const float* grad_s, int64_t mb, const int3
 // q (nb, hg, d, rows * W), k and v (nb, hg, d, Ns); the bias inputs as check_inputs describes.
 // Returns the output softmax(scale * q.k + bias) v (nb, hg, d, rows * W), laid out as q, and each
 // query's log-sum-exp (nb, hg, rows * W). One work item per (batch-group, head, query row).
-std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                        double scale, torch::Tensor table, torch::Tensor iy,
-                                                        torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                                        torch::Tensor x_taps) {
+std::vector<at::Tensor> deformable_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                                     double scale, at::Tensor table, at::Tensor iy,
+                                                     at::Tensor fy, at::Tensor ix, at::Tensor fx,
+                                                     at::Tensor x_taps) {
   BiasInputs bias;
   const AttentionShape s = check_inputs(q, k, v, table, iy, fy, ix, fx, x_taps, bias);
   const int64_t d = s.d, ns = s.ns, width = s.width, rows = s.rows, queries = s.queries();
   const int64_t row_length = bias.row_length;
-  auto out = torch::empty_like(q);
-  auto lse = torch::empty({s.nb, s.hg, queries}, q.options());
+  auto out = at::empty_like(q);
+  auto lse = at::empty({s.nb, s.hg, queries}, q.options());
   auto v_t = v.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of P.v^T
   const QueryMaps<const float> q_maps(q);
   const QueryMaps<float> out_maps(out);
@@ -595,11 +598,11 @@ std::vector<torch::Tensor> deformable_attention_forward(torch::Tensor q, torch::
 // Work items are (head, segment of query rows): each accumulates its own gradients of k, v, the
 // table and the coordinates, which are summed after. There are just enough segments per head to
 // give every thread work (one, where the batch-group heads are at least as many as the threads).
-std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
-                                                         torch::Tensor v, torch::Tensor lse, double scale,
-                                                         torch::Tensor table, torch::Tensor iy,
-                                                         torch::Tensor fy, torch::Tensor ix, torch::Tensor fx,
-                                                         torch::Tensor x_taps) {
+std::vector<at::Tensor> deformable_attention_backward(at::Tensor grad_out, at::Tensor q, at::Tensor k,
+                                                      at::Tensor v, at::Tensor lse, double scale,
+                                                      at::Tensor table, at::Tensor iy,
+                                                      at::Tensor fy, at::Tensor ix, at::Tensor fx,
+                                                      at::Tensor x_taps) {
   BiasInputs bias;
   const AttentionShape s = check_inputs(q, k, v, table, iy, fy, ix, fx, x_taps, bias);
   check_queries(grad_out, "grad_out");
@@ -609,11 +612,11 @@ std::vector<torch::Tensor> deformable_attention_backward(torch::Tensor grad_out,
   const int64_t row_length = bias.row_length, heads = s.nb * s.hg;
   const int64_t threads = at::get_num_threads();
   const int64_t segments = std::max<int64_t>(1, std::min(rows, (threads + heads - 1) / heads));
-  auto grad_q = torch::empty_like(q);
-  auto grad_k = torch::zeros({segments, s.nb, s.hg, d, ns}, q.options());
-  auto grad_v = torch::zeros({segments, s.nb, s.hg, d, ns}, q.options());
-  auto grad_table = torch::zeros({segments, s.nb, s.hg, table.size(2), table.size(3)}, q.options());
-  auto grad_coords = torch::empty({segments, s.nb, s.hg, ns, 2}, q.options());
+  auto grad_q = at::empty_like(q);
+  auto grad_k = at::zeros({segments, s.nb, s.hg, d, ns}, q.options());
+  auto grad_v = at::zeros({segments, s.nb, s.hg, d, ns}, q.options());
+  auto grad_table = at::zeros({segments, s.nb, s.hg, table.size(2), table.size(3)}, q.options());
+  auto grad_coords = at::empty({segments, s.nb, s.hg, ns, 2}, q.options());
   auto k_t = k.transpose(2, 3).contiguous();  // (nb, hg, Ns, d): the right operand of dS.k^T
   const QueryMaps<const float> grad_out_maps(grad_out), q_maps(q);
   const QueryMaps<float> grad_q_maps(grad_q);

@@ -19,7 +19,10 @@
 // order of the plain loops (taps in row-major order for each output, columns in increasing order
 // for the weight and bias gradients).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstring>
@@ -49,7 +52,7 @@ struct ConvShape {
   int64_t batch, height, width, channels, kernel_size;
 };
 
-ConvShape check_inputs(const torch::Tensor& y, const torch::Tensor& weight, const torch::Tensor& bias) {
+ConvShape check_inputs(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(y.dim() == 4, "expected y (B, H, W, C), got ", y.sizes());
   const int64_t channels = y.size(3), taps = weight.dim() == 2 ? weight.size(0) : 0;
   int64_t kernel_size = 1;
@@ -57,7 +60,7 @@ ConvShape check_inputs(const torch::Tensor& y, const torch::Tensor& weight, cons
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == channels && kernel_size * kernel_size == taps,
               "expected weight (k * k, C) for an odd k and C = ", channels, ", got ", weight.sizes());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == channels, "expected bias (", channels, "), got ", bias.sizes());
-  dat::check_contiguous_cpu({&y, &weight, &bias}, torch::kFloat, "y, weight and bias");
+  dat::check_contiguous_cpu({&y, &weight, &bias}, at::kFloat, "y, weight and bias");
   return {y.size(0), y.size(1), y.size(2), channels, kernel_size};
 }
 
@@ -114,9 +117,9 @@ inline bool reads_copies(const ConvShape& s) { return s.channels % 512 == 0; }
 inline int64_t row_stride(const ConvShape& s) { return reads_copies(s) ? s.channels + kLineFloats : s.channels; }
 
 // The taps (k * k, C) at row_stride(s) floats per tap: weight itself, or a padded copy.
-torch::Tensor strided_taps(const torch::Tensor& weight, const ConvShape& s) {
+at::Tensor strided_taps(const at::Tensor& weight, const ConvShape& s) {
   if (!reads_copies(s)) return weight;
-  auto taps = torch::zeros({weight.size(0), row_stride(s)}, weight.options());
+  auto taps = at::zeros({weight.size(0), row_stride(s)}, weight.options());
   taps.narrow(1, 0, s.channels).copy_(weight);
   return taps;
 }
@@ -130,7 +133,7 @@ class RowRing {
   RowRing(int64_t slots, const ConvShape& s)
       : shape_(s),
         slot_floats_(s.width * row_stride(s) + kLineFloats),
-        buffer_(torch::empty({slots * slot_floats_}, torch::kFloat)),
+        buffer_(at::empty({slots * slot_floats_}, at::kFloat)),
         items_(slots, -1) {}
 
   // The slot of row r of image b, and whether it holds that row already (if not, it is now the
@@ -145,7 +148,7 @@ class RowRing {
  private:
   ConvShape shape_;
   int64_t slot_floats_;
-  torch::Tensor buffer_;
+  at::Tensor buffer_;
   std::vector<int64_t> items_;
 };
 
@@ -226,9 +229,9 @@ inline void conv_gelu_block(const float* const* rows, const float* __restrict__ 
 }  // namespace
 
 // Returns GELU(conv(y) + bias), (B, H, W, C).
-torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight, torch::Tensor bias) {
+at::Tensor depthwise_conv_gelu_forward(at::Tensor y, at::Tensor weight, at::Tensor bias) {
   const ConvShape s = check_inputs(y, weight, bias);
-  auto out = torch::empty_like(y);
+  auto out = at::empty_like(y);
   const auto taps = strided_taps(weight, s);
   const float* y_p = y.data_ptr<float>();
   const float* t_p = taps.data_ptr<float>();
@@ -270,19 +273,19 @@ torch::Tensor depthwise_conv_gelu_forward(torch::Tensor y, torch::Tensor weight,
 // ring (it moves down one row per row; a thread recomputes the rows it shares with its
 // neighbours' at its first row) and grad_z never goes to memory. Those k rows of grad_z read the
 // 2k - 1 rows of y around row i (where the kernels read copies, a second ring holds them).
-std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor weight,
-                                                        torch::Tensor bias, bool with_output) {
+std::vector<at::Tensor> depthwise_conv_gelu_backward(at::Tensor grad_out, at::Tensor y, at::Tensor weight,
+                                                     at::Tensor bias, bool with_output) {
   const ConvShape s = check_inputs(y, weight, bias);
-  dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
+  dat::check_contiguous_cpu({&grad_out}, at::kFloat, "grad_out");
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "expected grad_out of y's shape ", y.sizes(), ", got ", grad_out.sizes());
   const int64_t channels = s.channels, k = s.kernel_size, taps = k * k, half = k / 2;
   const int64_t row_size = s.width * channels, stride = row_stride(s);
-  auto grad_y = torch::empty_like(y);
-  auto output = with_output ? torch::empty_like(y) : torch::Tensor();
+  auto grad_y = at::empty_like(y);
+  auto output = with_output ? at::empty_like(y) : at::Tensor();
   const auto strided_weight = strided_taps(weight, s);
   // The weight (taps) and bias (last) gradients of each thread's rows; each row's are summed
   // apart first (float32 sums of fewer terms).
-  auto thread_grads = torch::zeros({at::get_num_threads(), taps + 1, channels}, y.options());
+  auto thread_grads = at::zeros({at::get_num_threads(), taps + 1, channels}, y.options());
   const float* go_p = grad_out.data_ptr<float>();
   const float* y_p = y.data_ptr<float>();
   const float* w_p = strided_weight.data_ptr<float>();
@@ -374,7 +377,7 @@ std::vector<torch::Tensor> depthwise_conv_gelu_backward(torch::Tensor grad_out, 
   });
   auto sums = thread_grads.sum(0);
   // Copies: the outputs must not share memory (custom operators may not return aliases).
-  std::vector<torch::Tensor> grads{grad_y, sums.narrow(0, 0, taps).clone(), sums[taps].clone()};
+  std::vector<at::Tensor> grads{grad_y, sums.narrow(0, 0, taps).clone(), sums[taps].clone()};
   if (with_output) grads.push_back(output);
   return grads;
 }

@@ -20,7 +20,10 @@
 // contiguous channels in the map's own layout. Backwards, the gradient of the map is zero but at
 // the keys' pixels; each (sample, group) writes its own channels, so they go in parallel.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <cmath>
 #include <vector>
@@ -35,13 +38,13 @@ struct SamplingShape {
   int64_t group_channels() const { return channels / groups; }
 };
 
-SamplingShape check_inputs(const torch::Tensor& x, const torch::Tensor& pos, int64_t groups) {
+SamplingShape check_inputs(const at::Tensor& x, const at::Tensor& pos, int64_t groups) {
   TORCH_CHECK(x.dim() == 4, "expected x (B, H, W, C), got ", x.sizes());
   TORCH_CHECK(groups > 0 && x.size(3) % groups == 0, "expected a number of groups that divides the ", x.size(3),
               " channels, got ", groups);
   TORCH_CHECK(pos.dim() == 3 && pos.size(0) == x.size(0) * groups && pos.size(2) == 2,
               "expected pos (B * G, N, 2) = (", x.size(0) * groups, ", N, 2), got ", pos.sizes());
-  dat::check_contiguous_cpu({&x, &pos}, torch::kFloat, "x and pos");
+  dat::check_contiguous_cpu({&x, &pos}, at::kFloat, "x and pos");
   return {x.size(0), x.size(1), x.size(2), x.size(3), groups, pos.size(1)};
 }
 
@@ -90,9 +93,9 @@ inline Taps key_taps(const float* yx, const SamplingShape& s) {
 }  // namespace
 
 // out (B, N, C): each group's keys sampled from x at pos.
-torch::Tensor sample_keys_forward(torch::Tensor x, torch::Tensor pos, int64_t groups) {
+at::Tensor sample_keys_forward(at::Tensor x, at::Tensor pos, int64_t groups) {
   const SamplingShape s = check_inputs(x, pos, groups);
-  auto out = torch::empty({s.batch, s.keys, s.channels}, x.options());
+  auto out = at::empty({s.batch, s.keys, s.channels}, x.options());
   const float* x_p = x.data_ptr<float>();
   const float* pos_p = pos.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
@@ -124,16 +127,16 @@ torch::Tensor sample_keys_forward(torch::Tensor x, torch::Tensor pos, int64_t gr
 }
 
 // The gradients of x (B, H, W, C) and of pos (B * G, N, 2), from the output's gradient (B, N, C).
-std::vector<torch::Tensor> sample_keys_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor pos,
-                                                int64_t groups) {
+std::vector<at::Tensor> sample_keys_backward(at::Tensor grad_out, at::Tensor x, at::Tensor pos,
+                                             int64_t groups) {
   const SamplingShape s = check_inputs(x, pos, groups);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.batch && grad_out.size(1) == s.keys &&
                   grad_out.size(2) == s.channels,
               "expected grad_out (B, N, C) = (", s.batch, ", ", s.keys, ", ", s.channels, "), got ",
               grad_out.sizes());
-  dat::check_contiguous_cpu({&grad_out}, torch::kFloat, "grad_out");
-  auto grad_x = torch::zeros_like(x);
-  auto grad_pos = torch::empty_like(pos);
+  dat::check_contiguous_cpu({&grad_out}, at::kFloat, "grad_out");
+  auto grad_x = at::zeros_like(x);
+  auto grad_pos = at::empty_like(pos);
   const float* go_p = grad_out.data_ptr<float>();
   const float* x_p = x.data_ptr<float>();
   const float* pos_p = pos.data_ptr<float>();

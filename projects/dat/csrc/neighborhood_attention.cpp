@@ -14,7 +14,10 @@
 // neighbouring queries of a row at a time where their windows are not clamped at the row's ends
 // (forward_query_tile, backward_query_tile), with the same numbers as window by window.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -48,20 +51,20 @@ struct Pixels {
 
 // Head bh's map in t (B, H, W, heads, d) with rows W pixels apart (checked by check_layout).
 template <typename T>
-Pixels<T> head_pixels(T* data, const torch::Tensor& t, int64_t bh) {
+Pixels<T> head_pixels(T* data, const at::Tensor& t, int64_t bh) {
   const int64_t heads = t.size(3);
   return {data + bh / heads * t.stride(0) + bh % heads * t.stride(3), t.stride(2)};
 }
 
-void check_layout(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat, "expected a float32 CPU tensor for ", name,
+void check_layout(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "expected a float32 CPU tensor for ", name,
               ", got ", t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.stride(4) == 1 && t.stride(1) == t.size(2) * t.stride(2), "expected ", name,
               " (B, H, W, heads, d) with contiguous channels and rows W pixels apart, got strides ", t.strides(),
               " for shape ", t.sizes());
 }
 
-void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& rpb,
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rpb,
                   int64_t kernel_size) {
   TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "expected q, k, v of one shape (B, H, W, heads, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -74,7 +77,7 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   check_layout(q, "q");
   check_layout(k, "k");
   check_layout(v, "v");
-  dat::check_contiguous_cpu({&rpb}, torch::kFloat, "rpb");
+  dat::check_contiguous_cpu({&rpb}, at::kFloat, "rpb");
 }
 
 // q_scaled = scale * q (d floats): the query as the logits read it.
@@ -515,15 +518,15 @@ void add_segment_rows(const std::vector<RowSegment>& segments, int64_t r, int64_
 }  // namespace
 
 // Returns out (B, H, W, heads, d) and lse (B * heads, H * W).
-std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                          torch::Tensor rpb, int64_t kernel_size, double scale) {
+std::vector<at::Tensor> neighborhood_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                                       at::Tensor rpb, int64_t kernel_size, double scale) {
   check_inputs(q, k, v, rpb, kernel_size);
   const int64_t height = q.size(1), width = q.size(2), heads = q.size(3), d = q.size(4);
   const int64_t bh_count = q.size(0) * heads;
   const int64_t window = kernel_size * kernel_size, table_size = rpb.size(1) * rpb.size(2);
   const float alpha = static_cast<float>(scale);
-  auto out = torch::empty(q.sizes(), q.options());
-  auto lse = torch::empty({bh_count, height * width}, q.options());
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({bh_count, height * width}, q.options());
   const QueryTiles query_tiles = query_tiles_for(kernel_size, d, width);
   const float* q_p = q.data_ptr<float>();
   const float* k_p = k.data_ptr<float>();
@@ -574,16 +577,16 @@ std::vector<torch::Tensor> neighborhood_attention_forward(torch::Tensor q, torch
 // thread work, each at least K rows high; where there is one (the bh slices are at least as many
 // as the threads), the items add to grad_k and grad_v in place. The bits depend on the number of
 // segments, hence on the threads where there are fewer bh slices than threads.
-std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
-                                                           torch::Tensor v, torch::Tensor rpb, torch::Tensor out,
-                                                           torch::Tensor lse, int64_t kernel_size, double scale) {
+std::vector<at::Tensor> neighborhood_attention_backward(at::Tensor grad_out, at::Tensor q, at::Tensor k,
+                                                        at::Tensor v, at::Tensor rpb, at::Tensor out,
+                                                        at::Tensor lse, int64_t kernel_size, double scale) {
   check_inputs(q, k, v, rpb, kernel_size);
-  dat::check_contiguous_cpu({&grad_out, &out, &lse}, torch::kFloat, "grad_out, out and lse");
+  dat::check_contiguous_cpu({&grad_out, &out, &lse}, at::kFloat, "grad_out, out and lse");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "expected grad_out and out of q's shape ",
               q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   const int64_t height = q.size(1), width = q.size(2), heads = q.size(3), d = q.size(4);
   const int64_t bh_count = q.size(0) * heads;
-  TORCH_CHECK(lse.sizes() == torch::IntArrayRef({bh_count, height * width}), "expected lse (B * heads, H * W) = (",
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({bh_count, height * width}), "expected lse (B * heads, H * W) = (",
               bh_count, ", ", height * width, "), got ", lse.sizes());
   const int64_t window = kernel_size * kernel_size, table = rpb.size(1), table_size = table * table;
   const float alpha = static_cast<float>(scale);
@@ -596,13 +599,13 @@ std::vector<torch::Tensor> neighborhood_attention_backward(torch::Tensor grad_ou
     row_segments.push_back(row_segment(segment, segments, height, kernel_size, buffered_rows));
     buffered_rows += row_segments.back().key_rows();
   }
-  auto grad_q = torch::empty(q.sizes(), q.options());
-  auto grad_k = torch::zeros(q.sizes(), q.options());
-  auto grad_v = torch::zeros(q.sizes(), q.options());
+  auto grad_q = at::empty(q.sizes(), q.options());
+  auto grad_k = at::zeros(q.sizes(), q.options());
+  auto grad_v = at::zeros(q.sizes(), q.options());
   // Each segment's gradients of its key rows (bh, key row, W, d), where there are several.
-  auto segment_grad_k = torch::zeros({segments > 1 ? bh_count : 0, buffered_rows, width, d}, q.options());
-  auto segment_grad_v = torch::zeros_like(segment_grad_k);
-  auto grad_rpb = torch::zeros({segments, bh_count, table, table}, q.options());
+  auto segment_grad_k = at::zeros({segments > 1 ? bh_count : 0, buffered_rows, width, d}, q.options());
+  auto segment_grad_v = at::zeros_like(segment_grad_k);
+  auto grad_rpb = at::zeros({segments, bh_count, table, table}, q.options());
   const float* go_p = grad_out.data_ptr<float>();
   const float* q_p = q.data_ptr<float>();
   const float* k_p = k.data_ptr<float>();

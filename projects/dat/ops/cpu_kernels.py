@@ -101,7 +101,7 @@ def build(verbose: bool = False):
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / f'{extension_name()}.so').exists():
         print_log(
-            f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 1-2 min on 2 cores)',
+            f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about half a minute on 2 cores)',
             logger='current',
         )
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
@@ -126,7 +126,7 @@ def _environment_ninja_first():
     One build folder must always see the same ninja: ninja 1.13 hashes the commands in its log
     differently from earlier versions, so a system ninja 1.11 and the environment's 1.13, taking
     turns (an activated environment or not, a script that prepends its ``bin``), each find the
-    other's log stale and recompile every source (1-2 min).
+    other's log stale and recompile every source.
     """
     scripts = os.path.dirname(sys.executable)
     if not os.path.isfile(os.path.join(scripts, 'ninja')):
