@@ -101,7 +101,7 @@ def build(verbose: bool = False):
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / f'{extension_name()}.so').exists():
         print_log(
-            f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about half a minute on 2 cores)',
+            f'DAT: compiling the C++ CPU kernels into {directory} (once per torch version, about 25 s on 2 cores)',
             logger='current',
         )
     # -fopenmp: at::parallel_for is inlined from the headers and uses OpenMP as torch does.
