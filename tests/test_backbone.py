@@ -29,7 +29,7 @@ from projects.dat.models.geometry import (
 )
 from projects.dat.models.inspection import record_sampling_points
 from projects.dat.models.variants import CANONICAL_ARCHS
-from projects.dat.ops import cpu_kernels
+from projects.dat.ops import cpu_kernels, torch_compat
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -436,11 +436,70 @@ def test_conv_ffn_in_stripes_equals_whole_maps(batch, height, width, stripe_rows
     torch.manual_seed(0)
     ffn = dat_module.ConvFFN(4).eval()
     x = torch.randn(batch, 4, height, width)
-    # A stripe budget of `stripe_rows` rows of the 16-channel hidden map.
+    # A stripe budget of `stripe_rows` rows of the 16-channel hidden map, and a cache of unknown size.
     monkeypatch.setattr(dat_module, 'FFN_STRIPE_BYTES', stripe_rows * batch * 16 * width * 4)
+    monkeypatch.setattr(dat_module, 'cpu_last_level_cache_bytes', lambda: 0)
     with torch.no_grad():
         striped = ffn(x)
         whole = ffn._after_fc1(ffn.fc1(x))
     torch.testing.assert_close(striped, whole, rtol=1e-6, atol=1e-6)
     # With autograd the whole maps are used (the stripes' slices would cost their backward).
     assert torch.equal(ffn(x.requires_grad_()).detach(), whole)
+
+
+@pytest.mark.parametrize(
+    'cache_maps, stripes',
+    [(None, 3), (1.5, 3), (2, 1), (8, 1)],  # None: the cache's size unknown
+)
+def test_conv_ffn_stripes_only_where_the_maps_exceed_the_cache(cache_maps, stripes, monkeypatch):
+    """At inference the ConvFFN runs in stripes where fc1's output and the hidden activations do not
+    fit in the last-level cache together, else (as with autograd) on the whole maps."""
+    from projects.dat.models import dat as dat_module
+
+    ffn = dat_module.ConvFFN(4).eval()
+    x = torch.randn(1, 4, 9, 7)
+    map_bytes = 16 * 9 * 7 * 4  # the 16-channel hidden map
+    monkeypatch.setattr(dat_module, 'FFN_STRIPE_BYTES', 3 * 16 * 7 * 4)  # 3-row stripes
+    cache = 0 if cache_maps is None else int(cache_maps * map_bytes)
+    monkeypatch.setattr(dat_module, 'cpu_last_level_cache_bytes', lambda: cache)
+    calls = []
+    hidden = ffn._hidden
+    monkeypatch.setattr(ffn, '_hidden', lambda y: calls.append(y.shape[2]) or hidden(y))
+    with torch.no_grad():
+        ffn(x)
+    assert len(calls) == stripes
+
+
+@pytest.mark.skipif(not torch_compat.HAS_CUSTOM_OPS, reason='torch.compile of the fast ops needs torch 2.4+')
+def test_conv_ffn_stripe_choice_compiles_without_graph_breaks(monkeypatch):
+    """torch.compile takes the cache's size as a constant instead of tracing the file reads."""
+    from projects.dat.models import dat as dat_module
+
+    monkeypatch.setattr(dat_module, 'FFN_STRIPE_BYTES', 3 * 16 * 7 * 4)
+    ffn = dat_module.ConvFFN(4).eval()
+    x = torch.randn(1, 4, 9, 7)
+    with torch.no_grad():
+        compiled = torch.compile(ffn, backend='aot_eager', fullgraph=True)(x)
+        torch.testing.assert_close(compiled, ffn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_last_level_cache_size_from_sysfs(tmp_path):
+    """The largest data or unified cache of a sysfs-like folder (instruction caches ignored); 0
+    where there is none or it cannot be read."""
+    from projects.dat.ops import chunking
+
+    for index, (level, kind, size) in enumerate(
+        [(1, 'Data', '48K'), (1, 'Instruction', '64K'), (3, 'Unified', '32M'), (2, 'Unified', '2048K')]
+    ):
+        folder = tmp_path / 'cache' / f'index{index}'
+        folder.mkdir(parents=True)
+        for name, value in (('level', level), ('type', kind), ('size', size)):
+            (folder / name).write_text(f'{value}\n')
+    (tmp_path / 'cache' / 'uevent').write_text('')  # sysfs has files beside the index folders
+    assert chunking.read_last_level_cache_bytes(str(tmp_path / 'cache')) == 32 << 20
+    assert chunking.read_last_level_cache_bytes(str(tmp_path / 'missing')) == 0
+    (tmp_path / 'cache' / 'index2' / 'size').write_text('lots\n')
+    assert chunking.read_last_level_cache_bytes(str(tmp_path / 'cache')) == 0
+    assert chunking.parse_cache_size('491520K') == 491520 << 10 and chunking.parse_cache_size('512') == 512
+    with pytest.raises(ValueError, match="a cache size such as '48K'"):
+        chunking.parse_cache_size('32X')

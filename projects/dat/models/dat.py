@@ -37,6 +37,7 @@ from ..ops import (
     strided_depthwise_conv,
     window_attention,
 )
+from ..ops.chunking import cpu_last_level_cache_bytes
 from ..ops.torch_compat import is_autocast_enabled
 from ..registration import register_class
 from .geometry import (
@@ -60,6 +61,13 @@ from .variants import ARCH_ZOO, check_drop_path_rate, is_int, resolve_arch
 
 # Hidden activations per stripe of the DAT++ feed-forward at inference (see ConvFFN).
 FFN_STRIPE_BYTES = 1 << 22
+
+
+def _fit_in_cache(t: Tensor, copies: int) -> bool:
+    """Whether ``copies`` tensors of ``t``'s size fit in the CPU's last-level cache together (False
+    where its size is unknown)."""
+    cache = cpu_last_level_cache_bytes()
+    return 0 < copies * t.numel() * t.element_size() <= cache
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -120,11 +128,13 @@ class ConvFFN(nn.Module):
     hidden layer is recomputed in the backward pass (not ``fc2``); on CPU (float32) the hidden
     layer and ``fc2`` then run as one operator whose backward pass recomputes the hidden layer
     once (:func:`~projects.dat.ops.depthwise_conv_gelu_linear`). The results are the same. Without
-    autograd (inference) on CPU everything after ``fc1`` runs on stripes of rows of about
-    :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in the CPU's cache instead of
-    the whole maps going through memory one layer after the other (the same numbers: each
-    stripe's conv reads its neighbour rows); not while the forward pass is traced
-    (:func:`~.geometry.shapes_are_traced`).
+    autograd (inference) on CPU, where ``fc1``'s output and the hidden activations together are
+    larger than the CPU's last-level cache, everything after ``fc1`` runs on stripes of rows of
+    about :data:`FFN_STRIPE_BYTES` of hidden activations each, which stay in the cache instead of
+    the whole maps going through memory one layer after the other (the same numbers to float32
+    round-off: each stripe's conv reads its neighbour rows); where the two maps fit in the cache
+    they stay there anyway, and the stripes only add the cost of their many small ops. Not while
+    the forward pass is traced (:func:`~.geometry.shapes_are_traced`).
 
     Args:
         dim (int): Channels.
@@ -159,7 +169,7 @@ class ConvFFN(nn.Module):
         # A traced graph (ONNX export, torch.jit.trace, FLOP counting) gets the plain computation:
         # traced stripes would be fixed to the traced size, and a FLOP count would include the
         # halo rows each stripe's conv reads again.
-        if rows >= height or y.device.type != 'cpu' or shapes_are_traced():
+        if rows >= height or y.device.type != 'cpu' or shapes_are_traced() or _fit_in_cache(y, copies=2):
             return self._after_fc1(y)
         out = torch.empty(
             batch,

@@ -1,4 +1,6 @@
-"""How many logits one chunk of the fast attention operators holds, per device.
+"""How many logits one chunk of the fast attention operators holds, per device, and how large the
+CPU's last-level cache is (:func:`cpu_last_level_cache_bytes`: whether ConvFFN's inference stripes
+pay off).
 
 The fast operators (:mod:`~projects.dat.ops.deformable`, :mod:`~projects.dat.ops.neighborhood`)
 compute logits, softmax and gradients chunk by chunk, so that no whole attention matrix is ever
@@ -18,6 +20,8 @@ device, so the chunks, and with them the order of the floating-point sums, are t
 call to call (free memory falls as PyTorch's caching allocator keeps freed blocks, and would
 shrink the chunks for no reason).
 """
+
+import os
 
 import torch
 
@@ -72,3 +76,60 @@ def default_chunk_elements(device: torch.device, dtype: torch.dtype, cpu_element
         return cpu_elements
     element_size = torch.finfo(dtype).bits // 8
     return cuda_chunk_elements(_cuda_total_memory(device), buffers, element_size, cpu_elements)
+
+
+# Where Linux describes the caches of CPU 0.
+CPU_CACHE_DIR = '/sys/devices/system/cpu/cpu0/cache'
+_SIZE_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30}
+
+
+def parse_cache_size(text: str) -> int:
+    """Bytes of a cache size as Linux writes it (``'48K'``, ``'491520K'``, ``'32M'``).
+
+    Raises:
+        ValueError: Not a number with an optional K, M or G.
+    """
+    text = text.strip()
+    unit = text[-1:].upper() if text[-1:].isalpha() else ''
+    number = text[: len(text) - len(unit)]
+    if unit not in _SIZE_UNITS or not number.isdigit():
+        raise ValueError(f"expected a cache size such as '48K' or '32M', got {text!r}")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def read_last_level_cache_bytes(cache_dir: str = CPU_CACHE_DIR) -> int:
+    """The size of the highest-level data or unified cache that ``cache_dir`` describes (sysfs:
+    ``index*/level``, ``type`` and ``size``), or 0 where it describes none (not Linux, a
+    container without sysfs).
+
+    Args:
+        cache_dir (str): A folder laid out as ``/sys/devices/system/cpu/cpu0/cache``.
+
+    Returns:
+        int: Bytes.
+    """
+    caches = []
+    try:
+        for entry in sorted(e for e in os.listdir(cache_dir) if e.startswith('index')):
+            folder = os.path.join(cache_dir, entry)
+            fields = {}
+            for name in ('level', 'type', 'size'):
+                with open(os.path.join(folder, name)) as file:
+                    fields[name] = file.read().strip()
+            if fields['type'] != 'Instruction':
+                caches.append((int(fields['level']), parse_cache_size(fields['size'])))
+    except (OSError, ValueError):
+        return 0
+    return max(caches)[1] if caches else 0
+
+
+_cpu_cache_bytes = []  # read once per process
+
+
+@torch_compat.assume_constant_result
+def cpu_last_level_cache_bytes() -> int:
+    """The CPU's last-level cache in bytes (read once), 0 where unknown; torch.compile takes it as
+    a constant instead of tracing the file reads."""
+    if not _cpu_cache_bytes:
+        _cpu_cache_bytes.append(read_last_level_cache_bytes())
+    return _cpu_cache_bytes[0]
